@@ -1,0 +1,2 @@
+//! tproxy-cni (placeholder: being written)
+fn main() {}

@@ -1,0 +1,2 @@
+//! tproxy-sidecar (placeholder: being written)
+fn main() {}

@@ -1,0 +1,23 @@
+//! tproxy-cni: a chained CNI plugin and an in-pod transparent proxy that keep the client's source IP.
+//!
+//! - `consts`: ports, marks, table ids, priorities, names (each with why).
+//! - `netaddr`: CIDR and port-range value types.
+//! - `annotations`: pod annotations (ours, Istio's, Kuma's) -> `PodPolicy` (pure).
+//! - `plan`: the pure description of every kernel object we own in a pod netns.
+//! - `nft`: Plan -> one nf_tables netlink batch; read-back for CHECK; canonical text render.
+//! - `routing`: Plan -> rtnetlink fwmark rules, local routes, loopback addresses.
+//! - `netns`: the only place that calls `setns`.
+//! - `cni`: the CNI protocol frame (env, config, result passthrough, errors, commands).
+//! - `sidecar`: the in-pod transparent proxy.
+//! - `install`: the node installer (binary copy, conflist patching, watch).
+
+pub mod annotations;
+pub mod cni;
+pub mod consts;
+pub mod install;
+pub mod netaddr;
+pub mod netns;
+pub mod nft;
+pub mod plan;
+pub mod routing;
+pub mod sidecar;
