@@ -7,12 +7,14 @@
 //! - `nft`: Plan -> one nf_tables netlink batch; read-back for CHECK; canonical text render.
 //! - `routing`: Plan -> rtnetlink fwmark rules, local routes, loopback addresses.
 //! - `netns`: the only place that calls `setns`.
+//! - `cnirun`: runs a conflist the way libcni does (for the demo and tests).
 //! - `cni`: the CNI protocol frame (env, config, result passthrough, errors, commands).
 //! - `sidecar`: the in-pod transparent proxy.
 //! - `install`: the node installer (binary copy, conflist patching, watch).
 
 pub mod annotations;
 pub mod cni;
+pub mod cnirun;
 pub mod consts;
 pub mod install;
 pub mod netaddr;

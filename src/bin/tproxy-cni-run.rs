@@ -1,0 +1,2 @@
+//! tproxy-cni-run (placeholder: being written)
+fn main() {}
