@@ -237,14 +237,32 @@ mod tests {
 
     #[test]
     fn cidr_parse_and_display() {
-        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!("10.1.2.3".parse::<Cidr>().unwrap().to_string(), "10.1.2.3/32");
+        assert_eq!(
+            "10.0.0.0/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            "10.1.2.3".parse::<Cidr>().unwrap().to_string(),
+            "10.1.2.3/32"
+        );
         assert_eq!("fd00::/8".parse::<Cidr>().unwrap().to_string(), "fd00::/8");
         assert_eq!("0.0.0.0/0".parse::<Cidr>().unwrap().prefix(), 0);
-        for bad in ["", "10.0.0.0/33", "fd00::/129", "10.0.0/8", "x", "10.0.0.0/", "10.0.0.0/-1", "10.0.0.0/8/9"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "fd00::/129",
+            "10.0.0/8",
+            "x",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+            "10.0.0.0/8/9",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?} should fail");
         }
-        assert!(matches!("10.1.2.3/8".parse::<Cidr>(), Err(ParseError::HostBits(..))));
+        assert!(matches!(
+            "10.1.2.3/8".parse::<Cidr>(),
+            Err(ParseError::HostBits(..))
+        ));
     }
 
     #[test]
@@ -260,8 +278,21 @@ mod tests {
     #[test]
     fn port_ranges() {
         assert_eq!("80".parse::<PortRange>().unwrap(), PortRange::single(80));
-        assert_eq!("9000-9100".parse::<PortRange>().unwrap(), PortRange { lo: 9000, hi: 9100 });
-        for bad in ["0", "65536", "-1", "a", "", "10-5", "1-", "99999999999999999999", "+80"] {
+        assert_eq!(
+            "9000-9100".parse::<PortRange>().unwrap(),
+            PortRange { lo: 9000, hi: 9100 }
+        );
+        for bad in [
+            "0",
+            "65536",
+            "-1",
+            "a",
+            "",
+            "10-5",
+            "1-",
+            "99999999999999999999",
+            "+80",
+        ] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad:?} should fail");
         }
     }

@@ -99,9 +99,13 @@ pub enum Action {
     MarkFromCtMark,
     /// `tproxy to :PORT` (family-agnostic in an inet table; not a verdict: falls through when no
     /// transparent socket listens, which is why fail-closed adds a reject after it)
-    Tproxy { port: u16 },
+    Tproxy {
+        port: u16,
+    },
     /// `redirect to :PORT` (nat chains only)
-    Redirect { port: u16 },
+    Redirect {
+        port: u16,
+    },
     /// `reject with tcp reset`
     RejectTcpReset,
     Accept,
@@ -137,7 +141,10 @@ pub struct LocalRoute {
 impl Plan {
     /// A plan that owns nothing (mode `none`).
     pub fn empty() -> Plan {
-        Plan { table: None, routing: Routing::default() }
+        Plan {
+            table: None,
+            routing: Routing::default(),
+        }
     }
     pub fn is_empty(&self) -> bool {
         self.table.is_none()
