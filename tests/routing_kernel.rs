@@ -1,0 +1,163 @@
+//! rtnetlink routing against a real kernel: rules, local routes, lo addresses; CHECK and DEL.
+
+mod common;
+
+use common::Netns;
+use tproxy_cni::netaddr::Family;
+use tproxy_cni::plan::{FwmarkRule, LocalRoute, Routing};
+use tproxy_cni::{netns, routing};
+
+fn plan(families: &[Family]) -> Routing {
+    let mut r = Routing::default();
+    for f in families {
+        r.rules.push(FwmarkRule {
+            family: *f,
+            mark: 0x7470,
+            mask: u32::MAX,
+            table: 29808,
+            priority: 29808,
+        });
+        r.local_routes.push(LocalRoute {
+            family: *f,
+            table: 29808,
+        });
+    }
+    r
+}
+
+fn ip_json(ns: &Netns, args: &str) -> serde_json::Value {
+    let out = ns.sh(&format!("ip -j {args}"));
+    serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out })
+        .expect("ip -j output is JSON")
+}
+
+#[test]
+fn apply_check_delete_dual_stack() {
+    require_root!();
+    let ns = Netns::new("rt");
+    let r = plan(&[Family::V4, Family::V6]);
+    let applied = netns::run_in(&ns.path(), || routing::apply(&r))
+        .unwrap()
+        .unwrap();
+    assert!(applied.skipped.is_empty());
+    // Twice is the same (idempotent ADD).
+    netns::run_in(&ns.path(), || routing::apply(&r))
+        .unwrap()
+        .unwrap();
+
+    for fam in ["-4", "-6"] {
+        let rules = ip_json(&ns, &format!("{fam} rule show"));
+        let ours: Vec<_> = rules
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["priority"] == 29808)
+            .collect();
+        assert_eq!(ours.len(), 1, "{fam}: exactly one rule of ours: {rules}");
+        assert_eq!(ours[0]["fwmark"], "0x7470");
+        assert_eq!(ours[0]["table"], "29808");
+        let routes = ip_json(&ns, &format!("{fam} route show table 29808"));
+        let routes = routes.as_array().unwrap();
+        assert_eq!(routes.len(), 1, "{fam}: {routes:?}");
+        assert_eq!(routes[0]["type"], "local");
+        assert_eq!(routes[0]["dst"], "default");
+        assert_eq!(routes[0]["dev"], "lo");
+    }
+    assert_eq!(
+        netns::run_in(&ns.path(), || routing::check(&r))
+            .unwrap()
+            .unwrap(),
+        Vec::<String>::new()
+    );
+
+    // CHECK notices a rule deleted behind our back.
+    ns.sh("ip -6 rule del priority 29808");
+    let diffs = netns::run_in(&ns.path(), || routing::check(&r))
+        .unwrap()
+        .unwrap();
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    assert!(diffs[0].contains("ipv6 rule fwmark 0x7470"), "{diffs:?}");
+
+    // DEL removes the rest, and again succeeds on nothing.
+    netns::run_in(&ns.path(), || routing::delete(&r))
+        .unwrap()
+        .unwrap();
+    netns::run_in(&ns.path(), || routing::delete(&r))
+        .unwrap()
+        .unwrap();
+    for fam in ["-4", "-6"] {
+        let rules = ip_json(&ns, &format!("{fam} rule show"));
+        assert!(
+            rules
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|x| x["priority"] != 29808),
+            "{rules}"
+        );
+        assert!(ip_json(&ns, &format!("{fam} route show table 29808"))
+            .as_array()
+            .unwrap()
+            .is_empty());
+    }
+    assert_eq!(
+        netns::run_in(&ns.path(), || routing::check(&r))
+            .unwrap()
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+#[test]
+fn delete_keeps_foreign_rules_and_routes() {
+    require_root!();
+    let ns = Netns::new("rt");
+    ns.sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
+    ns.sh("ip route add local default dev lo table 133");
+    let r = plan(&[Family::V4]);
+    netns::run_in(&ns.path(), || routing::apply(&r))
+        .unwrap()
+        .unwrap();
+    netns::run_in(&ns.path(), || routing::delete(&r))
+        .unwrap()
+        .unwrap();
+    let rules = ns.sh("ip rule show");
+    assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
+    assert!(!rules.contains("0x7470"), "{rules}");
+    assert!(ns
+        .sh("ip route show table 133")
+        .contains("local default dev lo"));
+}
+
+#[test]
+fn lo_address_for_redirect_v6() {
+    require_root!();
+    let ns = Netns::new("rt");
+    let mut r = Routing::default();
+    r.lo_addresses.push("::6/128".parse().unwrap());
+    netns::run_in(&ns.path(), || routing::apply(&r))
+        .unwrap()
+        .unwrap();
+    assert!(ns.sh("ip -6 addr show dev lo").contains("::6/128"));
+    assert!(netns::run_in(&ns.path(), || routing::check(&r))
+        .unwrap()
+        .unwrap()
+        .is_empty());
+    netns::run_in(&ns.path(), || routing::delete(&r))
+        .unwrap()
+        .unwrap();
+    assert!(!ns.sh("ip -6 addr show dev lo").contains("::6/128"));
+}
+
+#[test]
+fn gone_netns_is_reported_as_gone() {
+    let e = netns::run_in(
+        std::path::Path::new("/var/run/netns/definitely-not-here"),
+        || (),
+    )
+    .unwrap_err();
+    assert!(matches!(e, netns::NetnsError::Gone(_)), "{e}");
+    let e = netns::run_in(std::path::Path::new(""), || ()).unwrap_err();
+    assert!(matches!(e, netns::NetnsError::Gone(_)), "{e}");
+}
