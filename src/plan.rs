@@ -443,3 +443,190 @@ fn outbound_chain(cfg: &PlanConfig, policy: &crate::annotations::PodPolicy) -> C
         rules,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annotations::{Defaults, PodPolicy};
+    use std::collections::BTreeMap;
+    use std::net::IpAddr;
+
+    fn plan(pairs: &[(&str, &str)], ips: &[&str]) -> Plan {
+        let ann: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).unwrap();
+        let ips: Vec<IpAddr> = ips.iter().map(|s| s.parse().unwrap()).collect();
+        build(&PlanConfig::default(), &policy, &ips)
+    }
+
+    fn chain<'a>(p: &'a Plan, name: &str) -> &'a Chain {
+        p.table
+            .as_ref()
+            .unwrap()
+            .chains
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap()
+    }
+
+    #[test]
+    fn none_owns_nothing() {
+        assert!(plan(&[], &["10.0.0.5"]).is_empty());
+        assert!(plan(&[("tproxy-cni.io/mode", "none")], &["10.0.0.5"]).is_empty());
+    }
+
+    #[test]
+    fn tproxy_recipe_order_and_routing() {
+        let p = plan(
+            &[("tproxy-cni.io/mode", "tproxy")],
+            &["10.0.0.5", "fd00::5"],
+        );
+        let pre = chain(&p, "prerouting");
+        assert_eq!(
+            (pre.kind, pre.hook, pre.priority),
+            (ChainKind::Filter, Hook::Prerouting, -150)
+        );
+        // lo tag, lo accept, reply accept, 3 excluded sidecar ports, tproxy.
+        assert_eq!(pre.rules.len(), 7);
+        assert_eq!(pre.rules[0].actions, vec![Action::SetCtMark(0x7470)]);
+        assert_eq!(
+            pre.rules[0].matches,
+            vec![Match::IifName("lo".into()), Match::Mark(0x7470)]
+        );
+        assert_eq!(pre.rules[2].matches, vec![Match::CtDirectionReply]);
+        let last = pre.rules.last().unwrap();
+        assert_eq!(last.matches, vec![Match::L4ProtoTcp]);
+        assert_eq!(
+            last.actions,
+            vec![
+                Action::Tproxy { port: 15006 },
+                Action::SetMark(0x7470),
+                Action::Accept
+            ]
+        );
+        let out = chain(&p, "output");
+        assert_eq!((out.kind, out.hook), (ChainKind::Route, Hook::Output));
+        assert_eq!(p.routing.rules.len(), 2, "one fwmark rule per family");
+        assert_eq!(p.routing.local_routes.len(), 2);
+        assert!(p.routing.lo_addresses.is_empty());
+        // IPv4-only pod: no IPv6 routing.
+        let p4 = plan(&[("tproxy-cni.io/mode", "tproxy")], &["10.0.0.5"]);
+        assert_eq!(
+            p4.routing
+                .rules
+                .iter()
+                .map(|r| r.family)
+                .collect::<Vec<_>>(),
+            vec![Family::V4]
+        );
+    }
+
+    #[test]
+    fn fail_closed_rejects_after_each_capture_rule() {
+        let p = plan(
+            &[
+                ("tproxy-cni.io/mode", "tproxy"),
+                ("tproxy-cni.io/fail-mode", "closed"),
+                ("tproxy-cni.io/inbound-ports", "80,9000-9100"),
+            ],
+            &["10.0.0.5"],
+        );
+        let pre = chain(&p, "prerouting");
+        let n = pre.rules.len();
+        let tail: Vec<_> = pre.rules[n - 4..].iter().collect();
+        assert!(matches!(tail[0].actions[0], Action::Tproxy { .. }));
+        assert!(matches!(tail[1].actions[0], Action::Tproxy { .. }));
+        assert_eq!(tail[2].actions, vec![Action::RejectTcpReset]);
+        assert_eq!(
+            tail[3].matches,
+            vec![
+                Match::L4ProtoTcp,
+                Match::TcpDport(PortRange { lo: 9000, hi: 9100 }),
+                Match::CtStateNew
+            ]
+        );
+        // Istio's "" (no inbound ports): nothing captured, and nothing to fail closed on.
+        let p = plan(
+            &[
+                ("sidecar.istio.io/interceptionMode", "TPROXY"),
+                ("traffic.sidecar.istio.io/includeInboundPorts", ""),
+                ("tproxy-cni.io/fail-mode", "closed"),
+            ],
+            &["10.0.0.5"],
+        );
+        assert!(chain(&p, "prerouting")
+            .rules
+            .iter()
+            .all(|r| !matches!(r.actions[0], Action::Tproxy { .. } | Action::RejectTcpReset)));
+    }
+
+    #[test]
+    fn redirect_and_outbound() {
+        let p = plan(
+            &[
+                ("tproxy-cni.io/mode", "redirect"),
+                ("tproxy-cni.io/include-outbound-ip-ranges", "10.0.0.0/8"),
+                ("tproxy-cni.io/exclude-outbound-ip-ranges", "10.96.0.0/12"),
+                ("tproxy-cni.io/exclude-outbound-ports", "53"),
+            ],
+            &["10.0.0.5", "fd00::5"],
+        );
+        let pre = chain(&p, "prerouting_nat");
+        assert_eq!((pre.kind, pre.priority), (ChainKind::Nat, -100));
+        assert_eq!(
+            pre.rules.last().unwrap().actions,
+            vec![Action::Redirect { port: 15006 }]
+        );
+        assert!(
+            p.routing.rules.is_empty(),
+            "redirect needs no policy routing"
+        );
+        assert_eq!(p.routing.lo_addresses, vec!["::6/128".parse().unwrap()]);
+        let out = chain(&p, "output_nat");
+        assert_eq!(out.rules[0].matches, vec![Match::SkUid(1337)]);
+        let last = out.rules.last().unwrap();
+        assert_eq!(
+            last.matches,
+            vec![
+                Match::Nfproto(Family::V4),
+                Match::Daddr("10.0.0.0/8".parse().unwrap()),
+                Match::L4ProtoTcp
+            ]
+        );
+        assert_eq!(last.actions, vec![Action::Redirect { port: 15001 }]);
+        // Exclusions come before the capture.
+        let pos = |m: &Match| {
+            out.rules
+                .iter()
+                .position(|r| r.matches.contains(m))
+                .unwrap()
+        };
+        assert!(pos(&Match::Daddr("10.96.0.0/12".parse().unwrap())) < out.rules.len() - 1);
+        assert!(pos(&Match::TcpDport(PortRange::single(53))) < out.rules.len() - 1);
+    }
+
+    #[test]
+    fn comments_fit_nft_limit() {
+        let p = plan(
+            &[
+                ("tproxy-cni.io/mode", "tproxy"),
+                ("tproxy-cni.io/fail-mode", "closed"),
+                ("tproxy-cni.io/include-outbound-ip-ranges", "*"),
+                ("tproxy-cni.io/proxy-gid", "1337"),
+                ("tproxy-cni.io/include-outbound-ports", "443"),
+            ],
+            &["10.0.0.5"],
+        );
+        for c in &p.table.as_ref().unwrap().chains {
+            for r in &c.rules {
+                assert!(
+                    r.comment.len() <= 128 && !r.comment.is_empty(),
+                    "{}",
+                    r.comment
+                );
+            }
+        }
+    }
+}

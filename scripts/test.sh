@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test: formatting, lints, unit tests, protocol tests and the root tests that build
+# real network namespaces. As root (or with CI set) nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked "$@"
