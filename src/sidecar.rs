@@ -1,1 +1,306 @@
-//! (placeholder: being written)
+//! The in-pod transparent proxy: accepts TPROXY'd (or REDIRECTed) connections and dials the app
+//! from the client's own IP, so the app sees the real client behind the mesh sidecar.
+//!
+//! - `config`: flags + `TPROXY_SIDECAR_*` env -> `Config` (pure), `--help`.
+//! - `addr`: address-role newtypes (`ClientAddr`, `OrigDst`, `UpstreamLocal`, ...).
+//! - `sockopt`: every raw socket option, pipe and splice call; the only `unsafe`.
+//! - `ports`: upstream source-port choice that never recreates a client's tuple (pitfall 12).
+//! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
+//! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation.
+//! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
+//!
+//! Runtime: one current-thread tokio runtime. Every connection is a task of a few hundred
+//! bytes plus two kernel pipes; bytes never enter user space, so one thread keeps up with the
+//! kernel and the footprint stays small.
+
+pub mod accesslog;
+pub mod addr;
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod ports;
+pub mod proxy;
+pub mod relay;
+pub mod sockopt;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::annotations::{self, Defaults, Mode, PodPolicy};
+use config::{Config, InboundMode, ModeFlag};
+use proxy::{Role, Shared};
+
+/// Why the sidecar could not start (or stopped abnormally).
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("annotations file {path}: {reason}")]
+    Annotations { path: String, reason: String },
+    #[error(
+        "cannot set {what} ({source}): tproxy mode needs CAP_NET_RAW. Add it to the sidecar \
+         container: securityContext.capabilities.add: [\"NET_RAW\"] (no root or NET_ADMIN needed \
+         on kernels >= 5.17)"
+    )]
+    Capability {
+        what: &'static str,
+        source: io::Error,
+    },
+    #[error("listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("access log: {0}")]
+    AccessLog(io::Error),
+    #[error("--upstream-ports contains no odd port to use")]
+    NoUpstreamPorts,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Decides the inbound mode. `auto` reads the pod's annotations (downward-API file) through the
+/// plugin's own policy code, so sidecar and plugin cannot disagree; without a file, tproxy.
+pub fn resolve_mode(
+    cfg: &Config,
+    read: impl Fn(&Path) -> io::Result<String>,
+) -> Result<InboundMode, SidecarError> {
+    let ModeFlag::Fixed(m) = cfg.mode else {
+        let Some(path) = &cfg.annotations_file else {
+            return Ok(InboundMode::Tproxy);
+        };
+        let bad = |reason: String| SidecarError::Annotations {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = read(path).map_err(|e| bad(e.to_string()))?;
+        let ann = annotations::parse_downward_api(&text).map_err(|e| bad(e.to_string()))?;
+        let defaults = Defaults {
+            mode: Mode::Tproxy,
+            ..Defaults::default()
+        };
+        let policy =
+            PodPolicy::from_annotations(&ann, &defaults).map_err(|e| bad(e.to_string()))?;
+        return Ok(match policy.mode {
+            Mode::Tproxy => InboundMode::Tproxy,
+            Mode::Redirect => InboundMode::Redirect,
+            // Nothing is diverted to us; serve redirect, which needs no extra privilege.
+            Mode::None => {
+                eprintln!(
+                    "tproxy-sidecar: pod annotations say mode none: the plugin diverts nothing; \
+                     serving redirect mode"
+                );
+                InboundMode::Redirect
+            }
+        });
+    };
+    Ok(m)
+}
+
+/// Runs the sidecar until SIGTERM/SIGINT and the drain that follows.
+pub fn run(cfg: Config) -> Result<(), SidecarError> {
+    let mode = resolve_mode(&cfg, |p| std::fs::read_to_string(p))?;
+
+    // Fail early, with the fix in the message, instead of failing every connection later.
+    let mark = match sockopt::probe(cfg.mark, mode == InboundMode::Tproxy) {
+        Ok(()) => Some(cfg.mark),
+        Err((what, e)) if mode == InboundMode::Tproxy => {
+            return Err(SidecarError::Capability {
+                what: match what {
+                    sockopt::Missing::Transparent => "IP_TRANSPARENT",
+                    sockopt::Missing::Mark => "SO_MARK",
+                },
+                source: e,
+            })
+        }
+        Err((_, e)) => {
+            // Redirect mode works without the mark as long as the plugin exempts our uid.
+            eprintln!("tproxy-sidecar: SO_MARK unavailable ({e}); relying on the uid exemption");
+            None
+        }
+    };
+    match sockopt::raise_nofile() {
+        Ok(n) if n < (cfg.max_connections as u64) * 6 + 64 => eprintln!(
+            "tproxy-sidecar: open-file limit {n} is below what --max-connections {} needs \
+             (6 per connection); accepts will back off when it runs out",
+            cfg.max_connections
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("tproxy-sidecar: cannot raise the open-file limit: {e}"),
+    }
+    let log = accesslog::AccessLog::open(&cfg.access_log).map_err(SidecarError::AccessLog)?;
+    let ports = ports::PortBook::new(cfg.upstream_ports, cfg.port_linger)
+        .ok_or(SidecarError::NoUpstreamPorts)?;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(cfg, mode, mark, log, ports))
+}
+
+/// Binds `port` on 0.0.0.0 and [::]. IPv6 may be absent from the pod (disabled by sysctl): that
+/// family is then skipped; IPv4 is required.
+fn bind_pair(port: u16, transparent: bool) -> Result<Vec<TcpListener>, SidecarError> {
+    let mut out = Vec::new();
+    for ip in [
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    ] {
+        let addr = SocketAddr::new(ip, port);
+        match sockopt::listener(addr, transparent, 4096) {
+            Ok(l) => out.push(TcpListener::from_std(l)?),
+            Err(e)
+                if ip.is_ipv6()
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                eprintln!("tproxy-sidecar: no IPv6 here ({e}); listening on IPv4 only");
+            }
+            Err(source) => return Err(SidecarError::Bind { addr, source }),
+        }
+    }
+    Ok(out)
+}
+
+async fn serve(
+    cfg: Config,
+    mode: InboundMode,
+    mark: Option<u32>,
+    log: accesslog::AccessLog,
+    ports: ports::PortBook,
+) -> Result<(), SidecarError> {
+    let health = Arc::new(admin::Health::default());
+    let metrics = Arc::new(metrics::Metrics::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (hard_tx, hard_rx) = watch::channel(false);
+
+    // Admin first, so /healthz answers (and /ready says "starting") while listeners come up.
+    let mut admin_task = None;
+    if let Some(p) = cfg.admin_port {
+        let ls = bind_pair(p, false)?;
+        admin_task = Some(tokio::spawn(admin::serve(
+            ls,
+            health.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let mut listeners = Vec::new();
+    for l in bind_pair(cfg.inbound_port, mode == InboundMode::Tproxy)? {
+        listeners.push((l, Role::Inbound(mode)));
+    }
+    if let Some(p) = cfg.outbound_port {
+        for l in bind_pair(p, false)? {
+            listeners.push((l, Role::Outbound));
+        }
+    }
+
+    let max = cfg.max_connections;
+    let permits = Arc::new(Semaphore::new(max));
+    let drain_timeout = cfg.drain_timeout;
+    eprintln!(
+        "tproxy-sidecar: {} mode; inbound :{}, outbound {}, admin {}, mark {}",
+        mode.as_str(),
+        cfg.inbound_port,
+        cfg.outbound_port.map_or("off".into(), |p| format!(":{p}")),
+        cfg.admin_port.map_or("off".into(), |p| format!(":{p}")),
+        mark.map_or("off".into(), |m| format!("{m:#x}")),
+    );
+    let shared = Arc::new(Shared {
+        cfg,
+        metrics,
+        log,
+        ports: Arc::new(ports),
+        permits: permits.clone(),
+        mark,
+        hard_stop: hard_rx,
+    });
+    let accept_tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|(l, role)| tokio::spawn(proxy::accept_loop(shared.clone(), l, role, stop_rx.clone())))
+        .collect();
+    health.ready.store(true, Ordering::Relaxed);
+
+    wait_for_signal().await?;
+    eprintln!("tproxy-sidecar: draining (up to {drain_timeout:?})");
+    health.draining.store(true, Ordering::Relaxed);
+    // Stop accepting: each accept loop returns and drops (closes) its listener.
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    // Every in-flight connection holds a permit; all permits back = all connections done.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(drain_timeout, permits.acquire_many(all))
+        .await
+        .is_err()
+    {
+        eprintln!("tproxy-sidecar: drain deadline reached; cutting remaining connections");
+        let _ = hard_tx.send(true);
+        // Let the cut connections write their access-log lines.
+        let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
+    }
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    eprintln!("tproxy-sidecar: stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn cfg(args: &[&str]) -> Config {
+        let a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        match config::parse(&a, &BTreeMap::new()).unwrap() {
+            config::Parsed::Run(c) => *c,
+            config::Parsed::Help => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn auto_mode_follows_annotations() {
+        let c = cfg(&["--mode", "auto", "--annotations-file", "/x"]);
+        let m = |text: &'static str| resolve_mode(&c, move |_| Ok(text.to_string()));
+        assert_eq!(m("").unwrap(), InboundMode::Tproxy);
+        assert_eq!(
+            m("tproxy-cni.io/mode=\"redirect\"\n").unwrap(),
+            InboundMode::Redirect
+        );
+        assert_eq!(
+            m("sidecar.istio.io/interceptionMode=\"TPROXY\"\n").unwrap(),
+            InboundMode::Tproxy
+        );
+        let e = m("tproxy-cni.io/mode=\"sideways\"\n").unwrap_err();
+        assert!(e.to_string().contains("tproxy-cni.io/mode"), "{e}");
+        assert!(m("not a line").is_err());
+        let missing = resolve_mode(&c, |_| Err(io::Error::from(io::ErrorKind::NotFound)));
+        assert!(missing.is_err());
+        let fixed = cfg(&["--mode", "redirect", "--annotations-file", "/x"]);
+        assert_eq!(
+            resolve_mode(&fixed, |_| panic!("not read")).unwrap(),
+            InboundMode::Redirect
+        );
+        assert_eq!(
+            resolve_mode(&cfg(&[]), |_| panic!()).unwrap(),
+            InboundMode::Tproxy
+        );
+    }
+}

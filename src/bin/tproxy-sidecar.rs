@@ -1,2 +1,36 @@
-//! tproxy-sidecar (placeholder: being written)
-fn main() {}
+//! tproxy-sidecar: parse flags and env, run the in-pod transparent proxy, map the result to an
+//! exit code (0 clean stop, 1 runtime/privilege error, 2 bad configuration).
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use tproxy_cni::sidecar::{self, config};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    // vars_os: a non-UTF-8 variable elsewhere in the environment must not abort us.
+    let env: BTreeMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("TPROXY_SIDECAR_"))
+        .collect();
+    match config::parse(&args, &env) {
+        Ok(config::Parsed::Help) => {
+            print!("{}", config::help());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tproxy-sidecar: {e} (see --help)");
+            ExitCode::from(2)
+        }
+        Ok(config::Parsed::Run(cfg)) => match sidecar::run(*cfg) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tproxy-sidecar: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -1,0 +1,179 @@
+//! One JSON line per connection, with Envoy's access-log field names so existing log pipelines
+//! and people who know Envoy read it without a mapping.
+
+use std::fs::OpenOptions;
+use std::io::{self, LineWriter, Write};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::config::AccessLogTarget;
+
+/// Why a connection ended, as Envoy's `response_flags` spell it (plus two of our own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// `-`: both sides closed normally.
+    Normal,
+    /// `UF`: upstream connect failed (refused, unreachable, no usable source port).
+    UpstreamConnectFailure,
+    /// `UT`: upstream connect timed out.
+    UpstreamConnectTimeout,
+    /// `UC`: the upstream reset or failed mid-stream.
+    UpstreamTermination,
+    /// `DC`: the downstream reset or failed mid-stream.
+    DownstreamTermination,
+    /// `SI`: idle timeout (Envoy's stream idle timeout flag).
+    IdleTimeout,
+    /// `DR`: cut at the end of the drain deadline (ours).
+    Drained,
+    /// `NR`: no route: the connection was addressed to the sidecar itself, or its original
+    /// destination could not be read (Envoy's "no route" flag).
+    NoRoute,
+}
+
+impl EndReason {
+    pub fn flag(self) -> &'static str {
+        match self {
+            EndReason::Normal => "-",
+            EndReason::UpstreamConnectFailure => "UF",
+            EndReason::UpstreamConnectTimeout => "UT",
+            EndReason::UpstreamTermination => "UC",
+            EndReason::DownstreamTermination => "DC",
+            EndReason::IdleTimeout => "SI",
+            EndReason::Drained => "DR",
+            EndReason::NoRoute => "NR",
+        }
+    }
+}
+
+/// One access-log record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    pub start_time: String,
+    pub downstream_remote_address: String,
+    pub downstream_local_address: String,
+    /// `null` when no upstream socket was bound.
+    pub upstream_local_address: Option<String>,
+    pub upstream_host: Option<String>,
+    /// Bytes from downstream (relayed upstream).
+    pub bytes_received: u64,
+    /// Bytes to downstream.
+    pub bytes_sent: u64,
+    /// Milliseconds from accept to close.
+    pub duration: u64,
+    /// Milliseconds the upstream connect took (not an Envoy field; stalls show up here).
+    pub upstream_connect_ms: Option<f64>,
+    pub response_flags: &'static str,
+    /// `tproxy`, `redirect` or `outbound`.
+    pub mode: &'static str,
+}
+
+/// Where lines go; writes are serialised so lines never interleave.
+pub struct AccessLog {
+    out: Option<Mutex<Box<dyn Write + Send>>>,
+}
+
+impl AccessLog {
+    pub fn open(target: &AccessLogTarget) -> io::Result<AccessLog> {
+        let out: Option<Box<dyn Write + Send>> = match target {
+            AccessLogTarget::Off => None,
+            AccessLogTarget::Stdout => Some(Box::new(LineWriter::new(io::stdout()))),
+            AccessLogTarget::File(p) => Some(Box::new(LineWriter::new(
+                OpenOptions::new().create(true).append(true).open(p)?,
+            ))),
+        };
+        Ok(AccessLog {
+            out: out.map(Mutex::new),
+        })
+    }
+
+    /// Writes one line. A failing log sink must not take connections down: errors are dropped.
+    pub fn write(&self, e: &Entry) {
+        let Some(out) = &self.out else { return };
+        let Ok(mut line) = serde_json::to_vec(e) else {
+            return;
+        };
+        line.push(b'\n');
+        let mut w = out.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = w.write_all(&line);
+    }
+}
+
+/// RFC 3339 UTC with milliseconds (`2026-11-23T02:24:01.123Z`), like Envoy's `%START_TIME%`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 -> (year, month, day) in the proleptic Gregorian calendar
+/// (Howard Hinnant's well-known era arithmetic).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_400_641_123);
+        assert_eq!(rfc3339(t), "2026-11-23T02:24:01.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn entry_uses_envoy_names() {
+        let e = Entry {
+            start_time: rfc3339(UNIX_EPOCH),
+            downstream_remote_address: "10.0.0.1:40000".into(),
+            downstream_local_address: "10.0.0.2:80".into(),
+            upstream_local_address: Some("10.0.0.1:20001".into()),
+            upstream_host: Some("10.0.0.2:80".into()),
+            bytes_received: 1,
+            bytes_sent: 2,
+            duration: 3,
+            upstream_connect_ms: Some(0.25),
+            response_flags: EndReason::Normal.flag(),
+            mode: "tproxy",
+        };
+        let v: serde_json::Value = serde_json::to_value(&e).unwrap();
+        for k in [
+            "start_time",
+            "downstream_remote_address",
+            "downstream_local_address",
+            "upstream_local_address",
+            "upstream_host",
+            "bytes_received",
+            "bytes_sent",
+            "duration",
+            "response_flags",
+            "mode",
+        ] {
+            assert!(v.get(k).is_some(), "{k}");
+        }
+        assert_eq!(v["response_flags"], "-");
+    }
+}

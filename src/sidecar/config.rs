@@ -1,0 +1,410 @@
+//! Sidecar configuration: flags and `TPROXY_SIDECAR_*` environment variables -> `Config`.
+//!
+//! One table (`SPECS`) drives parsing, the environment names and `--help`, so they cannot drift
+//! apart. Pure: the environment is passed in, nothing is read from the process here.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::consts;
+use crate::netaddr::PortRange;
+
+/// Which inbound interception the sidecar serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundMode {
+    /// TPROXY: accept on foreign addresses, dial the app from the client's own IP.
+    Tproxy,
+    /// NAT REDIRECT: read `SO_ORIGINAL_DST`, dial from 127.0.0.6 / ::6.
+    Redirect,
+}
+
+impl InboundMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InboundMode::Tproxy => "tproxy",
+            InboundMode::Redirect => "redirect",
+        }
+    }
+}
+
+/// `--mode`: a fixed mode, or `auto` (follow the pod's annotations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeFlag {
+    Fixed(InboundMode),
+    Auto,
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub mode: ModeFlag,
+    pub annotations_file: Option<PathBuf>,
+    pub inbound_port: u16,
+    /// `None` disables the outbound listener.
+    pub outbound_port: Option<u16>,
+    /// `None` disables the admin server.
+    pub admin_port: Option<u16>,
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub upstream_ports: PortRange,
+    pub port_linger: Duration,
+    pub pipe_size: usize,
+    pub access_log: AccessLogTarget,
+}
+
+/// What the command line asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parsed {
+    Run(Box<Config>),
+    Help,
+}
+
+/// A flag or environment value that could not be used; names where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown argument {0:?}")]
+    Unknown(String),
+    #[error("{0} needs a value")]
+    MissingValue(String),
+    #[error("{source_name}={value:?}: {reason}")]
+    Bad {
+        source_name: String,
+        value: String,
+        reason: String,
+    },
+}
+
+struct Spec {
+    flag: &'static str,
+    default: &'static str,
+    help: &'static str,
+}
+
+/// Every option: `--flag`, its default, and its help line. The environment name is derived:
+/// `--connect-timeout` <-> `TPROXY_SIDECAR_CONNECT_TIMEOUT`.
+const SPECS: &[Spec] = &[
+    Spec { flag: "mode", default: "auto", help: "tproxy | redirect | auto (auto: from --annotations-file, through the plugin's own policy code; tproxy when no file)" },
+    Spec { flag: "annotations-file", default: "", help: "Kubernetes downward-API annotations file (key=\"value\" lines), read in auto mode" },
+    Spec { flag: "inbound-port", default: "15006", help: "inbound listener port (TPROXY / REDIRECT target)" },
+    Spec { flag: "outbound-port", default: "15001", help: "outbound (egress capture) listener port; 0 = off" },
+    Spec { flag: "admin-port", default: "15021", help: "admin port: /healthz /ready /metrics; 0 = off" },
+    Spec { flag: "mark", default: "0x7470", help: "SO_MARK of upstream sockets (must match the plugin's mark)" },
+    Spec { flag: "connect-timeout", default: "5s", help: "upstream connect timeout (ms, s, m, h; bare number = seconds)" },
+    Spec { flag: "idle-timeout", default: "1h", help: "close a connection with no bytes either way for this long (Envoy's TCP default)" },
+    Spec { flag: "drain-timeout", default: "20s", help: "on SIGTERM/SIGINT: stop accepting, wait this long for in-flight connections" },
+    Spec { flag: "max-connections", default: "4096", help: "concurrent connections; beyond it new ones wait in the kernel accept queue" },
+    Spec { flag: "upstream-ports", default: "1024-32767", help: "tproxy upstream source ports (odd ones are used; below Linux/Windows client ephemeral ranges)" },
+    Spec { flag: "port-linger", default: "120s", help: "how long a closed client port stays excluded from upstream use (conntrack TIME_WAIT)" },
+    Spec { flag: "pipe-size", default: "65536", help: "splice pipe capacity per direction, bytes (kernel rounds to pages)" },
+    Spec { flag: "access-log", default: "-", help: "access log: - (stdout), off, or a file path (appended)" },
+];
+
+const ENV_PREFIX: &str = "TPROXY_SIDECAR_";
+
+fn env_name(flag: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        flag.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+/// The `--help` text, generated from `SPECS`.
+pub fn help() -> String {
+    let mut s = String::from(
+        "tproxy-sidecar: in-pod transparent proxy that keeps the client's source IP\n\n\
+         Usage: tproxy-sidecar [--flag value | --flag=value]...\n\n\
+         Every flag can also be set by its environment variable; flags win.\n\
+         Needs CAP_NET_RAW in tproxy mode (securityContext.capabilities.add: [\"NET_RAW\"]).\n\n",
+    );
+    for sp in SPECS {
+        let _ = writeln!(
+            s,
+            "  --{:<18} {:<36} [default: {}]\n      {}",
+            sp.flag,
+            env_name(sp.flag),
+            if sp.default.is_empty() {
+                "none"
+            } else {
+                sp.default
+            },
+            sp.help
+        );
+    }
+    s.push_str("  -h, --help           this text\n");
+    s
+}
+
+/// Parses flags (`args` without the program name) over environment values over defaults.
+/// `env` holds the process environment (only `TPROXY_SIDECAR_*` keys are looked at).
+pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, ConfigError> {
+    // (value, where it came from) per flag.
+    let mut vals: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
+    for sp in SPECS {
+        vals.insert(
+            sp.flag,
+            (sp.default.to_string(), format!("--{} default", sp.flag)),
+        );
+        let en = env_name(sp.flag);
+        if let Some(v) = env.get(&en) {
+            vals.insert(sp.flag, (v.clone(), en));
+        }
+    }
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if a == "-h" || a == "--help" {
+            return Ok(Parsed::Help);
+        }
+        let Some(body) = a.strip_prefix("--") else {
+            return Err(ConfigError::Unknown(a.clone()));
+        };
+        let (name, inline) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v.to_string())),
+            None => (body, None),
+        };
+        let Some(sp) = SPECS.iter().find(|s| s.flag == name) else {
+            return Err(ConfigError::Unknown(a.clone()));
+        };
+        let v = match inline {
+            Some(v) => v,
+            None => {
+                i += 1;
+                args.get(i)
+                    .cloned()
+                    .ok_or_else(|| ConfigError::MissingValue(format!("--{name}")))?
+            }
+        };
+        vals.insert(sp.flag, (v, format!("--{name}")));
+        i += 1;
+    }
+
+    let get = |flag: &str| -> (&str, &str) {
+        vals.get(flag)
+            .map(|(v, s)| (v.as_str(), s.as_str()))
+            .unwrap_or(("", ""))
+    };
+    let bad = |flag: &str, reason: &str| {
+        let (v, s) = get(flag);
+        ConfigError::Bad {
+            source_name: s.to_string(),
+            value: v.to_string(),
+            reason: reason.to_string(),
+        }
+    };
+    let port = |flag: &str, allow_zero: bool| -> Result<Option<u16>, ConfigError> {
+        match get(flag).0.trim().parse::<u16>() {
+            Ok(0) if allow_zero => Ok(None),
+            Ok(0) => Err(bad(flag, "expected a port 1-65535")),
+            Ok(p) => Ok(Some(p)),
+            Err(_) => Err(bad(flag, "expected a port 1-65535")),
+        }
+    };
+    let dur = |flag: &str| parse_duration(get(flag).0).ok_or_else(|| bad(flag, DURATION_HELP));
+    let count = |flag: &str, max: usize| -> Result<usize, ConfigError> {
+        match get(flag).0.trim().parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(bad(flag, &format!("expected a number 1-{max}"))),
+        }
+    };
+
+    let mode = match get("mode").0.trim().to_ascii_lowercase().as_str() {
+        "tproxy" => ModeFlag::Fixed(InboundMode::Tproxy),
+        "redirect" => ModeFlag::Fixed(InboundMode::Redirect),
+        "auto" => ModeFlag::Auto,
+        _ => return Err(bad("mode", "expected tproxy, redirect or auto")),
+    };
+    let annotations_file = match get("annotations-file").0 {
+        "" => None,
+        p => Some(PathBuf::from(p)),
+    };
+    let inbound_port = port("inbound-port", false)?.unwrap_or(consts::INBOUND_PORT);
+    let outbound_port = port("outbound-port", true)?;
+    let admin_port = port("admin-port", true)?;
+    let mark = parse_u32(get("mark").0)
+        .filter(|m| *m != 0)
+        .ok_or_else(|| bad("mark", "expected a non-zero number (decimal or 0x hex)"))?;
+    let upstream_ports: PortRange = get("upstream-ports")
+        .0
+        .parse()
+        .map_err(|_| bad("upstream-ports", "expected a port range lo-hi"))?;
+    if upstream_ports.lo < 2
+        || (upstream_ports.lo == upstream_ports.hi && upstream_ports.lo % 2 == 0)
+    {
+        return Err(bad(
+            "upstream-ports",
+            "the range must contain an odd port above 1",
+        ));
+    }
+    let access_log = match get("access-log").0 {
+        "-" | "" | "stdout" => AccessLogTarget::Stdout,
+        "off" | "none" => AccessLogTarget::Off,
+        p => AccessLogTarget::File(PathBuf::from(p)),
+    };
+    let mut ports_seen = vec![inbound_port];
+    for p in [outbound_port, admin_port].into_iter().flatten() {
+        if ports_seen.contains(&p) {
+            return Err(ConfigError::Bad {
+                source_name: "--inbound-port/--outbound-port/--admin-port".into(),
+                value: p.to_string(),
+                reason: "the sidecar's ports must differ".into(),
+            });
+        }
+        ports_seen.push(p);
+    }
+    Ok(Parsed::Run(Box::new(Config {
+        mode,
+        annotations_file,
+        inbound_port,
+        outbound_port,
+        admin_port,
+        mark,
+        connect_timeout: dur("connect-timeout")?,
+        idle_timeout: dur("idle-timeout")?,
+        drain_timeout: dur("drain-timeout")?,
+        max_connections: count("max-connections", 1 << 20)?,
+        upstream_ports,
+        port_linger: dur("port-linger")?,
+        pipe_size: count("pipe-size", 1 << 24)?,
+        access_log,
+    })))
+}
+
+const DURATION_HELP: &str = "expected a duration such as 250ms, 5s, 2m, 1h (bare number = seconds)";
+
+/// `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds. At most about 10 years, so adding it
+/// to an `Instant` can never overflow.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() || num.len() > 12 {
+        return None;
+    }
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    if ms > 10 * 365 * 24 * 3_600_000 {
+        return None;
+    }
+    Some(Duration::from_millis(ms))
+}
+
+fn parse_u32(s: &str) -> Option<u32> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(a: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: BTreeMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match parse(&args(a), &env)? {
+            Parsed::Run(c) => Ok(*c),
+            Parsed::Help => panic!("help"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_shared_constants() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!(c.mode, ModeFlag::Auto);
+        assert_eq!(c.inbound_port, consts::INBOUND_PORT);
+        assert_eq!(c.outbound_port, Some(consts::OUTBOUND_PORT));
+        assert_eq!(c.admin_port, Some(consts::ADMIN_PORT));
+        assert_eq!(c.mark, consts::MARK);
+        assert_eq!(c.drain_timeout, Duration::from_secs(20));
+        assert_eq!(c.access_log, AccessLogTarget::Stdout);
+    }
+
+    #[test]
+    fn flags_override_env_override_defaults() {
+        let env = [
+            ("TPROXY_SIDECAR_MODE", "redirect"),
+            ("TPROXY_SIDECAR_CONNECT_TIMEOUT", "250ms"),
+            ("TPROXY_SIDECAR_ADMIN_PORT", "0"),
+        ];
+        let c = run(&["--mode=tproxy", "--access-log", "/tmp/x"], &env).unwrap();
+        assert_eq!(c.mode, ModeFlag::Fixed(InboundMode::Tproxy));
+        assert_eq!(c.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.admin_port, None);
+        assert_eq!(c.access_log, AccessLogTarget::File("/tmp/x".into()));
+    }
+
+    #[test]
+    fn errors_name_their_source() {
+        let e = run(&["--idle-timeout", "5 parsecs"], &[]).unwrap_err();
+        assert!(e.to_string().contains("--idle-timeout"), "{e}");
+        let e = run(&[], &[("TPROXY_SIDECAR_MARK", "zz")]).unwrap_err();
+        assert!(e.to_string().contains("TPROXY_SIDECAR_MARK"), "{e}");
+        assert!(matches!(
+            run(&["--bogus", "1"], &[]),
+            Err(ConfigError::Unknown(_))
+        ));
+        assert!(matches!(
+            run(&["--mode"], &[]),
+            Err(ConfigError::MissingValue(_))
+        ));
+        assert!(matches!(
+            run(&["positional"], &[]),
+            Err(ConfigError::Unknown(_))
+        ));
+        assert!(run(&["--admin-port", "15006"], &[]).is_err());
+        assert!(run(&["--upstream-ports", "4-4"], &[]).is_err());
+        assert!(run(&["--max-connections", "0"], &[]).is_err());
+        assert!(run(&["--inbound-port", "99999"], &[]).is_err());
+    }
+
+    #[test]
+    fn help_lists_every_flag_and_env() {
+        assert_eq!(
+            parse(&args(&["--help"]), &BTreeMap::new()),
+            Ok(Parsed::Help)
+        );
+        let h = help();
+        for sp in SPECS {
+            assert!(h.contains(&format!("--{}", sp.flag)));
+            assert!(h.contains(&env_name(sp.flag)));
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        for bad in ["", "s", "-1s", "1.5s", "1d", "99999999999999999999", "1 s"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+}
