@@ -218,6 +218,8 @@ async fn serve(
         permits: permits.clone(),
         mark,
         hard_stop: hard_rx,
+        mode,
+        outbound_ports: Arc::default(),
     });
     let accept_tasks: Vec<_> = listeners
         .into_iter()

@@ -1,9 +1,10 @@
 //! Accept loops and per-connection handling: find the original destination, dial it from the
 //! right source address, relay, log.
 
+use std::collections::HashSet;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -51,6 +52,36 @@ pub struct Shared {
     pub mark: Option<u32>,
     /// Turns true at the drain deadline: relays still running are cut.
     pub hard_stop: watch::Receiver<bool>,
+    /// The inbound mode (decides whether outbound upstreams may carry the mark).
+    pub mode: InboundMode,
+    /// Source ports of our live outbound upstream sockets: a connection to the outbound
+    /// listener *from* one of them is our own upstream captured again (loop).
+    pub outbound_ports: Arc<OwnPorts>,
+}
+
+/// (IPv6?, port) of our live outbound upstream sockets.
+#[derive(Debug, Default)]
+pub struct OwnPorts(Mutex<HashSet<(bool, u16)>>);
+
+impl OwnPorts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(bool, u16)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn contains(&self, a: SocketAddr) -> bool {
+        self.lock().contains(&(a.is_ipv6(), a.port()))
+    }
+}
+
+/// Removes its port from `OwnPorts` when the upstream socket is gone.
+pub struct OwnPortGuard {
+    set: Arc<OwnPorts>,
+    key: (bool, u16),
+}
+
+impl Drop for OwnPortGuard {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.key);
+    }
 }
 
 /// Accepts until `stop` turns true. A permit is taken *before* accepting: at the concurrency
@@ -152,6 +183,17 @@ async fn serve(
             sockopt::original_dst(down, v6).map(|a| OrigDst(unmap(a)))
         }
     };
+    if role == Role::Outbound && shared.outbound_ports.contains(c.client.0) {
+        // Our own upstream came back through the capture: the plugin exempts the proxy by uid
+        // (and, in redirect mode, by mark); we run as neither.
+        eprintln!(
+            "tproxy-sidecar: outbound loop from {}: run the sidecar as the proxy uid (1337) \
+             that the plugin exempts from outbound capture",
+            c.client
+        );
+        sockopt::reset_on_close(down);
+        return ((0, 0), EndReason::NoRoute);
+    }
     let orig = match orig {
         Ok(o) if !is_own_port(&shared.cfg, o.port()) => o,
         // Addressed to the sidecar itself (not diverted), or no NAT record: dialing it would
@@ -178,11 +220,11 @@ async fn serve(
     .await;
     let dir = role.direction();
     let up = match dialed {
-        Ok(Ok((up, local))) => {
+        Ok(Ok((up, local, _own))) => {
             shared.metrics.connect_latency(dir, t.elapsed());
             c.connect_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
             c.upstream_local = Some(local);
-            up
+            (up, _own)
         }
         Ok(Err(_)) | Err(_) => {
             shared.metrics.connect_failed(dir);
@@ -199,7 +241,7 @@ async fn serve(
     };
     let o = relay::relay(
         down,
-        &up,
+        &up.0,
         shared.cfg.pipe_size,
         shared.cfg.idle_timeout,
         shared.hard_stop.clone(),
@@ -215,12 +257,14 @@ fn is_own_port(cfg: &Config, port: u16) -> bool {
 /// How many explicitly chosen source ports to try before giving up on a connection.
 const BIND_ATTEMPTS: usize = 32;
 
+type Dialed = (TcpStream, UpstreamLocal, Option<OwnPortGuard>);
+
 async fn dial(
     shared: &Shared,
     role: Role,
     client: ClientAddr,
     orig: OrigDst,
-) -> io::Result<(TcpStream, UpstreamLocal)> {
+) -> io::Result<Dialed> {
     let v6 = orig.0.is_ipv6();
     match role {
         Role::Inbound(InboundMode::Tproxy) => {
@@ -236,7 +280,7 @@ async fn dial(
                     break;
                 };
                 let src = SocketAddr::new(client.ip(), port);
-                match connect_from(opts, Some(src), orig).await {
+                match connect_from(opts, Some(src), orig, None).await {
                     Ok(ok) => return Ok(ok),
                     // Port still held by one of our own lingering sockets with this very tuple
                     // (bind: EADDRINUSE, connect: EADDRNOTAVAIL): take the next one.
@@ -266,16 +310,35 @@ async fn dial(
                 transparent: false,
                 reuse_addr: false,
             };
-            connect_from(opts, Some(SocketAddr::new(src_ip, 0)), orig).await
+            connect_from(opts, Some(SocketAddr::new(src_ip, 0)), orig, None).await
         }
         Role::Outbound => {
             let opts = UpstreamOpts {
                 v6,
-                mark: shared.mark,
+                // In tproxy mode the plugin's `fwmark M lookup T` rule routes marked packets to
+                // `lo` (T holds `local default`): a marked egress SYN would never leave the pod.
+                // There the uid exemption alone keeps us out of the capture.
+                mark: match shared.mode {
+                    InboundMode::Redirect => shared.mark,
+                    InboundMode::Tproxy => None,
+                },
                 transparent: false,
                 reuse_addr: false,
             };
-            connect_from(opts, None, orig).await
+            // Bind first so the source port is known before the SYN leaves: a capture loop is
+            // then recognised on accept, whichever task runs first.
+            let any = if v6 {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            };
+            connect_from(
+                opts,
+                Some(SocketAddr::new(any, 0)),
+                orig,
+                Some(&shared.outbound_ports),
+            )
+            .await
         }
     }
 }
@@ -284,15 +347,32 @@ async fn connect_from(
     opts: UpstreamOpts,
     src: Option<SocketAddr>,
     orig: OrigDst,
-) -> io::Result<(TcpStream, UpstreamLocal)> {
+    own: Option<&Arc<OwnPorts>>,
+) -> io::Result<Dialed> {
     let sock = sockopt::upstream_socket(opts)?;
     if let Some(src) = src {
         sock.bind(&src.into())?;
     }
+    let guard = match own {
+        Some(set) => {
+            let port = sock
+                .local_addr()?
+                .as_socket()
+                .map(|a| a.port())
+                .unwrap_or(0);
+            let key = (opts.v6, port);
+            set.lock().insert(key);
+            Some(OwnPortGuard {
+                set: set.clone(),
+                key,
+            })
+        }
+        None => None,
+    };
     let std_stream: std::net::TcpStream = sock.into();
     let stream = TcpSocket::from_std_stream(std_stream)
         .connect(orig.0)
         .await?;
     let local = stream.local_addr().map(unmap)?;
-    Ok((stream, UpstreamLocal(local)))
+    Ok((stream, UpstreamLocal(local), guard))
 }

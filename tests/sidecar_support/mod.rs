@@ -1,0 +1,456 @@
+//! Test scaffolding for the sidecar: a client netns and a pod netns joined by a veth, the
+//! plugin's rules in the pod, a tiny app (HTTP `/ip` and echo) and the sidecar process.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::{self, Netns};
+
+pub const CLIENT_V4: &str = "10.10.0.1";
+pub const POD_V4: &str = "10.10.0.2";
+pub const CLIENT_V6: &str = "fd00:10::1";
+pub const POD_V6: &str = "fd00:10::2";
+/// App ports in the pod: HTTP `/ip` and a byte echo.
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 9000;
+/// Excluded from capture by the rules below (reaches the app directly).
+pub const EXCLUDED_PORT: u16 = 9001;
+/// Nothing listens here: "app down".
+pub const DEAD_PORT: u16 = 8081;
+
+pub fn sa(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("test address"), port)
+}
+
+/// Runs `f` on a fresh thread that entered netns `ns` (never on a shared thread: DESIGN.md
+/// pitfall 7). Sockets created inside stay bound to that netns and may be used anywhere.
+pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).expect("open netns");
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// Like `in_ns` but returns the join handle (for concurrent clients).
+pub fn spawn_in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).expect("open netns");
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// Client netns <-> pod netns over a veth, IPv4 and IPv6.
+pub struct Topo {
+    pub client: Netns,
+    pub pod: Netns,
+}
+
+impl Topo {
+    pub fn new() -> Topo {
+        let client = Netns::new("scc");
+        let pod = Netns::new("scp");
+        let (vc, vp) = (common::unique("vc"), common::unique("vp"));
+        common::sh(&format!(
+            "ip link add {vc} netns {} type veth peer name {vp} netns {}",
+            client.name, pod.name
+        ));
+        client.sh(&format!(
+            "sh -c 'sysctl -qw net.ipv6.conf.{vc}.accept_dad=0 && ip addr add {CLIENT_V4}/24 dev {vc} && ip addr add {CLIENT_V6}/64 dev {vc} nodad && ip link set {vc} up'"
+        ));
+        pod.sh(&format!(
+            "sh -c 'sysctl -qw net.ipv6.conf.{vp}.accept_dad=0 && ip addr add {POD_V4}/24 dev {vp} && ip addr add {POD_V6}/64 dev {vp} nodad && ip link set {vp} up'"
+        ));
+        // IPv6 on a fresh veth answers neighbour solicitations only once the link is ready
+        // (its link-local address appears); before that the first IPv6 SYN waits out a 1 s
+        // ND retry, which would read as a proxy stall.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            let ready = |ns: &Netns, dev: &str| {
+                let out = ns.sh(&format!("ip -6 addr show dev {dev} scope link"));
+                out.contains("inet6") && !out.contains("tentative")
+            };
+            if ready(&client, &vc) && ready(&pod, &vp) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Topo { client, pod }
+    }
+}
+
+/// What the pod's interception rules should do.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub redirect: bool,
+    pub fail_closed: bool,
+    pub outbound: bool,
+}
+
+/// Programs DESIGN.md §3 in the pod netns with `nft` + `ip rule/route`, replacing earlier rules.
+/// The one place to swap for the real chain (`tests/common/chain.rs`) once it exists.
+pub fn program_rules(pod: &Netns, r: &Rules) {
+    let _ = pod.try_sh("nft delete table inet tproxy_cni");
+    let excluded = format!("15006, 15001, 15021, {EXCLUDED_PORT}");
+    let mut t = String::from("table inet tproxy_cni {\n");
+    if r.redirect {
+        t += &format!(
+            "  chain nat_prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n\
+                 meta l4proto tcp tcp dport {{ {excluded} }} return\n\
+                 meta l4proto tcp redirect to :15006\n  }}\n"
+        );
+    } else {
+        t += &format!(
+            "  chain prerouting {{ type filter hook prerouting priority mangle; policy accept;\n\
+                 iifname \"lo\" meta mark 0x7470 ct mark set 0x7470\n\
+                 iifname \"lo\" accept\n\
+                 ct direction reply accept\n\
+                 meta l4proto tcp tcp dport {{ {excluded} }} accept\n\
+                 meta l4proto tcp tproxy to :15006 meta mark set 0x7470 accept\n{}\
+               }}\n\
+               chain output {{ type route hook output priority mangle; policy accept;\n\
+                 ct mark 0x7470 meta mark set ct mark\n  }}\n",
+            if r.fail_closed {
+                "    meta l4proto tcp ct state new reject with tcp reset\n"
+            } else {
+                ""
+            }
+        );
+    }
+    if r.outbound {
+        t += "  chain nat_output { type nat hook output priority -100; policy accept;\n\
+                meta skuid 1337 return\n\
+                meta mark 0x7470 return\n\
+                oifname \"lo\" return\n\
+                meta l4proto tcp redirect to :15001\n  }\n";
+    }
+    t += "}\n";
+    let f = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(f.path(), t).expect("write nft");
+    pod.sh(&format!("nft -f {}", f.path().display()));
+    if !r.redirect {
+        for fam in ["-4", "-6"] {
+            let _ = pod.try_sh(&format!("ip {fam} rule del fwmark 0x7470 lookup 29808"));
+            pod.sh(&format!(
+                "ip {fam} rule add fwmark 0x7470 lookup 29808 priority 29808"
+            ));
+            pod.sh(&format!(
+                "ip {fam} route replace local default dev lo table 29808"
+            ));
+        }
+    } else {
+        let _ = pod.try_sh("ip addr add ::6/128 dev lo");
+    }
+}
+
+/// The app: HTTP `/ip` -> `{"origin":"IP","port":PORT}` (the peer it saw) and a byte echo.
+pub struct App {
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl App {
+    pub fn start(ns: &str, http: &[u16], echo: &[u16]) -> App {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let mut ports: Vec<(u16, bool)> = http.iter().map(|p| (*p, true)).collect();
+        ports.extend(echo.iter().map(|p| (*p, false)));
+        for (port, is_http) in ports {
+            let l: TcpListener = in_ns(ns, move || {
+                TcpListener::bind(("::", port)).expect("app bind (dual-stack)")
+            });
+            let acc = accepted.clone();
+            std::thread::spawn(move || {
+                for s in l.incoming() {
+                    let Ok(s) = s else { continue };
+                    acc.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || {
+                        let _ = if is_http {
+                            serve_http(s)
+                        } else {
+                            serve_echo(s)
+                        };
+                    });
+                }
+            });
+        }
+        App { accepted }
+    }
+}
+
+fn serve_echo(mut s: TcpStream) -> io::Result<()> {
+    let mut r = s.try_clone()?;
+    io::copy(&mut r, &mut s)?;
+    s.shutdown(Shutdown::Write)
+}
+
+fn serve_http(mut s: TcpStream) -> io::Result<()> {
+    let peer = s.peer_addr()?;
+    let ip = match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        // One request head per iteration (keep-alive for wrk).
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.drain(..end);
+        let close = head.contains("connection: close");
+        let body = format!("{{\"origin\":\"{ip}\",\"port\":{}}}\n", peer.port());
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        s.write_all(resp.as_bytes())?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// What `GET /ip` returned, and the client's own local port for comparison.
+#[derive(Debug, Clone)]
+pub struct IpReply {
+    pub origin: String,
+    pub port: u16,
+    pub local_port: u16,
+}
+
+/// One `GET /ip` with `Connection: close` on an already connected stream.
+pub fn get_ip_on(mut s: TcpStream) -> io::Result<IpReply> {
+    let local_port = s.local_addr()?.port();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /ip HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let body = out
+        .split("\r\n\r\n")
+        .nth(1)
+        .ok_or_else(|| io::Error::other(format!("no body in {out:?}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(body.trim()).map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(IpReply {
+        origin: v["origin"].as_str().unwrap_or_default().to_string(),
+        port: v["port"].as_u64().unwrap_or_default() as u16,
+        local_port,
+    })
+}
+
+/// `GET /ip` from the client netns.
+pub fn get_ip(ns: &str, dst: SocketAddr) -> io::Result<IpReply> {
+    in_ns(ns, move || {
+        let s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+        get_ip_on(s)
+    })
+}
+
+/// The sidecar binary under test, in the pod netns.
+pub struct Sidecar {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub ns: String,
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy-sidecar");
+
+impl Sidecar {
+    /// Starts `tproxy-sidecar ARGS --access-log DIR/access.log` and waits for `/ready`.
+    pub fn start(ns: &str, args: &[&str]) -> Sidecar {
+        let s = Sidecar::spawn(ns, "", args);
+        s.wait_ready();
+        s
+    }
+
+    /// Starts it behind a `prefix` command (e.g. setpriv) without waiting.
+    pub fn spawn(ns: &str, prefix: &str, args: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().expect("tmpdir");
+        // Writable for a non-root sidecar too.
+        common::sh(&format!("chmod 0777 {}", dir.path().display()));
+        let log = dir.path().join("access.log");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]);
+        cmd.args(prefix.split_whitespace());
+        cmd.arg(BIN).args(args).arg("--access-log").arg(&log);
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(dir.path().join("stdout")).expect("stdout file"))
+            .stderr(File::create(dir.path().join("stderr")).expect("stderr file"));
+        let child = cmd.spawn().expect("spawn sidecar");
+        Sidecar {
+            child,
+            dir,
+            ns: ns.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    /// Polls `GET /ready` on the admin port until 200 (panics after 10 s).
+    pub fn wait_ready(&self) {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok((200, _)) = admin_get(&self.ns, "/ready") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("sidecar not ready; stderr:\n{}", self.stderr());
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+
+    /// Access-log records written so far.
+    pub fn log(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.log_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("access log line is JSON"))
+            .collect()
+    }
+
+    /// Waits until at least `n` access-log lines exist (connections are logged at close).
+    pub fn wait_log(&self, n: usize, within: Duration) -> Vec<serde_json::Value> {
+        let t = Instant::now();
+        loop {
+            let l = self.log();
+            if l.len() >= n || t.elapsed() > within {
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGTERM.
+    pub fn term(&self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+
+    /// Waits for exit (panics after `within`).
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st;
+            }
+            if t.elapsed() > within {
+                panic!("sidecar did not exit; stderr:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET PATH` on the sidecar's admin port (from inside the pod) -> (status, body).
+pub fn admin_get(ns: &str, path: &str) -> io::Result<(u16, String)> {
+    let path = path.to_string();
+    in_ns(ns, move || {
+        let mut s = TcpStream::connect_timeout(&sa("127.0.0.1", 15021), Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Ok((code, body))
+    })
+}
+
+/// FNV-1a: enough to tell intact bytes from corrupted or reordered ones.
+pub fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different per `seed`.
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Sends `data` through an echo connection (writer thread + reader here); returns what came back.
+pub fn echo_roundtrip(s: TcpStream, data: Arc<Vec<u8>>) -> io::Result<Vec<u8>> {
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> io::Result<()> {
+        w.write_all(&data)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut r = s;
+    r.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut back = Vec::new();
+    r.read_to_end(&mut back)?;
+    writer
+        .join()
+        .map_err(|_| io::Error::other("writer panicked"))??;
+    Ok(back)
+}
