@@ -1,0 +1,223 @@
+//! Command-line flags of `tproxy-cni-install` -> a `Command`; no side effects besides reading the settings file.
+
+use super::{InstallError, Options};
+use log::LevelFilter;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const USAGE: &str = "\
+tproxy-cni-install: chain tproxy-cni into the node's primary CNI config and keep it there.
+
+usage: tproxy-cni-install [--once | --uninstall] [flags]
+       tproxy-cni-install --probe ready|alive [--health-dir DIR] [--max-age SECS]
+
+  --conf-dir DIR      CNI config dir as mounted in the container  [/host/etc/cni/net.d]
+  --bin-dir DIR       CNI binary dir as mounted in the container  [/host/opt/cni/bin]
+  --binary PATH       binary to copy into --bin-dir (repeatable)  [tproxy-cni next to this executable]
+  --settings FILE     JSON object of plugin settings for our entry (the ConfigMap key); absent file = none
+  --settings-json J   the same, inline (wins over --settings)
+  --keep-on-exit      on SIGTERM leave the entry and binaries (upgrades without a window)
+  --health-dir DIR    where the `ready` and `alive` probe files live; '' disables  [/run/tproxy-cni]
+  --resync SECS       wake-up period without events (liveness refresh, safety-net reconcile)  [10]
+  --log-level LEVEL   error|warn|info|debug|trace  [info]
+  --once              install binaries and the entry, then exit (no watch, no cleanup)
+  --uninstall         remove our entry from every config, then the binaries, then exit
+  --probe WHAT        exit 0 when ready (entry in place) / alive (loop refreshed within --max-age)
+  --max-age SECS      --probe alive threshold  [60]
+  -h, --help          this text";
+
+/// What the binary should do.
+#[derive(Debug)]
+pub enum Command {
+    Help,
+    Run {
+        opts: Options,
+        mode: Mode,
+        level: LevelFilter,
+    },
+    Probe {
+        health_dir: PathBuf,
+        what: String,
+        max_age: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Daemon,
+    Once,
+    Uninstall,
+}
+
+fn usage(msg: impl Into<String>) -> InstallError {
+    InstallError::Usage(format!("{}\n(see --help)", msg.into()))
+}
+
+fn secs(flag: &str, v: &str) -> Result<Duration, InstallError> {
+    match v.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+        _ => Err(usage(format!(
+            "{flag} takes a positive number of seconds, got {v:?}"
+        ))),
+    }
+}
+
+/// The default binary: `tproxy-cni` in the installer's own directory (the image ships both).
+fn default_binary() -> Vec<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(super::conflist::PLUGIN_TYPE)))
+        .into_iter()
+        .collect()
+}
+
+/// Parses the arguments after the program name.
+pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
+    let mut conf_dir = PathBuf::from("/host/etc/cni/net.d");
+    let mut bin_dir = PathBuf::from("/host/opt/cni/bin");
+    let mut binaries = Vec::new();
+    let mut settings_file: Option<PathBuf> = None;
+    let mut settings_json: Option<String> = None;
+    let mut keep_on_exit = false;
+    let mut health_dir = Some(PathBuf::from("/run/tproxy-cni"));
+    let mut resync = Duration::from_secs(10);
+    let mut level = LevelFilter::Info;
+    let mut mode = Mode::Daemon;
+    let mut probe: Option<String> = None;
+    let mut max_age = Duration::from_secs(60);
+
+    let mut it = args.into_iter();
+    while let Some(flag) = it.next() {
+        // Flags without a value first.
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--keep-on-exit" => {
+                keep_on_exit = true;
+                continue;
+            }
+            "--once" | "--uninstall" => {
+                if mode != Mode::Daemon {
+                    return Err(usage("--once and --uninstall exclude each other"));
+                }
+                mode = if flag == "--once" {
+                    Mode::Once
+                } else {
+                    Mode::Uninstall
+                };
+                continue;
+            }
+            _ => {}
+        }
+        // `--flag=value` and `--flag value` both work (Kubernetes args are often written inline).
+        let (name, value) = match flag.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), v.to_string()),
+            _ => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| usage(format!("{flag} needs a value")))?;
+                (flag, v)
+            }
+        };
+        match name.as_str() {
+            "--conf-dir" => conf_dir = value.into(),
+            "--bin-dir" => bin_dir = value.into(),
+            "--binary" => binaries.push(PathBuf::from(value)),
+            "--settings" => settings_file = Some(value.into()),
+            "--settings-json" => settings_json = Some(value),
+            "--health-dir" => health_dir = (!value.is_empty()).then(|| value.into()),
+            "--resync" => resync = secs(&name, &value)?,
+            "--max-age" => max_age = secs(&name, &value)?,
+            "--probe" => probe = Some(value),
+            "--log-level" => {
+                level = value
+                    .parse()
+                    .map_err(|_| usage(format!("--log-level: unknown level {value:?}")))?
+            }
+            _ => return Err(usage(format!("unknown flag {name}"))),
+        }
+    }
+
+    if let Some(what) = probe {
+        let health_dir = health_dir.ok_or_else(|| usage("--probe needs a --health-dir"))?;
+        return Ok(Command::Probe {
+            health_dir,
+            what,
+            max_age,
+        });
+    }
+    let settings = match (settings_json, settings_file) {
+        (Some(j), _) => serde_json::from_str(&j)
+            .map_err(|e| usage(format!("--settings-json is not JSON: {e}")))?,
+        (None, Some(path)) => match std::fs::read(&path) {
+            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Value::Null,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| usage(format!("--settings {}: not JSON: {e}", path.display())))?,
+            // An optional ConfigMap that is not there means "defaults".
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
+            Err(e) => return Err(usage(format!("--settings {}: {e}", path.display()))),
+        },
+        (None, None) => Value::Null,
+    };
+    if binaries.is_empty() {
+        binaries = default_binary();
+    }
+    Ok(Command::Run {
+        opts: Options {
+            conf_dir,
+            bin_dir,
+            binaries,
+            settings,
+            keep_on_exit,
+            health_dir,
+            resync,
+        },
+        mode,
+        level,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Command, InstallError> {
+        parse(args.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn flags() {
+        let Command::Run { opts, mode, level } = p(&[
+            "--conf-dir=/c",
+            "--bin-dir",
+            "/b",
+            "--binary",
+            "/x/tproxy-cni",
+            "--settings-json",
+            r#"{"failClosed":true}"#,
+            "--keep-on-exit",
+            "--health-dir=",
+            "--once",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(opts.conf_dir, PathBuf::from("/c"));
+        assert_eq!(opts.bin_dir, PathBuf::from("/b"));
+        assert_eq!(opts.binaries, [PathBuf::from("/x/tproxy-cni")]);
+        assert_eq!(opts.settings["failClosed"], true);
+        assert!(opts.keep_on_exit && opts.health_dir.is_none());
+        assert_eq!((mode, level), (Mode::Once, LevelFilter::Debug));
+        assert!(p(&["--bogus", "1"]).is_err());
+        assert!(p(&["--conf-dir"]).is_err());
+        assert!(p(&["--once", "--uninstall"]).is_err());
+        assert!(p(&["--resync", "0"]).is_err());
+        assert!(p(&["--settings-json", "{"]).is_err());
+        assert!(matches!(
+            p(&["--probe", "ready"]).unwrap(),
+            Command::Probe { .. }
+        ));
+    }
+}

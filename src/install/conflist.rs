@@ -1,0 +1,348 @@
+//! Pure conflist patching for the installer: pick the primary config, insert or remove our entry.
+//!
+//! No file system access here: the daemon reads bytes, these functions decide, the daemon writes.
+//! That keeps every rule below testable with before/after fixtures.
+//!
+//! Rules, and why:
+//! - the primary is the first `.conf`/`.conflist`/`.json` file in byte-wise lexical order, which
+//!   is what libcni's `ConfFiles` + sort gives containerd and CRI-O;
+//! - a lone `.conf` becomes a list the way libcni's `ConfListFromConf` does it (name and
+//!   cniVersion lifted to the list, the plugin object kept whole), because only lists chain;
+//! - our entry goes **last** when missing, but an entry already present stays where it is and is
+//!   updated in place: a second chained plugin that also wants to be last would otherwise fight
+//!   us forever, each rewrite triggering the other's watch;
+//! - every other key, including `cniVersion`, `disableCheck` and unknown ones, is kept, in order.
+
+use serde_json::{Map, Value};
+
+use crate::consts::POD_ANNOTATIONS_CAPABILITY;
+
+/// The `type` of our plugin, i.e. the binary name in the CNI bin dir.
+pub const PLUGIN_TYPE: &str = "tproxy-cni";
+
+/// File extensions runtimes load from the conf dir (libcni `ConfFiles` with these three).
+pub const CONFIG_EXTENSIONS: [&str; 3] = [".conf", ".conflist", ".json"];
+
+/// Why a config cannot be patched. The daemon prefixes the file name.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConflistError {
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("not a CNI config: {0}")]
+    Shape(String),
+    #[error("plugin settings: {0}")]
+    Settings(String),
+}
+
+/// True for names a runtime would load as a network config.
+pub fn is_config_name(name: &str) -> bool {
+    !name.starts_with('.') && CONFIG_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
+}
+
+/// The primary config among a directory's file names: the lexically first config name.
+/// Dot files are skipped: that is where we (and most tools) keep temporary files.
+pub fn select_primary<'a, I>(names: I) -> Option<&'a str>
+where
+    I: IntoIterator<Item = &'a str>,
+{
+    names.into_iter().filter(|n| is_config_name(n)).min()
+}
+
+/// Where a patched config is written: `.conf`/`.json` single configs become `<stem>.conflist`,
+/// lists keep their name.
+pub fn target_name(name: &str, config: &Value) -> String {
+    if config.get("plugins").is_some() {
+        return name.to_string();
+    }
+    let stem = CONFIG_EXTENSIONS
+        .iter()
+        .find_map(|ext| name.strip_suffix(ext))
+        .unwrap_or(name);
+    format!("{stem}.conflist")
+}
+
+/// Parses a config file's bytes; a clear error for anything that is not a JSON object.
+pub fn parse(bytes: &[u8]) -> Result<Value, ConflistError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| ConflistError::Json(e.to_string()))?;
+    validate(&v)?;
+    Ok(v)
+}
+
+/// Checks the shape runtimes need: an object with either a `plugins` array of objects each with
+/// a `type`, or (single config) a `type` of its own.
+fn validate(v: &Value) -> Result<(), ConflistError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ConflistError::Shape("top level is not an object".into()))?;
+    match obj.get("plugins") {
+        Some(Value::Array(plugins)) => {
+            if plugins.is_empty() {
+                return Err(ConflistError::Shape("\"plugins\" is empty".into()));
+            }
+            for (i, p) in plugins.iter().enumerate() {
+                if p.get("type").and_then(Value::as_str).is_none() {
+                    return Err(ConflistError::Shape(format!(
+                        "plugins[{i}] has no string \"type\""
+                    )));
+                }
+            }
+            Ok(())
+        }
+        Some(_) => Err(ConflistError::Shape("\"plugins\" is not an array".into())),
+        None if obj.get("type").and_then(Value::as_str).is_some() => Ok(()),
+        None => Err(ConflistError::Shape(
+            "neither a \"plugins\" list nor a single plugin \"type\"".into(),
+        )),
+    }
+}
+
+/// A single-plugin config as a one-entry list (libcni's conversion); lists pass through.
+pub fn to_list(config: &Value) -> Result<Value, ConflistError> {
+    validate(config)?;
+    if config.get("plugins").is_some() {
+        return Ok(config.clone());
+    }
+    let mut list = Map::new();
+    if let Some(v) = config.get("cniVersion") {
+        list.insert("cniVersion".into(), v.clone());
+    }
+    match config.get("name") {
+        Some(v) => {
+            list.insert("name".into(), v.clone());
+        }
+        None => return Err(ConflistError::Shape("single config has no \"name\"".into())),
+    }
+    list.insert("plugins".into(), Value::Array(vec![config.clone()]));
+    Ok(Value::Object(list))
+}
+
+/// Our conflist entry: `type`, the pod-annotations capability, then the user's settings in their
+/// order. Settings may not override `type`; capabilities they list are kept beside ours.
+pub fn entry(settings: &Value) -> Result<Map<String, Value>, ConflistError> {
+    let settings = match settings {
+        Value::Null => Map::new(),
+        Value::Object(m) => m.clone(),
+        _ => {
+            return Err(ConflistError::Settings(
+                "must be a JSON object of plugin options".into(),
+            ))
+        }
+    };
+    let mut caps = Map::new();
+    caps.insert(POD_ANNOTATIONS_CAPABILITY.into(), Value::Bool(true));
+    let mut out = Map::new();
+    out.insert("type".into(), Value::String(PLUGIN_TYPE.into()));
+    for (k, v) in settings {
+        match k.as_str() {
+            "type" if v != PLUGIN_TYPE => {
+                return Err(ConflistError::Settings(format!(
+                    "\"type\" must be {PLUGIN_TYPE:?} (the installed binary), got {v}"
+                )))
+            }
+            // Set by the runtime from the list; a value here would be misleading.
+            "type" | "name" | "cniVersion" | "prevResult" | "runtimeConfig" => {}
+            "capabilities" => match v {
+                Value::Object(extra) => {
+                    for (ck, cv) in extra {
+                        if ck != POD_ANNOTATIONS_CAPABILITY {
+                            caps.insert(ck, cv);
+                        }
+                    }
+                }
+                _ => {
+                    return Err(ConflistError::Settings(
+                        "\"capabilities\" must be an object".into(),
+                    ))
+                }
+            },
+            _ => {
+                out.insert(k, v);
+            }
+        }
+    }
+    // type, capabilities, then settings: the order a human reads the entry in.
+    let mut ordered = Map::new();
+    ordered.insert("type".into(), Value::String(PLUGIN_TYPE.into()));
+    ordered.insert("capabilities".into(), Value::Object(caps));
+    for (k, v) in out {
+        if k != "type" {
+            ordered.insert(k, v);
+        }
+    }
+    Ok(ordered)
+}
+
+fn is_ours(plugin: &Value) -> bool {
+    plugin.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
+}
+
+/// True when `config` is a list holding any entry of ours (whatever its settings).
+pub fn contains_ours(config: &Value) -> bool {
+    config
+        .get("plugins")
+        .and_then(Value::as_array)
+        .is_some_and(|p| p.iter().any(is_ours))
+}
+
+/// True when `config` is a list holding exactly `entry` (semantically, key order aside) once.
+pub fn has_entry(config: &Value, entry: &Map<String, Value>) -> bool {
+    let Some(plugins) = config.get("plugins").and_then(Value::as_array) else {
+        return false;
+    };
+    let ours: Vec<&Value> = plugins.iter().filter(|p| is_ours(p)).collect();
+    matches!(ours.as_slice(), [only] if only.as_object() == Some(entry))
+}
+
+/// Inserts (or updates in place) our entry. `None` means the config is already as wanted, so
+/// the caller writes nothing: that is what makes the installer idempotent and its own writes
+/// quiet under its own watch.
+pub fn inject(config: &Value, entry: &Map<String, Value>) -> Result<Option<Value>, ConflistError> {
+    let is_list = config.get("plugins").is_some();
+    if is_list && has_entry(config, entry) {
+        return Ok(None);
+    }
+    let mut list = to_list(config)?;
+    let Some(plugins) = list.get_mut("plugins").and_then(Value::as_array_mut) else {
+        return Err(ConflistError::Shape("\"plugins\" is not an array".into()));
+    };
+    match plugins.iter().position(is_ours) {
+        Some(first) => {
+            plugins[first] = Value::Object(entry.clone());
+            // Keep the first of duplicates (someone's hand edit), drop the rest.
+            let mut i = 0;
+            plugins.retain(|p| {
+                let keep = i == first || !is_ours(p);
+                i += 1;
+                keep
+            });
+        }
+        None => plugins.push(Value::Object(entry.clone())),
+    }
+    Ok(Some(list))
+}
+
+/// Removes every entry of ours. `None` means there was none (write nothing). A list that held
+/// only our entry is left alone: removing it would leave an empty, invalid list.
+pub fn remove(config: &Value) -> Result<Option<Value>, ConflistError> {
+    validate(config)?;
+    let Some(plugins) = config.get("plugins").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    if !plugins.iter().any(is_ours) || plugins.iter().all(is_ours) {
+        return Ok(None);
+    }
+    let mut out = config.clone();
+    if let Some(list) = out.get_mut("plugins").and_then(Value::as_array_mut) {
+        list.retain(|p| !is_ours(p));
+    }
+    Ok(Some(out))
+}
+
+/// The bytes we write: two-space pretty JSON and a final newline, like most CNI installers.
+pub fn render(config: &Value) -> Vec<u8> {
+    let mut out = serde_json::to_vec_pretty(config).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn primary_is_lexically_first_config() {
+        let names = [
+            "99-x.conf",
+            "10-b.conflist",
+            "05-a.txt",
+            ".05-tmp.conflist",
+            "10-a.json",
+        ];
+        assert_eq!(select_primary(names.iter().copied()), Some("10-a.json"));
+        assert_eq!(select_primary(["README", "x.bak"].iter().copied()), None);
+        // Byte order: upper case sorts before lower case, digits before letters.
+        assert_eq!(
+            select_primary(["a.conf", "B.conf", "1.conf"].iter().copied()),
+            Some("1.conf")
+        );
+    }
+
+    #[test]
+    fn target_names() {
+        assert_eq!(
+            target_name("10-x.conf", &json!({"type": "b"})),
+            "10-x.conflist"
+        );
+        assert_eq!(
+            target_name("10-x.json", &json!({"type": "b"})),
+            "10-x.conflist"
+        );
+        assert_eq!(
+            target_name("10-x.json", &json!({"plugins": []})),
+            "10-x.json"
+        );
+    }
+
+    #[test]
+    fn entry_order_and_overrides() {
+        let e = entry(
+            &json!({"failClosed": true, "type": "tproxy-cni", "name": "x",
+            "capabilities": {"portMappings": true, POD_ANNOTATIONS_CAPABILITY: false}}),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"type":"tproxy-cni","capabilities":{"io.kubernetes.cri.pod-annotations":true,"portMappings":true},"failClosed":true}"#
+        );
+        assert!(entry(&json!({"type": "other"})).is_err());
+        assert!(entry(&json!([1])).is_err());
+        assert!(entry(&json!({"capabilities": 1})).is_err());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let e = entry(&Value::Null).unwrap();
+        for bad in [
+            json!(null),
+            json!([]),
+            json!({"plugins": {}}),
+            json!({"plugins": []}),
+            json!({"plugins": [1]}),
+            json!({"name": "x"}),
+            json!({"type": "bridge"}), // single config without a name
+        ] {
+            assert!(inject(&bad, &e).is_err(), "{bad}");
+        }
+        assert!(parse(b"{").is_err());
+        assert!(parse(b"").is_err());
+    }
+
+    #[test]
+    fn duplicates_collapse_and_update_in_place() {
+        let e = entry(&json!({"logLevel": "debug"})).unwrap();
+        let c = json!({"name": "n", "plugins": [{"type": "a"}, {"type": "tproxy-cni"}, {"type": "b"}, {"type": "tproxy-cni"}]});
+        let out = inject(&c, &e).unwrap().unwrap();
+        let types: Vec<&str> = out["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["a", "tproxy-cni", "b"]);
+        assert_eq!(out["plugins"][1]["logLevel"], "debug");
+        assert_eq!(inject(&out, &e).unwrap(), None);
+    }
+
+    #[test]
+    fn remove_leaves_lists_of_only_ours() {
+        let c = json!({"name": "n", "plugins": [{"type": "tproxy-cni"}]});
+        assert_eq!(remove(&c).unwrap(), None);
+        let c = json!({"name": "n", "plugins": [{"type": "a"}]});
+        assert_eq!(remove(&c).unwrap(), None);
+        assert_eq!(
+            remove(&json!({"name": "n", "type": "bridge"})).unwrap(),
+            None
+        );
+    }
+}

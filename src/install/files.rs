@@ -1,0 +1,111 @@
+//! File operations of the installer: atomic writes and binary copies that a runtime never sees half-done.
+//!
+//! Both go through a dot-named temporary file in the destination directory, then `rename(2)`:
+//! same directory means same file system, so the rename is atomic, and the dot name plus the
+//! `.tmp` suffix keep runtimes (which load `.conf`/`.conflist`/`.json`) from ever loading it.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// A temporary path next to `dest`, unique per process and call.
+fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
+}
+
+/// Writes `bytes` to `dir/name` atomically with permission bits `mode`.
+pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = temp_path(dir, name);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        // The umask may have cleared bits of `mode`; binaries must end up exactly 0755.
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        // Durable before visible: a node crash must not leave a renamed but empty config.
+        f.sync_all()?;
+        fs::rename(&tmp, dir.join(name))?;
+        // Make the rename itself durable.
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// What `copy_binary` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    Installed,
+    /// The destination already had the same bytes and mode 0755.
+    Unchanged,
+}
+
+/// Copies the executable `src` into `dir` under its own file name, atomically, mode 0755.
+/// Replacing a binary a runtime is executing is safe: the old inode lives until it exits.
+pub fn copy_binary(src: &Path, dir: &Path) -> io::Result<(PathBuf, Copied)> {
+    let name = src.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "binary path has no file name")
+    })?;
+    let dest = dir.join(name);
+    let bytes = fs::read(src)?;
+    if let (Ok(old), Ok(meta)) = (fs::read(&dest), fs::metadata(&dest)) {
+        if old == bytes && meta.permissions().mode() & 0o7777 == 0o755 {
+            return Ok((dest, Copied::Unchanged));
+        }
+    }
+    atomic_write(dir, name, &bytes, 0o755)?;
+    Ok((dest, Copied::Installed))
+}
+
+/// Permission bits of an existing file, to keep them when we rewrite it (some primaries use 0600).
+pub fn mode_of(path: &Path) -> Option<u32> {
+    fs::metadata(path)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+/// Removes a file; a file that is already gone is success (uninstall must be re-runnable).
+pub fn remove_if_present(path: &Path) -> io::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_and_copy() {
+        let d = tempfile::tempdir().unwrap();
+        atomic_write(d.path(), "a.conflist", b"{}", 0o600).unwrap();
+        assert_eq!(fs::read(d.path().join("a.conflist")).unwrap(), b"{}");
+        assert_eq!(mode_of(&d.path().join("a.conflist")), Some(0o600));
+        let src = d.path().join("tool");
+        fs::write(&src, b"#!/bin/sh\n").unwrap();
+        let bin = d.path().join("bin");
+        fs::create_dir(&bin).unwrap();
+        assert_eq!(copy_binary(&src, &bin).unwrap().1, Copied::Installed);
+        assert_eq!(copy_binary(&src, &bin).unwrap().1, Copied::Unchanged);
+        assert_eq!(mode_of(&bin.join("tool")), Some(0o755));
+        // No temporary files are left behind.
+        let names: Vec<_> = fs::read_dir(&bin)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["tool"]);
+        assert!(remove_if_present(&bin.join("tool")).unwrap());
+        assert!(!remove_if_present(&bin.join("tool")).unwrap());
+    }
+}
