@@ -109,6 +109,22 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
             }
             _ => {}
         }
+        const VALUE_FLAGS: [&str; 10] = [
+            "--conf-dir",
+            "--bin-dir",
+            "--binary",
+            "--settings",
+            "--settings-json",
+            "--health-dir",
+            "--resync",
+            "--max-age",
+            "--probe",
+            "--log-level",
+        ];
+        let bare = flag.split_once('=').map_or(flag.as_str(), |(n, _)| n);
+        if !VALUE_FLAGS.contains(&bare) {
+            return Err(usage(format!("unknown flag {bare}")));
+        }
         // `--flag=value` and `--flag value` both work (Kubernetes args are often written inline).
         let (name, value) = match flag.split_once('=') {
             Some((n, v)) if n.starts_with("--") => (n.to_string(), v.to_string()),
