@@ -1,0 +1,414 @@
+//! Every YAML document under `manifests/` must be a valid Kubernetes object (k8s-openapi v1.34
+//! types, with no field the schema does not know), kustomizations must list existing files, and
+//! the installer/sidecar specs must keep the security properties the docs promise.
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests")
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            out.push(p);
+        }
+    }
+}
+
+/// Every document of every YAML file, as JSON, with its origin for messages.
+fn documents() -> Vec<(PathBuf, usize, Value)> {
+    let mut files = Vec::new();
+    yaml_files(&root(), &mut files);
+    assert!(!files.is_empty(), "no manifests found");
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let v = serde_yaml::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: document {i}: {e}", f.display()));
+            if v.is_null() {
+                continue; // an empty document (e.g. a trailing `---`)
+            }
+            let json = serde_json::to_value(&v)
+                .unwrap_or_else(|e| panic!("{}: document {i}: {e}", f.display()));
+            out.push((f.clone(), i, json));
+        }
+    }
+    out
+}
+
+/// Asserts that everything in `orig` survives in `typed` (its re-serialised typed form): a key
+/// the schema does not know is dropped by the typed round trip, and shows up here.
+fn assert_subset(orig: &Value, typed: &Value, path: &str, at: &str) {
+    match (orig, typed) {
+        (Value::Object(o), Value::Object(t)) => {
+            for (k, v) in o {
+                let sub = format!("{path}.{k}");
+                match t.get(k) {
+                    Some(tv) => assert_subset(v, tv, &sub, at),
+                    None => panic!("{at}: unknown field {sub} (typo, or not in the v1.34 schema)"),
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(t)) => {
+            assert_eq!(o.len(), t.len(), "{at}: {path}: list length changed");
+            for (i, (a, b)) in o.iter().zip(t).enumerate() {
+                assert_subset(a, b, &format!("{path}[{i}]"), at);
+            }
+        }
+        _ => assert_eq!(
+            orig, typed,
+            "{at}: {path}: value changed in the typed round trip"
+        ),
+    }
+}
+
+fn strict<T: DeserializeOwned + Serialize>(v: &Value, at: &str) -> T {
+    let typed: T = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("{at}: does not match the schema: {e}"));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_subset(v, &back, "", at);
+    typed
+}
+
+/// kustomize's own file, which k8s-openapi does not cover: the fields we use, nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct Kustomization {
+    api_version: String,
+    kind: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    resources: Vec<String>,
+    #[serde(default)]
+    images: Vec<KustomizeImage>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[allow(dead_code)]
+struct KustomizeImage {
+    name: String,
+    new_name: Option<String>,
+    new_tag: Option<String>,
+}
+
+/// All typed objects, by kind.
+#[derive(Default)]
+struct Parsed {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    config_maps: Vec<ConfigMap>,
+    daemon_sets: Vec<DaemonSet>,
+    deployments: Vec<Deployment>,
+    services: Vec<Service>,
+    kustomizations: Vec<(PathBuf, Kustomization)>,
+}
+
+fn parse_all() -> Parsed {
+    let mut p = Parsed::default();
+    for (file, i, v) in documents() {
+        let at = format!("{} doc {i}", file.display());
+        let kind = v["kind"].as_str().unwrap_or_default().to_string();
+        let api = v["apiVersion"].as_str().unwrap_or_default().to_string();
+        match (api.as_str(), kind.as_str()) {
+            ("v1", "Namespace") => p.namespaces.push(strict(&v, &at)),
+            ("v1", "ServiceAccount") => p.service_accounts.push(strict(&v, &at)),
+            ("v1", "ConfigMap") => p.config_maps.push(strict(&v, &at)),
+            ("v1", "Service") => p.services.push(strict(&v, &at)),
+            ("apps/v1", "DaemonSet") => p.daemon_sets.push(strict(&v, &at)),
+            ("apps/v1", "Deployment") => p.deployments.push(strict(&v, &at)),
+            ("kustomize.config.k8s.io/v1beta1", "Kustomization") => {
+                let k: Kustomization =
+                    serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{at}: {e}"));
+                p.kustomizations.push((file, k));
+            }
+            _ => panic!("{at}: unexpected {api} {kind}; add it to this test"),
+        }
+    }
+    p
+}
+
+fn container<'a>(spec: &'a PodSpec, name: &str) -> &'a Container {
+    spec.containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+#[test]
+fn every_document_matches_the_schema() {
+    let p = parse_all();
+    assert_eq!(p.namespaces.len(), 1);
+    assert_eq!(p.daemon_sets.len(), 1);
+    assert_eq!(p.config_maps.len(), 1);
+    assert!(p.service_accounts.len() >= 2);
+    assert_eq!(p.deployments.len(), 2);
+    assert_eq!(p.services.len(), 3);
+    assert_eq!(p.kustomizations.len(), 2);
+}
+
+#[test]
+fn kustomizations_list_existing_files_and_nothing_is_orphaned() {
+    let p = parse_all();
+    let mut listed = BTreeSet::new();
+    for (file, k) in &p.kustomizations {
+        let dir = file.parent().unwrap();
+        assert!(!k.resources.is_empty());
+        for r in &k.resources {
+            let path = dir.join(r);
+            assert!(
+                path.exists(),
+                "{}: resource {r} does not exist",
+                file.display()
+            );
+            listed.insert(path.canonicalize().unwrap());
+        }
+        assert_eq!(k.api_version, "kustomize.config.k8s.io/v1beta1");
+    }
+    let mut files = Vec::new();
+    yaml_files(&root(), &mut files);
+    for f in files {
+        if f.file_name().and_then(|n| n.to_str()) == Some("kustomization.yaml") {
+            continue;
+        }
+        assert!(
+            listed.contains(&f.canonicalize().unwrap()),
+            "{} is in no kustomization",
+            f.display()
+        );
+    }
+}
+
+#[test]
+fn installer_daemonset_is_least_privilege_and_complete() {
+    let p = parse_all();
+    let ds = &p.daemon_sets[0];
+    let ns = p.namespaces[0].metadata.name.clone().unwrap();
+    assert_eq!(ds.metadata.namespace.as_deref(), Some(ns.as_str()));
+    let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    // Tolerate every taint: one toleration with operator Exists and no key.
+    let tol = spec.tolerations.as_ref().unwrap();
+    assert!(tol
+        .iter()
+        .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()));
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    let sa = spec.service_account_name.as_deref().unwrap();
+    assert!(p
+        .service_accounts
+        .iter()
+        .any(|s| s.metadata.name.as_deref() == Some(sa)));
+
+    // Host paths: the CNI dirs and nothing else.
+    let vols = spec.volumes.as_ref().unwrap();
+    let host: BTreeSet<&str> = vols
+        .iter()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.as_str()))
+        .collect();
+    assert_eq!(host, BTreeSet::from(["/etc/cni/net.d", "/opt/cni/bin"]));
+
+    let c = container(spec, "install");
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert!(caps.add.as_ref().is_none_or(|a| a.is_empty()));
+    let res = c.resources.as_ref().unwrap();
+    assert!(res.requests.is_some() && res.limits.is_some());
+    assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
+
+    // The installer's flags point at the mounted dirs, and its settings at the ConfigMap.
+    let args = c.args.as_ref().unwrap();
+    let mounts: BTreeSet<&str> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    for flag in ["--conf-dir=", "--bin-dir=", "--health-dir="] {
+        let v = args
+            .iter()
+            .find_map(|a| a.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("missing {flag}"));
+        assert!(mounts.contains(v), "{flag}{v} is not a mount");
+    }
+    let settings = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--settings="))
+        .unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| Path::new(settings).parent() == Some(Path::new(m))));
+    // Readiness asks the installer itself (the image has no shell).
+    let ready = c.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
+    let cmd = ready.command.as_ref().unwrap();
+    assert_eq!(cmd[0], "/usr/local/bin/tproxy-cni-install");
+    assert!(cmd.contains(&"ready".to_string()));
+}
+
+#[test]
+fn configmap_settings_are_accepted_by_the_installer() {
+    let p = parse_all();
+    let data = p.config_maps[0].data.as_ref().unwrap();
+    let settings: Value = serde_json::from_str(&data["settings.json"]).unwrap();
+    let entry = tproxy_cni::install::conflist::entry(&settings).unwrap();
+    // The defaults the plugin documents (consts.rs), so the ConfigMap cannot drift from them.
+    use tproxy_cni::consts as c;
+    assert_eq!(entry["inboundPort"], c::INBOUND_PORT);
+    assert_eq!(entry["outboundPort"], c::OUTBOUND_PORT);
+    assert_eq!(entry["mark"], c::MARK);
+    assert_eq!(entry["routeTable"], c::ROUTE_TABLE);
+    assert_eq!(entry["rulePriority"], c::RULE_PRIORITY);
+    assert_eq!(entry["proxyUid"], c::PROXY_UID);
+    assert_eq!(entry["failClosed"], false);
+}
+
+#[test]
+fn example_apps_carry_annotation_and_hardened_sidecar() {
+    let p = parse_all();
+    for d in &p.deployments {
+        let name = d.metadata.name.clone().unwrap();
+        let tpl = &d.spec.as_ref().unwrap().template;
+        let ann = tpl.metadata.as_ref().unwrap().annotations.as_ref().unwrap();
+        assert_eq!(ann["tproxy-cni.io/mode"], "tproxy", "{name}");
+        let spec = tpl.spec.as_ref().unwrap();
+        let s = container(spec, "tproxy-sidecar");
+        let sc = s.security_context.as_ref().unwrap();
+        assert_eq!(sc.run_as_non_root, Some(true), "{name}");
+        assert_eq!(
+            sc.run_as_user,
+            Some(i64::from(tproxy_cni::consts::PROXY_UID))
+        );
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+        assert_eq!(caps.add.as_deref(), Some(&["NET_RAW".to_string()][..]));
+        assert_eq!(
+            s.args.as_deref(),
+            Some(
+                &[
+                    "--annotations-file".to_string(),
+                    "/etc/podinfo/annotations".to_string()
+                ][..]
+            )
+        );
+        // The downward-API file the sidecar reads: metadata.annotations at /etc/podinfo/annotations.
+        let mount = s
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == "/etc/podinfo")
+            .unwrap();
+        let vol = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        let items = vol.downward_api.as_ref().unwrap().items.as_ref().unwrap();
+        assert!(items.iter().any(|i| i.path == "annotations"
+            && i.field_ref.as_ref().map(|f| f.field_path.as_str())
+                == Some("metadata.annotations")));
+        // Probes hit the admin port, which the plugin never intercepts.
+        let probe = s
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&probe.port).unwrap(),
+            Value::from(tproxy_cni::consts::ADMIN_PORT)
+        );
+    }
+    let ingress = p
+        .services
+        .iter()
+        .find(|s| s.spec.as_ref().unwrap().type_.as_deref() == Some("LoadBalancer"))
+        .expect("an ingress Service");
+    assert_eq!(
+        ingress
+            .spec
+            .as_ref()
+            .unwrap()
+            .external_traffic_policy
+            .as_deref(),
+        Some("Local")
+    );
+}
+
+#[test]
+fn images_are_the_kustomized_name() {
+    let p = parse_all();
+    let names: BTreeSet<String> = p
+        .kustomizations
+        .iter()
+        .flat_map(|(_, k)| k.images.iter().map(|i| i.name.clone()))
+        .collect();
+    let mut ours = Vec::new();
+    for d in &p.deployments {
+        ours.extend(
+            d.spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers
+                .clone(),
+        );
+    }
+    for ds in &p.daemon_sets {
+        ours.extend(
+            ds.spec
+                .as_ref()
+                .unwrap()
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers
+                .clone(),
+        );
+    }
+    for c in ours
+        .iter()
+        .filter(|c| c.name == "tproxy-sidecar" || c.name == "install")
+    {
+        let image = c.image.as_deref().unwrap();
+        let repo = image.split(':').next().unwrap();
+        assert!(
+            names.contains(repo),
+            "{image} is not retargetable by kustomize images"
+        );
+    }
+}
