@@ -247,9 +247,9 @@ fn json_listing_matches_plan() {
             nftables::schema::NfObject::ListObject(NfListObject::Chain(c)) => {
                 chains.push((
                     c.name.to_string(),
-                    c.hook.clone().map(|h| format!("{h:?}")),
+                    c.hook.map(|h| format!("{h:?}")),
                     c.prio,
-                    c._type.clone().map(|h| format!("{h:?}")),
+                    c._type.map(|h| format!("{h:?}")),
                 ));
             }
             nftables::schema::NfObject::ListObject(NfListObject::Rule(r)) => {
@@ -379,7 +379,7 @@ fn check_detects_drift() {
     assert!(errs[0].contains("hook/priority"), "{errs:?}");
 
     // An absent table again.
-    assert_eq!(in_ns(&ns, || nft::delete("tproxy_cni")).unwrap(), true);
+    assert!(in_ns(&ns, || nft::delete("tproxy_cni")).unwrap());
     assert_eq!(
         chk(&ns),
         Err(vec!["table inet tproxy_cni absent".to_string()])
@@ -482,4 +482,18 @@ fn timing_apply_delete() {
         median_us(re),
         median_us(del)
     );
+}
+
+/// The golden render files (checked by the unit tests) are exactly what nft lists after
+/// loading them: the goldens are nft's canonical text, not just text nft accepts.
+#[test]
+fn golden_files_are_nft_listings() {
+    require_root!();
+    for f in ["tproxy.nft", "redirect_outbound.nft"] {
+        let ns = Netns::new("nftg");
+        let path = format!("{}/tests/testdata/nft/{f}", env!("CARGO_MANIFEST_DIR"));
+        ns.sh(&format!("nft -f {path}"));
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(list(&ns, "tproxy_cni"), want, "{f}");
+    }
 }
