@@ -1,1 +1,261 @@
-//! (placeholder: being written)
+//! The CNI protocol frame: env + stdin in, result or error JSON out, one exit code.
+//!
+//! `run` takes the environment, stdin and stdout as parameters (never the process globals), so
+//! the whole protocol is testable in-process; failures become CNI codes only in `error.rs`.
+
+pub mod conf;
+pub mod env;
+pub mod error;
+pub mod logger;
+
+use std::io::Write;
+
+use serde_json::{json, Value};
+
+use crate::annotations::PodPolicy;
+use crate::netaddr::Family;
+use crate::netns::{self, NetnsError};
+use crate::plan::{self, FwmarkRule, LocalRoute, Plan, Routing};
+use crate::{nft, routing};
+use conf::{NetConf, SUPPORTED_VERSIONS};
+use env::{CniEnv, Env};
+use error::{code, CniError};
+
+/// The newest CNI version we speak, reported by VERSION and used in errors before a config is read.
+pub const LATEST_VERSION: &str = "1.1.0";
+
+/// Runs one plugin invocation. Returns the process exit code (0 success, 1 error printed).
+pub fn run(env: &dyn Env, stdin: &[u8], stdout: &mut dyn Write) -> i32 {
+    let version = conf::peek_version(stdin)
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| LATEST_VERSION.to_string());
+    match dispatch(env, stdin) {
+        Ok(Some(out)) => match write_json(stdout, &out) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("writing result: {e}");
+                1
+            }
+        },
+        Ok(None) => 0,
+        Err(e) => {
+            log::error!("{e}");
+            let _ = write_json(stdout, &e.to_json(&version));
+            1
+        }
+    }
+}
+
+fn write_json(out: &mut dyn Write, v: &Value) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, v)?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let cni = CniEnv::read(env)?;
+    if cni.command == "VERSION" {
+        return Ok(Some(json!({
+            "cniVersion": LATEST_VERSION,
+            "supportedVersions": SUPPORTED_VERSIONS,
+        })));
+    }
+    if !matches!(
+        cni.command.as_str(),
+        "ADD" | "DEL" | "CHECK" | "STATUS" | "GC"
+    ) {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!(
+                "CNI_COMMAND {:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION",
+                cni.command
+            ),
+        ));
+    }
+    let conf = NetConf::parse(stdin)?;
+    logger::init(conf.log_level, conf.log_file.as_deref());
+    match cni.command.as_str() {
+        "ADD" => add(&cni, &conf).map(Some),
+        "DEL" => del(&cni, &conf).map(|()| None),
+        "CHECK" => check(&cni, &conf).map(|()| None),
+        // All our state lives in pod netns that the runtime owns: nothing node-wide to report
+        // or collect, and failing these would mark the whole network not ready (pitfall 10).
+        _ => Ok(None),
+    }
+}
+
+/// Policy + plan for this invocation (pure).
+fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
+    let policy = PodPolicy::from_annotations(&conf.annotations, &conf.defaults)?;
+    let ips = conf.pod_ips()?;
+    Ok(plan::build(&conf.plan, &policy, &ips))
+}
+
+fn require_prev(conf: &NetConf) -> Result<&Value, CniError> {
+    conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            "\"prevResult\" is missing: tproxy-cni is a chained plugin and must be listed after the cluster network's plugin in the conflist",
+        )
+    })
+}
+
+fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
+    let prev = require_prev(conf)?;
+    let plan = plan_for(conf)?;
+    if plan.is_empty() {
+        log::debug!("{}: mode none, nothing to program", cni.pod());
+    } else {
+        let path = std::path::Path::new(&cni.netns);
+        netns::run_in(path, || apply_plan(&plan))??;
+        log::info!("{}: programmed {}", cni.pod(), summary(&plan));
+    }
+    // Chained plugins hand prevResult on unchanged; only the version is the config's.
+    let mut out = prev.clone();
+    if let Some(o) = out.as_object_mut() {
+        o.insert("cniVersion".into(), Value::String(conf.cni_version.clone()));
+    }
+    Ok(out)
+}
+
+/// Table first (one atomic batch), then routing; if routing fails, the table goes too.
+fn apply_plan(plan: &Plan) -> Result<(), CniError> {
+    if let Some(t) = &plan.table {
+        nft::apply(t)?;
+    }
+    if let Err(e) = routing::apply(&plan.routing) {
+        if let Some(t) = &plan.table {
+            if let Err(undo) = nft::delete(&t.name) {
+                log::warn!("removing table {} after routing failed: {undo}", t.name);
+            }
+        }
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+fn summary(plan: &Plan) -> String {
+    let rules: usize = plan
+        .table
+        .iter()
+        .flat_map(|t| &t.chains)
+        .map(|c| c.rules.len())
+        .sum();
+    format!(
+        "table {} ({rules} rules), {} policy rules, {} routes, {} lo addresses",
+        plan.table.as_ref().map(|t| t.name.as_str()).unwrap_or("-"),
+        plan.routing.rules.len(),
+        plan.routing.local_routes.len(),
+        plan.routing.lo_addresses.len()
+    )
+}
+
+/// Everything DEL may remove: our table by name, our rules/routes for both families (their
+/// identity is mark + table + priority, so nothing else matches), and the lo addresses the
+/// pod's plan adds. Independent of the annotations, which DEL may not receive.
+fn owned_routing(conf: &NetConf, plan: Option<&Plan>) -> Routing {
+    let p = &conf.plan;
+    let mut r = Routing::default();
+    for family in [Family::V4, Family::V6] {
+        r.rules.push(FwmarkRule {
+            family,
+            mark: p.mark,
+            mask: u32::MAX,
+            table: p.route_table,
+            priority: p.rule_priority,
+        });
+        r.local_routes.push(LocalRoute {
+            family,
+            table: p.route_table,
+        });
+    }
+    if let Some(plan) = plan {
+        r.lo_addresses = plan.routing.lo_addresses.clone();
+    }
+    r
+}
+
+fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    if cni.netns.is_empty() {
+        log::debug!("{}: DEL without netns, nothing to remove", cni.pod());
+        return Ok(());
+    }
+    // Bad annotations must not block DEL (pitfall 9): fall back to what we own regardless.
+    let plan = match plan_for(conf) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            log::warn!("{}: DEL ignores {e}", cni.pod());
+            None
+        }
+    };
+    let owned = owned_routing(conf, plan.as_ref());
+    let table = conf.plan.table_name.clone();
+    let res = netns::run_in(
+        std::path::Path::new(&cni.netns),
+        || -> Result<(), CniError> {
+            // Teardown removes all it can and reports the first failure.
+            let t = nft::delete(&table).map(|_| ()).map_err(CniError::from);
+            let r = routing::delete(&owned).map_err(CniError::from);
+            t.and(r)
+        },
+    );
+    match res {
+        Ok(r) => r,
+        Err(NetnsError::Gone(_)) => Ok(()),
+        // A path whose namespace was already unmounted: nothing of ours can be left in it.
+        Err(NetnsError::Enter {
+            err: nix::Error::EINVAL,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn check(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    if !conf::version_has_check(&conf.cni_version) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, config has {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    require_prev(conf)?;
+    let plan = plan_for(conf)?;
+    let table_name = conf.plan.table_name.clone();
+    let diffs = netns::run_in(
+        std::path::Path::new(&cni.netns),
+        || -> Result<Vec<String>, CniError> {
+            let mut d = Vec::new();
+            match &plan.table {
+                Some(t) => {
+                    if let Err(v) = nft::check(t) {
+                        d.extend(v);
+                    }
+                }
+                None => {
+                    if nft::exists(&table_name)? {
+                        d.push(format!(
+                            "table inet {table_name} present but the pod's mode is none"
+                        ));
+                    }
+                }
+            }
+            d.extend(routing::check(&plan.routing)?);
+            Ok(d)
+        },
+    )??;
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(CniError::new(
+            code::CHECK_MISMATCH,
+            format!(
+                "{}: kernel state differs from the plan: {}",
+                cni.pod(),
+                diffs.join("; ")
+            ),
+        ))
+    }
+}

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: root gating, throwaway network namespaces, commands.
 #![allow(dead_code)]
 
+pub mod chain;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};

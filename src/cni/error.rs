@@ -1,0 +1,87 @@
+//! CNI error object and the one place where failures become CNI codes.
+
+use serde_json::{json, Value};
+
+/// Codes from the CNI spec (1-99 reserved) and ours (100+), all listed in the README.
+pub mod code {
+    /// Incompatible CNI version.
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    /// Unsupported field / operation for this version (CHECK before 0.4.0).
+    pub const UNSUPPORTED_FIELD: u32 = 2;
+    /// Invalid necessary environment variables.
+    pub const INVALID_ENV: u32 = 4;
+    /// I/O failure.
+    pub const IO: u32 = 5;
+    /// Failed to decode content (stdin is not JSON).
+    pub const DECODE: u32 = 6;
+    /// Invalid network config (also: invalid pod annotations, missing prevResult).
+    pub const INVALID_CONFIG: u32 = 7;
+    /// Ours: programming the kernel (nftables / rtnetlink / netns) failed; nothing was left.
+    pub const KERNEL: u32 = 100;
+    /// Ours: CHECK found the pod's kernel state differs from the plan.
+    pub const CHECK_MISMATCH: u32 = 101;
+}
+
+/// A CNI error: printed as the spec's JSON error object on stdout, exit code 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    pub fn new(code: u32, msg: impl Into<String>) -> CniError {
+        CniError {
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
+    }
+    pub fn with_details(mut self, details: impl Into<String>) -> CniError {
+        self.details = details.into();
+        self
+    }
+    /// The spec's error object (`cniVersion`, `code`, `msg`, `details`).
+    pub fn to_json(&self, cni_version: &str) -> Value {
+        let mut v = json!({ "cniVersion": cni_version, "code": self.code, "msg": self.msg });
+        if !self.details.is_empty() {
+            v["details"] = Value::String(self.details.clone());
+        }
+        v
+    }
+}
+
+impl std::fmt::Display for CniError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CNI error {}: {}", self.code, self.msg)?;
+        if !self.details.is_empty() {
+            write!(f, " ({})", self.details)?;
+        }
+        Ok(())
+    }
+}
+
+impl From<crate::annotations::PolicyError> for CniError {
+    fn from(e: crate::annotations::PolicyError) -> Self {
+        CniError::new(code::INVALID_CONFIG, format!("invalid pod {e}"))
+    }
+}
+
+impl From<crate::netns::NetnsError> for CniError {
+    fn from(e: crate::netns::NetnsError) -> Self {
+        CniError::new(code::KERNEL, e.to_string())
+    }
+}
+
+impl From<crate::routing::RoutingError> for CniError {
+    fn from(e: crate::routing::RoutingError) -> Self {
+        CniError::new(code::KERNEL, format!("policy routing: {e}"))
+    }
+}
+
+impl From<crate::nft::NftError> for CniError {
+    fn from(e: crate::nft::NftError) -> Self {
+        CniError::new(code::KERNEL, format!("nftables: {e}"))
+    }
+}

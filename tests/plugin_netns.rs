@@ -1,0 +1,407 @@
+//! tproxy-cni through the real chain (bridge + host-local + tproxy-cni) in fresh network
+//! namespaces: the kernel state after ADD, CHECK, DEL, bad input, concurrency.
+
+mod common;
+
+use common::chain::Node;
+use common::Netns;
+use nftables::schema::{NfListObject, NfObject, Nftables};
+use serde_json::{json, Value};
+
+/// Our table as the kernel lists it (`nft -j`), parsed with the `nftables` crate; `None` if absent.
+fn our_table(ns: &Netns) -> Option<Nftables<'static>> {
+    let out = ns.try_sh("nft -j list table inet tproxy_cni");
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let parsed: Nftables =
+        serde_json::from_str(Box::leak(text.into_boxed_str())).expect("nft -j parses");
+    Some(parsed)
+}
+
+/// (chain name, hook, priority, type) and the rule count per chain.
+fn chains(t: &Nftables) -> Vec<(String, String, i32, String, usize)> {
+    let mut out = Vec::new();
+    for o in t.objects.iter() {
+        if let NfObject::ListObject(NfListObject::Chain(c)) = o {
+            let rules = t
+                .objects
+                .iter()
+                .filter(|o| matches!(o, NfObject::ListObject(NfListObject::Rule(r)) if r.chain == c.name))
+                .count();
+            out.push((
+                c.name.to_string(),
+                c.hook
+                    .as_ref()
+                    .map(|h| format!("{h:?}").to_lowercase())
+                    .unwrap_or_default(),
+                c.prio.unwrap_or_default(),
+                c._type
+                    .as_ref()
+                    .map(|t| format!("{t:?}").to_lowercase())
+                    .unwrap_or_default(),
+                rules,
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn ip_json(ns: &Netns, args: &str) -> Vec<Value> {
+    let out = ns.try_sh(&format!("ip -j {args}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // `ip route show table N` fails when the kernel has no such table: that is "empty".
+    if !out.status.success() && stderr.contains("table does not exist") {
+        return Vec::new();
+    }
+    assert!(out.status.success(), "ip -j {args}: {stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(if text.trim().is_empty() { "[]" } else { &text })
+        .expect("ip -j JSON");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn our_rules(ns: &Netns, fam: &str) -> Vec<Value> {
+    ip_json(ns, &format!("{fam} rule show"))
+        .into_iter()
+        .filter(|r| r["priority"] == 29808)
+        .collect()
+}
+
+/// Asserts nothing of ours is left in the netns (table, rules, routes, ::6).
+fn assert_clean(ns: &Netns) {
+    assert!(
+        our_table(ns).is_none(),
+        "table left behind:\n{}",
+        ns.sh("nft list ruleset")
+    );
+    for fam in ["-4", "-6"] {
+        assert!(
+            our_rules(ns, fam).is_empty(),
+            "{fam} rule left: {}",
+            ns.sh(&format!("ip {fam} rule"))
+        );
+        assert!(
+            ip_json(ns, &format!("{fam} route show table 29808")).is_empty(),
+            "{fam} route left"
+        );
+    }
+    assert!(
+        !ns.sh("ip -6 addr show dev lo").contains("::6/128"),
+        "::6 left on lo"
+    );
+}
+
+#[test]
+fn tproxy_pod_add_check_del() {
+    require_root!();
+    let node = Node::new(json!({}));
+    // Another mesh's table in the pod must survive everything we do.
+    let pod = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("ADD");
+    assert!(
+        pod.ip(4).is_some() && pod.ip(6).is_some(),
+        "dual-stack pod: {}",
+        pod.result
+    );
+    // prevResult passes through: the bridge's interfaces and IPs are all there.
+    assert!(
+        pod.result["interfaces"].as_array().unwrap().len() >= 2,
+        "{}",
+        pod.result
+    );
+
+    let t = our_table(&pod.ns).expect("table inet tproxy_cni after ADD");
+    let c = chains(&t);
+    assert_eq!(
+        c,
+        vec![
+            ("output".into(), "output".into(), -150, "route".into(), 1),
+            (
+                "prerouting".into(),
+                "prerouting".into(),
+                -150,
+                "filter".into(),
+                7
+            ),
+        ],
+        "{}",
+        pod.ns.sh("nft list table inet tproxy_cni")
+    );
+    let text = pod.ns.sh("nft list table inet tproxy_cni");
+    for needle in [
+        "iifname \"lo\" meta mark 0x00007470 ct mark set 0x00007470",
+        "ct direction reply accept",
+        "tcp dport 15006 accept",
+        "tproxy to :15006 meta mark set 0x00007470 accept",
+        "ct mark 0x00007470 meta mark set ct mark",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
+    for fam in ["-4", "-6"] {
+        let rules = our_rules(&pod.ns, fam);
+        assert_eq!(rules.len(), 1, "{fam}: {rules:?}");
+        assert_eq!(rules[0]["fwmark"], "0x7470");
+        assert_eq!(rules[0]["table"], "29808");
+        let routes = ip_json(&pod.ns, &format!("{fam} route show table 29808"));
+        assert_eq!(routes.len(), 1, "{fam}: {routes:?}");
+        assert_eq!(
+            (routes[0]["type"].as_str(), routes[0]["dev"].as_str()),
+            (Some("local"), Some("lo"))
+        );
+    }
+
+    // CHECK passes, then notices a rule deleted behind our back, and a deleted policy rule.
+    node.check_pod(&pod).expect("CHECK on a fresh pod");
+    let listing = pod.ns.sh("nft -a list chain inet tproxy_cni prerouting");
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("ct direction reply"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .expect("rule handle")
+        .trim()
+        .to_string();
+    pod.ns.sh(&format!(
+        "nft delete rule inet tproxy_cni prerouting handle {handle}"
+    ));
+    let e = node
+        .check_pod(&pod)
+        .expect_err("CHECK must notice the deleted rule");
+    assert_eq!(e.plugin, "tproxy-cni");
+    assert_eq!(e.json()["code"], 101, "{}", e.stdout);
+    assert!(
+        e.json()["msg"].as_str().unwrap().contains("prerouting"),
+        "{}",
+        e.stdout
+    );
+    // ADD again repairs (idempotent, atomic replace) and CHECK is happy again.
+    node.exec(
+        &node.ours(),
+        "ADD",
+        &pod.ns.path().to_string_lossy(),
+        &pod.id,
+        &pod.annotations,
+        Some(&pod.result),
+    )
+    .expect("second ADD");
+    node.check_pod(&pod).expect("CHECK after repair");
+    assert_eq!(
+        chains(&our_table(&pod.ns).unwrap()),
+        c,
+        "second ADD leaves the same state"
+    );
+    pod.ns.sh("ip -6 rule del priority 29808");
+    let e = node
+        .check_pod(&pod)
+        .expect_err("CHECK must notice the missing IPv6 rule");
+    assert!(
+        e.json()["msg"].as_str().unwrap().contains("ipv6 rule"),
+        "{}",
+        e.stdout
+    );
+
+    // A foreign table survives our DEL; DEL twice succeeds; nothing of ours remains.
+    pod.ns.sh("nft add table inet other_mesh");
+    pod.ns.sh("nft add chain inet other_mesh prerouting '{ type filter hook prerouting priority mangle; }'");
+    node.del_pod(&pod).expect("DEL");
+    node.del_pod(&pod).expect("second DEL");
+    assert_clean(&pod.ns);
+    assert!(pod.ns.sh("nft list tables").contains("other_mesh"));
+}
+
+#[test]
+fn redirect_pod_gets_nat_chain_and_v6_loopback_source() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let pod = node
+        .add_pod(&[
+            ("sidecar.istio.io/interceptionMode", "REDIRECT"),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "10.96.0.0/12",
+            ),
+        ])
+        .expect("ADD");
+    let c = chains(&our_table(&pod.ns).expect("table"));
+    let names: Vec<&str> = c.iter().map(|x| x.0.as_str()).collect();
+    assert_eq!(names, vec!["output_nat", "prerouting_nat"], "{c:?}");
+    assert!(c.iter().all(|x| x.3 == "nat" && x.2 == -100), "{c:?}");
+    assert!(pod.ns.sh("ip -6 addr show dev lo").contains("::6/128"));
+    assert!(
+        our_rules(&pod.ns, "-4").is_empty(),
+        "redirect needs no policy routing"
+    );
+    node.check_pod(&pod).expect("CHECK");
+    node.del_pod(&pod).expect("DEL");
+    assert_clean(&pod.ns);
+}
+
+#[test]
+fn mode_none_programs_nothing() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let pod = node
+        .add_pod(&[("some.other/annotation", "x")])
+        .expect("ADD");
+    assert_clean(&pod.ns);
+    node.check_pod(&pod).expect("CHECK");
+    node.del_pod(&pod).expect("DEL");
+}
+
+#[test]
+fn bad_annotations_fail_add_and_leave_nothing() {
+    require_root!();
+    let node = Node::new(json!({"failClosed": true}));
+    for (k, v) in [
+        ("tproxy-cni.io/mode", "tproxyy"),
+        ("tproxy-cni.io/inbound-ports", "80,99999"),
+        (
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "10.0.0.0/99",
+        ),
+        ("traffic.kuma.io/exclude-inbound-ports", "ssh"),
+    ] {
+        let ann = [("tproxy-cni.io/mode", "tproxy"), (k, v)];
+        let ann: Vec<(&str, &str)> = if k == "tproxy-cni.io/mode" {
+            vec![(k, v)]
+        } else {
+            ann.to_vec()
+        };
+        let e = match node.add_pod(&ann) {
+            Ok(_) => panic!("{k}={v} must fail"),
+            Err(e) => e,
+        };
+        assert_eq!(e.plugin, "tproxy-cni");
+        let j = e.json();
+        assert_eq!(j["code"], 7, "{}", e.stdout);
+        let msg = j["msg"].as_str().unwrap();
+        assert!(msg.contains(k) && msg.contains(v), "{msg}");
+    }
+    // Each failed pod was rolled back; check a fresh one directly with the plugin alone.
+    let ns = Netns::new("pod");
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.88.9.9/16"}]});
+    let e = node
+        .exec(
+            &node.ours(),
+            "ADD",
+            &ns.path().to_string_lossy(),
+            "bad",
+            &json!({"tproxy-cni.io/fail-mode": "maybe", "tproxy-cni.io/mode": "tproxy"}),
+            Some(&prev),
+        )
+        .expect_err("bad fail-mode");
+    assert!(e.json()["msg"]
+        .as_str()
+        .unwrap()
+        .contains("tproxy-cni.io/fail-mode"));
+    assert_clean(&ns);
+}
+
+#[test]
+fn add_into_something_that_is_not_a_netns_fails_cleanly() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let file = node.dir.path().join("not-a-netns");
+    std::fs::write(&file, b"").unwrap();
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.88.9.9/16"}]});
+    let e = node
+        .exec(
+            &node.ours(),
+            "ADD",
+            &file.to_string_lossy(),
+            "x",
+            &json!({"tproxy-cni.io/mode": "tproxy"}),
+            Some(&prev),
+        )
+        .expect_err("ADD into a plain file");
+    assert_eq!(e.json()["code"], 100, "{}", e.stdout);
+    // DEL on the same path, and on a path that never existed, succeeds.
+    node.exec(
+        &node.ours(),
+        "DEL",
+        &file.to_string_lossy(),
+        "x",
+        &json!({}),
+        None,
+    )
+    .expect("DEL plain file");
+    node.exec(
+        &node.ours(),
+        "DEL",
+        "/var/run/netns/never-was",
+        "x",
+        &json!({}),
+        None,
+    )
+    .expect("DEL gone");
+    // No table appeared in the node's own netns either.
+    assert!(our_table(&node.ns).is_none());
+}
+
+#[test]
+fn fail_closed_adds_reject_after_capture() {
+    require_root!();
+    let node = Node::new(json!({"failClosed": true}));
+    let pod = node
+        .add_pod(&[
+            ("tproxy-cni.io/mode", "tproxy"),
+            ("tproxy-cni.io/inbound-ports", "8000"),
+        ])
+        .expect("ADD");
+    let text = pod.ns.sh("nft list chain inet tproxy_cni prerouting");
+    let tp = text
+        .find("tcp dport 8000 tproxy to :15006")
+        .expect("tproxy rule");
+    let rej = text
+        .find("tcp dport 8000 ct state new reject with tcp reset")
+        .expect("reject rule");
+    assert!(tp < rej, "{text}");
+    // Annotation overrides the conflist default.
+    let open = node
+        .add_pod(&[
+            ("tproxy-cni.io/mode", "tproxy"),
+            ("tproxy-cni.io/fail-mode", "open"),
+        ])
+        .expect("ADD");
+    assert!(!open
+        .ns
+        .sh("nft list table inet tproxy_cni")
+        .contains("reject"));
+    node.del_pod(&pod).unwrap();
+    node.del_pod(&open).unwrap();
+    assert_clean(&pod.ns);
+}
+
+#[test]
+fn twenty_pods_concurrently() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..20)
+            .map(|i| {
+                let node = &node;
+                s.spawn(move || {
+                    let mode = if i % 2 == 0 { "tproxy" } else { "redirect" };
+                    let pod = node
+                        .add_pod(&[("tproxy-cni.io/mode", mode)])
+                        .map_err(|e| format!("{e:?}"))?;
+                    if our_table(&pod.ns).is_none() {
+                        return Err(format!("pod {i}: no table after ADD"));
+                    }
+                    node.check_pod(&pod)
+                        .map_err(|e| format!("CHECK {i}: {e:?}"))?;
+                    node.del_pod(&pod).map_err(|e| format!("DEL {i}: {e:?}"))?;
+                    Ok::<Netns, String>(pod.ns)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    for r in results {
+        let ns = r.unwrap_or_else(|e| panic!("{e}"));
+        assert_clean(&ns);
+    }
+}
