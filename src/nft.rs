@@ -562,16 +562,30 @@ pub fn check(table: &Table) -> Result<(), Vec<String>> {
                     pos += off + 1;
                 }
                 None => {
-                    let same = have[pos..].iter().find(|k| k.comment == r.comment);
-                    match same {
-                        Some(k) => problems.push(format!(
-                            "chain {}: rule {} ({:?}) differs: want {}, kernel has {}",
-                            c.name,
-                            i + 1,
-                            r.comment,
-                            exprs_text(&want),
-                            exprs_text(&k.exprs)
-                        )),
+                    // A rule with the same comment is the planned rule, changed: report it
+                    // once as different (not also as extra) and continue after it.
+                    let same = have[pos..].iter().position(|k| k.comment == r.comment);
+                    match same.map(|o| (o, have[pos + o])) {
+                        Some((o, k)) => {
+                            for extra in &have[pos..pos + o] {
+                                problems.push(format!(
+                                    "chain {}: extra rule handle {} ({:?}) before rule {}",
+                                    c.name,
+                                    extra.handle,
+                                    extra.comment,
+                                    i + 1
+                                ));
+                            }
+                            pos += o + 1;
+                            problems.push(format!(
+                                "chain {}: rule {} ({:?}) differs: want {}, kernel has {}",
+                                c.name,
+                                i + 1,
+                                r.comment,
+                                exprs_text(&want),
+                                exprs_text(&k.exprs)
+                            ));
+                        }
                         None => problems.push(format!(
                             "chain {}: rule {} ({:?}) missing",
                             c.name,

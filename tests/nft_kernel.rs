@@ -366,6 +366,20 @@ fn check_detects_drift() {
         "{errs:?}"
     );
 
+    // A rule changed in place (same comment, other port) is reported once, as different.
+    apply_in(&ns, &t).unwrap();
+    let (h, _) = handles(&ns, "prerouting")[3].clone();
+    ns.sh(&format!(
+        "nft replace rule inet tproxy_cni prerouting handle {h} tcp dport 15022 accept comment '\"excluded port\"'"
+    ));
+    let errs = chk(&ns).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("chain prerouting: rule 4 (\"excluded port\") differs: want"),
+        "{errs:?}"
+    );
+    eprintln!("check message: {}", errs[0]);
+
     // A deleted chain.
     apply_in(&ns, &t).unwrap();
     ns.sh("nft delete chain inet tproxy_cni output");
@@ -415,6 +429,7 @@ fn rejected_batches_leave_nothing() {
     let mut bad = tproxy_table("tproxy_cni");
     bad.chains[0].rules[8].actions = vec![Action::Redirect { port: 15006 }];
     let e = apply_in(&ns, &bad).unwrap_err().to_string();
+    eprintln!("rejected batch error: {e}");
     assert!(e.contains("rule 9"), "{e}");
     assert!(e.contains("Operation not supported"), "{e}");
     assert!(!in_ns(&ns, || nft::exists("tproxy_cni")).unwrap());

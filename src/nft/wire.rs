@@ -256,6 +256,11 @@ impl Sock {
         // extended ACKs give the kernel's reason text when it has one.
         let _ = s.set_cap_ack(true);
         let _ = s.set_ext_ack(true);
+        // Dumps block for their replies; the kernel answers at once, so a long silence means
+        // something is badly wrong and an error beats hanging the CNI call.
+        let tv = nix::sys::time::TimeVal::new(5, 0);
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .map_err(io::Error::from)?;
         Ok(Sock { s })
     }
 
