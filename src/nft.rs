@@ -3,6 +3,16 @@
 //!
 //! Every call opens its own NETLINK_NETFILTER socket, so it acts on the netns of the calling
 //! thread (callers enter the pod netns on a short-lived thread first, pitfall 7).
+//!
+//! - `wire`: netlink framing and the socket. Hand-written, not `netlink-packet-netfilter`,
+//!   which lacks the ct/tproxy/reject/redir expressions (see its module comment).
+//! - `expr`: plan matches/actions -> register-level expressions, byte-equal to what `nft`
+//!   sends for the same rule text; decoding of the kernel's dump for `check`.
+//! - `render`: the canonical `nft -f` text.
+//!
+//! Cost (measured here): a batch into an absent table takes ~0.3 ms. Any call that deletes
+//! base chains (replace, `delete`) pays ~11 ms when its socket closes, because the kernel
+//! waits for the deferred destruction of the hooks (pitfall 6) - `nft` itself pays the same.
 
 mod expr;
 mod render;
