@@ -81,6 +81,13 @@ pub enum State {
     Blocked(String),
 }
 
+/// One attempt of a reconcile pass.
+enum Pass {
+    Done(State),
+    /// The primary changed under us (renamed, or rewritten between read and write); retry.
+    Raced(String),
+}
+
 /// Health file names inside `health_dir`.
 pub const READY_FILE: &str = "ready";
 pub const ALIVE_FILE: &str = "alive";
@@ -146,33 +153,37 @@ impl Installer {
     /// changes, re-reads the file right before writing so a concurrent rewrite by the primary
     /// CNI is never clobbered (it is retried instead).
     pub fn reconcile(&mut self) -> Result<State, InstallError> {
-        let mut state = self.reconcile_once()?;
-        // A primary rewriting under us: try again a few times, then wait for its next event.
-        for _ in 0..5 {
-            if !matches!(&state, State::Blocked(m) if m.contains("changed while")) {
-                break;
+        let mut attempt = 0;
+        let state = loop {
+            match self.reconcile_once()? {
+                Pass::Done(state) => break state,
+                // The primary CNI is writing right now: give it a moment, a few times, then
+                // leave it to the watch (its close/rename event brings us back).
+                Pass::Raced(msg) if attempt >= 5 => break State::Blocked(msg),
+                Pass::Raced(_) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
-            std::thread::sleep(Duration::from_millis(20));
-            state = self.reconcile_once()?;
-        }
+        };
         self.report(&state);
         self.update_ready(&state);
         Ok(state)
     }
 
-    fn reconcile_once(&self) -> Result<State, InstallError> {
+    fn reconcile_once(&self) -> Result<Pass, InstallError> {
         let dir = &self.opts.conf_dir;
         let names = self.config_names()?;
         let Some(primary) = conflist::select_primary(names.iter().map(String::as_str)) else {
-            return Ok(State::NoPrimary);
+            return Ok(Pass::Done(State::NoPrimary));
         };
         let path = dir.join(primary);
         let before = match std::fs::read(&path) {
             Ok(b) => b,
             // Renamed or deleted between readdir and read: the watch brings us back.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(State::Blocked(format!(
-                    "{} changed while reading",
+                return Ok(Pass::Raced(format!(
+                    "{} vanished while reading",
                     path.display()
                 )))
             }
@@ -181,20 +192,20 @@ impl Installer {
         let config = match conflist::parse(&before) {
             Ok(c) => c,
             Err(e) => {
-                return Ok(State::Blocked(format!(
+                return Ok(Pass::Done(State::Blocked(format!(
                     "{}: {e}; left untouched, retrying when it changes",
                     path.display()
-                )))
+                ))))
             }
         };
         let patched = match conflist::inject(&config, &self.entry) {
-            Ok(None) => return Ok(State::Ready(primary.to_string())),
+            Ok(None) => return Ok(Pass::Done(State::Ready(primary.to_string()))),
             Ok(Some(p)) => p,
             Err(e) => {
-                return Ok(State::Blocked(format!(
+                return Ok(Pass::Done(State::Blocked(format!(
                     "{}: {e}; left untouched, retrying when it changes",
                     path.display()
-                )))
+                ))))
             }
         };
         let target = conflist::target_name(primary, &config);
@@ -207,11 +218,11 @@ impl Installer {
                     .map(|c| conflist::contains_ours(&c))
                     .unwrap_or(false);
                 if !ours {
-                    return Ok(State::Blocked(format!(
+                    return Ok(Pass::Done(State::Blocked(format!(
                         "{}: converting it would overwrite {}, which is not ours; fix the conf dir",
                         path.display(),
                         target_path.display()
-                    )));
+                    ))));
                 }
             }
         }
@@ -219,8 +230,8 @@ impl Installer {
         match std::fs::read(&path) {
             Ok(now) if now == before => {}
             _ => {
-                return Ok(State::Blocked(format!(
-                    "{} changed while patching",
+                return Ok(Pass::Raced(format!(
+                    "{} kept changing while we patched it",
                     path.display()
                 )))
             }
@@ -238,7 +249,7 @@ impl Installer {
         } else {
             log::info!("added our entry to {}", path.display());
         }
-        Ok(State::Ready(target))
+        Ok(Pass::Done(State::Ready(target)))
     }
 
     fn report(&mut self, state: &State) {
@@ -503,7 +514,13 @@ pub fn probe(health_dir: &Path, what: &str, max_age: Duration) -> Result<(), Ins
         }
     };
     let path = health_dir.join(file);
-    let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
+    let meta = std::fs::metadata(&path).map_err(|e| {
+        InstallError::Usage(if e.kind() == std::io::ErrorKind::NotFound {
+            format!("not {what}: {} does not exist", path.display())
+        } else {
+            format!("{}: {e}", path.display())
+        })
+    })?;
     if what == "alive" {
         let age = meta
             .modified()

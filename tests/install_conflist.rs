@@ -264,7 +264,7 @@ fn primary_selection_like_runtimes() {
         "87-podman-bridge.conflist",
         "05-cilium.conflist",
         "00-multus.conf.bak",
-        ".05-tproxy-cni.tmp",
+        ".10-calico.conflist.1234.0.tmp",
         "200-loopback.conf",
     ];
     assert_eq!(

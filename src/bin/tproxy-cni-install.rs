@@ -3,9 +3,9 @@
 fn main() {
     let args = std::env::args().skip(1).collect();
     if let Err(e) = tproxy_cni::install::main_with(args) {
-        let e = anyhow::Error::from(e);
-        // The logger may not be up (usage errors), so print directly; probes rely on the exit code.
-        eprintln!("tproxy-cni-install: {e:#}");
+        // The logger may not be up (usage errors), so print directly; probes rely on the exit
+        // code. Each error's message already names its cause, so no source chain is appended.
+        eprintln!("tproxy-cni-install: {e}");
         std::process::exit(1);
     }
 }

@@ -34,13 +34,13 @@ pub enum ConflistError {
     Settings(String),
 }
 
-/// True for names a runtime would load as a network config.
+/// True for names a runtime would load as a network config: libcni matches the extension only
+/// (dot files included), so we do too; our temporary files end in `.tmp` for that reason.
 pub fn is_config_name(name: &str) -> bool {
-    !name.starts_with('.') && CONFIG_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
+    CONFIG_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
 }
 
 /// The primary config among a directory's file names: the lexically first config name.
-/// Dot files are skipped: that is where we (and most tools) keep temporary files.
 pub fn select_primary<'a, I>(names: I) -> Option<&'a str>
 where
     I: IntoIterator<Item = &'a str>,
@@ -256,10 +256,15 @@ mod tests {
             "99-x.conf",
             "10-b.conflist",
             "05-a.txt",
-            ".05-tmp.conflist",
+            ".05-x.conflist.tmp",
             "10-a.json",
         ];
         assert_eq!(select_primary(names.iter().copied()), Some("10-a.json"));
+        // Like libcni, a dot file with a config extension counts (and sorts first).
+        assert_eq!(
+            select_primary(["10-a.conf", ".hidden.conflist"].iter().copied()),
+            Some(".hidden.conflist")
+        );
         assert_eq!(select_primary(["README", "x.bak"].iter().copied()), None);
         // Byte order: upper case sorts before lower case, digits before letters.
         assert_eq!(
