@@ -131,6 +131,23 @@ impl Installer {
         Ok(())
     }
 
+    /// Copies back any binary that disappeared from the bin dir (k3s swaps its bin dir on
+    /// upgrade; node clean-up scripts wipe it). A `stat` per binary, so cheap on every pass.
+    pub fn restore_binaries(&self) -> Result<(), InstallError> {
+        for src in &self.opts.binaries {
+            let Some(name) = src.file_name() else {
+                continue;
+            };
+            let dest = self.opts.bin_dir.join(name);
+            if !dest.is_file() {
+                log::warn!("{} disappeared; installing it again", dest.display());
+                std::fs::create_dir_all(&self.opts.bin_dir).map_err(io_err(&self.opts.bin_dir))?;
+                files::copy_binary(src, &self.opts.bin_dir).map_err(io_err(src))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Names of the config files in the conf dir (regular files, UTF-8 names).
     fn config_names(&self) -> Result<Vec<String>, InstallError> {
         let dir = &self.opts.conf_dir;
@@ -466,6 +483,9 @@ impl Installer {
     /// A reconcile whose errors are logged, not fatal: the next event or resync retries.
     fn pass(&mut self) {
         self.touch_alive();
+        if let Err(e) = self.restore_binaries() {
+            log::error!("{e}");
+        }
         if let Err(e) = self.reconcile() {
             log::error!("{e}");
             self.last = None;

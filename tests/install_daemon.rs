@@ -72,9 +72,15 @@ impl Dirs {
 
     fn spawn(&self, extra: &[&str]) -> Daemon {
         let log = fs::File::create(&self.log).unwrap();
+        // A long resync unless the test asks otherwise: repairs must come from inotify.
+        let resync: &[&str] = if extra.iter().any(|a| a.starts_with("--resync")) {
+            &[]
+        } else {
+            &["--resync", "30"]
+        };
         let child = Command::new(BIN)
             .args(self.args())
-            .args(["--resync", "30"])
+            .args(resync)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -376,6 +382,27 @@ fn keep_on_exit_leaves_entry_and_binary() {
     assert!(d.bin.join("tproxy-cni").exists());
     // Not ready any more: the pod is going away.
     assert!(!d.ready());
+}
+
+#[test]
+fn deleted_binary_is_restored_on_resync() {
+    let d = dirs();
+    d.write_atomic("10-flannel.conflist", &fixture("flannel.before.conflist"));
+    let mut daemon = d.spawn(&["--resync", "1"]);
+    let bin = d.bin.join("tproxy-cni");
+    wait_for(Duration::from_secs(2), "binary", || bin.exists());
+    fs::remove_file(&bin).unwrap();
+    wait_for(Duration::from_secs(3), "binary restored", || bin.exists());
+    assert_eq!(fs::read(&bin).unwrap(), fs::read(&d.plugin).unwrap());
+    assert!(daemon.log().contains("disappeared"), "{}", daemon.log());
+    // The resync also refreshes the liveness file.
+    assert!(Command::new(BIN)
+        .args(["--probe", "alive", "--max-age", "2", "--health-dir"])
+        .arg(&d.health)
+        .status()
+        .unwrap()
+        .success());
+    assert!(daemon.term().success());
 }
 
 #[test]
