@@ -197,8 +197,8 @@ pub fn plugin_stdin(
             }
         }
     }
-    // A plugin never sees runtime keys it did not ask for, even ones set in its own conf.
-    out.remove("runtimeConfig");
+    // Like libcni: replaced only when some capability matched; a static `runtimeConfig` in the
+    // plugin's own conf survives otherwise.
     if !rc.is_empty() {
         out.insert("runtimeConfig".into(), Value::Object(rc));
     }
@@ -504,7 +504,7 @@ mod tests {
         assert_eq!(out["prevResult"], prev);
         assert_eq!(out["name"], "net");
         let out = plugin_stdin(&conf, &json!("net"), "1.0.0", &Map::new(), None);
-        assert!(out.get("runtimeConfig").is_none());
+        assert_eq!(out["runtimeConfig"], json!({"z": 1}));
         assert!(out.get("prevResult").is_none());
     }
 
