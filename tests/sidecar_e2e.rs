@@ -714,3 +714,124 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
         "{err}"
     );
 }
+
+#[test]
+fn half_close_from_app_idle_timeout_and_connection_limit() {
+    require_root!();
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let app = App::start_with(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT], &[9100]);
+    let sc = Sidecar::start(
+        &t.pod.name,
+        &[
+            "--mode",
+            "tproxy",
+            "--idle-timeout",
+            "500ms",
+            "--max-connections",
+            "2",
+        ],
+    );
+
+    // The app half-closes first; the client still sends 1 MiB, which must all arrive.
+    let sent = in_ns(&t.client.name, || -> io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&sa(POD_V4, 9100), Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut greeting = String::new();
+        s.read_to_string(&mut greeting)?; // returns at the app's FIN
+        s.write_all(&payload(1 << 20, 3))?;
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        Ok(greeting)
+    })
+    .expect("half-close from the app");
+    assert_eq!(sent, "hello\n");
+    let t0 = Instant::now();
+    while app.sunk.load(std::sync::atomic::Ordering::SeqCst) < 1 << 20
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(app.sunk.load(std::sync::atomic::Ordering::SeqCst), 1 << 20);
+
+    // Two idle connections fill the limit; a third waits in the accept queue until the idle
+    // timeout frees a slot, then is served.
+    let idle: Vec<TcpStream> = in_ns(&t.client.name, || {
+        (0..2)
+            .map(|_| {
+                let mut s = TcpStream::connect(sa(POD_V4, ECHO_PORT)).expect("idle conn");
+                s.set_read_timeout(Some(Duration::from_secs(5)))
+                    .expect("timeout");
+                let mut b = [0u8; 1];
+                s.write_all(b"x").expect("w");
+                s.read_exact(&mut b).expect("r");
+                s
+            })
+            .collect()
+    });
+    let t0 = Instant::now();
+    let third = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("third is served later");
+    let waited = t0.elapsed();
+    assert_eq!(third.origin, CLIENT_V4);
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "waited {waited:?}"
+    );
+    // The idle ones were cut with a reset and logged as SI.
+    for mut s in idle {
+        let mut b = [0u8; 1];
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let r = s.read(&mut b);
+        assert!(
+            matches!(r, Err(ref e) if e.kind() == ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+    }
+    let log = sc.wait_log(4, Duration::from_secs(5));
+    assert_eq!(
+        log.iter().filter(|e| e["response_flags"] == "SI").count(),
+        2,
+        "{log:?}"
+    );
+}
+
+/// `wrk` through the sidecar vs straight to the app (excluded port), same app, same run.
+/// Manual: `SIDECAR_BIN=target/release/tproxy-sidecar cargo test --release --test sidecar_e2e
+/// bench -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_wrk_direct_vs_sidecar() {
+    require_root!();
+    if common::try_sh("command -v wrk").stdout.is_empty() {
+        eprintln!("SKIP: wrk not installed");
+        return;
+    }
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let _app = App::start(&t.pod.name, &[HTTP_PORT, EXCLUDED_PORT], &[]);
+    let _sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
+    let run = |port: u16, extra: &str| {
+        let out = t.client.sh(&format!(
+            "wrk -t2 -c32 -d5s --latency {extra} http://{POD_V4}:{port}/ip"
+        ));
+        let rps = out
+            .lines()
+            .find(|l| l.starts_with("Requests/sec:"))
+            .unwrap_or("")
+            .to_string();
+        let p99 = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("99%"))
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        (rps, p99)
+    };
+    for (name, extra) in [("keep-alive", ""), ("close", "-H 'Connection: close'")] {
+        let direct = run(EXCLUDED_PORT, extra);
+        let proxied = run(HTTP_PORT, extra);
+        eprintln!("wrk {name}: direct {direct:?} | via sidecar {proxied:?}");
+    }
+}

@@ -84,9 +84,11 @@ impl Drop for OwnPortGuard {
     }
 }
 
-/// Accepts until `stop` turns true. A permit is taken *before* accepting: at the concurrency
-/// limit, new connections wait in the kernel's accept queue (and beyond its backlog, the
-/// client's SYN is retried) instead of being accepted and dropped.
+/// Accepts until `stop` turns true. At the concurrency limit (`--max-connections`) excess
+/// connections wait: the loop holds at most one accepted connection while it waits for a
+/// permit, and the rest stay in the kernel's accept queue (the handshake is already done, so
+/// clients just see a slow first byte; beyond the backlog, their SYNs are retried). A permit
+/// is taken only after accept, so idle listeners never hold capacity.
 pub async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -94,28 +96,29 @@ pub async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let permit = tokio::select! {
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = stop.wait_for(|v| *v) => return,
-        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.wait_for(|v| *v) => return,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(shared.clone(), stream, peer, role, permit));
-            }
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the connection stays
                 // queued in the kernel and is retried.
                 eprintln!("tproxy-sidecar: accept on {:?}: {e}", listener.local_addr());
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-        }
+        };
+        let permit = tokio::select! {
+            p = shared.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            // Draining: this one was never served; the client sees its connection close.
+            _ = stop.wait_for(|v| *v) => return,
+        };
+        tokio::spawn(handle(shared.clone(), stream, peer, role, permit));
     }
 }
 

@@ -158,37 +158,62 @@ pub fn program_rules(pod: &Netns, r: &Rules) {
     }
 }
 
-/// The app: HTTP `/ip` -> `{"origin":"IP","port":PORT}` (the peer it saw) and a byte echo.
+/// The app: HTTP `/ip` -> `{"origin":"IP","port":PORT}` (the peer it saw), a byte echo, and
+/// a "greeter" that sends `hello\n`, half-closes first, then counts what the client still sends.
 pub struct App {
     pub accepted: Arc<AtomicUsize>,
+    /// Bytes the greeter received after its own half-close.
+    pub sunk: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Http,
+    Echo,
+    Greeter,
 }
 
 impl App {
     pub fn start(ns: &str, http: &[u16], echo: &[u16]) -> App {
+        App::start_with(ns, http, echo, &[])
+    }
+
+    pub fn start_with(ns: &str, http: &[u16], echo: &[u16], greeter: &[u16]) -> App {
         let accepted = Arc::new(AtomicUsize::new(0));
-        let mut ports: Vec<(u16, bool)> = http.iter().map(|p| (*p, true)).collect();
-        ports.extend(echo.iter().map(|p| (*p, false)));
-        for (port, is_http) in ports {
+        let sunk = Arc::new(AtomicUsize::new(0));
+        let mut ports: Vec<(u16, Kind)> = http.iter().map(|p| (*p, Kind::Http)).collect();
+        ports.extend(echo.iter().map(|p| (*p, Kind::Echo)));
+        ports.extend(greeter.iter().map(|p| (*p, Kind::Greeter)));
+        for (port, kind) in ports {
             let l: TcpListener = in_ns(ns, move || {
                 TcpListener::bind(("::", port)).expect("app bind (dual-stack)")
             });
-            let acc = accepted.clone();
+            let (acc, sunk) = (accepted.clone(), sunk.clone());
             std::thread::spawn(move || {
                 for s in l.incoming() {
                     let Ok(s) = s else { continue };
                     acc.fetch_add(1, Ordering::SeqCst);
+                    let sunk = sunk.clone();
                     std::thread::spawn(move || {
-                        let _ = if is_http {
-                            serve_http(s)
-                        } else {
-                            serve_echo(s)
+                        let _ = match kind {
+                            Kind::Http => serve_http(s),
+                            Kind::Echo => serve_echo(s),
+                            Kind::Greeter => serve_greeter(s, &sunk),
                         };
                     });
                 }
             });
         }
-        App { accepted }
+        App { accepted, sunk }
     }
+}
+
+fn serve_greeter(mut s: TcpStream, sunk: &AtomicUsize) -> io::Result<()> {
+    s.write_all(b"hello\n")?;
+    s.shutdown(Shutdown::Write)?;
+    let n = io::copy(&mut s, &mut io::sink())?;
+    sunk.fetch_add(n as usize, Ordering::SeqCst);
+    Ok(())
 }
 
 fn serve_echo(mut s: TcpStream) -> io::Result<()> {
@@ -281,6 +306,11 @@ pub struct Sidecar {
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy-sidecar");
 
+/// The binary to run: `SIDECAR_BIN` (e.g. a release build for benchmarks) or the test build.
+pub fn bin() -> String {
+    std::env::var("SIDECAR_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
 impl Sidecar {
     /// Starts `tproxy-sidecar ARGS --access-log DIR/access.log` and waits for `/ready`.
     pub fn start(ns: &str, args: &[&str]) -> Sidecar {
@@ -298,7 +328,7 @@ impl Sidecar {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]);
         cmd.args(prefix.split_whitespace());
-        cmd.arg(BIN).args(args).arg("--access-log").arg(&log);
+        cmd.arg(bin()).args(args).arg("--access-log").arg(&log);
         cmd.stdin(Stdio::null())
             .stdout(File::create(dir.path().join("stdout")).expect("stdout file"))
             .stderr(File::create(dir.path().join("stderr")).expect("stderr file"));
