@@ -176,6 +176,8 @@ async fn serve(
     let health = Arc::new(admin::Health::default());
     let metrics = Arc::new(metrics::Metrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The admin port outlives the drain: liveness stays 200 and readiness says 503 meanwhile.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let (hard_tx, hard_rx) = watch::channel(false);
 
     // Admin first, so /healthz answers (and /ready says "starting") while listeners come up.
@@ -186,7 +188,7 @@ async fn serve(
             ls,
             health.clone(),
             metrics.clone(),
-            stop_rx.clone(),
+            admin_stop_rx,
         )));
     }
     let mut listeners = Vec::new();
@@ -246,6 +248,7 @@ async fn serve(
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
     }
+    let _ = admin_stop_tx.send(true);
     if let Some(t) = admin_task {
         let _ = t.await;
     }

@@ -653,12 +653,10 @@ fn drain_completes_in_flight_transfer() {
     });
     started_rx.recv().expect("transfer started");
     sc.term();
-    // While draining, readiness turns 503 (or the admin port is already closed).
+    // While draining: alive (liveness 200) but not ready (503).
     std::thread::sleep(Duration::from_millis(100));
-    assert_ne!(
-        admin_get(&t.pod.name, "/ready").map(|r| r.0).unwrap_or(0),
-        200
-    );
+    assert_eq!(admin_get(&t.pod.name, "/ready").expect("admin up").0, 503);
+    assert_eq!(admin_get(&t.pod.name, "/healthz").expect("admin up").0, 200);
     let (back, done) = client
         .join()
         .expect("client")
