@@ -135,4 +135,20 @@ fn installed_conflist_runs_and_pod_gets_rules() {
         "table {TABLE_NAME} still there after DEL"
     );
     assert!(!ns.try_sh("ip link show dev eth0").status.success());
+
+    // A pod without the annotation goes through the same chain and gets nothing of ours.
+    let plain = common::Netns::new("tpplain");
+    let inv = Invocation {
+        container_id: format!("chained-{}", plain.name),
+        netns: plain.path(),
+        runtime_config: Map::new(),
+        ..inv
+    };
+    let result = cnirun::add(&list, &inv).unwrap_or_else(|e| {
+        let _ = cnirun::del(&list, &inv, None);
+        panic!("chained ADD without annotation failed: {e}")
+    });
+    let listed = plain.try_sh(&table).status.success();
+    cnirun::del(&list, &inv, Some(&result)).unwrap();
+    assert!(!listed, "unannotated pod got table {TABLE_NAME}");
 }
