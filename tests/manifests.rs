@@ -285,6 +285,19 @@ fn configmap_settings_are_accepted_by_the_installer() {
     assert_eq!(entry["rulePriority"], c::RULE_PRIORITY);
     assert_eq!(entry["proxyUid"], c::PROXY_UID);
     assert_eq!(entry["failClosed"], false);
+
+    // And the plugin accepts the entry the installer builds from it, as a runtime would send it.
+    let mut stdin = entry.clone();
+    stdin.insert("name".into(), "k8s-pod-network".into());
+    stdin.insert("cniVersion".into(), "1.0.0".into());
+    stdin.insert(
+        "prevResult".into(),
+        serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}),
+    );
+    let bytes = serde_json::to_vec(&stdin).unwrap();
+    if let Err(e) = tproxy_cni::cni::conf::NetConf::parse(&bytes) {
+        panic!("the plugin rejects the ConfigMap's settings: {e:?}");
+    }
 }
 
 #[test]
