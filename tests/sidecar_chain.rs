@@ -1,0 +1,178 @@
+//! The sidecar behind the real chain: pods made by bridge + host-local + tproxy-cni from a
+//! conflist (`common::chain`), the sidecar started in `auto` mode from the same annotations
+//! (downward-API file), so plugin and sidecar follow one policy through one code path.
+
+mod common;
+mod sidecar_support;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::chain::{Node, Pod};
+use serde_json::json;
+use sidecar_support::*;
+
+/// The pod's annotations as the kubelet writes them for the downward API (`key="value"`).
+fn downward_api(pod_ann: &[(&str, &str)]) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().expect("tmp");
+    let text: String = pod_ann
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", serde_json::to_string(v).expect("quote")))
+        .collect();
+    std::fs::write(f.path(), text).expect("write annotations");
+    // Readable by a non-root sidecar too.
+    common::sh(&format!("chmod 0644 {}", f.path().display()));
+    f
+}
+
+fn ip(p: &Pod, fam: u8) -> String {
+    p.ip(fam).expect("pod address of that family")
+}
+
+/// `GET /ip`, retried briefly: a fresh bridge port may still be settling IPv6 neighbours.
+fn get_ip_retry(ns: &str, dst: SocketAddr) -> std::io::Result<IpReply> {
+    let mut last = None;
+    for _ in 0..3 {
+        match get_ip(ns, dst) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.kind() == ErrorKind::TimedOut || e.kind() == ErrorKind::WouldBlock => {
+                last = Some(e)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
+}
+
+fn log_ips(sc: &Sidecar, n: usize) -> Vec<(String, String, String)> {
+    sc.wait_log(n, Duration::from_secs(5))
+        .iter()
+        .map(|e| {
+            let ip = |k: &str| {
+                e[k].as_str()
+                    .and_then(|s| s.parse::<SocketAddr>().ok())
+                    .map(|a| a.ip().to_string())
+                    .unwrap_or_default()
+            };
+            (
+                ip("downstream_remote_address"),
+                ip("upstream_local_address"),
+                e["mode"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn chain_tproxy_real_client_ip_excluded_port_and_fail_closed() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let ann = [
+        ("tproxy-cni.io/mode", "tproxy"),
+        ("tproxy-cni.io/exclude-inbound-ports", "9001"),
+        ("tproxy-cni.io/fail-mode", "closed"),
+    ];
+    let server = node.add_pod(&ann).expect("server pod ADD");
+    let client = node.add_pod(&[]).expect("client pod ADD");
+    let _app = App::start(&server.ns.name, &[HTTP_PORT, EXCLUDED_PORT], &[]);
+    let file = downward_api(&ann);
+    let path = file.path().display().to_string();
+    let mut sc = Sidecar::start(
+        &server.ns.name,
+        &["--mode", "auto", "--annotations-file", &path],
+    );
+
+    let (c4, c6, s4, s6) = (
+        ip(&client, 4),
+        ip(&client, 6),
+        ip(&server, 4),
+        ip(&server, 6),
+    );
+    let r4 = get_ip_retry(&client.ns.name, sa(&s4, HTTP_PORT)).expect("v4 through the chain");
+    assert_eq!(r4.origin, c4, "the app sees the client pod's IPv4");
+    assert_ne!(r4.port, r4.local_port);
+    let r6 = get_ip_retry(&client.ns.name, sa(&s6, HTTP_PORT)).expect("v6 through the chain");
+    assert_eq!(r6.origin, c6, "the app sees the client pod's IPv6");
+    assert_eq!(
+        log_ips(&sc, 2),
+        vec![
+            (c4.clone(), c4.clone(), "tproxy".to_string()),
+            (c6.clone(), c6.clone(), "tproxy".to_string())
+        ]
+    );
+
+    // The annotation's excluded port reaches the app directly.
+    let ex = get_ip_retry(&client.ns.name, sa(&s4, EXCLUDED_PORT)).expect("excluded port");
+    assert_eq!((ex.origin.as_str(), ex.port), (c4.as_str(), ex.local_port));
+
+    // fail-mode closed: with the sidecar gone, new connections are refused.
+    sc.term();
+    assert!(sc.wait_exit(Duration::from_secs(5)).success());
+    let e = get_ip(&client.ns.name, sa(&s4, HTTP_PORT)).expect_err("fail-closed");
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+    node.del_pod(&server).expect("DEL");
+}
+
+#[test]
+fn chain_redirect_sees_127_0_0_6_and_tproxy_fails_open() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let client = node.add_pod(&[]).expect("client pod ADD");
+    let (c4, _) = (ip(&client, 4), ip(&client, 6));
+
+    // Istio's own annotation selects redirect: the app sees 127.0.0.6 / ::6.
+    let ann = [("sidecar.istio.io/interceptionMode", "REDIRECT")];
+    let server = node.add_pod(&ann).expect("redirect pod ADD");
+    let _app = App::start(&server.ns.name, &[HTTP_PORT], &[]);
+    let file = downward_api(&ann);
+    let path = file.path().display().to_string();
+    let sc = Sidecar::start(
+        &server.ns.name,
+        &["--mode", "auto", "--annotations-file", &path],
+    );
+    let r4 = get_ip_retry(&client.ns.name, sa(&ip(&server, 4), HTTP_PORT)).expect("v4");
+    assert_eq!(r4.origin, "127.0.0.6");
+    let r6 = get_ip_retry(&client.ns.name, sa(&ip(&server, 6), HTTP_PORT)).expect("v6");
+    assert_eq!(r6.origin, "::6");
+    let log = log_ips(&sc, 2);
+    assert_eq!(log[0], (c4.clone(), "127.0.0.6".into(), "redirect".into()));
+    assert_eq!(log[1].1, "::6");
+
+    // A tproxy pod with the default fail-open: without the sidecar the app is reached directly.
+    let ann = [("tproxy-cni.io/mode", "tproxy")];
+    let open = node.add_pod(&ann).expect("tproxy pod ADD");
+    let _app2 = App::start(&open.ns.name, &[HTTP_PORT], &[]);
+    let r = get_ip_retry(&client.ns.name, sa(&ip(&open, 4), HTTP_PORT)).expect("fail-open");
+    assert_eq!((r.origin.as_str(), r.port), (c4.as_str(), r.local_port));
+}
+
+#[test]
+fn chain_outbound_capture_passes_through_as_proxy_uid() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let remote = node.add_pod(&[]).expect("remote pod ADD");
+    let _remote_app = App::start(&remote.ns.name, &[7000], &[]);
+    let ann = [
+        ("tproxy-cni.io/mode", "tproxy"),
+        ("tproxy-cni.io/include-outbound-ip-ranges", "*"),
+    ];
+    let pod = node.add_pod(&ann).expect("pod ADD");
+    let file = downward_api(&ann);
+    let path = file.path().display().to_string();
+    let sc = Sidecar::spawn(
+        &pod.ns.name,
+        "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all,+net_raw \
+         --ambient-caps=+net_raw --bounding-set=-all,+net_raw",
+        &["--mode", "auto", "--annotations-file", &path],
+    );
+    sc.wait_ready();
+    let (p4, p6) = (ip(&pod, 4), ip(&pod, 6));
+    let r4 = get_ip_retry(&pod.ns.name, sa(&ip(&remote, 4), 7000)).expect("egress v4");
+    assert_eq!(r4.origin, p4);
+    let r6 = get_ip_retry(&pod.ns.name, sa(&ip(&remote, 6), 7000)).expect("egress v6");
+    assert_eq!(r6.origin, p6);
+    let log = log_ips(&sc, 2);
+    assert_eq!(log.len(), 2, "both captured: {log:?}");
+    assert!(log.iter().all(|(_, _, m)| m == "outbound"), "{log:?}");
+}
