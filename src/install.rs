@@ -6,8 +6,9 @@
 //! - `logger`: stderr logger.
 //!
 //! The daemon loop is event-driven: inotify on the conf dir plus a self-pipe for SIGTERM/SIGINT,
-//! both in one `poll(2)`. A periodic resync (default 10 s) only refreshes the liveness file and
-//! catches anything inotify cannot see (e.g. a conf dir replaced by a bind mount).
+//! both in one `poll(2)`. A periodic resync (default 10 s) refreshes the liveness file, copies
+//! back a binary that vanished from the bin dir (not watched) and catches anything inotify
+//! cannot see (e.g. a conf dir deleted and re-created, or replaced by a bind mount).
 
 pub mod cli;
 pub mod conflist;
@@ -570,8 +571,16 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
             what,
             max_age,
         } => probe(&health_dir, &what, max_age),
-        cli::Command::Run { opts, mode, level } => {
+        cli::Command::Run {
+            mut opts,
+            mode,
+            level,
+        } => {
             logger::init(level);
+            if mode == cli::Mode::Once {
+                // Nothing probes a one-shot run, and its health dir may not exist on a host.
+                opts.health_dir = None;
+            }
             let mut installer = Installer::new(opts)?;
             match mode {
                 cli::Mode::Daemon => installer.run(),
