@@ -281,3 +281,26 @@ fn primary_selection_like_runtimes() {
         None
     );
 }
+
+#[test]
+fn truncated_and_mangled_fixtures_never_panic() {
+    let entry = conflist::entry(&Value::Null).unwrap();
+    for (name, _, bytes, _) in fixtures() {
+        for cut in 0..bytes.len() {
+            let mut variants = vec![bytes[..cut].to_vec()];
+            // And one byte replaced by a structural character.
+            let mut m = bytes.clone();
+            let structural = b"{}[]\":,0";
+            m[cut] = structural[cut % structural.len()];
+            variants.push(m);
+            for v in variants {
+                if let Ok(c) = conflist::parse(&v) {
+                    let _ = conflist::inject(&c, &entry);
+                    let _ = conflist::remove(&c);
+                    let _ = conflist::to_list(&c);
+                    let _ = conflist::target_name(&name, &c);
+                }
+            }
+        }
+    }
+}

@@ -420,6 +420,19 @@ fn lone_conf_is_converted_without_clobbering() {
         fs::read(d.conf.join("10-bridge.conflist")).unwrap(),
         fixture("lone.after.conflist")
     );
+    // The primary writes its .conf again: our earlier .conflist (it holds our entry) is replaced.
+    d.write_atomic("10-bridge.conf", &fixture("lone.before.conf"));
+    let out = d.run(&["--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.names(), ["10-bridge.conflist"]);
+    assert_eq!(
+        fs::read(d.conf.join("10-bridge.conflist")).unwrap(),
+        fixture("lone.after.conflist")
+    );
 
     // A foreign 20-x.conflist next to a lone 20-x.conf (and nothing earlier): never overwritten.
     let d = dirs();
