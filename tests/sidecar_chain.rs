@@ -176,3 +176,24 @@ fn chain_outbound_capture_passes_through_as_proxy_uid() {
     assert_eq!(log.len(), 2, "both captured: {log:?}");
     assert!(log.iter().all(|(_, _, m)| m == "outbound"), "{log:?}");
 }
+
+#[test]
+fn chain_churn_10k_all_proxied_none_stalls() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let ann = [("tproxy-cni.io/mode", "tproxy")];
+    let server = node.add_pod(&ann).expect("server pod ADD");
+    let client = node.add_pod(&[]).expect("client pod ADD");
+    let app = App::start(&server.ns.name, &[HTTP_PORT], &[]);
+    let sc = Sidecar::start(
+        &server.ns.name,
+        &["--mode", "tproxy", "--upstream-ports", CHURN_UPSTREAM_PORTS],
+    );
+    churn_check(
+        &client.ns.name,
+        &ip(&client, 4),
+        sa(&ip(&server, 4), HTTP_PORT),
+        &sc,
+        &app,
+    );
+}

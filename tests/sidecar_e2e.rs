@@ -413,154 +413,35 @@ fn two_thousand_connections_checksummed_no_fd_growth_small_rss() {
     );
 }
 
-/// One short `Connection: close` request from an optionally fixed source port; returns the
-/// round-trip time. `Err` on anything unexpected (not proxied, wrong origin, I/O error).
-fn short_request(dst: SocketAddr, src_port: Option<u16>, client_ip: &str) -> io::Result<Duration> {
-    let t0 = Instant::now();
-    let s = match src_port {
-        None => TcpStream::connect_timeout(&dst, Duration::from_secs(5))?,
-        Some(p) => {
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(dst),
-                socket2::Type::STREAM,
-                None,
-            )?;
-            // Reusing a port whose previous connection lingers on the *sidecar* side is the
-            // point (pitfalls 11 and 12).
-            sock.set_reuse_address(true)?;
-            sock.bind(&SocketAddr::new(client_ip.parse().map_err(io::Error::other)?, p).into())?;
-            sock.connect_timeout(&dst.into(), Duration::from_secs(5))?;
-            sock.into()
-        }
-    };
-    let r = get_ip_on(s)?;
-    if r.origin != client_ip || r.port == r.local_port {
-        return Err(io::Error::other(format!("not proxied: {r:?}")));
-    }
-    Ok(t0.elapsed())
-}
-
 #[test]
 fn churn_10k_short_connections_all_proxied_none_stalls() {
     require_root!();
     let t = Topo::new();
     program_rules(&t.pod, &Rules::default());
     let app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
-    // A narrow upstream range that the cursor sweeps twice during the run, with a fixed set of
-    // explicit client ports (odd and even) inside it: only the port book keeps the two apart.
     let sc = Sidecar::start(
         &t.pod.name,
-        &["--mode", "tproxy", "--upstream-ports", "20001-29999"],
+        &["--mode", "tproxy", "--upstream-ports", CHURN_UPSTREAM_PORTS],
     );
-    const THREADS: usize = 8;
-    const PER_THREAD: usize = 1250;
-    const FIXED_BASE: u16 = 20001;
-    const FIXED_PER_THREAD: u16 = 8;
-    let dst = sa(POD_V4, HTTP_PORT);
-    // Warm-up: each fixed port once, one at a time (nothing else is live then).
-    let fixed_total = THREADS as u16 * FIXED_PER_THREAD;
-    in_ns(&t.client.name, move || {
-        for p in FIXED_BASE..FIXED_BASE + fixed_total {
-            short_request(dst, Some(p), CLIENT_V4).expect("warm-up");
-        }
-    });
+    churn_check(&t.client.name, CLIENT_V4, sa(POD_V4, HTTP_PORT), &sc, &app);
+}
 
-    let handles: Vec<_> = (0..THREADS)
-        .map(|th| {
-            spawn_in_ns(&t.client.name, move || {
-                let mut worst = Duration::ZERO;
-                let mut errors = Vec::new();
-                let mut done = 0usize;
-                let first = FIXED_BASE + th as u16 * FIXED_PER_THREAD;
-                for i in 0..PER_THREAD {
-                    // A third kernel-chosen (even) ports, two thirds the thread's fixed ports,
-                    // odd and even alternately.
-                    let src = match i % 3 {
-                        0 => None,
-                        _ => Some(first + (i as u16 % FIXED_PER_THREAD)),
-                    };
-                    let mut attempt = 0;
-                    loop {
-                        match short_request(dst, src, CLIENT_V4) {
-                            Ok(d) => {
-                                worst = worst.max(d);
-                                done += 1;
-                                break;
-                            }
-                            // The client's own socket on that port may still be closing.
-                            Err(e)
-                                if attempt < 20
-                                    && matches!(
-                                        e.raw_os_error(),
-                                        Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL)
-                                    ) =>
-                            {
-                                attempt += 1;
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                            Err(e) => {
-                                errors.push(format!("{src:?}: {e}"));
-                                break;
-                            }
-                        }
-                    }
-                }
-                (done, worst, errors)
-            })
-        })
-        .collect();
-    let mut total = 0;
-    let mut worst = Duration::ZERO;
-    let mut errors = Vec::new();
-    for h in handles {
-        let (d, w, e) = h.join().expect("client thread");
-        total += d;
-        worst = worst.max(w);
-        errors.extend(e);
+/// Keep-alive `GET /ip` on an open connection: the upstream port the app saw.
+fn upstream_port_keepalive(s: &mut TcpStream) -> io::Result<u16> {
+    s.write_all(b"GET /ip HTTP/1.1\r\nHost: app\r\n\r\n")?;
+    let mut got = Vec::new();
+    let mut b = [0u8; 512];
+    while !got.ends_with(b"}\n") {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            return Err(io::Error::other("closed"));
+        }
+        got.extend_from_slice(&b[..n]);
     }
-    let expected = THREADS * PER_THREAD + usize::from(fixed_total);
-    let log = sc.wait_log(expected, Duration::from_secs(20));
-    let max_connect = log
-        .iter()
-        .filter_map(|e| e["upstream_connect_ms"].as_f64())
-        .fold(0.0f64, f64::max);
-    let clashes = log
-        .iter()
-        .filter(|e| {
-            let up = addr_port(&e["upstream_local_address"]);
-            (FIXED_BASE..FIXED_BASE + fixed_total).contains(&up)
-        })
-        .count();
-    eprintln!(
-        "churn: {total} ok, {} errors, worst round trip {worst:?}, max upstream connect {max_connect:.2} ms, app accepted {}, log lines {}",
-        errors.len(),
-        app.accepted.load(std::sync::atomic::Ordering::SeqCst),
-        log.len()
-    );
-    assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(10)]);
-    assert_eq!(total, THREADS * PER_THREAD);
-    assert_eq!(
-        log.len(),
-        expected,
-        "every connection went through the sidecar"
-    );
-    assert_eq!(
-        app.accepted.load(std::sync::atomic::Ordering::SeqCst),
-        expected,
-        "the app saw no connection that bypassed the sidecar"
-    );
-    assert_eq!(
-        clashes, 0,
-        "an upstream reused a live/lingering client port"
-    );
-    assert!(
-        max_connect < 100.0,
-        "slowest upstream connect {max_connect} ms"
-    );
-    assert!(
-        worst < Duration::from_millis(1000),
-        "a request stalled: {worst:?}"
-    );
+    let text = String::from_utf8_lossy(&got);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(body.trim()).map_err(io::Error::other)?;
+    Ok(v["port"].as_u64().unwrap_or(0) as u16)
 }
 
 #[test]
@@ -569,37 +450,58 @@ fn port_book_keeps_upstreams_off_live_client_ports() {
     let t = Topo::new();
     program_rules(&t.pod, &Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT]);
-    // Five odd ports; the client holds three of them open to the same destination.
+    // Eight odd ports. The client holds three of them open to the same destination; each one
+    // is picked among ports no live upstream of the sidecar uses (a *future* client port equal
+    // to a live upstream is the inherent clash no proxy can see; see the report).
     let sc = Sidecar::start(
         &t.pod.name,
-        &["--mode", "tproxy", "--upstream-ports", "41001-41009"],
+        &["--mode", "tproxy", "--upstream-ports", "41001-41015"],
     );
     let dst = sa(POD_V4, HTTP_PORT);
-    let held = in_ns(&t.client.name, move || {
-        [41001u16, 41003, 41005]
-            .iter()
-            .map(|p| {
-                let sock =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                sock.bind(&sa(CLIENT_V4, *p).into())?;
-                sock.connect_timeout(&dst.into(), Duration::from_secs(3))?;
-                Ok(TcpStream::from(sock))
-            })
-            .collect::<io::Result<Vec<_>>>()
+    let (held, client_ports) = in_ns(&t.client.name, move || -> io::Result<_> {
+        let mut held = Vec::new();
+        let mut used = std::collections::BTreeSet::new();
+        let mut mine = Vec::new();
+        for _ in 0..3 {
+            let p = (41001u16..=41015)
+                .step_by(2)
+                .find(|p| !used.contains(p))
+                .ok_or_else(|| io::Error::other("range exhausted"))?;
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            sock.bind(&sa(CLIENT_V4, p).into())?;
+            sock.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+            let mut s = TcpStream::from(sock);
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let up = upstream_port_keepalive(&mut s)?;
+            used.insert(p);
+            used.insert(up);
+            mine.push(p);
+            held.push(s);
+        }
+        Ok((held, mine))
     })
     .expect("hold client ports");
     for _ in 0..6 {
         let t0 = Instant::now();
         let r = get_ip(&t.client.name, dst).expect("proxied");
         assert!(t0.elapsed() < Duration::from_millis(500), "stalled");
-        assert!([41007, 41009].contains(&r.port), "upstream port {}", r.port);
+        assert!(
+            !client_ports.contains(&r.port),
+            "upstream took live client port {}",
+            r.port
+        );
+        assert!((41001..=41015).contains(&r.port) && r.port % 2 == 1);
     }
     // Closed client ports linger (conntrack TIME_WAIT): still avoided.
     drop(held);
     std::thread::sleep(Duration::from_millis(100));
     for _ in 0..4 {
         let r = get_ip(&t.client.name, dst).expect("proxied");
-        assert!([41007, 41009].contains(&r.port), "upstream port {}", r.port);
+        assert!(
+            !client_ports.contains(&r.port),
+            "upstream took lingering port {}",
+            r.port
+        );
     }
     // Other destinations are other tuples: the whole range is usable there.
     let mut echo_ports = std::collections::BTreeSet::new();
@@ -609,7 +511,7 @@ fn port_book_keeps_upstreams_off_live_client_ports() {
             echo_roundtrip(s, Arc::new(b"x".to_vec())).expect("echo")
         });
     }
-    for e in sc.wait_log(15, Duration::from_secs(5)) {
+    for e in sc.wait_log(18, Duration::from_secs(5)) {
         if e["upstream_host"] == sa(POD_V4, ECHO_PORT).to_string() {
             echo_ports.insert(addr_port(&e["upstream_local_address"]));
         }
