@@ -710,8 +710,8 @@ fn bench_wrk_direct_vs_sidecar() {
     }
     let t = Topo::new();
     program_rules(&t.pod, &Rules::default());
-    let _app = App::start(&t.pod.name, &[HTTP_PORT, EXCLUDED_PORT], &[]);
-    let _sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
+    let app = App::start_with(&t.pod.name, &[HTTP_PORT, EXCLUDED_PORT], &[], &[9100]);
+    let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
     let run = |port: u16, extra: &str| {
         let out = t.client.sh(&format!(
             "wrk -t2 -c32 -d5s --latency {extra} http://{POD_V4}:{port}/ip"
@@ -734,4 +734,34 @@ fn bench_wrk_direct_vs_sidecar() {
         let proxied = run(HTTP_PORT, extra);
         eprintln!("wrk {name}: direct {direct:?} | via sidecar {proxied:?}");
     }
+    // One bulk stream into the greeter (a sink after its greeting): through the sidecar, then
+    // directly (sidecar stopped: TPROXY fails open to the app).
+    let bulk = |label: &str| {
+        const LEN: usize = 2 << 30;
+        let before = app.sunk.load(std::sync::atomic::Ordering::SeqCst);
+        let t0 = Instant::now();
+        in_ns(&t.client.name, || -> io::Result<()> {
+            let mut s = TcpStream::connect(sa(POD_V4, 9100))?;
+            let mut g = [0u8; 6];
+            s.read_exact(&mut g)?;
+            let chunk = vec![0x5au8; 1 << 20];
+            for _ in 0..LEN / chunk.len() {
+                s.write_all(&chunk)?;
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest)?;
+            Ok(())
+        })
+        .expect("bulk");
+        while app.sunk.load(std::sync::atomic::Ordering::SeqCst) < before + LEN {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!("bulk {label}: {:.2} Gbit/s", (LEN * 8) as f64 / secs / 1e9);
+    };
+    bulk("via sidecar");
+    sc.term();
+    let _ = sc.wait_exit(Duration::from_secs(5));
+    bulk("direct");
 }
