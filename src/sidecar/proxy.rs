@@ -188,12 +188,16 @@ async fn serve(
     };
     if role == Role::Outbound && shared.outbound_ports.contains(c.client.0) {
         // Our own upstream came back through the capture: the plugin exempts the proxy by uid
-        // (and, in redirect mode, by mark); we run as neither.
-        eprintln!(
-            "tproxy-sidecar: outbound loop from {}: run the sidecar as the proxy uid (1337) \
+        // (and, in redirect mode, by mark); we run as neither. Said once; the access log has
+        // every occurrence (NR).
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "tproxy-sidecar: outbound loop from {}: run the sidecar as the proxy uid (1337) \
              that the plugin exempts from outbound capture",
-            c.client
-        );
+                c.client
+            );
+        }
         sockopt::reset_on_close(down);
         return ((0, 0), EndReason::NoRoute);
     }
@@ -222,12 +226,14 @@ async fn serve(
     )
     .await;
     let dir = role.direction();
-    let up = match dialed {
-        Ok(Ok((up, local, _own))) => {
+    // `_own_port` keeps an outbound upstream's port registered for loop detection until the
+    // relay is over.
+    let (up, _own_port) = match dialed {
+        Ok(Ok((up, local, own))) => {
             shared.metrics.connect_latency(dir, t.elapsed());
             c.connect_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
             c.upstream_local = Some(local);
-            (up, _own)
+            (up, own)
         }
         Ok(Err(_)) | Err(_) => {
             shared.metrics.connect_failed(dir);
@@ -244,7 +250,7 @@ async fn serve(
     };
     let o = relay::relay(
         down,
-        &up.0,
+        &up,
         shared.cfg.pipe_size,
         shared.cfg.idle_timeout,
         shared.hard_stop.clone(),
