@@ -613,6 +613,29 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
         err.contains("NET_RAW") && err.contains("securityContext.capabilities.add"),
         "{err}"
     );
+
+    // Redirect mode needs no capability at all (like a stock mesh sidecar): it starts without
+    // SO_MARK and the app sees 127.0.0.6.
+    program_rules(
+        &t.pod,
+        &Rules {
+            redirect: true,
+            ..Rules::default()
+        },
+    );
+    let plain = Sidecar::spawn(
+        &t.pod.name,
+        "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all --bounding-set=-all",
+        &["--mode", "redirect"],
+    );
+    plain.wait_ready();
+    let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("redirect without caps");
+    assert_eq!(r.origin, "127.0.0.6");
+    assert!(
+        plain.stderr().contains("SO_MARK unavailable"),
+        "{}",
+        plain.stderr()
+    );
 }
 
 #[test]
