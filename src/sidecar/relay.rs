@@ -187,3 +187,76 @@ impl Activity {
         self.t0 + Duration::from_millis(self.ms.load(Relaxed))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected loopback pair: (connecting side, accepted side).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
+        (c.unwrap(), s.unwrap().0)
+    }
+
+    /// client <-> [down | relay | up] <-> app
+    async fn setup(idle: Duration) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
+        let (client, down) = pair().await;
+        let (up, app) = pair().await;
+        let (tx, rx) = watch::channel(false);
+        let h = tokio::spawn(async move {
+            let _keep = tx;
+            relay(&down, &up, 4096, idle, rx).await
+        });
+        (client, app, h)
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_and_passes_half_close_on() {
+        let (mut client, mut app, h) = setup(Duration::from_secs(5)).await;
+        // More than the pipe holds, to exercise the refill loop.
+        let big = vec![7u8; 300_000];
+        client.write_all(&big).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, big);
+        // The app can still answer after the client's half-close.
+        app.write_all(b"pong!").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"pong!");
+        let o = h.await.unwrap();
+        assert_eq!((o.from_downstream, o.to_downstream), (300_000, 5));
+        assert_eq!(o.end, EndReason::Normal);
+    }
+
+    #[tokio::test]
+    async fn upstream_reset_reaches_the_client_as_a_reset() {
+        let (mut client, app, h) = setup(Duration::from_secs(5)).await;
+        sockopt::reset_on_close(&app);
+        drop(app);
+        let mut b = [0u8; 8];
+        let r = client.read(&mut b).await;
+        assert!(
+            matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{r:?}"
+        );
+        assert_eq!(h.await.unwrap().end, EndReason::UpstreamTermination);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_cut() {
+        let (mut client, _app, h) = setup(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let mut b = [0u8; 8];
+        let r = client.read(&mut b).await;
+        assert!(r.is_err(), "{r:?}");
+        assert!(t.elapsed() >= Duration::from_millis(90));
+        assert_eq!(h.await.unwrap().end, EndReason::IdleTimeout);
+    }
+}
