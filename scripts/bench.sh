@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# The benchmark of issue 5, in one command: the data path (direct, tproxy-sidecar in tproxy and
+# redirect mode, HAProxy and nginx as transparent proxies) and the plugin at scale.
+#
+#   sudo ./scripts/bench.sh            # full run, < 15 min
+#   sudo ./scripts/bench.sh --quick    # < 2 min (after the first build); asserts correctness
+#
+# It installs wrk, haproxy and nginx, builds the release binaries, makes a client netns and a pod
+# netns joined by a veth (10.77.0.1 <-> 10.77.0.2, addresses only inside those namespaces), and
+# runs every row interleaved over several repetitions. It prints the table (medians, ratio to
+# `direct` from the same run) and exits non-zero when a correctness check fails: the app saw the
+# client's real address (127.0.0.6 in redirect mode) and no connection bypassed the proxy.
+# Everything it creates is removed on exit, Ctrl-C included. Results stay in
+# ${CARGO_TARGET_DIR:-target}/bench/.
+#
+# Knobs for development (environment): BENCH_ROWS="direct haproxy" runs a subset;
+# BENCH_SKIP_PLUGIN=1 skips the plugin benchmark; BENCH_SKIP_BUILD=1 uses the built binaries;
+# BENCH_RULES=nft applies the pod's ruleset with `nft -f` instead of the plugin (only to develop
+# the harness while the plugin is unfinished: real figures come from the plugin's own rules).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "bench: $*" >&2; exit 1; }
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+QUICK=0
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+done
+[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, nftables); run with sudo"
+
+if ((QUICK)); then
+  REPS=2 DUR=2 DUR1=1 BULK_MIB=256 PLUGIN_ARGS=(--quick)
+else
+  REPS=5 DUR=5 DUR1=3 BULK_MIB=1024 PLUGIN_ARGS=()
+fi
+HOLD_N=1000 PROBE_N=200 PROBE_S=5
+ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect haproxy nginx})
+
+# Fixed numbers, the same as src/consts.rs (the harness reads no Rust).
+MARK=0x7470 INBOUND_PORT=15006 APP_PORT=8080
+CLIENT_IP=10.77.0.1 POD_IP=10.77.0.2
+SIDECAR_UID=1337 HAPROXY_UID=1338 NGINX_UID=1339
+
+TGT=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TGT/release
+OUT=$TGT/bench
+RUN=$(mktemp -d /tmp/tpbench.XXXXXX)
+C=tpb-c-$$ P=tpb-p-$$
+RESULTS=$RUN/results.tsv
+PROXY_PID=
+APP_PID=
+CNI_MODE=
+
+# ---------------------------------------------------------------------------------- cleanup
+stop_pid() {
+  local pid=$1
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_pid "$PROXY_PID"
+  stop_pid "$APP_PID"
+  [[ -n $CNI_MODE ]] && cni DEL "$CNI_MODE" || true
+  ip netns del "$C" 2>/dev/null || true
+  ip netns del "$P" 2>/dev/null || true
+  # The plugin benchmark's netns, should it have been killed before its own cleanup.
+  ip netns list | awk -v p="tpbp-$$-" 'index($1, p) == 1 {print "netns del " $1}' |
+    ip -force -batch - 2>/dev/null || true
+  rm -rf "$RUN"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "bench: interrupted" >&2; exit 130' INT TERM
+
+# ---------------------------------------------------------------------------------- setup
+log "installing what is missing (wrk, haproxy, nginx)"
+./scripts/setup.sh wrk haproxy nginx-light libnginx-mod-stream
+if [[ -z ${BENCH_SKIP_BUILD:-} ]]; then
+  log "building release binaries"
+  cargo build --release --bins --quiet
+fi
+for b in tproxy-cni tproxy-sidecar; do [[ -x $BIN/$b ]] || die "$BIN/$b missing"; done
+mkdir -p "$OUT"
+ulimit -n "$(ulimit -Hn)"  # the proxies hold 2 fds per connection
+
+in_c() { ip netns exec "$C" "$@"; }
+in_p() { ip netns exec "$P" "$@"; }
+# Runs a command in the pod netns as UID with only CAP_NET_RAW, the way the sidecar runs in a pod.
+# Meant for `as_proxy ... &`: exec keeps $! the proxy's own pid.
+as_proxy() {
+  local uid=$1; shift
+  exec ip netns exec "$P" setpriv --reuid "$uid" --regid "$uid" --clear-groups \
+    --inh-caps -all,+net_raw --ambient-caps -all,+net_raw --bounding-set -all,+net_raw -- "$@"
+}
+subst() { sed "s|@RUN@|$RUN|g" "$1" >"$2"; }
+
+log "topology: netns $C ($CLIENT_IP) <-veth-> netns $P ($POD_IP)"
+ip netns add "$C"
+ip netns add "$P"
+ip link add eth0 netns "$C" type veth peer name eth0 netns "$P"
+ip -n "$C" addr add "$CLIENT_IP/24" dev eth0
+ip -n "$P" addr add "$POD_IP/24" dev eth0
+for ns in "$C" "$P"; do ip -n "$ns" link set lo up; ip -n "$ns" link set eth0 up; done
+# Client and proxies share one kernel here, so they draw ephemeral ports from the same hashed
+# sequence for the same (10.77.0.1 -> 10.77.0.2:8080) triple: a proxy's upstream socket, bound to
+# the client's address, can systematically pick a port a live client connection uses (the tuple
+# clash of DESIGN.md pitfall 12), which a remote client hits only by chance. For the figures the
+# client uses ports no proxy dials from (HAProxy and nginx: the pod's ephemeral range, set to
+# 50000-65535; the sidecar: its --upstream-ports, 1024-32767 by default); the clash probes
+# measure the clash on purpose with a client in either range. wrk closes first on
+# `Connection: close`, so the client reuses TIME_WAIT ports (tcp_tw_reuse=1) as busy clients do.
+POD_PORTS="50000 65535" CLIENT_PORTS="32768 49999" LOW_PORTS="1024 32767"
+ip netns exec "$P" sysctl -qw net.ipv4.ip_local_port_range="$POD_PORTS"
+ip netns exec "$C" sysctl -qw net.ipv4.ip_local_port_range="$CLIENT_PORTS"
+ip netns exec "$C" sysctl -qw net.ipv4.tcp_tw_reuse=1
+
+chmod 755 "$RUN"
+mkdir -p "$RUN/tmp" "$RUN/www/bulk" "$RUN/haproxy" "$RUN/nginx-proxy"
+chown "$NGINX_UID:$NGINX_UID" "$RUN/nginx-proxy"
+truncate -s "${BULK_MIB}M" "$RUN/www/bulk/blob"
+subst scripts/bench/app-nginx.conf "$RUN/app.conf"
+subst scripts/bench/haproxy.cfg "$RUN/haproxy.cfg"
+sed "s|@RUN@|$RUN/nginx-proxy|g" scripts/bench/nginx-proxy.conf >"$RUN/nginx-proxy.conf"
+
+# Counters (and the uid marks of the peers) live in our own table, apart from the plugin's.
+#  client_syn: SYNs from the client to the app port (raw priority, before any rewrite);
+#  bypass: such SYNs that open a new flow and after mangle (tproxy) and dstnat (redirect) still
+#          go to the app port unmarked, i.e. reach the app without the proxy. Must stay 0;
+#  clash: unmarked SYNs that conntrack already knows: the client reused a tuple the proxy's
+#         upstream leg holds (pitfall 12): not a bypass, a stalled connect;
+#  app_leg: SYNs the proxy sends to the app over lo (proof that the proxy carried the traffic).
+# HAProxy and nginx cannot set SO_MARK on their upstream sockets: their packets in the original
+# direction (the proxy->app leg) get the mark by uid here, in a route chain so they are rerouted.
+in_p nft -f - <<EOF
+table inet tpbench {
+  counter client_syn {}
+  counter bypass {}
+  counter clash {}
+  counter app_leg {}
+  chain raw { type filter hook prerouting priority raw; policy accept;
+    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn counter name client_syn
+  }
+  chain after_capture { type filter hook prerouting priority -90; policy accept;
+    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark != $MARK ct state new counter name bypass
+    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark != $MARK ct state != new counter name clash
+    iifname "lo" tcp dport $APP_PORT tcp flags & (syn | ack) == syn counter name app_leg
+  }
+  chain peers_mark { type route hook output priority mangle + 1; policy accept;
+    meta skuid { $HAPROXY_UID, $NGINX_UID } ct direction original meta mark set $MARK
+  }
+}
+EOF
+counter() { in_p nft -j list counter inet tpbench "$1" | python3 -c \
+  'import json,sys; print(next(o["counter"]["packets"] for o in json.load(sys.stdin)["nftables"] if "counter" in o))'; }
+reset_counters() { in_p nft reset counters table inet tpbench >/dev/null; }
+
+log "starting the app (nginx) in the pod"
+(exec ip netns exec "$P" nginx -e "$RUN/app.err" -c "$RUN/app.conf" -p "$RUN" >"$RUN/app.log" 2>&1) &
+APP_PID=$!
+for _ in $(seq 100); do in_c curl -s -m 1 "http://$POD_IP:$APP_PORT/ip" >/dev/null && break; sleep 0.1; done
+in_c curl -s -m 10 -o /dev/null "http://$POD_IP:$APP_PORT/bulk/blob" || die "app does not serve"
+
+# ---------------------------------------------------------------------------------- rules
+cni_conf() {
+  printf '{"cniVersion":"1.0.0","name":"bench","type":"tproxy-cni","runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"tproxy-cni.io/mode":"%s"}},"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"%s/24"}]}}' "$1" "$POD_IP"
+}
+# Drives the plugin the way a runtime does: env + stdin. With BENCH_RULES=nft, the same ruleset
+# by hand (development only).
+cni() {
+  local cmd=$1 mode=$2
+  if [[ ${BENCH_RULES:-} == nft ]]; then nft_rules "$cmd" "$mode"; return; fi
+  cni_conf "$mode" | CNI_COMMAND=$cmd CNI_CONTAINERID=bench-$$ CNI_NETNS=/var/run/netns/$P \
+    CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni CNI_ARGS="K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod" \
+    "$BIN/tproxy-cni" >"$RUN/cni.out" 2>"$RUN/cni.err" || {
+    cat "$RUN/cni.out" "$RUN/cni.err" >&2
+    die "tproxy-cni $cmd ($mode) failed"
+  }
+}
+nft_rules() {
+  local cmd=$1 mode=$2
+  if [[ $cmd == DEL ]]; then
+    in_p nft delete table inet tproxy_cni 2>/dev/null || true
+    in_p ip rule del fwmark "$MARK" lookup 29808 priority 29808 2>/dev/null || true
+    in_p ip route flush table 29808 2>/dev/null || true
+    return
+  fi
+  if [[ $mode == tproxy ]]; then
+    in_p nft -f - <<EOF
+table inet tproxy_cni {
+  chain prerouting { type filter hook prerouting priority mangle; policy accept;
+    iifname "lo" meta mark $MARK ct mark set $MARK
+    iifname "lo" accept
+    ct direction reply accept
+    tcp dport { 15006, 15001, 15021 } accept
+    meta l4proto tcp tproxy to :$INBOUND_PORT meta mark set $MARK accept
+  }
+  chain output { type route hook output priority mangle; policy accept;
+    ct mark $MARK meta mark set ct mark
+  }
+}
+EOF
+    in_p ip rule add fwmark "$MARK" lookup 29808 priority 29808
+    in_p ip route add local 0.0.0.0/0 dev lo table 29808
+  else
+    in_p nft -f - <<EOF
+table inet tproxy_cni {
+  chain prerouting_nat { type nat hook prerouting priority dstnat; policy accept;
+    iifname "lo" accept
+    tcp dport { 15006, 15001, 15021 } accept
+    meta l4proto tcp redirect to :$INBOUND_PORT
+  }
+}
+EOF
+  fi
+}
+
+# ---------------------------------------------------------------------------------- rows
+row_mode() { case $1 in direct) echo none ;; sidecar-redirect) echo redirect ;; *) echo tproxy ;; esac; }
+expected_ip() { [[ $1 == sidecar-redirect ]] && echo 127.0.0.6 || echo "$CLIENT_IP"; }
+
+start_row() {
+  local row=$1 mode
+  mode=$(row_mode "$row")
+  if [[ $mode != none ]]; then cni ADD "$mode"; CNI_MODE=$mode; fi
+  case $row in
+    direct) return 0 ;;
+    sidecar-*)
+      # Defaults but the access log: the peers log nothing either.
+      as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
+        >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    haproxy)
+      as_proxy "$HAPROXY_UID" haproxy -db -f "$RUN/haproxy.cfg" >"$RUN/haproxy.log" 2>&1 &
+      ;;
+    nginx)
+      # nginx cannot listen with IP_TRANSPARENT: REDIRECT the client leg to its listener, before
+      # the plugin's mangle chain (whose tproxy statement then finds no transparent socket and
+      # falls through, and whose exclusion of port 15006 accepts the packet).
+      in_p nft -f - <<EOF
+table ip tpbench_nginx {
+  chain prerouting { type nat hook prerouting priority -160; policy accept;
+    iifname "eth0" tcp dport $APP_PORT redirect to :$INBOUND_PORT
+  }
+}
+EOF
+      as_proxy "$NGINX_UID" nginx -e "$RUN/nginx-proxy/err.log" -c "$RUN/nginx-proxy.conf" \
+        -p "$RUN/nginx-proxy" >"$RUN/nginx-proxy.log" 2>&1 &
+      ;;
+  esac
+  PROXY_PID=$!
+  # TPROXY is fail-open: wait for the listener, or the first requests would go straight through.
+  for _ in $(seq 100); do
+    [[ -n $(in_p ss -Hltn "sport = :$INBOUND_PORT") ]] && return 0
+    kill -0 "$PROXY_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$RUN"/*.log >&2 || true
+  die "$row: no listener on :$INBOUND_PORT"
+}
+
+stop_row() {
+  local row=$1
+  stop_pid "$PROXY_PID"
+  PROXY_PID=
+  [[ $row == nginx ]] && in_p nft delete table ip tpbench_nginx
+  if [[ -n $CNI_MODE ]]; then cni DEL "$CNI_MODE"; CNI_MODE=; fi
+}
+
+# The proxy's processes: the pid and its children (nginx's worker).
+proxy_pids() { [[ -z $PROXY_PID ]] || { echo "$PROXY_PID"; pgrep -P "$PROXY_PID" || true; }; }
+cpu_ticks() {
+  local t=0 p v
+  for p in $(proxy_pids); do
+    v=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)
+    t=$((t + v))
+  done
+  echo "$t"
+}
+rss_kib() {
+  local t=0 p v
+  for p in $(proxy_pids); do
+    v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
+rep=0
+rec() { printf '%s\t%s\t%s\t%s\n' "$rep" "$1" "$2" "$3" >>"$RESULTS"; }
+
+# wrk run: records req/s, p50, p99, max (ms) and socket errors under the given prefix.
+to_ms='function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /m$/) return v*60000; if (v ~ /s$/) return v*1000; return v }'
+run_wrk() {
+  local row=$1 prefix=$2; shift 2
+  in_c wrk "$@" --latency "http://$POD_IP:$APP_PORT/" >"$RUN/wrk.out" 2>&1 || true
+  local rps p50 p99 max errs
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$RUN/wrk.out")
+  p50=$(awk "$to_ms"' $1 == "50%" {print ms($2)}' "$RUN/wrk.out")
+  p99=$(awk "$to_ms"' $1 == "99%" {print ms($2)}' "$RUN/wrk.out")
+  max=$(awk "$to_ms"' $1 == "Latency" && NF == 5 {print ms($4)}' "$RUN/wrk.out")
+  errs=$(awk '/Socket errors/ {gsub(",", ""); s += $4 + $6 + $8 + $10} /Non-2xx/ {s += $NF}
+    END {print s + 0}' "$RUN/wrk.out")
+  [[ -n $rps ]] || { cat "$RUN/wrk.out" >&2; die "$row: wrk failed"; }
+  rec "$row" "${prefix}_rps" "$rps"
+  rec "$row" "${prefix}_p50_ms" "$p50"
+  rec "$row" "${prefix}_p99_ms" "$p99"
+  rec "$row" "${prefix}_max_ms" "$max"
+  rec "$row" "${prefix}_errors" "${errs:-0}"
+}
+
+measure_row() {
+  local row=$1 seen
+  # 1. Correctness: the address the app sees as its caller.
+  seen=$(in_c curl -s -m 5 "http://$POD_IP:$APP_PORT/ip" || echo "curl-failed")
+  rec "$row" ip_seen "$seen"
+  rec "$row" ip_expected "$(expected_ip "$row")"
+  [[ $row == direct ]] || rec "$row" rss_idle_kib "$(rss_kib)"
+  reset_counters
+  # 2. Keep-alive (c=50), one connection, new connections (Connection: close).
+  run_wrk "$row" ka -t1 -c50 -d"${DUR}s"
+  run_wrk "$row" single -t1 -c1 -d"${DUR1}s"
+  run_wrk "$row" close -t1 -c50 -d"${DUR}s" -H "Connection: close"
+  # 3. Bulk: one transfer of BULK_MIB; the proxy's CPU over it.
+  local t0 t1 speed
+  t0=$(cpu_ticks)
+  speed=$(in_c curl -s -m 120 -o /dev/null -w '%{speed_download}' "http://$POD_IP:$APP_PORT/bulk/blob")
+  t1=$(cpu_ticks)
+  rec "$row" bulk_mib_s "$(awk -v s="$speed" 'BEGIN {printf "%.1f", s / 1048576}')"
+  [[ $row == direct ]] || rec "$row" cpu_s_per_gib \
+    "$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v m="$BULK_MIB" 'BEGIN {printf "%.3f", d / hz * 1024 / m}')"
+  # 4. RSS with HOLD_N open connections (each did one request through the proxy).
+  rm -f "$RUN/hold.ready" "$RUN/hold.stop"
+  in_c python3 scripts/bench/hold.py "$POD_IP" "$APP_PORT" "$HOLD_N" "$RUN/hold.ready" "$RUN/hold.stop" 60 &
+  local hold=$!
+  for _ in $(seq 600); do [[ -e $RUN/hold.ready ]] && break; sleep 0.1; done
+  sleep 0.3
+  [[ $row == direct ]] || rec "$row" rss_1k_kib "$(rss_kib)"
+  rec "$row" hold_failed "$(awk '{print $2}' "$RUN/hold.ready" 2>/dev/null || echo "$HOLD_N")"
+  touch "$RUN/hold.stop"
+  wait "$hold" || true
+  # 5. Clash probes: the client holds PROBE_N connections open with ports from the range HAProxy
+  # and nginx dial from (the pod's ephemeral range), then from 1024-32767 (where the sidecar
+  # dials from); a proxy whose upstream leg takes a tuple a live client flow uses stalls.
+  if [[ $row != direct ]]; then
+    local probe range
+    for probe in probe_pod:POD_PORTS probe_low:LOW_PORTS; do
+      range=${probe#*:}
+      ip netns exec "$C" sysctl -qw net.ipv4.ip_local_port_range="${!range}"
+      rm -f "$RUN/hold.ready" "$RUN/hold.stop"
+      in_c python3 scripts/bench/hold.py "$POD_IP" "$APP_PORT" "$PROBE_N" "$RUN/hold.ready" \
+        "$RUN/hold.stop" 0 1.5 "$PROBE_S" || true
+      rec "$row" probe_n "$PROBE_N"
+      rec "$row" "${probe%%:*}_failed" \
+        "$(awk '{print $2}' "$RUN/hold.ready" 2>/dev/null || echo "$PROBE_N")"
+    done
+    ip netns exec "$C" sysctl -qw net.ipv4.ip_local_port_range="$CLIENT_PORTS"
+  fi
+  # 6. Counters over the whole row.
+  rec "$row" client_syn "$(counter client_syn)"
+  rec "$row" clash_syn "$(counter clash)"
+  rec "$row" app_leg_syn "$(counter app_leg)"
+  [[ $row == direct ]] || rec "$row" bypassed "$(counter bypass)"
+}
+
+# ---------------------------------------------------------------------------------- run
+: >"$RESULTS"
+for rep in $(seq "$REPS"); do
+  # Rotate the order each repetition so no row always runs first (or after the same one).
+  n=${#ROWS[@]}
+  for i in $(seq 0 $((n - 1))); do
+    row=${ROWS[$(((i + rep - 1) % n))]}
+    log "rep $rep/$REPS: $row"
+    start_row "$row"
+    measure_row "$row"
+    stop_row "$row"
+  done
+done
+
+PLUGIN_TSV=$RUN/plugin.tsv
+if [[ -z ${BENCH_SKIP_PLUGIN:-} ]]; then
+  log "plugin benchmark"
+  TPROXY_CNI_BIN=$BIN/tproxy-cni BENCH_OUT=$PLUGIN_TSV BENCH_NS_PREFIX=tpbp-$$ \
+    cargo bench --quiet --bench plugin -- "${PLUGIN_ARGS[@]}" || log "plugin benchmark failed"
+fi
+
+stamp=$(date +%Y%m%d-%H%M%S)
+cp "$RESULTS" "$OUT/results-$stamp.tsv"
+[[ -e $PLUGIN_TSV ]] && cp "$PLUGIN_TSV" "$OUT/plugin-$stamp.tsv"
+{
+  echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), Linux $(uname -r)"
+  echo "mode: $([[ $QUICK == 1 ]] && echo quick || echo full), $REPS repetitions, wrk ${DUR}s (single ${DUR1}s), bulk ${BULK_MIB} MiB, $HOLD_N held connections"
+  echo
+} >"$OUT/report-$stamp.md"
+python3 scripts/bench/report.py "$RESULTS" "$PLUGIN_TSV" >>"$OUT/report-$stamp.md" && ok=0 || ok=$?
+cat "$OUT/report-$stamp.md"
+ln -sf "report-$stamp.md" "$OUT/latest.md"
+log "kept: $OUT/report-$stamp.md"
+exit "$ok"

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Turns bench.sh's raw results into the table of BENCHMARKS.md and checks issue 5's goals.
+
+Usage: report.py RESULTS.tsv [PLUGIN.tsv]
+RESULTS.tsv lines: rep, row, metric, value (tab separated). PLUGIN.tsv lines: metric, value.
+Prints markdown. Exit status 1 when a correctness check fails (the app did not see the expected
+client address, a connection bypassed the proxy, held connections failed, the plugin leaked);
+missed performance goals are reported, not failed (timings are not tests).
+"""
+import os
+import statistics
+import sys
+from collections import defaultdict
+
+ROWS = ["direct", "sidecar-tproxy", "sidecar-redirect", "haproxy", "nginx"]
+PEERS = ["haproxy", "nginx"]
+
+
+def load(path):
+    data = defaultdict(lambda: defaultdict(list))
+    with open(path) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) != 4:
+                continue
+            _, row, metric, value = parts
+            data[row][metric].append(value)
+    return data
+
+
+def num(values):
+    out = []
+    for v in values:
+        try:
+            out.append(float(v))
+        except ValueError:
+            pass
+    return out
+
+
+def med(data, row, metric):
+    v = num(data.get(row, {}).get(metric, []))
+    return statistics.median(v) if v else None
+
+
+def total(data, row, metric):
+    v = num(data.get(row, {}).get(metric, []))
+    return sum(v) if v else None
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "-"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+def ratio(v, base):
+    if v is None or not base:
+        return ""
+    return f" ({v / base:.2f}×)"
+
+
+def main():
+    data = load(sys.argv[1])
+    plugin = {}
+    if len(sys.argv) > 2 and os.path.exists(sys.argv[2]):
+        with open(sys.argv[2]) as f:
+            for line in f:
+                k, _, v = line.strip().partition("\t")
+                if k:
+                    plugin[k] = v
+    rows = [r for r in ROWS if r in data]
+    reps = max((len(data[r]["ka_rps"]) for r in rows), default=0)
+    failures = []
+
+    print(f"Medians over {reps} interleaved repetitions; (×) = ratio to `direct` in the same run.\n")
+    print("| row | keep-alive req/s | p50 / p99 ms (c=50) | 1 conn p50 / p99 ms "
+          "| new conn/s | p99 / max ms (new conn) | bulk MiB/s | CPU s/GiB "
+          "| RSS idle / 1k conns MiB | bypassed | app saw | clash probes failed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {m: med(data, "direct", m) for m in ("ka_rps", "close_rps", "bulk_mib_s")}
+    for r in rows:
+        ka, cl, bulk = med(data, r, "ka_rps"), med(data, r, "close_rps"), med(data, r, "bulk_mib_s")
+        rss0, rss1 = med(data, r, "rss_idle_kib"), med(data, r, "rss_1k_kib")
+        seen = sorted(set(data[r]["ip_seen"]))
+        expected = data[r]["ip_expected"][0] if data[r]["ip_expected"] else "?"
+        bypass = total(data, r, "bypassed")
+        cells = [
+            r,
+            fmt(ka, 0) + ratio(ka, base["ka_rps"]),
+            f"{fmt(med(data, r, 'ka_p50_ms'), 2)} / {fmt(med(data, r, 'ka_p99_ms'), 2)}",
+            f"{fmt(med(data, r, 'single_p50_ms'), 3)} / {fmt(med(data, r, 'single_p99_ms'), 3)}",
+            fmt(cl, 0) + ratio(cl, base["close_rps"]),
+            f"{fmt(med(data, r, 'close_p99_ms'), 2)} / {fmt(med(data, r, 'close_max_ms'), 0)}",
+            fmt(bulk, 0) + ratio(bulk, base["bulk_mib_s"]),
+            fmt(med(data, r, "cpu_s_per_gib"), 2),
+            "-" if rss0 is None else f"{rss0 / 1024:.1f} / {rss1 / 1024:.1f}",
+            "-" if r == "direct" else fmt(bypass, 0),
+            ", ".join(seen),
+            "-" if r == "direct" else f"{fmt(med(data, r, 'probe_pod_failed'), 0)}, "
+            f"{fmt(med(data, r, 'probe_low_failed'), 0)} of {fmt(med(data, r, 'probe_n'), 0)}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+        if seen != [expected]:
+            failures.append(f"{r}: the app saw {seen}, expected {expected}")
+        if r != "direct" and (bypass is None or bypass > 0):
+            failures.append(f"{r}: {fmt(bypass, 0)} connections bypassed the proxy")
+        held = total(data, r, "hold_failed")
+        if held:
+            failures.append(f"{r}: {held:.0f} of the held connections failed")
+    errors = {r: total(data, r, "ka_errors") or 0 for r in rows}
+    errors_close = {r: total(data, r, "close_errors") or 0 for r in rows}
+    print("\nwrk socket errors + non-2xx, summed over repetitions (keep-alive / new conn): "
+          + ", ".join(f"{r} {errors[r]:.0f} / {errors_close[r]:.0f}" for r in rows))
+    syn = {r: total(data, r, "client_syn") for r in rows}
+    leg = {r: total(data, r, "app_leg_syn") for r in rows}
+    clash = {r: total(data, r, "clash_syn") for r in rows}
+    print("client SYNs / proxy->app SYNs over lo / client SYNs that hit a tuple held by the "
+          "proxy's upstream leg: "
+          + ", ".join(f"{r} {fmt(syn[r], 0)} / {fmt(leg[r], 0)} / {fmt(clash[r], 0)}" for r in rows))
+
+    if plugin:
+        print("\n### Plugin (tproxy-cni alone, env + stdin, fresh netns per pod)\n")
+        print("| path | p50 ms | p99 ms |")
+        print("|---|---|---|")
+        for key, name in (("add", "tproxy-cni ADD (tproxy mode)"),
+                          ("del", "tproxy-cni DEL"),
+                          ("nft", "`nft -f` of the same table (render)"),
+                          ("nft_full", "`nft -f` + `ip rule` + `ip route` (whole plan)"),
+                          ("nft_del", "`nft delete table` (same table)"),
+                          ("spawn", "spawn `/bin/true` (the process floor under all)")):
+            if f"{key}_p50_ms" in plugin:
+                print(f"| {name} | {float(plugin[key + '_p50_ms']):.2f} "
+                      f"| {float(plugin[key + '_p99_ms']):.2f} |")
+        print(f"\npods: {plugin.get('pods', '?')}; parallel cycles: {plugin.get('cycles', '?')} "
+              f"ADD/DEL with {plugin.get('parallel', '?')} in parallel; "
+              f"leaked objects: {plugin.get('leaks', '?')}")
+        if plugin.get("leaks") != "0":
+            failures.append(f"plugin: {plugin.get('leaks')} leaked objects ({plugin.get('leak_detail', '')})")
+
+    print("\n### Goals (issue 5)\n")
+    goals = []
+
+    def goal(text, ok, measured):
+        mark = "n/a" if ok is None else ("met" if ok else "MISSED")
+        goals.append(f"- {mark}: {text}: {measured}")
+
+    def best_peer(metric, better=max):
+        vals = [(med(data, p, metric), p) for p in PEERS if med(data, p, metric) is not None]
+        return better(vals) if vals else (None, None)
+
+    s = "sidecar-tproxy"
+    if s in data:
+        ka, d = med(data, s, "ka_rps"), base["ka_rps"]
+        pv, pn = best_peer("ka_rps")
+        goal("keep-alive req/s ≥ 1.3× the better peer", None if not pv else ka / pv >= 1.3,
+             f"{ka / pv:.2f}× {pn}" if pv else "no peer")
+        goal("keep-alive req/s ≥ 0.45× direct", None if not d else ka / d >= 0.45,
+             f"{ka / d:.2f}×" if d else "no direct")
+        cl = med(data, s, "close_rps")
+        pv, pn = best_peer("close_rps")
+        goal("new connections/s ≥ 1.2× the better peer", None if not pv else cl / pv >= 1.2,
+             f"{cl / pv:.2f}× {pn}" if pv else "no peer")
+        p99 = med(data, s, "ka_p99_ms")
+        pv, pn = best_peer("ka_p99_ms", min)
+        goal("p99 (c=50) no worse than the better peer", None if not pv else p99 <= pv,
+             f"{p99:.2f} ms vs {pv:.2f} ms {pn}" if pv else "no peer")
+        bulk, db = med(data, s, "bulk_mib_s"), base["bulk_mib_s"]
+        goal("bulk ≥ 0.6× direct", None if not db else bulk / db >= 0.6,
+             f"{bulk / db:.2f}×" if db else "no direct")
+        cpu = med(data, s, "cpu_s_per_gib")
+        pv, pn = best_peer("cpu_s_per_gib", min)
+        goal("less CPU per GiB than either peer", None if pv is None else cpu < pv,
+             f"{cpu:.2f} s/GiB vs {pv:.2f} {pn}" if pv is not None else "no peer")
+        r0, r1 = med(data, s, "rss_idle_kib"), med(data, s, "rss_1k_kib")
+        goal("RSS ≤ 8 MiB idle", r0 / 1024 <= 8, f"{r0 / 1024:.1f} MiB")
+        goal("RSS ≤ 32 MiB with 1,000 connections", r1 / 1024 <= 32, f"{r1 / 1024:.1f} MiB")
+    if plugin:
+        add, dl = float(plugin["add_p50_ms"]), float(plugin["del_p50_ms"])
+        nft = float(plugin.get("nft_p50_ms", "nan"))
+        goal("plugin ADD p50 ≤ 3 ms", add <= 3, f"{add:.2f} ms")
+        goal("plugin ADD ≥ 5× faster than `nft -f`", nft / add >= 5, f"{nft / add:.1f}×")
+        goal("plugin DEL p50 ≤ 15 ms", dl <= 15, f"{dl:.2f} ms")
+        goal("0 leaked objects", plugin.get("leaks") == "0", plugin.get("leaks", "?"))
+    print("\n".join(goals))
+
+    print("\n### Correctness checks\n")
+    if failures:
+        for f in failures:
+            print(f"- FAILED: {f}")
+        return 1
+    print("- passed: every proxy row showed the app the expected client address "
+          "(redirect: 127.0.0.6), 0 connections bypassed the proxy, held connections all worked"
+          + (", the plugin leaked nothing" if plugin else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
