@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked "$@"
+# A hung test must fail the run, not eat the CI budget.
+timeout 1500 cargo test --all-targets --locked "$@"
