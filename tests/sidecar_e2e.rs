@@ -109,6 +109,15 @@ fn redirect_app_sees_127_0_0_6_and_v6() {
     assert_eq!(addr_ip(&log[1]["downstream_remote_address"]), CLIENT_V6);
     assert_eq!(log[0]["upstream_host"], sa(POD_V4, HTTP_PORT).to_string());
     assert_eq!(log[1]["upstream_host"], sa(POD_V6, HTTP_PORT).to_string());
+    // The seed's Envoy log: downstream_local_address is the app's address, not :15006.
+    assert_eq!(
+        log[0]["downstream_local_address"],
+        sa(POD_V4, HTTP_PORT).to_string()
+    );
+    assert_eq!(
+        log[1]["downstream_local_address"],
+        sa(POD_V6, HTTP_PORT).to_string()
+    );
     assert!(log.iter().all(|e| e["mode"] == "redirect"));
 }
 
@@ -184,7 +193,11 @@ fn check_outbound(t: &Topo, sc: &Sidecar) {
     assert!(log.iter().all(|e| e["mode"] == "outbound"), "{log:?}");
     assert_eq!(log[0]["upstream_host"], sa(CLIENT_V4, 7000).to_string());
     assert_eq!(log[1]["upstream_host"], sa(CLIENT_V6, 7000).to_string());
-    assert_eq!(addr_port(&log[0]["downstream_local_address"]), 15001);
+    // As Envoy logs it: the destination the app asked for, not the capture port 15001.
+    assert_eq!(
+        log[0]["downstream_local_address"],
+        sa(CLIENT_V4, 7000).to_string()
+    );
     assert_eq!(addr_ip(&log[0]["upstream_local_address"]), POD_V4);
 }
 

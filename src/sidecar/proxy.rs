@@ -158,13 +158,19 @@ async fn handle(
     shared.log.write(&Entry {
         start_time: rfc3339(c.start),
         downstream_remote_address: c.client.to_string(),
-        downstream_local_address: c.local.to_string(),
+        // Like Envoy with the original destination restored: with REDIRECT the socket's own
+        // address is the sidecar's port, but the client connected to the original destination.
+        downstream_local_address: match c.orig {
+            Some(o) if role.log_mode() != "tproxy" => o.to_string(),
+            _ => c.local.to_string(),
+        },
         upstream_local_address: c.upstream_local.map(|u| u.to_string()),
         upstream_host: c.orig.map(|o| o.to_string()),
         bytes_received: outcome_bytes.0,
         bytes_sent: outcome_bytes.1,
         duration: u64::try_from(c.t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-        upstream_connect_ms: c.connect_ms,
+        // Microsecond resolution: more digits are float noise, not information.
+        upstream_connect_ms: c.connect_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
         response_flags: end.flag(),
         mode: role.log_mode(),
     });
