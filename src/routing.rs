@@ -14,6 +14,7 @@ use netlink_packet_core::{
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
+use netlink_packet_route::link::{LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -239,6 +240,14 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
     let mut nl = Rtnl::open()?;
     let lo = lo_index()?;
     let mut applied = Applied::default();
+    // Local routes and addresses live on lo, and the kernel refuses IPv6 ones (ENETDOWN) while
+    // lo is down. Runtimes bring lo up with the loopback plugin, but not always before us;
+    // setting the flag is idempotent and every pod needs lo up anyway.
+    let mut up = LinkMessage::default();
+    up.header.index = lo;
+    up.header.flags = LinkFlags::Up;
+    up.header.change_mask = LinkFlags::Up;
+    nl.request(RouteNetlinkMessage::SetLink(up), NLM_F_ACK, "setting lo up")?;
     let res = (|| {
         for route in &r.local_routes {
             if applied.skipped.contains(&route.family) {

@@ -161,3 +161,20 @@ fn gone_netns_is_reported_as_gone() {
     let e = netns::run_in(std::path::Path::new(""), || ()).unwrap_err();
     assert!(matches!(e, netns::NetnsError::Gone(_)), "{e}");
 }
+
+#[test]
+fn works_while_lo_is_still_down() {
+    require_root!();
+    // `ip netns add` leaves lo down; a runtime may run us before its loopback plugin.
+    let ns = Netns::new("rt");
+    ns.sh("ip link set lo down");
+    let r = plan(&[Family::V4, Family::V6]);
+    netns::run_in(&ns.path(), || routing::apply(&r))
+        .unwrap()
+        .unwrap();
+    assert!(netns::run_in(&ns.path(), || routing::check(&r))
+        .unwrap()
+        .unwrap()
+        .is_empty());
+    assert!(ns.sh("ip link show lo").contains("UP"));
+}
