@@ -6,7 +6,6 @@
 pub mod conf;
 pub mod env;
 pub mod error;
-pub mod logger;
 
 use std::io::Write;
 
@@ -73,7 +72,7 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         ));
     }
     let conf = NetConf::parse(stdin)?;
-    logger::init(conf.log_level, conf.log_file.as_deref());
+    crate::logging::init("tproxy-cni", conf.log_level, conf.log_file.as_deref());
     match cni.command.as_str() {
         "ADD" => add(&cni, &conf).map(Some),
         "DEL" => del(&cni, &conf).map(|()| None),

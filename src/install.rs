@@ -13,7 +13,6 @@
 pub mod cli;
 pub mod conflist;
 pub mod files;
-pub mod logger;
 
 use serde_json::{Map, Value};
 use std::collections::HashSet;
@@ -576,7 +575,7 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
             mode,
             level,
         } => {
-            logger::init(level);
+            crate::logging::init("tproxy-cni-install", level, None);
             if mode == cli::Mode::Once {
                 // Nothing probes a one-shot run, and its health dir may not exist on a host.
                 opts.health_dir = None;

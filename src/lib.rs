@@ -10,6 +10,7 @@
 //! - `cnirun`: runs a conflist the way libcni does (for the demo and tests).
 //! - `cni`: the CNI protocol frame (env, config, result passthrough, errors, commands).
 //! - `sidecar`: the in-pod transparent proxy.
+//! - `logging`: the one log backend and timestamp format of all binaries.
 //! - `install`: the node installer (binary copy, conflist patching, watch).
 
 pub mod annotations;
@@ -17,6 +18,7 @@ pub mod cni;
 pub mod cnirun;
 pub mod consts;
 pub mod install;
+pub mod logging;
 pub mod netaddr;
 pub mod netns;
 pub mod nft;
