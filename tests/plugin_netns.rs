@@ -405,3 +405,29 @@ fn twenty_pods_concurrently() {
         assert_clean(&ns);
     }
 }
+
+#[test]
+fn ipv4_only_pod_with_ipv6_disabled() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let ns = Netns::new("pod");
+    ns.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1");
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.88.9.9/16"}]});
+    let path = ns.path().to_string_lossy().into_owned();
+    let ann = json!({"tproxy-cni.io/mode": "tproxy"});
+    let out = node
+        .exec(&node.ours(), "ADD", &path, "v4only", &ann, Some(&prev))
+        .expect("ADD");
+    assert_eq!(out["ips"], prev["ips"]);
+    assert_eq!(our_rules(&ns, "-4").len(), 1);
+    assert!(
+        our_rules(&ns, "-6").is_empty(),
+        "no IPv6 rule for an IPv4-only pod"
+    );
+    node.exec(&node.ours(), "CHECK", &path, "v4only", &ann, Some(&prev))
+        .expect("CHECK");
+    node.exec(&node.ours(), "DEL", &path, "v4only", &ann, Some(&prev))
+        .expect("DEL");
+    assert!(our_table(&ns).is_none());
+    assert!(our_rules(&ns, "-4").is_empty());
+}
