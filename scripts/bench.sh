@@ -89,6 +89,8 @@ log "installing what is missing (wrk, haproxy, nginx)"
 if [[ -z ${BENCH_SKIP_BUILD:-} ]]; then
   log "building release binaries"
   cargo build --release --bins --quiet
+  # The plugin benchmark's own binary too, so the timed part below compiles nothing.
+  [[ -n ${BENCH_SKIP_PLUGIN:-} ]] || cargo bench --no-run --quiet --bench plugin 2>/dev/null
 fi
 for b in tproxy-cni tproxy-sidecar; do [[ -x $BIN/$b ]] || die "$BIN/$b missing"; done
 mkdir -p "$OUT"
