@@ -158,6 +158,11 @@ fn nft_in(ns: &str, args: &[&str]) -> (Duration, String) {
     (d, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Where the `nft -f` text goes (removed at the end, also after a failure).
+fn rules_file(o: &Opts) -> PathBuf {
+    std::env::temp_dir().join(format!("{}.nft", o.prefix))
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -240,6 +245,7 @@ fn main() {
     };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bench(&o, &nss, &stop)));
     nss.delete_all();
+    let _ = std::fs::remove_file(rules_file(&o));
     match result {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
@@ -257,7 +263,7 @@ fn bench(o: &Opts, nss: &Namespaces, stop: &AtomicBool) -> bool {
     let ip: IpAddr = "10.77.0.2".parse().unwrap();
     let plan = plan::build(&PlanConfig::default(), &policy, &[ip]);
     let text = tproxy_cni::nft::render(plan.table.as_ref().expect("tproxy mode has a table"));
-    let rules_file = std::env::temp_dir().join(format!("{}.nft", o.prefix));
+    let rules_file = rules_file(o);
     std::fs::write(&rules_file, &text).expect("write rules");
     let rules_path = rules_file.to_str().unwrap().to_string();
     let tproxy_conf = conf("tproxy", &["10.77.0.2/24".to_string()]);
@@ -378,7 +384,6 @@ fn bench(o: &Opts, nss: &Namespaces, stop: &AtomicBool) -> bool {
             .filter(|l| l.contains("0x7470"))
             .map(|l| format!("host: rule {l}")),
     );
-    let _ = std::fs::remove_file(&rules_file);
 
     let figures = [
         ("add", add),
