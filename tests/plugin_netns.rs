@@ -391,7 +391,7 @@ fn twenty_pods_concurrently() {
                     if our_table(&pod.ns).is_none() {
                         return Err(format!("pod {i}: no table after ADD"));
                     }
-                    node.check_pod(&pod)
+                    node.check_ours(&pod)
                         .map_err(|e| format!("CHECK {i}: {e:?}"))?;
                     node.del_pod(&pod).map_err(|e| format!("DEL {i}: {e:?}"))?;
                     Ok::<Netns, String>(pod.ns)
