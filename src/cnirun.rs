@@ -399,28 +399,7 @@ pub fn del(
 
 /// STATUS (1.1.0): every plugin in order, no attachment, no runtimeConfig.
 pub fn status(conflist: &Value, cni_path: &[PathBuf]) -> Result<(), RunError> {
-    let list = parse_list(conflist)?;
-    if !version_at_least(&list.version, "1.1.0") {
-        return Err(RunError::Version {
-            command: "STATUS",
-            needed: "1.1.0",
-            have: list.version,
-        });
-    }
-    let inv = Invocation {
-        cni_path: cni_path.to_vec(),
-        ..Invocation::default()
-    };
-    let env = CallEnv {
-        command: "STATUS",
-        inv: &inv,
-        attachment: false,
-    };
-    for (index, (conf, ty)) in list.plugins.iter().enumerate() {
-        let stdin = plugin_stdin(conf, list.name, &list.version, &Map::new(), None);
-        exec(index, ty, &stdin, &env)?;
-    }
-    Ok(())
+    each_plugin_without_attachment(conflist, cni_path, "STATUS", None)
 }
 
 /// GC (1.1.0): every plugin in order with `cni.dev/valid-attachments`, no attachment.
@@ -430,10 +409,26 @@ pub fn gc(
     cni_path: &[PathBuf],
     valid: &[(String, String)],
 ) -> Result<(), RunError> {
+    let attachments: Vec<Value> = valid
+        .iter()
+        .map(|(id, ifname)| serde_json::json!({"containerID": id, "ifname": ifname}))
+        .collect();
+    let extra = ("cni.dev/valid-attachments", Value::Array(attachments));
+    each_plugin_without_attachment(conflist, cni_path, "GC", Some(extra))
+}
+
+/// The 1.1.0 commands that concern the network, not one attachment (STATUS, GC): empty
+/// container id/netns/ifname, every plugin in order, `extra` added to each plugin's stdin.
+fn each_plugin_without_attachment(
+    conflist: &Value,
+    cni_path: &[PathBuf],
+    command: &'static str,
+    extra: Option<(&str, Value)>,
+) -> Result<(), RunError> {
     let list = parse_list(conflist)?;
     if !version_at_least(&list.version, "1.1.0") {
         return Err(RunError::Version {
-            command: "GC",
+            command,
             needed: "1.1.0",
             have: list.version,
         });
@@ -443,21 +438,14 @@ pub fn gc(
         ..Invocation::default()
     };
     let env = CallEnv {
-        command: "GC",
+        command,
         inv: &inv,
         attachment: false,
     };
-    let attachments: Vec<Value> = valid
-        .iter()
-        .map(|(id, ifname)| serde_json::json!({"containerID": id, "ifname": ifname}))
-        .collect();
     for (index, (conf, ty)) in list.plugins.iter().enumerate() {
         let mut stdin = plugin_stdin(conf, list.name, &list.version, &Map::new(), None);
-        if let Value::Object(o) = &mut stdin {
-            o.insert(
-                "cni.dev/valid-attachments".into(),
-                Value::Array(attachments.clone()),
-            );
+        if let (Some((k, v)), Value::Object(o)) = (&extra, &mut stdin) {
+            o.insert((*k).to_string(), v.clone());
         }
         exec(index, ty, &stdin, &env)?;
     }
