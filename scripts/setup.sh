@@ -26,7 +26,7 @@ if ((${#missing[@]})); then
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: cargo not found: install a Rust toolchain >= 1.80 (rustup) and retry" >&2
+  echo "setup: cargo not found: install a Rust toolchain >= 1.85 (rustup) and retry" >&2
   exit 1
 fi
 # TPROXY and nf_tables modules (built in on many kernels; modprobe is best effort).
