@@ -207,9 +207,9 @@ fn every_document_matches_the_schema() {
     assert!(p.service_accounts.len() >= 2);
     assert_eq!(p.deployments.len(), 2);
     assert_eq!(p.services.len(), 3);
-    assert!(p.resource_quotas.is_empty());
-    // manifests/, examples/, examples/legacy/.
-    assert_eq!(p.kustomizations.len(), 3);
+    assert_eq!(p.resource_quotas.len(), 1, "the GKE overlay's quota");
+    // manifests/, examples/, examples/legacy/ and one overlay per platform.
+    assert_eq!(p.kustomizations.len(), 3 + OVERLAYS.len());
 }
 
 #[test]
@@ -771,4 +771,149 @@ fn legacy_examples_run_the_same_sidecar_as_an_ordinary_container() {
             "{name}: same annotations"
         );
     }
+}
+
+/// The platform overlays: (directory, label of its row in docs/install.md, conf dir, bin dir).
+const OVERLAYS: [(&str, &str, &str, &str); 4] = [
+    ("gke", "GKE", "/etc/cni/net.d", "/home/kubernetes/bin"),
+    (
+        "k3s",
+        "k3s",
+        "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+        "/var/lib/rancher/k3s/data/cni",
+    ),
+    ("rke2", "RKE2", "/etc/cni/net.d", "/opt/cni/bin"),
+    (
+        "microk8s",
+        "MicroK8s",
+        "/var/snap/microk8s/current/args/cni-network",
+        "/var/snap/microk8s/current/opt/cni/bin",
+    ),
+];
+
+/// The host dirs the installer's --conf-dir and --bin-dir end up in: flag -> mount -> volume.
+fn installer_host_dirs(ds: &DaemonSet) -> (String, String) {
+    let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let c = container(spec, "install");
+    let host_dir = |flag: &str| -> String {
+        let in_container = c
+            .args
+            .as_ref()
+            .unwrap()
+            .iter()
+            .rev() // the installer takes the last occurrence
+            .find_map(|a| a.strip_prefix(flag))
+            .unwrap_or_else(|| panic!("no {flag}"));
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == in_container)
+            .unwrap_or_else(|| panic!("{flag}{in_container} is not a mount"));
+        let vol = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        vol.host_path
+            .as_ref()
+            .unwrap_or_else(|| panic!("{flag}: volume {} is not a hostPath", vol.name))
+            .path
+            .clone()
+    };
+    (host_dir("--conf-dir="), host_dir("--bin-dir="))
+}
+
+#[test]
+fn platform_overlays_point_the_installer_at_their_platform_dirs() {
+    let p = parse_all();
+    let base: Vec<DaemonSet> = typed(&render(&p, ""), "DaemonSet", "manifests");
+    assert_eq!(
+        installer_host_dirs(&base[0]),
+        ("/etc/cni/net.d".into(), "/opt/cni/bin".into())
+    );
+    let dirs: BTreeSet<String> = std::fs::read_dir(root().join("overlays"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        dirs,
+        OVERLAYS.iter().map(|o| o.0.to_string()).collect(),
+        "every overlay is checked here, and only overlays that exist"
+    );
+    let install_md =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/install.md"))
+            .unwrap();
+    for (dir, label, conf, bin) in OVERLAYS {
+        let at = format!("overlays/{dir}");
+        let (_, k) = p
+            .kustomizations
+            .iter()
+            .find(|(f, _)| rel_dir(f) == at)
+            .unwrap();
+        assert!(
+            k.resources.iter().any(|r| r == "../.."),
+            "{at}: must build on manifests/"
+        );
+        let docs = render(&p, &at);
+        // Nothing of the base is lost.
+        let ids = |ds: &[Value]| -> BTreeSet<String> {
+            ds.iter()
+                .map(|d| format!("{}/{}", d["kind"], d["metadata"]["name"]))
+                .collect()
+        };
+        assert!(ids(&docs).is_superset(&ids(&render(&p, ""))), "{at}");
+        let ds: Vec<DaemonSet> = typed(&docs, "DaemonSet", &at);
+        assert_eq!(ds.len(), 1, "{at}");
+        assert_eq!(
+            installer_host_dirs(&ds[0]),
+            (conf.to_string(), bin.to_string()),
+            "{at}"
+        );
+        // The same dirs as the documented table row of that platform.
+        assert!(
+            install_md.lines().any(|l| l.starts_with('|')
+                && l.contains(label)
+                && l.contains(&format!("`{conf}`"))
+                && l.contains(&format!("`{bin}`"))),
+            "docs/install.md has no table row for {label} with `{conf}` and `{bin}`"
+        );
+        assert!(
+            install_md.contains(&format!("manifests/overlays/{dir}/")),
+            "docs/install.md does not mention manifests/overlays/{dir}/"
+        );
+    }
+}
+
+#[test]
+fn gke_overlay_admits_the_node_critical_installer() {
+    // GKE admits system-node-critical pods only in namespaces with a quota for that class.
+    let p = parse_all();
+    let docs = render(&p, "overlays/gke");
+    let ds: Vec<DaemonSet> = typed(&docs, "DaemonSet", "gke");
+    let quotas: Vec<ResourceQuota> = typed(&docs, "ResourceQuota", "gke");
+    assert_eq!(quotas.len(), 1);
+    let q = &quotas[0];
+    assert_eq!(q.metadata.namespace, ds[0].metadata.namespace);
+    let spec = q.spec.as_ref().unwrap();
+    let class = ds[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .priority_class_name
+        .clone()
+        .unwrap();
+    let sel = spec.scope_selector.as_ref().unwrap();
+    let expr = sel.match_expressions.as_ref().unwrap();
+    assert!(expr.iter().any(|e| e.scope_name == "PriorityClass"
+        && e.operator == "In"
+        && e.values.as_ref().is_some_and(|v| v.contains(&class))));
+    assert!(spec.hard.as_ref().unwrap().contains_key("pods"));
 }
