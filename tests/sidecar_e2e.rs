@@ -439,6 +439,28 @@ fn churn_10k_short_connections_all_proxied_none_stalls() {
     churn_check(&t.client.name, CLIENT_V4, sa(POD_V4, HTTP_PORT), &sc, &app);
 }
 
+/// The churn check with an upstream range of 100 odd ports starting at the fixed client ports:
+/// the port cursor then sweeps the fixed ports many times, usually during the warm-up too, so
+/// the check's "not yet used by the client" bookkeeping (issue 9.17) and the port book's
+/// avoidance of used ones are both exercised in every run rather than in ~2% of them.
+#[test]
+fn churn_upstream_range_over_the_fixed_client_ports() {
+    require_root!();
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
+    let sc = Sidecar::start(
+        &t.pod.name,
+        &[
+            "--mode",
+            "tproxy",
+            "--upstream-ports",
+            CHURN_NARROW_UPSTREAM_PORTS,
+        ],
+    );
+    churn_check(&t.client.name, CLIENT_V4, sa(POD_V4, HTTP_PORT), &sc, &app);
+}
+
 /// Keep-alive `GET /ip` on an open connection: the upstream port the app saw.
 fn upstream_port_keepalive(s: &mut TcpStream) -> io::Result<u16> {
     s.write_all(b"GET /ip HTTP/1.1\r\nHost: app\r\n\r\n")?;
