@@ -823,3 +823,70 @@ fn bench_wrk_direct_vs_sidecar() {
     let _ = sc.wait_exit(Duration::from_secs(5));
     bulk("direct");
 }
+
+/// Issue 9.10: SIGKILL mid-transfer. Both peers must see a reset, never a clean EOF that makes
+/// a cut-off upload or download look complete.
+#[test]
+fn killed_sidecar_resets_both_peers_mid_transfer() {
+    require_root!();
+    const PORT: u16 = 9200;
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 128; // 8 MiB each way, paced over ~2.5 s
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
+
+    /// Sends paced chunks while reading to the end; returns how reading ended.
+    fn both_ways(s: TcpStream) -> io::Result<usize> {
+        let mut w = s.try_clone()?;
+        std::thread::spawn(move || {
+            for _ in 0..CHUNKS {
+                if w.write_all(&[5u8; CHUNK]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = w.shutdown(std::net::Shutdown::Write);
+        });
+        let mut r = s;
+        r.set_read_timeout(Some(Duration::from_secs(10)))?;
+        io::copy(&mut r, &mut io::sink()).map(|n| n as usize)
+    }
+
+    // The app: one upload + download per connection.
+    let l = in_ns(&t.pod.name, || {
+        std::net::TcpListener::bind(("0.0.0.0", PORT)).expect("app bind")
+    });
+    let app = std::thread::spawn(move || {
+        let (s, _) = l.accept()?;
+        both_ways(s)
+    });
+    let (flowing_tx, flowing_rx) = std::sync::mpsc::channel();
+    let client = spawn_in_ns(&t.client.name, move || {
+        let s = TcpStream::connect_timeout(&sa(POD_V4, PORT), Duration::from_secs(3))?;
+        let mut first = [0u8; 1];
+        let mut r = s.try_clone()?;
+        r.read_exact(&mut first)?;
+        let _ = flowing_tx.send(());
+        both_ways(s).map(|n| n + 1)
+    });
+    flowing_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("bytes flowing");
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sc.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let _ = sc.wait_exit(Duration::from_secs(5));
+    for (who, r) in [
+        ("client", client.join().expect("client thread")),
+        ("app", app.join().expect("app thread")),
+    ] {
+        assert!(
+            matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+            "{who} saw {r:?} instead of a reset: a cut-off transfer looked complete"
+        );
+    }
+}

@@ -184,6 +184,8 @@ async fn serve(
     c: &mut Conn,
 ) -> ((u64, u64), EndReason) {
     sockopt::set_nodelay(down);
+    // Dying before the relay ends must reset the client, not close it cleanly (relay.rs).
+    sockopt::reset_on_close(down);
     let v6 = c.local.0.is_ipv6();
     let orig = match role {
         // TPROXY keeps the packet's destination: the accepted socket's own address.

@@ -132,6 +132,11 @@ pub fn reset_on_close<S: AsFd>(stream: &S) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Undoes `reset_on_close`: the next close sends a FIN after the queued bytes, as usual.
+pub fn linger_normally<S: AsFd>(stream: &S) {
+    let _ = SockRef::from(stream).set_linger(None);
+}
+
 /// Half-closes our sending side: the peer reads EOF but may still send.
 pub fn shutdown_write<S: AsFd>(stream: &S) -> io::Result<()> {
     match SockRef::from(stream).shutdown(Shutdown::Write) {
