@@ -121,15 +121,24 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
             None
         }
     };
-    match sockopt::raise_nofile() {
-        Ok(n) if n < (cfg.max_connections as u64) * 6 + 64 => eprintln!(
-            "tproxy-sidecar: open-file limit {n} is below what --max-connections {} needs \
-             (6 per connection); accepts will back off when it runs out",
+    let slots = match sockopt::raise_nofile() {
+        Ok(n) => {
+            let slots = connection_budget(cfg.max_connections, n);
+            if slots < cfg.max_connections {
+                eprintln!(
+                    "tproxy-sidecar: open-file limit {n} fits {slots} connections \
+                     ({FDS_PER_CONNECTION} descriptors each, {FD_RESERVE} kept for the admin \
+                     port and housekeeping); serving at most {slots}, not --max-connections {}",
+                    cfg.max_connections
+                );
+            }
+            slots
+        }
+        Err(e) => {
+            eprintln!("tproxy-sidecar: cannot read or raise the open-file limit: {e}");
             cfg.max_connections
-        ),
-        Ok(_) => {}
-        Err(e) => eprintln!("tproxy-sidecar: cannot raise the open-file limit: {e}"),
-    }
+        }
+    };
     let log = accesslog::AccessLog::open(&cfg.access_log).map_err(SidecarError::AccessLog)?;
     let ports = ports::PortBook::new(cfg.upstream_ports, cfg.port_linger)
         .ok_or(SidecarError::NoUpstreamPorts)?;
@@ -137,7 +146,25 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(cfg, mode, mark, log, ports))
+    rt.block_on(serve(cfg, mode, mark, log, ports, slots))
+}
+
+/// Descriptors each relayed connection may hold: two sockets and two splice pipes.
+pub const FDS_PER_CONNECTION: u64 = 6;
+/// Descriptors kept out of the connection budget: stdio, the access log, the listeners, one
+/// accepted connection per listener waiting for a slot, the admin port's connections
+/// (`admin::MAX_CONCURRENT`), a netlink socket for the readiness check, and slack.
+pub const FD_RESERVE: u64 = 64;
+
+/// Connection slots that fit the open-file limit `nofile`: with every slot in use the
+/// process still has `FD_RESERVE` descriptors, so the admin port keeps answering probes and
+/// accepts never fail with EMFILE (issue 9.11). At least one.
+pub fn connection_budget(max_connections: usize, nofile: u64) -> usize {
+    let fit = nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
+    usize::try_from(fit)
+        .unwrap_or(usize::MAX)
+        .min(max_connections)
+        .max(1)
 }
 
 /// Binds `port` on 0.0.0.0 and [::]. IPv6 may be absent from the pod (disabled by sysctl): that
@@ -172,9 +199,11 @@ async fn serve(
     mark: Option<u32>,
     log: accesslog::AccessLog,
     ports: ports::PortBook,
+    slots: usize,
 ) -> Result<(), SidecarError> {
     let health = Arc::new(admin::Health::default());
     let metrics = Arc::new(metrics::Metrics::default());
+    metrics.set_limit(slots);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin port outlives the drain: liveness stays 200 and readiness says 503 meanwhile.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -193,15 +222,19 @@ async fn serve(
     }
     let mut listeners = Vec::new();
     for l in bind_pair(cfg.inbound_port, mode == InboundMode::Tproxy)? {
+        let l = Arc::new(l);
+        metrics.add_listener("inbound", &l);
         listeners.push((l, Role::Inbound(mode)));
     }
     if let Some(p) = cfg.outbound_port {
         for l in bind_pair(p, false)? {
+            let l = Arc::new(l);
+            metrics.add_listener("outbound", &l);
             listeners.push((l, Role::Outbound));
         }
     }
 
-    let max = cfg.max_connections;
+    let max = slots;
     let permits = Arc::new(Semaphore::new(max));
     let drain_timeout = cfg.drain_timeout;
     eprintln!(
@@ -222,6 +255,8 @@ async fn serve(
         hard_stop: hard_rx,
         mode,
         outbound_ports: Arc::default(),
+        sources: Arc::default(),
+        error_log: std::sync::Mutex::new(proxy::RateLimit::new(Duration::from_secs(10))),
     });
     let accept_tasks: Vec<_> = listeners
         .into_iter()
@@ -278,6 +313,15 @@ mod tests {
             config::Parsed::Run(c) => *c,
             config::Parsed::Help => unreachable!(),
         }
+    }
+
+    #[test]
+    fn connection_budget_fits_the_open_file_limit() {
+        assert_eq!(connection_budget(4096, 1 << 20), 4096);
+        // `ulimit -n 256`: (256 - 64) / 6.
+        assert_eq!(connection_budget(4096, 256), 32);
+        assert_eq!(connection_budget(10, 256), 10);
+        assert_eq!(connection_budget(4096, 10), 1);
     }
 
     #[test]

@@ -890,3 +890,135 @@ fn killed_sidecar_resets_both_peers_mid_transfer() {
         );
     }
 }
+
+/// A metric's value from a `/metrics` body (the line `NAME VALUE`, labels included in NAME).
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Issues 9.11 and 9.12: with `ulimit -n 256` and 1,000 idle clients the admin port keeps
+/// answering, EMFILE never happens (slots fit the descriptors), and the saturation is visible:
+/// /ready 503 "saturated", the slot gauges at the limit, the accept queue in /metrics.
+#[test]
+fn fd_limit_keeps_admin_answering_and_shows_saturation() {
+    require_root!();
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT]);
+    // Stands in for a container runtime that sets RLIMIT_NOFILE to 256 (soft and hard).
+    let sc = Sidecar::spawn(
+        &t.pod.name,
+        "prlimit --nofile=256:256",
+        &["--mode", "tproxy"],
+    );
+    sc.wait_ready();
+    let clients: Vec<TcpStream> = in_ns(&t.client.name, || {
+        (0..1000)
+            .map(|_| {
+                TcpStream::connect_timeout(&sa(POD_V4, ECHO_PORT), Duration::from_secs(3))
+                    .expect("handshake (the kernel completes it before accept)")
+            })
+            .collect()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let mut last = String::new();
+    while t0.elapsed() < Duration::from_secs(2) {
+        let (code, _) = admin_get(&t.pod.name, "/healthz").expect("/healthz answers at the limit");
+        assert_eq!(code, 200);
+        let (code, body) = admin_get(&t.pod.name, "/ready").expect("/ready answers at the limit");
+        assert_eq!((code, body.as_str()), (503, "saturated\n"));
+        let (code, m) = admin_get(&t.pod.name, "/metrics").expect("/metrics answers");
+        assert_eq!(code, 200);
+        last = m;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // (256 - 64 reserved) / 6 descriptors per connection.
+    assert_eq!(
+        metric(&last, "tproxy_sidecar_connections_limit"),
+        Some(32.0),
+        "{last}"
+    );
+    assert_eq!(
+        metric(&last, "tproxy_sidecar_connections_in_use"),
+        Some(32.0),
+        "{last}"
+    );
+    let queued = metric(
+        &last,
+        "tproxy_sidecar_accept_queue{listener=\"inbound\",family=\"ipv4\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(queued >= 900.0, "accept queue {queued}: {last}");
+    assert_eq!(
+        metric(&last, "tproxy_sidecar_fd_exhausted_total"),
+        Some(0.0)
+    );
+    let err = sc.stderr();
+    assert!(
+        err.lines().count() < 5 && !err.contains("Too many open files"),
+        "{err}"
+    );
+
+    // Clients gone: the backlog drains and the sidecar is ready again.
+    drop(clients);
+    let t0 = Instant::now();
+    while admin_get(&t.pod.name, "/ready").map(|r| r.0).unwrap_or(0) != 200 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "not ready again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("serving again");
+    assert_eq!(r.origin, CLIENT_V4);
+}
+
+/// Issue 9.12: `--max-connections-per-source` resets a client IP's connections beyond the cap
+/// at once (flag RL, counted), instead of letting one IP take every slot.
+#[test]
+fn per_source_cap_resets_the_excess_and_counts_it() {
+    require_root!();
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT]);
+    let sc = Sidecar::start(
+        &t.pod.name,
+        &["--mode", "tproxy", "--max-connections-per-source", "2"],
+    );
+    let (held, third) = in_ns(&t.client.name, || {
+        let held: Vec<TcpStream> = (0..2)
+            .map(|_| {
+                let mut s = TcpStream::connect(sa(POD_V4, ECHO_PORT)).expect("conn");
+                s.set_read_timeout(Some(Duration::from_secs(3)))
+                    .expect("timeout");
+                s.write_all(b"x").expect("w");
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).expect("echoed");
+                s
+            })
+            .collect();
+        let mut s = TcpStream::connect(sa(POD_V4, ECHO_PORT)).expect("third");
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let _ = s.write_all(b"x");
+        let mut b = [0u8; 1];
+        (held, s.read(&mut b))
+    });
+    assert!(
+        matches!(&third, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "{third:?}"
+    );
+    let (_, m) = admin_get(&t.pod.name, "/metrics").expect("metrics");
+    assert_eq!(
+        metric(&m, "tproxy_sidecar_per_source_rejected_total"),
+        Some(1.0),
+        "{m}"
+    );
+    let log = sc.wait_log(1, Duration::from_secs(5));
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["response_flags"], "RL");
+    // One closed: that IP may connect again.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("below the cap again");
+    assert_eq!(r.origin, CLIENT_V4);
+}

@@ -45,6 +45,8 @@ pub struct Outcome {
 enum Side {
     Downstream,
     Upstream,
+    /// The relay itself: no descriptors left for the splice pipe.
+    Local,
 }
 
 /// Relays until both directions reached EOF, one side failed, the connection idled for
@@ -123,6 +125,7 @@ pub async fn relay(
                 match side {
                     Side::Downstream => EndReason::DownstreamTermination,
                     Side::Upstream => EndReason::UpstreamTermination,
+                    Side::Local => EndReason::Overloaded,
                 }
             }
         },
@@ -273,7 +276,7 @@ async fn pump(
     }
 
     // Splice phase (bulk). Out of descriptors for the pipe: fail loudly, not silently slow.
-    let pipe = Pipe::new(pipe_size).map_err(|_| src_side)?;
+    let pipe = Pipe::new(pipe_size).map_err(|_| Side::Local)?;
     loop {
         // The pipe is always empty here, so a full-capacity splice cannot block on the pipe:
         // EAGAIN can only mean "socket has no data", which is what the readiness wait expects.
