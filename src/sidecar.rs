@@ -18,6 +18,7 @@ pub mod addr;
 pub mod admin;
 pub mod config;
 pub mod metrics;
+pub mod netcheck;
 pub mod ports;
 pub mod proxy;
 pub mod relay;
@@ -61,15 +62,27 @@ pub enum SidecarError {
     Io(#[from] io::Error),
 }
 
+/// The inbound mode to serve, and whether the plugin diverts traffic to us at all (not in mode
+/// `none`), i.e. whether readiness should check that the netns is programmed (`netcheck`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub mode: InboundMode,
+    pub diverted: bool,
+}
+
 /// Decides the inbound mode. `auto` reads the pod's annotations (downward-API file) through the
 /// plugin's own policy code, so sidecar and plugin cannot disagree; without a file, tproxy.
 pub fn resolve_mode(
     cfg: &Config,
     read: impl Fn(&Path) -> io::Result<String>,
-) -> Result<InboundMode, SidecarError> {
+) -> Result<Resolved, SidecarError> {
+    let diverted = |mode| Resolved {
+        mode,
+        diverted: true,
+    };
     let ModeFlag::Fixed(m) = cfg.mode else {
         let Some(path) = &cfg.annotations_file else {
-            return Ok(InboundMode::Tproxy);
+            return Ok(diverted(InboundMode::Tproxy));
         };
         let bad = |reason: String| SidecarError::Annotations {
             path: path.display().to_string(),
@@ -84,24 +97,27 @@ pub fn resolve_mode(
         let policy =
             PodPolicy::from_annotations(&ann, &defaults).map_err(|e| bad(e.to_string()))?;
         return Ok(match policy.mode {
-            Mode::Tproxy => InboundMode::Tproxy,
-            Mode::Redirect => InboundMode::Redirect,
+            Mode::Tproxy => diverted(InboundMode::Tproxy),
+            Mode::Redirect => diverted(InboundMode::Redirect),
             // Nothing is diverted to us; serve redirect, which needs no extra privilege.
             Mode::None => {
                 eprintln!(
                     "tproxy-sidecar: pod annotations say mode none: the plugin diverts nothing; \
                      serving redirect mode"
                 );
-                InboundMode::Redirect
+                Resolved {
+                    mode: InboundMode::Redirect,
+                    diverted: false,
+                }
             }
         });
     };
-    Ok(m)
+    Ok(diverted(m))
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT and the drain that follows.
 pub fn run(cfg: Config) -> Result<(), SidecarError> {
-    let mode = resolve_mode(&cfg, |p| std::fs::read_to_string(p))?;
+    let Resolved { mode, diverted } = resolve_mode(&cfg, |p| std::fs::read_to_string(p))?;
 
     // Fail early, with the fix in the message, instead of failing every connection later.
     let mark = match sockopt::probe(cfg.mark, mode == InboundMode::Tproxy) {
@@ -146,7 +162,10 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(cfg, mode, mark, log, ports, slots))
+    // Checked with the configured mark even when SO_MARK is unavailable to us: it is the mark
+    // the plugin was told to route.
+    let checker = diverted.then(|| netcheck::Checker::new(mode, cfg.mark));
+    rt.block_on(serve(cfg, mode, mark, log, ports, slots, checker))
 }
 
 /// Descriptors each relayed connection may hold: two sockets and two splice pipes.
@@ -200,8 +219,16 @@ async fn serve(
     log: accesslog::AccessLog,
     ports: ports::PortBook,
     slots: usize,
+    checker: Option<netcheck::Checker>,
 ) -> Result<(), SidecarError> {
-    let health = Arc::new(admin::Health::default());
+    // Said at start (the log line names the likely cause); `/ready` asks again.
+    if let Some(c) = &checker {
+        let _ = c.ready();
+    }
+    let health = Arc::new(admin::Health {
+        intercepted: checker,
+        ..admin::Health::default()
+    });
     let metrics = Arc::new(metrics::Metrics::default());
     metrics.set_limit(slots);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -328,14 +355,26 @@ mod tests {
     fn auto_mode_follows_annotations() {
         let c = cfg(&["--mode", "auto", "--annotations-file", "/x"]);
         let m = |text: &'static str| resolve_mode(&c, move |_| Ok(text.to_string()));
-        assert_eq!(m("").unwrap(), InboundMode::Tproxy);
+        let on = |mode| Resolved {
+            mode,
+            diverted: true,
+        };
+        assert_eq!(m("").unwrap(), on(InboundMode::Tproxy));
         assert_eq!(
             m("tproxy-cni.io/mode=\"redirect\"\n").unwrap(),
-            InboundMode::Redirect
+            on(InboundMode::Redirect)
         );
         assert_eq!(
             m("sidecar.istio.io/interceptionMode=\"TPROXY\"\n").unwrap(),
-            InboundMode::Tproxy
+            on(InboundMode::Tproxy)
+        );
+        // Mode none: nothing diverted, so nothing to verify.
+        assert_eq!(
+            m("tproxy-cni.io/mode=\"none\"\n").unwrap(),
+            Resolved {
+                mode: InboundMode::Redirect,
+                diverted: false
+            }
         );
         let e = m("tproxy-cni.io/mode=\"sideways\"\n").unwrap_err();
         assert!(e.to_string().contains("tproxy-cni.io/mode"), "{e}");
@@ -345,11 +384,11 @@ mod tests {
         let fixed = cfg(&["--mode", "redirect", "--annotations-file", "/x"]);
         assert_eq!(
             resolve_mode(&fixed, |_| panic!("not read")).unwrap(),
-            InboundMode::Redirect
+            on(InboundMode::Redirect)
         );
         assert_eq!(
             resolve_mode(&cfg(&[]), |_| panic!()).unwrap(),
-            InboundMode::Tproxy
+            on(InboundMode::Tproxy)
         );
     }
 }

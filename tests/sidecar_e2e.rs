@@ -1022,3 +1022,70 @@ fn per_source_cap_resets_the_excess_and_counts_it() {
     let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("below the cap again");
     assert_eq!(r.origin, CLIENT_V4);
 }
+
+/// Polls `/ready` until it returns `code` (the admin port may not be up yet); returns the body.
+fn wait_ready_code(ns: &str, code: u16, within: Duration) -> String {
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < within {
+        match admin_get(ns, "/ready") {
+            Ok((c, body)) if c == code => return body,
+            r => last = Some(r),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("/ready never returned {code}; last {last:?}");
+}
+
+/// Issue 9.14: a sidecar whose pod netns the plugin never programmed (the pod started before
+/// the plugin was chained) stays not-ready and says why; once the rules appear it turns ready,
+/// and it notices when they go away again. Tproxy mode (fwmark rule + local route, as uid 1337
+/// with only NET_RAW: rtnetlink needs no privilege) and redirect mode (`::6` on lo).
+#[test]
+fn not_ready_until_the_netns_is_programmed_for_the_mode() {
+    require_root!();
+    let t = Topo::new();
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
+    let sc = Sidecar::spawn(&t.pod.name, AS_PROXY_WITH_NET_RAW, &["--mode", "tproxy"]);
+    let body = wait_ready_code(&t.pod.name, 503, Duration::from_secs(10));
+    assert!(
+        body.starts_with("not intercepted: no ipv4 policy rule sends fwmark 0x7470"),
+        "{body}"
+    );
+    // Not a start-up blip: still 503 a while later.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(admin_get(&t.pod.name, "/ready").expect("ready").0, 503);
+    assert_eq!(admin_get(&t.pod.name, "/healthz").expect("healthz").0, 200);
+    let err = sc.stderr();
+    assert!(
+        err.contains("not ready") && err.contains("started before tproxy-cni was chained"),
+        "{err}"
+    );
+    program_rules(&t.pod, &Rules::default());
+    wait_ready_code(&t.pod.name, 200, Duration::from_secs(5));
+    let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("proxied");
+    assert_eq!(
+        (r.origin.as_str(), r.port != r.local_port),
+        (CLIENT_V4, true)
+    );
+    assert!(sc.stderr().contains("interception rules found"));
+    // The IPv6 rule is required too in this dual-stack pod.
+    t.pod.sh("ip -6 rule del fwmark 0x7470 lookup 29808");
+    let body = wait_ready_code(&t.pod.name, 503, Duration::from_secs(5));
+    assert!(body.contains("no ipv6 policy rule"), "{body}");
+    drop(sc);
+
+    // Redirect mode: `::6` on lo is what an unprivileged sidecar can see of the plugin's work.
+    let t = Topo::new();
+    let _sc = Sidecar::spawn(&t.pod.name, "", &["--mode", "redirect"]);
+    let body = wait_ready_code(&t.pod.name, 503, Duration::from_secs(10));
+    assert!(body.contains("::6 is not on lo"), "{body}");
+    program_rules(
+        &t.pod,
+        &Rules {
+            redirect: true,
+            ..Rules::default()
+        },
+    );
+    wait_ready_code(&t.pod.name, 200, Duration::from_secs(5));
+}

@@ -21,6 +21,9 @@ pub struct Health {
     pub ready: AtomicBool,
     /// Set at SIGTERM: readiness turns 503 so nothing new is routed here while draining.
     pub draining: AtomicBool,
+    /// Verifies that the pod's netns is programmed for our mode; `None` when nothing is
+    /// diverted to us (mode none).
+    pub intercepted: Option<super::netcheck::Checker>,
 }
 
 /// Admin connections served at once; more wait in the accept queue. Bounded so that a flood
@@ -92,6 +95,12 @@ async fn answer(mut s: TcpStream, health: &Health, metrics: &Metrics) -> std::io
                 ("503 Service Unavailable", "text/plain", "draining\n".into())
             } else if !health.ready.load(Ordering::Relaxed) {
                 ("503 Service Unavailable", "text/plain", "starting\n".into())
+            } else if let Some(Err(what)) = health.intercepted.as_ref().map(|c| c.ready()) {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!("not intercepted: {what}\n"),
+                )
             } else if metrics.saturated() {
                 // Every slot taken: a new connection would wait in the accept queue, so ask
                 // the Service to send it elsewhere. Liveness stays 200: busy is not broken.
