@@ -19,7 +19,7 @@
 //! Both legs carry `SO_LINGER` 0 for as long as the relay runs, and get the normal linger back
 //! only once both directions ended with a FIN: if the process dies mid-transfer (SIGKILL, OOM
 //! kill), the kernel then closes both legs with a reset instead of a FIN, and neither peer can
-//! mistake a cut-off transfer for a complete one (pitfall 16).
+//! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
