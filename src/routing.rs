@@ -127,7 +127,7 @@ impl Rtnl {
     }
 
     /// Sends one request and collects replies until ACK/error (or DONE for dumps).
-    fn request(
+    pub(crate) fn request(
         &mut self,
         msg: RouteNetlinkMessage,
         flags: u16,

@@ -18,6 +18,7 @@ pub mod addr;
 pub mod admin;
 pub mod config;
 pub mod metrics;
+pub mod netcheck;
 pub mod ports;
 pub mod proxy;
 pub mod relay;
@@ -61,15 +62,27 @@ pub enum SidecarError {
     Io(#[from] io::Error),
 }
 
+/// The inbound mode to serve, and whether the plugin diverts traffic to us at all (not in mode
+/// `none`), i.e. whether readiness should check that the netns is programmed (`netcheck`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolved {
+    pub mode: InboundMode,
+    pub diverted: bool,
+}
+
 /// Decides the inbound mode. `auto` reads the pod's annotations (downward-API file) through the
 /// plugin's own policy code, so sidecar and plugin cannot disagree; without a file, tproxy.
 pub fn resolve_mode(
     cfg: &Config,
     read: impl Fn(&Path) -> io::Result<String>,
-) -> Result<InboundMode, SidecarError> {
+) -> Result<Resolved, SidecarError> {
+    let diverted = |mode| Resolved {
+        mode,
+        diverted: true,
+    };
     let ModeFlag::Fixed(m) = cfg.mode else {
         let Some(path) = &cfg.annotations_file else {
-            return Ok(InboundMode::Tproxy);
+            return Ok(diverted(InboundMode::Tproxy));
         };
         let bad = |reason: String| SidecarError::Annotations {
             path: path.display().to_string(),
@@ -84,24 +97,27 @@ pub fn resolve_mode(
         let policy =
             PodPolicy::from_annotations(&ann, &defaults).map_err(|e| bad(e.to_string()))?;
         return Ok(match policy.mode {
-            Mode::Tproxy => InboundMode::Tproxy,
-            Mode::Redirect => InboundMode::Redirect,
+            Mode::Tproxy => diverted(InboundMode::Tproxy),
+            Mode::Redirect => diverted(InboundMode::Redirect),
             // Nothing is diverted to us; serve redirect, which needs no extra privilege.
             Mode::None => {
                 eprintln!(
                     "tproxy-sidecar: pod annotations say mode none: the plugin diverts nothing; \
                      serving redirect mode"
                 );
-                InboundMode::Redirect
+                Resolved {
+                    mode: InboundMode::Redirect,
+                    diverted: false,
+                }
             }
         });
     };
-    Ok(m)
+    Ok(diverted(m))
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT and the drain that follows.
 pub fn run(cfg: Config) -> Result<(), SidecarError> {
-    let mode = resolve_mode(&cfg, |p| std::fs::read_to_string(p))?;
+    let Resolved { mode, diverted } = resolve_mode(&cfg, |p| std::fs::read_to_string(p))?;
 
     // Fail early, with the fix in the message, instead of failing every connection later.
     let mark = match sockopt::probe(cfg.mark, mode == InboundMode::Tproxy) {
@@ -121,15 +137,24 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
             None
         }
     };
-    match sockopt::raise_nofile() {
-        Ok(n) if n < (cfg.max_connections as u64) * 6 + 64 => eprintln!(
-            "tproxy-sidecar: open-file limit {n} is below what --max-connections {} needs \
-             (6 per connection); accepts will back off when it runs out",
+    let slots = match sockopt::raise_nofile() {
+        Ok(n) => {
+            let slots = connection_budget(cfg.max_connections, n);
+            if slots < cfg.max_connections {
+                eprintln!(
+                    "tproxy-sidecar: open-file limit {n} fits {slots} connections \
+                     ({FDS_PER_CONNECTION} descriptors each, {FD_RESERVE} kept for the admin \
+                     port and housekeeping); serving at most {slots}, not --max-connections {}",
+                    cfg.max_connections
+                );
+            }
+            slots
+        }
+        Err(e) => {
+            eprintln!("tproxy-sidecar: cannot read or raise the open-file limit: {e}");
             cfg.max_connections
-        ),
-        Ok(_) => {}
-        Err(e) => eprintln!("tproxy-sidecar: cannot raise the open-file limit: {e}"),
-    }
+        }
+    };
     let log = accesslog::AccessLog::open(&cfg.access_log).map_err(SidecarError::AccessLog)?;
     let ports = ports::PortBook::new(cfg.upstream_ports, cfg.port_linger)
         .ok_or(SidecarError::NoUpstreamPorts)?;
@@ -137,7 +162,28 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(cfg, mode, mark, log, ports))
+    // Checked with the configured mark even when SO_MARK is unavailable to us: it is the mark
+    // the plugin was told to route.
+    let checker = diverted.then(|| netcheck::Checker::new(mode, cfg.mark));
+    rt.block_on(serve(cfg, mode, mark, log, ports, slots, checker))
+}
+
+/// Descriptors each relayed connection may hold: two sockets and two splice pipes.
+pub const FDS_PER_CONNECTION: u64 = 6;
+/// Descriptors kept out of the connection budget: stdio, the access log, the listeners, one
+/// accepted connection per listener waiting for a slot, the admin port's connections
+/// (`admin::MAX_CONCURRENT`), a netlink socket for the readiness check, and slack.
+pub const FD_RESERVE: u64 = 64;
+
+/// Connection slots that fit the open-file limit `nofile`: with every slot in use the
+/// process still has `FD_RESERVE` descriptors, so the admin port keeps answering probes and
+/// accepts never fail with EMFILE (issue 9.11). At least one.
+pub fn connection_budget(max_connections: usize, nofile: u64) -> usize {
+    let fit = nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
+    usize::try_from(fit)
+        .unwrap_or(usize::MAX)
+        .min(max_connections)
+        .max(1)
 }
 
 /// Binds `port` on 0.0.0.0 and [::]. IPv6 may be absent from the pod (disabled by sysctl): that
@@ -172,9 +218,19 @@ async fn serve(
     mark: Option<u32>,
     log: accesslog::AccessLog,
     ports: ports::PortBook,
+    slots: usize,
+    checker: Option<netcheck::Checker>,
 ) -> Result<(), SidecarError> {
-    let health = Arc::new(admin::Health::default());
+    // Said at start (the log line names the likely cause); `/ready` asks again.
+    if let Some(c) = &checker {
+        let _ = c.ready();
+    }
+    let health = Arc::new(admin::Health {
+        intercepted: checker,
+        ..admin::Health::default()
+    });
     let metrics = Arc::new(metrics::Metrics::default());
+    metrics.set_limit(slots);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin port outlives the drain: liveness stays 200 and readiness says 503 meanwhile.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -193,15 +249,19 @@ async fn serve(
     }
     let mut listeners = Vec::new();
     for l in bind_pair(cfg.inbound_port, mode == InboundMode::Tproxy)? {
+        let l = Arc::new(l);
+        metrics.add_listener("inbound", &l);
         listeners.push((l, Role::Inbound(mode)));
     }
     if let Some(p) = cfg.outbound_port {
         for l in bind_pair(p, false)? {
+            let l = Arc::new(l);
+            metrics.add_listener("outbound", &l);
             listeners.push((l, Role::Outbound));
         }
     }
 
-    let max = cfg.max_connections;
+    let max = slots;
     let permits = Arc::new(Semaphore::new(max));
     let drain_timeout = cfg.drain_timeout;
     eprintln!(
@@ -222,6 +282,8 @@ async fn serve(
         hard_stop: hard_rx,
         mode,
         outbound_ports: Arc::default(),
+        sources: Arc::default(),
+        error_log: std::sync::Mutex::new(proxy::RateLimit::new(Duration::from_secs(10))),
     });
     let accept_tasks: Vec<_> = listeners
         .into_iter()
@@ -281,17 +343,38 @@ mod tests {
     }
 
     #[test]
+    fn connection_budget_fits_the_open_file_limit() {
+        assert_eq!(connection_budget(4096, 1 << 20), 4096);
+        // `ulimit -n 256`: (256 - 64) / 6.
+        assert_eq!(connection_budget(4096, 256), 32);
+        assert_eq!(connection_budget(10, 256), 10);
+        assert_eq!(connection_budget(4096, 10), 1);
+    }
+
+    #[test]
     fn auto_mode_follows_annotations() {
         let c = cfg(&["--mode", "auto", "--annotations-file", "/x"]);
         let m = |text: &'static str| resolve_mode(&c, move |_| Ok(text.to_string()));
-        assert_eq!(m("").unwrap(), InboundMode::Tproxy);
+        let on = |mode| Resolved {
+            mode,
+            diverted: true,
+        };
+        assert_eq!(m("").unwrap(), on(InboundMode::Tproxy));
         assert_eq!(
             m("tproxy-cni.io/mode=\"redirect\"\n").unwrap(),
-            InboundMode::Redirect
+            on(InboundMode::Redirect)
         );
         assert_eq!(
             m("sidecar.istio.io/interceptionMode=\"TPROXY\"\n").unwrap(),
-            InboundMode::Tproxy
+            on(InboundMode::Tproxy)
+        );
+        // Mode none: nothing diverted, so nothing to verify.
+        assert_eq!(
+            m("tproxy-cni.io/mode=\"none\"\n").unwrap(),
+            Resolved {
+                mode: InboundMode::Redirect,
+                diverted: false
+            }
         );
         let e = m("tproxy-cni.io/mode=\"sideways\"\n").unwrap_err();
         assert!(e.to_string().contains("tproxy-cni.io/mode"), "{e}");
@@ -301,11 +384,11 @@ mod tests {
         let fixed = cfg(&["--mode", "redirect", "--annotations-file", "/x"]);
         assert_eq!(
             resolve_mode(&fixed, |_| panic!("not read")).unwrap(),
-            InboundMode::Redirect
+            on(InboundMode::Redirect)
         );
         assert_eq!(
             resolve_mode(&cfg(&[]), |_| panic!()).unwrap(),
-            InboundMode::Tproxy
+            on(InboundMode::Tproxy)
         );
     }
 }

@@ -29,6 +29,12 @@ pub enum EndReason {
     /// `NR`: no route: the connection was addressed to the sidecar itself, or its original
     /// destination could not be read (Envoy's "no route" flag).
     NoRoute,
+    /// `OM`: out of file descriptors for the upstream socket or the relay's pipe (Envoy's
+    /// "overload manager" flag: the proxy itself lacked resources).
+    Overloaded,
+    /// `RL`: the client's IP already held `--max-connections-per-source` (Envoy's "rate
+    /// limited" flag).
+    SourceLimited,
 }
 
 impl EndReason {
@@ -42,6 +48,8 @@ impl EndReason {
             EndReason::IdleTimeout => "SI",
             EndReason::Drained => "DR",
             EndReason::NoRoute => "NR",
+            EndReason::Overloaded => "OM",
+            EndReason::SourceLimited => "RL",
         }
     }
 }

@@ -21,7 +21,14 @@ pub struct Health {
     pub ready: AtomicBool,
     /// Set at SIGTERM: readiness turns 503 so nothing new is routed here while draining.
     pub draining: AtomicBool,
+    /// Verifies that the pod's netns is programmed for our mode; `None` when nothing is
+    /// diverted to us (mode none).
+    pub intercepted: Option<super::netcheck::Checker>,
 }
+
+/// Admin connections served at once; more wait in the accept queue. Bounded so that a flood
+/// of probes or scrapes cannot eat the descriptors kept for it (sidecar.rs, `FD_RESERVE`).
+pub const MAX_CONCURRENT: usize = 16;
 
 /// Serves until `stop` turns true.
 pub async fn serve(
@@ -31,10 +38,15 @@ pub async fn serve(
     stop: watch::Receiver<bool>,
 ) {
     let mut tasks = Vec::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     for l in listeners {
         let (h, m, mut stop) = (health.clone(), metrics.clone(), stop.clone());
+        let slots = slots.clone();
         tasks.push(tokio::spawn(async move {
             loop {
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
                 let accepted = tokio::select! {
                     r = l.accept() => r,
                     _ = stop.wait_for(|v| *v) => return,
@@ -43,6 +55,7 @@ pub async fn serve(
                     Ok((s, _)) => {
                         let (h, m) = (h.clone(), m.clone());
                         tokio::spawn(async move {
+                            let _slot = slot;
                             let _ = tokio::time::timeout(Duration::from_secs(5), answer(s, &h, &m))
                                 .await;
                         });
@@ -80,10 +93,24 @@ async fn answer(mut s: TcpStream, health: &Health, metrics: &Metrics) -> std::io
         ("GET" | "HEAD", "/ready") => {
             if health.draining.load(Ordering::Relaxed) {
                 ("503 Service Unavailable", "text/plain", "draining\n".into())
-            } else if health.ready.load(Ordering::Relaxed) {
-                ("200 OK", "text/plain", "ready\n".into())
-            } else {
+            } else if !health.ready.load(Ordering::Relaxed) {
                 ("503 Service Unavailable", "text/plain", "starting\n".into())
+            } else if let Some(Err(what)) = health.intercepted.as_ref().map(|c| c.ready()) {
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    format!("not intercepted: {what}\n"),
+                )
+            } else if metrics.saturated() {
+                // Every slot taken: a new connection would wait in the accept queue, so ask
+                // the Service to send it elsewhere. Liveness stays 200: busy is not broken.
+                (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "saturated\n".into(),
+                )
+            } else {
+                ("200 OK", "text/plain", "ready\n".into())
             }
         }
         ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),

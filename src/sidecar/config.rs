@@ -59,6 +59,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub max_connections: usize,
+    /// `None`: no per-source cap.
+    pub max_connections_per_source: Option<usize>,
     pub upstream_ports: PortRange,
     pub port_linger: Duration,
     pub pipe_size: usize,
@@ -105,7 +107,8 @@ const SPECS: &[Spec] = &[
     Spec { flag: "connect-timeout", default: "5s", help: "upstream connect timeout (ms, s, m, h; bare number = seconds)" },
     Spec { flag: "idle-timeout", default: "1h", help: "close a connection with no bytes either way for this long (Envoy's TCP default)" },
     Spec { flag: "drain-timeout", default: "20s", help: "on SIGTERM/SIGINT: stop accepting, wait this long for in-flight connections" },
-    Spec { flag: "max-connections", default: "4096", help: "concurrent connections; beyond it new ones wait in the kernel accept queue" },
+    Spec { flag: "max-connections", default: "4096", help: "concurrent connections (lowered to fit the open-file limit, 6 fds each); beyond it new ones wait in the kernel accept queue and /ready says 503" },
+    Spec { flag: "max-connections-per-source", default: "0", help: "concurrent connections from one client IP; more are reset (flag RL); 0 = no cap (traffic through gateways or SNAT shares one IP)" },
     Spec { flag: "upstream-ports", default: "1024-32767", help: "tproxy upstream source ports (odd ones are used; below Linux/Windows client ephemeral ranges)" },
     Spec { flag: "port-linger", default: "120s", help: "how long a closed client port stays excluded from upstream use (conntrack TIME_WAIT)" },
     Spec { flag: "pipe-size", default: "65536", help: "splice pipe capacity per direction, bytes (kernel rounds to pages)" },
@@ -275,6 +278,10 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
         idle_timeout: dur("idle-timeout")?,
         drain_timeout: dur("drain-timeout")?,
         max_connections: count("max-connections", 1 << 20)?,
+        max_connections_per_source: match get("max-connections-per-source").0.trim() {
+            "0" => None,
+            _ => Some(count("max-connections-per-source", 1 << 20)?),
+        },
         upstream_ports,
         port_linger: dur("port-linger")?,
         pipe_size: count("pipe-size", 1 << 24)?,
@@ -381,6 +388,18 @@ mod tests {
         assert!(run(&["--admin-port", "15006"], &[]).is_err());
         assert!(run(&["--upstream-ports", "4-4"], &[]).is_err());
         assert!(run(&["--max-connections", "0"], &[]).is_err());
+        let e = run(&["--max-connections-per-source", "-1"], &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("--max-connections-per-source"),
+            "{e}"
+        );
+        assert_eq!(run(&[], &[]).unwrap().max_connections_per_source, None);
+        assert_eq!(
+            run(&["--max-connections-per-source", "8"], &[])
+                .unwrap()
+                .max_connections_per_source,
+            Some(8)
+        );
         assert!(run(&["--inbound-port", "99999"], &[]).is_err());
     }
 

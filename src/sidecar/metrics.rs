@@ -52,6 +52,40 @@ struct PerDir {
 #[derive(Debug, Default)]
 pub struct Metrics {
     dirs: [PerDir; 2],
+    /// Connection slots: `--max-connections`, lowered to what the open-file limit allows.
+    limit: AtomicU64,
+    /// Slots taken (connections being served, whichever listener).
+    in_use: AtomicI64,
+    /// Accepted connections waiting for a slot (at most one per listener; the rest wait in
+    /// the kernel's accept queue, reported by `listeners`).
+    waiting: AtomicI64,
+    /// Accepts, sockets or pipes refused for lack of descriptors (EMFILE/ENFILE).
+    fd_exhausted: AtomicU64,
+    /// Connections reset because their source IP held `--max-connections-per-source`.
+    per_source_rejected: AtomicU64,
+    /// The data listeners, for their accept queues. Weak: a listener closes when its accept
+    /// loop drops it (drain), whatever the metrics hold.
+    listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Weak<tokio::net::TcpListener>)>>,
+}
+
+/// Slots held by one served connection; given back on drop.
+#[derive(Debug)]
+pub struct SlotGuard<'a>(&'a Metrics);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Relaxed);
+    }
+}
+
+/// An accepted connection waiting for a slot; counted until dropped.
+#[derive(Debug)]
+pub struct WaitGuard<'a>(&'a Metrics);
+
+impl Drop for WaitGuard<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Metrics {
@@ -81,6 +115,51 @@ impl Metrics {
     }
     pub fn active(&self, d: Direction) -> i64 {
         self.dirs[d.idx()].active.load(Relaxed)
+    }
+    pub fn set_limit(&self, n: usize) {
+        self.limit.store(n as u64, Relaxed);
+    }
+    pub fn slot_taken(&self) -> SlotGuard<'_> {
+        self.in_use.fetch_add(1, Relaxed);
+        SlotGuard(self)
+    }
+    pub fn waiting_for_slot(&self) -> WaitGuard<'_> {
+        self.waiting.fetch_add(1, Relaxed);
+        WaitGuard(self)
+    }
+    pub fn fd_exhausted(&self) {
+        self.fd_exhausted.fetch_add(1, Relaxed);
+    }
+    pub fn per_source_rejected(&self) {
+        self.per_source_rejected.fetch_add(1, Relaxed);
+    }
+    /// Every slot is taken: a new connection would wait (readiness says 503, admin.rs).
+    pub fn saturated(&self) -> bool {
+        let limit = self.limit.load(Relaxed);
+        limit > 0 && self.in_use.load(Relaxed) >= i64::try_from(limit).unwrap_or(i64::MAX)
+    }
+    /// Registers a data listener under `label` (e.g. `inbound`, `outbound`) for the accept
+    /// queue gauges.
+    pub fn add_listener(&self, label: &'static str, l: &std::sync::Arc<tokio::net::TcpListener>) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((label, std::sync::Arc::downgrade(l)));
+    }
+    /// (label, family, queued, backlog) of every listener still open.
+    fn accept_queues(&self) -> Vec<(&'static str, &'static str, u32, u32)> {
+        let ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        ls.iter()
+            .filter_map(|(label, w)| {
+                let l = w.upgrade()?;
+                let fam = match l.local_addr().ok()? {
+                    std::net::SocketAddr::V4(_) => "ipv4",
+                    std::net::SocketAddr::V6(_) => "ipv6",
+                };
+                let (q, max) = super::sockopt::accept_queue(&*l).ok()?;
+                Some((*label, fam, q, max))
+            })
+            .collect()
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -127,6 +206,63 @@ impl Metrics {
             "Upstream connects that failed or timed out.",
             &|m| m.connect_failures.load(Relaxed).to_string(),
         );
+        let mut gauge = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        gauge(
+            "tproxy_sidecar_connections_limit",
+            "gauge",
+            "Connection slots (--max-connections, lowered to fit the open-file limit).",
+            self.limit.load(Relaxed).to_string(),
+        );
+        gauge(
+            "tproxy_sidecar_connections_in_use",
+            "gauge",
+            "Connection slots taken; at the limit new connections wait and /ready is 503.",
+            self.in_use.load(Relaxed).to_string(),
+        );
+        gauge(
+            "tproxy_sidecar_connections_waiting",
+            "gauge",
+            "Accepted connections waiting for a slot (more wait in the accept queue).",
+            self.waiting.load(Relaxed).to_string(),
+        );
+        gauge(
+            "tproxy_sidecar_fd_exhausted_total",
+            "counter",
+            "Accepts, sockets or pipes refused for lack of file descriptors (EMFILE/ENFILE).",
+            self.fd_exhausted.load(Relaxed).to_string(),
+        );
+        gauge(
+            "tproxy_sidecar_per_source_rejected_total",
+            "counter",
+            "Connections reset because their source IP held --max-connections-per-source.",
+            self.per_source_rejected.load(Relaxed).to_string(),
+        );
+        let queues = self.accept_queues();
+        for (name, help, pick) in [
+            (
+                "tproxy_sidecar_accept_queue",
+                "Handshaken connections waiting in the kernel's accept queue.",
+                (|q: &(&str, &str, u32, u32)| q.2) as fn(&(&str, &str, u32, u32)) -> u32,
+            ),
+            (
+                "tproxy_sidecar_accept_queue_limit",
+                "Accept queue capacity (listen backlog, capped by net.core.somaxconn).",
+                |q: &(&str, &str, u32, u32)| q.3,
+            ),
+        ] {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for q in &queues {
+                let _ = writeln!(
+                    s,
+                    "{name}{{listener=\"{}\",family=\"{}\"}} {}",
+                    q.0,
+                    q.1,
+                    pick(q)
+                );
+            }
+        }
         let name = "tproxy_sidecar_upstream_connect_seconds";
         let _ = writeln!(
             s,
@@ -176,5 +312,52 @@ mod tests {
         assert!(t.contains(
             "tproxy_sidecar_upstream_connect_seconds_bucket{direction=\"inbound\",le=\"+Inf\"} 2"
         ));
+    }
+
+    #[test]
+    fn slots_saturation_and_accept_queue() {
+        let m = Metrics::default();
+        m.set_limit(2);
+        let a = m.slot_taken();
+        assert!(!m.saturated());
+        let b = m.slot_taken();
+        assert!(m.saturated());
+        let w = m.waiting_for_slot();
+        let t = m.render();
+        assert!(t.contains("tproxy_sidecar_connections_limit 2\n"), "{t}");
+        assert!(t.contains("tproxy_sidecar_connections_in_use 2\n"), "{t}");
+        assert!(t.contains("tproxy_sidecar_connections_waiting 1\n"), "{t}");
+        drop((a, w));
+        assert!(!m.saturated());
+        let t = m.render();
+        assert!(t.contains("tproxy_sidecar_connections_in_use 1\n"), "{t}");
+        assert!(t.contains("tproxy_sidecar_connections_waiting 0\n"), "{t}");
+        drop(b);
+
+        // A real listener with two handshaken, never accepted connections.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let std_l =
+                super::super::sockopt::listener("127.0.0.1:0".parse().unwrap(), false, 16).unwrap();
+            let l = std::sync::Arc::new(tokio::net::TcpListener::from_std(std_l).unwrap());
+            m.add_listener("inbound", &l);
+            let a = l.local_addr().unwrap();
+            let _c1 = tokio::net::TcpStream::connect(a).await.unwrap();
+            let _c2 = tokio::net::TcpStream::connect(a).await.unwrap();
+            let t = m.render();
+            assert!(
+                t.contains("tproxy_sidecar_accept_queue{listener=\"inbound\",family=\"ipv4\"} 2"),
+                "{t}"
+            );
+            assert!(t.contains(
+                "tproxy_sidecar_accept_queue_limit{listener=\"inbound\",family=\"ipv4\"} 16"
+            ));
+            // Closed listener: gone from the metrics, not kept open by them.
+            drop(l);
+            assert!(!m.render().contains("tproxy_sidecar_accept_queue{"));
+        });
     }
 }

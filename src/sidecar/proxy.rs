@@ -1,7 +1,7 @@
 //! Accept loops and per-connection handling: find the original destination, dial it from the
 //! right source address, relay, log.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -57,6 +57,109 @@ pub struct Shared {
     /// Source ports of our live outbound upstream sockets: a connection to the outbound
     /// listener *from* one of them is our own upstream captured again (loop).
     pub outbound_ports: Arc<OwnPorts>,
+    /// Live connections per client IP, for `--max-connections-per-source`.
+    pub sources: Arc<Sources>,
+    /// Rate limit of the "out of descriptors" / accept-error lines on stderr.
+    pub error_log: Mutex<RateLimit>,
+}
+
+/// Prints at most one line per period and counts what it held back, so a condition that
+/// repeats every few milliseconds (EMFILE under load) neither floods the log nor hides.
+#[derive(Debug)]
+pub struct RateLimit {
+    period: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl RateLimit {
+    pub fn new(period: Duration) -> RateLimit {
+        RateLimit {
+            period,
+            last: None,
+            held_back: 0,
+        }
+    }
+    /// `Some(n)`: print now, mentioning the `n` occurrences held back since the last line.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.period => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Logs an error line through the rate limit.
+    fn log_error(&self, what: std::fmt::Arguments<'_>) {
+        let mut rl = self.error_log.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = rl.allow(Instant::now()) {
+            let more = if n > 0 {
+                format!(" ({n} more like it since the last line)")
+            } else {
+                String::new()
+            };
+            eprintln!("tproxy-sidecar: {what}{more}");
+        }
+    }
+}
+
+/// Live connection count per client IP.
+#[derive(Debug, Default)]
+pub struct Sources(Mutex<HashMap<IpAddr, usize>>);
+
+impl Sources {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Counts a connection from `ip` unless it already holds `cap`.
+    pub fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<SourceGuard> {
+        let mut m = self.lock();
+        let n = m.entry(ip).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceGuard {
+            set: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One live connection of a source IP; uncounted on drop.
+#[derive(Debug)]
+pub struct SourceGuard {
+    set: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let mut m = self.set.lock();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Whether an accepted connection is served or turned away.
+pub enum Admission {
+    Served {
+        _permit: OwnedSemaphorePermit,
+        _source: Option<SourceGuard>,
+    },
+    /// Its source IP held `--max-connections-per-source`.
+    SourceLimited,
 }
 
 /// (IPv6?, port) of our live outbound upstream sockets.
@@ -84,14 +187,16 @@ impl Drop for OwnPortGuard {
     }
 }
 
-/// Accepts until `stop` turns true. At the concurrency limit (`--max-connections`) excess
-/// connections wait: the loop holds at most one accepted connection while it waits for a
-/// permit, and the rest stay in the kernel's accept queue (the handshake is already done, so
-/// clients just see a slow first byte; beyond the backlog, their SYNs are retried). A permit
-/// is taken only after accept, so idle listeners never hold capacity.
+/// Accepts until `stop` turns true. At the concurrency limit (`--max-connections`, lowered to
+/// fit the open-file limit) excess connections wait: the loop holds at most one accepted
+/// connection while it waits for a permit, and the rest stay in the kernel's accept queue (the
+/// handshake is already done, so clients just see a slow first byte; beyond the backlog,
+/// their SYNs are retried). A permit is taken only after accept, so idle listeners never hold
+/// capacity. Because slots are sized to the descriptors, the data path does not run the
+/// process out of them, and the admin port keeps answering (sidecar.rs, `connection_budget`).
 pub async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     role: Role,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -105,20 +210,53 @@ pub async fn accept_loop(
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: back off instead of spinning; the connection stays
                 // queued in the kernel and is retried.
-                eprintln!("tproxy-sidecar: accept on {:?}: {e}", listener.local_addr());
+                if sockopt::is_fd_exhaustion(&e) {
+                    shared.metrics.fd_exhausted();
+                }
+                let at = listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                shared.log_error(format_args!(
+                    "accept on {at}: {e}; connections wait in the accept queue"
+                ));
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let permit = tokio::select! {
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
+        let source = match shared.cfg.max_connections_per_source {
+            None => None,
+            Some(cap) => match shared.sources.take(unmap(peer).ip(), cap) {
+                Some(g) => Some(g),
+                None => {
+                    shared.metrics.per_source_rejected();
+                    tokio::spawn(handle(
+                        shared.clone(),
+                        stream,
+                        peer,
+                        role,
+                        Admission::SourceLimited,
+                    ));
+                    continue;
+                }
             },
-            // Draining: this one was never served; the client sees its connection close.
-            _ = stop.wait_for(|v| *v) => return,
         };
-        tokio::spawn(handle(shared.clone(), stream, peer, role, permit));
+        let permit = {
+            let _waiting = shared.metrics.waiting_for_slot();
+            tokio::select! {
+                p = shared.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                // Draining: this one was never served; the client sees its connection close.
+                _ = stop.wait_for(|v| *v) => return,
+            }
+        };
+        let admit = Admission::Served {
+            _permit: permit,
+            _source: source,
+        };
+        tokio::spawn(handle(shared.clone(), stream, peer, role, admit));
     }
 }
 
@@ -138,9 +276,15 @@ async fn handle(
     down: TcpStream,
     peer: SocketAddr,
     role: Role,
-    _permit: OwnedSemaphorePermit,
+    admit: Admission,
 ) {
     let dir = role.direction();
+    let _slot = match admit {
+        Admission::Served { .. } => Some(shared.metrics.slot_taken()),
+        Admission::SourceLimited => None,
+    };
+    // `admit` (the permit, the source count) lives to the end: a drain waits for every permit,
+    // so the access-log line below is written first.
     shared.metrics.conn_opened(dir);
     let mut c = Conn {
         start: SystemTime::now(),
@@ -151,7 +295,13 @@ async fn handle(
         upstream_local: None,
         connect_ms: None,
     };
-    let (outcome_bytes, end) = serve(&shared, &down, role, &mut c).await;
+    let (outcome_bytes, end) = match admit {
+        Admission::Served { .. } => serve(&shared, &down, role, &mut c).await,
+        Admission::SourceLimited => {
+            sockopt::reset_on_close(&down);
+            ((0, 0), EndReason::SourceLimited)
+        }
+    };
     shared
         .metrics
         .conn_closed(dir, outcome_bytes.0, outcome_bytes.1);
@@ -184,6 +334,8 @@ async fn serve(
     c: &mut Conn,
 ) -> ((u64, u64), EndReason) {
     sockopt::set_nodelay(down);
+    // Dying before the relay ends must reset the client, not close it cleanly (relay.rs).
+    sockopt::reset_on_close(down);
     let v6 = c.local.0.is_ipv6();
     let orig = match role {
         // TPROXY keeps the packet's destination: the accepted socket's own address.
@@ -241,6 +393,13 @@ async fn serve(
             c.upstream_local = Some(local);
             (up, own)
         }
+        Ok(Err(e)) if sockopt::is_fd_exhaustion(&e) => {
+            // Our own shortage, not the app's: not UF, and said at a bounded rate.
+            shared.metrics.fd_exhausted();
+            shared.log_error(format_args!("upstream socket: {e}"));
+            sockopt::reset_on_close(down);
+            return ((0, 0), EndReason::Overloaded);
+        }
         Ok(Err(_)) | Err(_) => {
             shared.metrics.connect_failed(dir);
             c.connect_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
@@ -262,6 +421,10 @@ async fn serve(
         shared.hard_stop.clone(),
     )
     .await;
+    if o.end == EndReason::Overloaded {
+        shared.metrics.fd_exhausted();
+        shared.log_error(format_args!("relay pipe: out of file descriptors"));
+    }
     ((o.from_downstream, o.to_downstream), o.end)
 }
 
@@ -390,4 +553,36 @@ async fn connect_from(
         .await?;
     let local = stream.local_addr().map(unmap)?;
     Ok((stream, UpstreamLocal(local), guard))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_holds_back_and_counts() {
+        let mut rl = RateLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(rl.allow(t0), Some(0));
+        for i in 1..=200 {
+            assert_eq!(rl.allow(t0 + Duration::from_millis(i * 25)), None);
+        }
+        assert_eq!(rl.allow(t0 + Duration::from_secs(10)), Some(200));
+        assert_eq!(rl.allow(t0 + Duration::from_secs(11)), None);
+    }
+
+    #[test]
+    fn per_source_cap_counts_live_connections() {
+        let s = Arc::new(Sources::default());
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let g1 = s.take(a, 2).unwrap();
+        let g2 = s.take(a, 2).unwrap();
+        assert!(s.take(a, 2).is_none());
+        let g3 = s.take(b, 2).unwrap();
+        drop(g1);
+        let g4 = s.take(a, 2).unwrap();
+        drop((g2, g3, g4));
+        assert!(s.lock().is_empty(), "no entry left behind");
+    }
 }

@@ -9,6 +9,17 @@
 //! the source socket when empty and drained into the destination socket. EOF from the source becomes
 //! `shutdown(SHUT_WR)` on the destination (half-close passes through both ways). A reset or
 //! error on one side resets the other (`SO_LINGER` 0), so a failure is visible to both peers.
+//!
+//! Each direction only waits on the socket it reads from (or writes to), so it would miss a
+//! reset on the other socket: a client that half-closed and then reset, a client that reset
+//! while the app was not reading, an app that sent FIN and then reset (docs/ARCHITECTURE.md,
+//! pitfall 16). So the relay also waits for `EPOLLERR` on both sockets, whatever the
+//! directions are doing, and ends at the first one.
+//!
+//! Both legs carry `SO_LINGER` 0 for as long as the relay runs, and get the normal linger back
+//! only once both directions ended with a FIN: if the process dies mid-transfer (SIGKILL, OOM
+//! kill), the kernel then closes both legs with a reset instead of a FIN, and neither peer can
+//! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -34,6 +45,8 @@ pub struct Outcome {
 enum Side {
     Downstream,
     Upstream,
+    /// The relay itself: no descriptors left for the splice pipe.
+    Local,
 }
 
 /// Relays until both directions reached EOF, one side failed, the connection idled for
@@ -47,6 +60,9 @@ pub async fn relay(
 ) -> Outcome {
     // Atomics rather than Cells only so the future stays `Send` for `tokio::spawn`; everything
     // runs on one task, so the orderings are moot.
+    // Until an orderly end, closing (or dying) resets both legs.
+    sockopt::reset_on_close(down);
+    sockopt::reset_on_close(up);
     let sent_up = AtomicU64::new(0);
     let sent_down = AtomicU64::new(0);
     let t0 = Instant::now();
@@ -95,7 +111,12 @@ pub async fn relay(
 
     let end = tokio::select! {
         r = both => match r {
-            Ok(_) => EndReason::Normal,
+            Ok(_) => {
+                // Both FINs passed on: an orderly close from here on.
+                sockopt::linger_normally(down);
+                sockopt::linger_normally(up);
+                EndReason::Normal
+            }
             Err(side) => {
                 // Pass the failure on: the healthy peer gets a RST, not a clean FIN that would
                 // make a truncated transfer look complete.
@@ -104,9 +125,19 @@ pub async fn relay(
                 match side {
                     Side::Downstream => EndReason::DownstreamTermination,
                     Side::Upstream => EndReason::UpstreamTermination,
+                    Side::Local => EndReason::Overloaded,
                 }
             }
         },
+        // A reset (or any error) on either socket while the directions wait elsewhere.
+        _ = failed(down) => {
+            sockopt::reset_on_close(up);
+            EndReason::DownstreamTermination
+        }
+        _ = failed(up) => {
+            sockopt::reset_on_close(down);
+            EndReason::UpstreamTermination
+        }
         _ = idle_watch => {
             sockopt::reset_on_close(down);
             sockopt::reset_on_close(up);
@@ -122,6 +153,20 @@ pub async fn relay(
         from_downstream: sent_up.load(Relaxed),
         to_downstream: sent_down.load(Relaxed),
         end,
+    }
+}
+
+/// Resolves when the kernel reports an error on `s` (`EPOLLERR`: a reset arrived, or a send
+/// failed). A pending error stays reported until read, which the directions do not do while
+/// they wait on the other socket.
+async fn failed(s: &TcpStream) {
+    loop {
+        match s.ready(Interest::ERROR).await {
+            Ok(r) if r.is_error() => return,
+            Ok(_) => {}
+            // The registration is gone: nothing more will be reported; treat it as failed.
+            Err(_) => return,
+        }
     }
 }
 
@@ -231,7 +276,7 @@ async fn pump(
     }
 
     // Splice phase (bulk). Out of descriptors for the pipe: fail loudly, not silently slow.
-    let pipe = Pipe::new(pipe_size).map_err(|_| src_side)?;
+    let pipe = Pipe::new(pipe_size).map_err(|_| Side::Local)?;
     loop {
         // The pipe is always empty here, so a full-capacity splice cannot block on the pipe:
         // EAGAIN can only mean "socket has no data", which is what the readiness wait expects.
@@ -385,6 +430,123 @@ mod tests {
             "{r:?}"
         );
         assert_eq!(h.await.unwrap().end, EndReason::UpstreamTermination);
+    }
+
+    /// Closes `s` with a reset, as a crashing or aborting peer does.
+    fn abort(s: TcpStream) {
+        sockopt::reset_on_close(&s);
+        drop(s);
+    }
+
+    /// The relay's outcome, or a failure if it did not end within 2 s.
+    async fn ended(h: tokio::task::JoinHandle<Outcome>) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(2), h)
+            .await
+            .expect("the relay did not notice the reset within 2 s")
+            .unwrap()
+    }
+
+    fn is_reset(r: &std::io::Result<usize>) -> bool {
+        matches!(r, Err(e) if matches!(e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe))
+    }
+
+    /// Writes until the peer's error shows (it can take a write or two after the RST).
+    async fn write_fails(s: &mut TcpStream) -> bool {
+        for _ in 0..50 {
+            let r = s.write(b"x").await;
+            if is_reset(&r) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn client_half_close_then_reset_reaches_the_app() {
+        // Issue 9.9: only the app -> client direction is still waiting (on the app), so
+        // without an error watch the reset went unnoticed until the idle timeout.
+        let (mut client, mut app, h) = setup(Duration::from_secs(30)).await;
+        client.write_all(b"req").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"req");
+        abort(client);
+        let o = ended(h).await;
+        assert_eq!(o.end, EndReason::DownstreamTermination);
+        assert!(write_fails(&mut app).await, "the app was not reset");
+    }
+
+    #[tokio::test]
+    async fn client_reset_while_the_app_is_not_reading_resets_the_app() {
+        // Issue 9.9: client -> app is stuck writing to a full app socket; the client's reset
+        // must still end the relay at once, flagged DC (the client ended it), not UC.
+        let (client, mut app, h) = setup(Duration::from_secs(30)).await;
+        let mut client = client;
+        let chunk = vec![1u8; 64 * 1024];
+        // Fill every buffer on the way (client send, relay pipe, app receive).
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(200), client.write(&chunk)).await
+        {}
+        abort(client);
+        let o = ended(h).await;
+        assert_eq!(o.end, EndReason::DownstreamTermination);
+        // What was already queued may still be read; then the reset shows.
+        let mut sink = vec![0u8; 1 << 20];
+        let r = loop {
+            match tokio::time::timeout(Duration::from_secs(2), app.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => continue,
+                Ok(r) => break r,
+                Err(_) => panic!("the app was neither reset nor closed"),
+            }
+        };
+        assert!(is_reset(&r), "the app read {r:?}, not a reset");
+    }
+
+    #[tokio::test]
+    async fn app_fin_then_reset_reaches_the_client() {
+        // Issue 9.9: after the app's FIN only client -> app is waiting (on the client).
+        let (mut client, mut app, h) = setup(Duration::from_secs(30)).await;
+        app.write_all(b"resp").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"resp");
+        abort(app);
+        let o = ended(h).await;
+        assert_eq!(o.end, EndReason::UpstreamTermination);
+        assert!(write_fails(&mut client).await, "the client was not reset");
+    }
+
+    #[tokio::test]
+    async fn legs_reset_while_relaying_and_close_normally_after_both_fins() {
+        // Issue 9.10: SO_LINGER 0 while relaying (death = RST), normal linger after an
+        // orderly end (the e2e test kills the process; this checks the socket state).
+        let (client, down) = pair().await;
+        let (up, app) = pair().await;
+        let (tx, rx) = watch::channel(false);
+        let down = std::sync::Arc::new(down);
+        let up = std::sync::Arc::new(up);
+        let (d, u) = (down.clone(), up.clone());
+        let h = tokio::spawn(async move {
+            let _keep = tx;
+            relay(&d, &u, 4096, Duration::from_secs(5), rx).await
+        });
+        let linger = |s: &TcpStream| socket2::SockRef::from(s).linger().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(linger(&down), Some(Duration::ZERO));
+        assert_eq!(linger(&up), Some(Duration::ZERO));
+        let (mut client, mut app) = (client, app);
+        client.shutdown().await.unwrap();
+        app.shutdown().await.unwrap();
+        assert_eq!(ended(h).await.end, EndReason::Normal);
+        assert_eq!(linger(&down), None);
+        assert_eq!(linger(&up), None);
+        let mut b = [0u8; 1];
+        assert_eq!(client.read(&mut b).await.unwrap(), 0);
+        assert_eq!(app.read(&mut b).await.unwrap(), 0);
     }
 
     #[tokio::test]

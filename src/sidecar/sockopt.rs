@@ -132,6 +132,11 @@ pub fn reset_on_close<S: AsFd>(stream: &S) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
+/// Undoes `reset_on_close`: the next close sends a FIN after the queued bytes, as usual.
+pub fn linger_normally<S: AsFd>(stream: &S) {
+    let _ = SockRef::from(stream).set_linger(None);
+}
+
 /// Half-closes our sending side: the peer reads EOF but may still send.
 pub fn shutdown_write<S: AsFd>(stream: &S) -> io::Result<()> {
     match SockRef::from(stream).shutdown(Shutdown::Write) {
@@ -185,6 +190,35 @@ pub fn splice<A: AsFd, B: AsFd>(from: A, to: B, len: usize) -> io::Result<usize>
         SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
     )
     .map_err(io::Error::from)
+}
+
+/// (connections in the accept queue, queue capacity) of a listening TCP socket: for a
+/// listener, `TCP_INFO` reports the queue length in `tcpi_unacked` and the backlog in
+/// `tcpi_sacked` (what `ss -lnt` shows as Recv-Q / Send-Q).
+pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
+    // SAFETY: `tcp_info` is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the descriptor is borrowed and open for the call; `info` is writable for `len`
+    // bytes and `len` tells the kernel so; it writes at most that much and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            l.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// True for "out of file descriptors" (per process or system-wide).
+pub fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (each relayed connection holds two sockets
