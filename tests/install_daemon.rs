@@ -1,5 +1,7 @@
 //! The `tproxy-cni-install` binary against temp dirs: install, idempotence, waiting, repair after
-//! rewrite and rename, malformed files, lone .conf, SIGTERM cleanup, --keep-on-exit, probes.
+//! rewrite and rename, malformed files, lone .conf, SIGTERM (keep by default, --remove-on-exit),
+//! probes, missing primary binaries, lost updates, invalid first files, symlinks, back-off and
+//! two installers with different settings.
 
 use serde_json::Value;
 use std::fs;
@@ -9,6 +11,29 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tproxy-cni-install");
+
+/// Every plugin type the fixtures' primaries use.
+const PRIMARY_BINARIES: [&str; 13] = [
+    "aws-cni",
+    "bandwidth",
+    "bridge",
+    "calico",
+    "cilium-cni",
+    "egress-cni",
+    "firewall",
+    "flannel",
+    "portmap",
+    "ptp",
+    "some-mesh-cni",
+    "tuning",
+    "loopback",
+];
+
+fn fake_binary(dir: &Path, name: &str) {
+    let p = dir.join(name);
+    fs::write(&p, b"#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+}
 
 fn fixture(name: &str) -> Vec<u8> {
     fs::read(
@@ -41,6 +66,12 @@ fn dirs() -> Dirs {
     fs::write(&plugin, b"#!/bin/sh\necho fake plugin\n").unwrap();
     fs::set_permissions(&plugin, fs::Permissions::from_mode(0o700)).unwrap();
     let log = tmp.path().join("installer.log");
+    // Stand-ins for the primaries' binaries: the installer chains only where the runtime would
+    // find them. Only the names and the executable bit matter.
+    fs::create_dir_all(&bin).unwrap();
+    for name in PRIMARY_BINARIES {
+        fake_binary(&bin, name);
+    }
     Dirs {
         _tmp: tmp,
         conf,
@@ -71,7 +102,11 @@ impl Dirs {
     }
 
     fn spawn(&self, extra: &[&str]) -> Daemon {
-        let log = fs::File::create(&self.log).unwrap();
+        self.spawn_logged(extra, &self.log)
+    }
+
+    fn spawn_logged(&self, extra: &[&str], log_path: &Path) -> Daemon {
+        let log = fs::File::create(log_path).unwrap();
         // A long resync unless the test asks otherwise: repairs must come from inotify.
         let resync: &[&str] = if extra.iter().any(|a| a.starts_with("--resync")) {
             &[]
@@ -89,7 +124,7 @@ impl Dirs {
             .unwrap();
         Daemon {
             child: Some(child),
-            log: self.log.clone(),
+            log: log_path.to_path_buf(),
         }
     }
 
@@ -254,7 +289,7 @@ fn once_installs_and_second_run_changes_nothing() {
 fn daemon_waits_repairs_and_cleans_up_on_sigterm() {
     let d = dirs();
     fs::write(d.conf.join("calico-kubeconfig"), b"kubeconfig\n").unwrap();
-    let mut daemon = d.spawn(&[]);
+    let mut daemon = d.spawn(&["--remove-on-exit"]);
 
     // No primary yet: waits, not ready.
     wait_for(Duration::from_secs(3), "binary copied", || {
@@ -343,7 +378,7 @@ fn daemon_waits_repairs_and_cleans_up_on_sigterm() {
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(daemon.log().lines().count(), lines, "{}", daemon.log());
 
-    // SIGTERM: every entry removed, then the binary; other files untouched.
+    // SIGTERM with --remove-on-exit: every entry removed, then the binary; other files untouched.
     let st = daemon.term();
     assert!(st.success(), "{st:?}\n{}", daemon.log());
     for name in ["05-broken.conflist", "11-calico.conflist"] {
@@ -370,18 +405,25 @@ fn daemon_waits_repairs_and_cleans_up_on_sigterm() {
 }
 
 #[test]
-fn keep_on_exit_leaves_entry_and_binary() {
-    let d = dirs();
-    d.write_atomic("10-flannel.conflist", &fixture("flannel.before.conflist"));
-    let mut daemon = d.spawn(&["--keep-on-exit"]);
-    wait_for(Duration::from_secs(2), "entry", || {
-        ours_in(&d, "10-flannel.conflist")
-    });
-    assert!(daemon.term().success());
-    assert!(ours_in(&d, "10-flannel.conflist"));
-    assert!(d.bin.join("tproxy-cni").exists());
-    // Not ready any more: the pod is going away.
-    assert!(!d.ready());
+fn sigterm_keeps_entry_and_binary_by_default() {
+    for extra in [&[][..], &["--keep-on-exit"][..]] {
+        let d = dirs();
+        d.write_atomic("10-flannel.conflist", &fixture("flannel.before.conflist"));
+        let mut daemon = d.spawn(extra);
+        wait_for(Duration::from_secs(2), "entry", || {
+            ours_in(&d, "10-flannel.conflist")
+        });
+        assert!(daemon.term().success());
+        assert!(ours_in(&d, "10-flannel.conflist"), "{extra:?}");
+        assert!(d.bin.join("tproxy-cni").exists(), "{extra:?}");
+        // Not ready any more: the pod is going away.
+        assert!(!d.ready());
+        assert!(
+            daemon.log().contains("leaving our entry"),
+            "{}",
+            daemon.log()
+        );
+    }
 }
 
 #[test]
@@ -499,4 +541,268 @@ fn probes() {
     fs::write(d.health.join("alive"), b"").unwrap();
     assert!(probe("ready") && probe("alive"));
     assert!(!probe("bogus"));
+}
+
+/// Lines of `log` at level ERROR or WARN that contain `needle`.
+fn lines_with(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn missing_primary_binary_blocks_chaining_until_it_appears() {
+    let d = dirs();
+    // The bin dir we were given is not where this primary's binaries live (as on GKE when
+    // --bin-dir says /opt/cni/bin): calico and portmap are missing, bandwidth is there.
+    fs::remove_file(d.bin.join("calico")).unwrap();
+    fs::remove_file(d.bin.join("portmap")).unwrap();
+    let original = fixture("calico.before.conflist");
+    d.write_atomic("10-calico.conflist", &original);
+
+    // --once: refused with the message, nothing written.
+    let out = d.run(&["--once"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        d.conf.display().to_string(),
+        d.bin.display().to_string(),
+        "\"calico\", \"portmap\"".into(),
+        "/home/kubernetes/bin".into(),
+    ] {
+        assert!(err.contains(&want), "{want:?} not in {err}");
+    }
+    assert_eq!(
+        fs::read(d.conf.join("10-calico.conflist")).unwrap(),
+        original
+    );
+
+    // The daemon: no entry, not ready, one line however many resyncs pass.
+    let mut daemon = d.spawn(&["--resync", "1"]);
+    wait_for(Duration::from_secs(2), "refusal logged", || {
+        daemon.log().contains("has no such executable")
+    });
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = daemon.log();
+    assert_eq!(lines_with(&log, "has no such executable"), 1, "{log}");
+    assert!(!d.ready());
+    assert_eq!(
+        fs::read(d.conf.join("10-calico.conflist")).unwrap(),
+        original
+    );
+    // Our own binary is installed already (it must be in place before any entry names it).
+    assert!(d.bin.join("tproxy-cni").is_file());
+
+    // One of the two appears: what is missing changed, so one new line naming only portmap.
+    fake_binary(&d.bin, "calico");
+    wait_for(Duration::from_secs(3), "second refusal", || {
+        lines_with(&daemon.log(), "has no such executable") == 2
+    });
+    let log = daemon.log();
+    let last = log
+        .lines()
+        .rfind(|l| l.contains("has no such executable"))
+        .unwrap();
+    assert!(
+        last.contains("\"portmap\"") && !last.contains("\"calico\""),
+        "{last}"
+    );
+    // A binary that is there but not executable does not count.
+    fs::write(d.bin.join("portmap"), b"not executable").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!ours_in(&d, "10-calico.conflist"));
+    assert_eq!(
+        lines_with(&daemon.log(), "has no such executable"),
+        2,
+        "{}",
+        daemon.log()
+    );
+
+    // The last one becomes executable: chained within the resync period (1 s), ready.
+    fs::set_permissions(d.bin.join("portmap"), fs::Permissions::from_mode(0o755)).unwrap();
+    let t = wait_for(Duration::from_millis(2500), "chained after binary", || {
+        ours_in(&d, "10-calico.conflist")
+    });
+    eprintln!("chained {t:?} after the binary appeared");
+    wait_for(Duration::from_secs(1), "ready", || d.ready());
+
+    // A primary binary disappears later: our entry stays (the node is broken regardless,
+    // removing it would not help), not ready, said once.
+    fs::remove_file(d.bin.join("bandwidth")).unwrap();
+    wait_for(
+        Duration::from_secs(3),
+        "not ready after binary vanished",
+        || !d.ready(),
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    let log = daemon.log();
+    assert_eq!(lines_with(&log, "our entry stays"), 1, "{log}");
+    assert!(ours_in(&d, "10-calico.conflist"));
+    assert!(daemon.term().success());
+}
+
+/// Writes `bytes` under `name` via a temp file and rename, as primaries do (unique temp name).
+fn write_renamed(conf: &Path, name: &str, bytes: &[u8], n: usize) {
+    let tmp = conf.join(format!(".writer.{n}"));
+    fs::write(&tmp, bytes).unwrap();
+    fs::rename(&tmp, conf.join(name)).unwrap();
+}
+
+#[test]
+fn primary_write_during_patch_is_never_lost() {
+    let d = dirs();
+    let base: Value = serde_json::from_slice(&fixture("calico.before.conflist")).unwrap();
+    let version = |mtu: u64| {
+        let mut v = base.clone();
+        v["plugins"][0]["mtu"] = mtu.into();
+        serde_json::to_vec_pretty(&v).unwrap()
+    };
+    d.write_atomic("10-calico.conflist", &version(1));
+    let _daemon = d.spawn(&[]);
+    wait_for(Duration::from_secs(2), "entry", || {
+        ours_in(&d, "10-calico.conflist")
+    });
+    let mtu = || -> Option<(u64, bool)> {
+        let v: Value =
+            serde_json::from_slice(&fs::read(d.conf.join("10-calico.conflist")).ok()?).ok()?;
+        Some((v["plugins"][0]["mtu"].as_u64()?, has_ours(&v)))
+    };
+    let mut lost = Vec::new();
+    // The primary writes v1, then v2 a little later, landing while the installer (which
+    // reacts to v1 after its 30 ms settle) reads, patches and writes. Sweep the gap.
+    for trial in 0..60u64 {
+        let (v1, v2) = (1000 + trial, 5000 + trial);
+        write_renamed(&d.conf, "10-calico.conflist", &version(v1), 1);
+        std::thread::sleep(Duration::from_micros(25_000 + (trial % 20) * 1_000));
+        write_renamed(&d.conf, "10-calico.conflist", &version(v2), 2);
+        // Settled: v2's content with our entry (repaired within a second).
+        let ok = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            mtu() == Some((v2, true))
+        });
+        if !ok {
+            lost.push((trial, mtu()));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "the primary's newer write was lost: {lost:?}"
+    );
+}
+
+#[test]
+fn invalid_first_file_containerd_refuses_crio_skips() {
+    for (first, bytes, why) in [
+        (
+            "00-broken.conflist",
+            &b"{\"name\": \"x\", \"plugins\": ["[..],
+            "malformed JSON",
+        ),
+        (
+            "00-nobin.conflist",
+            &br#"{"cniVersion":"1.0.0","name":"old","plugins":[{"type":"weave-net"}]}"#[..],
+            "\"weave-net\"",
+        ),
+    ] {
+        let d = dirs();
+        d.write_atomic(first, bytes);
+        let calico = fixture("calico.before.conflist");
+        d.write_atomic("10-calico.conflist", &calico);
+
+        // containerd loads the first file only: the node is broken; refuse, touch nothing.
+        let out = d.run(&["--once"]);
+        assert!(!out.status.success(), "{first}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(first) && err.contains(why) && err.contains("containerd"),
+            "{err}"
+        );
+        assert_eq!(fs::read(d.conf.join(first)).unwrap(), bytes);
+        assert_eq!(fs::read(d.conf.join("10-calico.conflist")).unwrap(), calico);
+
+        // CRI-O skips it and uses the first valid one: that one gets the entry.
+        let out = d.run(&["--once", "--runtime", "crio"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(ours_in(&d, "10-calico.conflist"));
+        assert_eq!(fs::read(d.conf.join(first)).unwrap(), bytes);
+    }
+
+    // CRI-O with cni_default_network: the valid config with that name, not the first.
+    let d = dirs();
+    d.write_atomic("10-flannel.conflist", &fixture("flannel.before.conflist"));
+    d.write_atomic("20-calico.conflist", &fixture("calico.before.conflist"));
+    let calico_name = d.read("20-calico.conflist")["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = d.run(&[
+        "--once",
+        "--runtime=crio",
+        "--default-network",
+        &calico_name,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ours_in(&d, "20-calico.conflist"));
+    assert!(!ours_in(&d, "10-flannel.conflist"));
+    // No config by that name: refused, named.
+    let out = d.run(&["--once", "--runtime=crio", "--default-network", "nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"nope\""));
+}
+
+#[test]
+fn symlinked_conflist_is_written_through_the_link() {
+    let d = dirs();
+    let real_dir = d.conf.parent().unwrap().join("calico-etc");
+    fs::create_dir_all(&real_dir).unwrap();
+    let real = real_dir.join("calico.conflist");
+    fs::write(&real, fixture("calico.before.conflist")).unwrap();
+    std::os::unix::fs::symlink(
+        "../calico-etc/calico.conflist",
+        d.conf.join("10-calico.conflist"),
+    )
+    .unwrap();
+    let link_is_link = || {
+        fs::symlink_metadata(d.conf.join("10-calico.conflist"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    };
+    let out = d.run(&["--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(link_is_link());
+    assert!(ours_in(&d, "10-calico.conflist"));
+    assert_eq!(d.names(), ["10-calico.conflist"]);
+    // The owner updates the target: what the runtime reads through the link is that update;
+    // the daemon puts our entry back into it, the link stays a link.
+    let mut daemon = d.spawn(&["--resync", "1", "--remove-on-exit"]);
+    let mut v: Value = serde_json::from_slice(&fixture("calico.before.conflist")).unwrap();
+    v["plugins"][0]["mtu"] = 1440.into();
+    fs::write(&real, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    wait_for(Duration::from_secs(3), "entry back in the target", || {
+        ours_in(&d, "10-calico.conflist")
+    });
+    assert!(link_is_link());
+    assert_eq!(d.read("10-calico.conflist")["plugins"][0]["mtu"], 1440);
+    // Uninstall cleans the target; nothing is left in the conf dir but the link.
+    assert!(daemon.term().success(), "{}", daemon.log());
+    assert!(link_is_link());
+    assert!(!ours_in(&d, "10-calico.conflist"));
+    assert_eq!(d.read("10-calico.conflist"), v);
+    let mut others: Vec<_> = fs::read_dir(&real_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    others.sort();
+    assert_eq!(others, ["calico.conflist"]);
 }

@@ -238,6 +238,50 @@ pub fn remove(config: &Value) -> Result<Option<Value>, ConflistError> {
     Ok(Some(out))
 }
 
+/// The plugin `type`s a runtime must find in its bin dir for `config` (a list's plugins, or a
+/// single config's own type), in order, without duplicates.
+pub fn plugin_types(config: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |t: Option<&str>| {
+        if let Some(t) = t {
+            if !out.iter().any(|o| o == t) {
+                out.push(t.to_string());
+            }
+        }
+    };
+    match config.get("plugins").and_then(Value::as_array) {
+        Some(plugins) => plugins
+            .iter()
+            .for_each(|p| push(p.get("type").and_then(Value::as_str))),
+        None => push(config.get("type").and_then(Value::as_str)),
+    }
+    out
+}
+
+/// The first entry of ours in a list, whatever its settings.
+pub fn our_entry(config: &Value) -> Option<&Map<String, Value>> {
+    config
+        .get("plugins")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|p| is_ours(p))
+        .and_then(Value::as_object)
+}
+
+/// `inject` on a file's bytes: the bytes to write, or `None` when nothing changes.
+pub fn patch(
+    _bytes: &[u8],
+    config: &Value,
+    entry: &Map<String, Value>,
+) -> Result<Option<Vec<u8>>, ConflistError> {
+    Ok(inject(config, entry)?.map(|v| render(&v)))
+}
+
+/// `remove` on a file's bytes: the bytes to write, or `None` when nothing changes.
+pub fn unpatch(_bytes: &[u8], config: &Value) -> Result<Option<Vec<u8>>, ConflistError> {
+    Ok(remove(config)?.map(|v| render(&v)))
+}
+
 /// The bytes we write: two-space pretty JSON and a final newline, like most CNI installers.
 pub fn render(config: &Value) -> Vec<u8> {
     let mut out = serde_json::to_vec_pretty(config).unwrap_or_default();
