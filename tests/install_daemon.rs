@@ -3,6 +3,9 @@
 //! probes, missing primary binaries, lost updates, invalid first files, symlinks, back-off and
 //! two installers with different settings.
 
+#[macro_use]
+mod common;
+
 use serde_json::Value;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -805,4 +808,47 @@ fn symlinked_conflist_is_written_through_the_link() {
         .collect();
     others.sort();
     assert_eq!(others, ["calico.conflist"]);
+}
+
+#[test]
+fn failing_write_backs_off_instead_of_triggering_itself() {
+    require_root!();
+    let d = dirs();
+    let calico = fixture("calico.before.conflist");
+    d.write_atomic("10-calico.conflist", &calico);
+    let file = d.conf.join("10-calico.conflist");
+    // The conflist is a bind mount of itself (as when a file is mounted into place): every
+    // rename or exchange over it fails with EBUSY. A private mount namespace of the installer
+    // keeps the mount away from the host; the installer itself runs unchanged.
+    let log = fs::File::create(&d.log).unwrap();
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" "$0" && exec "$@""#)
+        .arg(&file)
+        .arg(BIN)
+        .args(d.args())
+        .args(["--resync", "30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let daemon = Daemon {
+        child: Some(child),
+        log: d.log.clone(),
+    };
+    wait_for(Duration::from_secs(3), "first failure", || {
+        daemon.log().contains("ERROR")
+    });
+    std::thread::sleep(Duration::from_millis(3500));
+    let log = daemon.log();
+    let errors = lines_with(&log, "ERROR");
+    eprintln!("{errors} ERROR lines in 3.5 s");
+    // Back-off 0.5, 1, 2 s: 3 or 4 attempts (the old installer logged one every ~30 ms).
+    assert!((2..=5).contains(&errors), "{log}");
+    assert!(log.contains("Device or resource busy"), "{log}");
+    assert_eq!(fs::read(&file).unwrap(), calico);
+    assert!(!d.ready());
+    // No temp file of ours is left behind.
+    assert_eq!(d.names(), ["10-calico.conflist"]);
 }
