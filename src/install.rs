@@ -1,4 +1,4 @@
-//! The node installer: copies the plugin binary, chains our entry into the primary conflist, keeps it there, removes it on exit.
+//! The node installer: copies the plugin binary, chains our entry into the conflist the runtime uses, keeps it there; removes it only when asked.
 //!
 //! - `conflist`: the pure patching rules (which file, where our entry goes, what is kept).
 //! - `files`: atomic writes and binary copies.
@@ -7,8 +7,22 @@
 //!
 //! The daemon loop is event-driven: inotify on the conf dir plus a self-pipe for SIGTERM/SIGINT,
 //! both in one `poll(2)`. A periodic resync (default 10 s) refreshes the liveness file, copies
-//! back a binary that vanished from the bin dir (not watched) and catches anything inotify
-//! cannot see (e.g. a conf dir deleted and re-created, or replaced by a bind mount).
+//! back a binary that vanished from the bin dir (not watched), notices primary binaries that
+//! appeared or vanished, and catches anything inotify cannot see (a conf dir deleted and
+//! re-created or replaced by a bind mount, a symlinked config's target in another directory).
+//!
+//! Guarantees:
+//! - an entry is written only into the config the runtime uses (`Runtime`), and only when every
+//!   plugin binary that config names is an executable in the bin dir; our binary is in place
+//!   first. A primary binary vanishing later leaves our entry (the node fails every ADD anyway;
+//!   removing ours would open a window for annotated pods when it comes back), not ready;
+//! - a write never replaces content we did not read (`replace_checked`);
+//! - only our entry's bytes change; symlinks are written through;
+//! - a failing pass backs off (0.5 s doubling to 30 s); only config names trigger passes;
+//! - an entry of ours that someone else rewrote with other settings after we asserted ours
+//!   is left alone (two installers settle after one write each);
+//! - SIGTERM leaves entry and binaries (upgrades have no window); `--remove-on-exit` or
+//!   `--uninstall` remove the entry first, then the binaries.
 
 pub mod cli;
 pub mod conflist;

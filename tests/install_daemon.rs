@@ -852,3 +852,88 @@ fn failing_write_backs_off_instead_of_triggering_itself() {
     // No temp file of ours is left behind.
     assert_eq!(d.names(), ["10-calico.conflist"]);
 }
+
+#[test]
+fn primary_bytes_survive_install_and_uninstall() {
+    let d = dirs();
+    let original = fixture("numbers.before.conflist");
+    d.write_atomic("10-numbers.conflist", &original);
+    let out = d.run(&["--once"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs::read(d.conf.join("10-numbers.conflist")).unwrap(),
+        fixture("numbers.after.conflist")
+    );
+    let out = d.run(&["--uninstall"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Byte for byte: `1e3`, the big integer and the long fraction as the primary wrote them.
+    assert_eq!(
+        String::from_utf8(fs::read(d.conf.join("10-numbers.conflist")).unwrap()).unwrap(),
+        String::from_utf8(original).unwrap()
+    );
+}
+
+#[test]
+fn two_installers_with_different_settings_settle() {
+    let d = dirs();
+    d.write_atomic("10-calico.conflist", &fixture("calico.before.conflist"));
+    let root = d.conf.parent().unwrap().to_path_buf();
+    let spawn = |n: &str, settings: &str| {
+        d.spawn_logged(
+            &[
+                &format!("--settings-json={settings}"),
+                &format!("--health-dir={}", root.join(n).display()),
+            ],
+            &root.join(format!("{n}.log")),
+        )
+    };
+    let writes = |logs: &[&Daemon]| -> usize {
+        logs.iter()
+            .map(|l| lines_with(&l.log(), "added our entry"))
+            .sum()
+    };
+    let a = spawn("a", r#"{"logLevel":"debug"}"#);
+    wait_for(Duration::from_secs(2), "a's entry", || {
+        ours_in(&d, "10-calico.conflist")
+    });
+    let b = spawn("b", r#"{"logLevel":"info"}"#);
+    std::thread::sleep(Duration::from_secs(2));
+    // A asserted its entry, B (newer) asserted its own once, A left it: two writes in all.
+    let n = writes(&[&a, &b]);
+    assert!(n <= 2, "{n} writes:\n{}\n{}", a.log(), b.log());
+    assert_eq!(
+        d.read("10-calico.conflist")["plugins"][3]["logLevel"],
+        "info"
+    );
+    assert!(a.log().contains("other settings"), "{}", a.log());
+    // The primary rewrites its file without our entry: one of them puts it back, the other
+    // leaves it; then quiet (same inode for a second).
+    d.write_atomic("10-calico.conflist", &fixture("calico.before.conflist"));
+    wait_for(Duration::from_secs(2), "entry back", || {
+        ours_in(&d, "10-calico.conflist")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let ino = fs::metadata(d.conf.join("10-calico.conflist"))
+        .unwrap()
+        .ino();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        fs::metadata(d.conf.join("10-calico.conflist"))
+            .unwrap()
+            .ino(),
+        ino,
+        "{}\n{}",
+        a.log(),
+        b.log()
+    );
+    let m = writes(&[&a, &b]);
+    assert!(m - n <= 2, "{} writes after the rewrite", m - n);
+}
