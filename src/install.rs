@@ -8,8 +8,9 @@
 //! The daemon loop is event-driven: inotify on the conf dir plus a self-pipe for SIGTERM/SIGINT,
 //! both in one `poll(2)`. A periodic resync (default 10 s) refreshes the liveness file, copies
 //! back a binary that vanished from the bin dir (not watched), notices primary binaries that
-//! appeared or vanished, and catches anything inotify cannot see (a conf dir deleted and
-//! re-created or replaced by a bind mount, a symlinked config's target in another directory).
+//! appeared or vanished, and catches anything inotify cannot see (e.g. a conf dir deleted and
+//! re-created, or replaced by a bind mount). Directories holding symlinked configs' targets
+//! are watched too.
 //!
 //! Guarantees:
 //! - an entry is written only into the config the runtime uses (`Runtime`), and only when every
@@ -36,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 /// Everything the installer needs to know; built by `cli`.
 #[derive(Debug, Clone)]
@@ -754,13 +755,17 @@ impl Installer {
         std::fs::create_dir_all(&self.opts.conf_dir).map_err(io_err(&self.opts.conf_dir))?;
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| InstallError::Sys("inotify_init", e))?;
-        let mut watching = self.watch(&inotify);
+        let mut conf_wd = self.watch(&inotify);
+        // Symlinked configs whose target lives in another directory: that directory's watch
+        // and the target names in it (refreshed after every pass).
+        let mut targets = HashMap::new();
         // After a failed pass (a write that keeps failing: ENOSPC, EBUSY on a bind-mounted
         // file, a read-only mount) the next one waits, doubling up to BACKOFF_MAX; events in
         // between are collected, not acted on.
         let mut backoff = Duration::ZERO;
         let mut last_pass = Instant::now();
         let mut pending = !self.pass();
+        self.watch_targets(&inotify, &mut targets);
         if pending {
             backoff = BACKOFF_START;
         }
@@ -793,21 +798,22 @@ impl Installer {
                 // Writers often do several steps (write temp, rename, chmod): let them settle
                 // briefly, then handle everything in one pass.
                 std::thread::sleep(Duration::from_millis(30));
-                let events = drain(&inotify);
+                let events = drain(&inotify, conf_wd, &targets);
                 if events.dir_gone {
                     // The conf dir itself went away or was replaced: re-establish the watch.
-                    watching = false;
+                    conf_wd = None;
                 }
                 // Only config names matter: our own temp files (and the primary's) and other
                 // files such as kubeconfigs never trigger a pass.
                 pending |= events.configs || events.dir_gone;
             }
-            if !watching {
-                watching = self.watch(&inotify);
+            if conf_wd.is_none() {
+                conf_wd = self.watch(&inotify);
             }
             let due = if pending { backoff } else { self.opts.resync };
             if last_pass.elapsed() >= due || (pending && backoff.is_zero()) {
                 let ok = self.pass();
+                self.watch_targets(&inotify, &mut targets);
                 last_pass = Instant::now();
                 if ok {
                     pending = false;
@@ -832,21 +838,45 @@ impl Installer {
         self.uninstall()
     }
 
-    /// Adds the conf-dir watch; false (logged) when the dir is missing, retried on resync.
-    fn watch(&self, inotify: &Inotify) -> bool {
-        let mask = AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_ATTRIB
-            | AddWatchFlags::IN_DELETE_SELF
-            | AddWatchFlags::IN_MOVE_SELF;
+    /// Adds the conf-dir watch; `None` (logged) when the dir is missing, retried on resync.
+    fn watch(&self, inotify: &Inotify) -> Option<WatchDescriptor> {
+        let mask = FILE_EVENTS | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF;
         match inotify.add_watch(&self.opts.conf_dir, mask) {
-            Ok(_) => true,
+            Ok(wd) => Some(wd),
             Err(e) => {
                 log::warn!("cannot watch {}: {e}", self.opts.conf_dir.display());
-                false
+                None
+            }
+        }
+    }
+
+    /// Watches the directories of symlinked configs' targets outside the conf dir, so an
+    /// update there (the file the runtime reads) is repaired as fast as one in the conf dir.
+    fn watch_targets(
+        &self,
+        inotify: &Inotify,
+        targets: &mut HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
+    ) {
+        targets.clear();
+        let Ok(conf) = std::fs::canonicalize(&self.opts.conf_dir) else {
+            return;
+        };
+        for name in self.config_names().unwrap_or_default() {
+            let Ok(real) = std::fs::canonicalize(conf.join(&name)) else {
+                continue;
+            };
+            let (Some(dir), Some(file)) = (real.parent(), real.file_name()) else {
+                continue;
+            };
+            if dir == conf {
+                continue;
+            }
+            // Watching the same directory again returns the same descriptor.
+            match inotify.add_watch(dir, FILE_EVENTS) {
+                Ok(wd) => {
+                    targets.entry(wd).or_default().insert(file.to_os_string());
+                }
+                Err(e) => log::debug!("cannot watch {}: {e}", dir.display()),
             }
         }
     }
@@ -870,6 +900,14 @@ impl Installer {
     }
 }
 
+/// The events that can change a config file in a watched directory.
+const FILE_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
+    .union(AddWatchFlags::IN_CLOSE_WRITE)
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_ATTRIB);
+
 /// What a batch of inotify events was about.
 struct Events {
     /// The watched directory itself went away or was replaced.
@@ -878,8 +916,13 @@ struct Events {
     configs: bool,
 }
 
-/// Reads all pending inotify events.
-fn drain(inotify: &Inotify) -> Events {
+/// Reads all pending inotify events: the conf dir's (`conf_wd`) and those of symlink targets'
+/// directories (`targets`: which names there matter).
+fn drain(
+    inotify: &Inotify,
+    conf_wd: Option<WatchDescriptor>,
+    targets: &HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
+) -> Events {
     let mut out = Events {
         dir_gone: false,
         configs: false,
@@ -890,6 +933,14 @@ fn drain(inotify: &Inotify) -> Events {
             break;
         }
         for ev in events {
+            if Some(ev.wd) != conf_wd {
+                if let Some(names) = targets.get(&ev.wd) {
+                    if ev.name.as_ref().is_some_and(|n| names.contains(n)) {
+                        out.configs = true;
+                    }
+                }
+                continue;
+            }
             if ev.mask.intersects(
                 AddWatchFlags::IN_DELETE_SELF
                     | AddWatchFlags::IN_MOVE_SELF
@@ -993,5 +1044,57 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
                 cli::Mode::Uninstall => installer.uninstall(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn replace_checked_never_replaces_unread_content() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("10-x.conflist");
+        std::fs::write(&path, b"v1").unwrap();
+        // What we read is what is there: ours goes in, mode kept, nothing left behind.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        assert_eq!(
+            replace_checked(&path, b"v1", b"v1+ours").unwrap(),
+            Swap::Written
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"v1+ours");
+        assert_eq!(files::mode_of(&path), Some(0o600));
+        assert_eq!(names(d.path()), ["10-x.conflist"]);
+        // The file changed after our read (we read v1, v2 is there): v2 stays, same inode (an
+        // in-place writer keeps writing where the runtime reads), and the caller retries.
+        std::fs::write(&path, b"v2").unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+        assert_eq!(
+            replace_checked(&path, b"v1", b"v1+ours").unwrap(),
+            Swap::Raced
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"v2");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()),
+            ino
+        );
+        assert_eq!(names(d.path()), ["10-x.conflist"]);
+        // Gone meanwhile: raced, nothing created.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            replace_checked(&path, b"v2", b"v2+ours").unwrap(),
+            Swap::Raced
+        );
+        assert!(names(d.path()).is_empty());
     }
 }

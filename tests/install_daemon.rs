@@ -787,16 +787,30 @@ fn symlinked_conflist_is_written_through_the_link() {
     assert!(ours_in(&d, "10-calico.conflist"));
     assert_eq!(d.names(), ["10-calico.conflist"]);
     // The owner updates the target: what the runtime reads through the link is that update;
-    // the daemon puts our entry back into it, the link stays a link.
-    let mut daemon = d.spawn(&["--resync", "1", "--remove-on-exit"]);
+    // the daemon puts our entry back into it (the target's directory is watched too: well
+    // within the 30 s resync), the link stays a link.
+    let mut daemon = d.spawn(&["--remove-on-exit"]);
+    wait_for(Duration::from_secs(2), "ready", || d.ready());
     let mut v: Value = serde_json::from_slice(&fixture("calico.before.conflist")).unwrap();
     v["plugins"][0]["mtu"] = 1440.into();
     fs::write(&real, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
-    wait_for(Duration::from_secs(3), "entry back in the target", || {
+    wait_for(Duration::from_secs(1), "entry back in the target", || {
+        ours_in(&d, "10-calico.conflist")
+    });
+    assert_eq!(d.read("10-calico.conflist")["plugins"][0]["mtu"], 1440);
+    // Again, by rename inside the target's directory.
+    v["plugins"][0]["mtu"] = 1400.into();
+    write_renamed(
+        &real_dir,
+        "calico.conflist",
+        &serde_json::to_vec_pretty(&v).unwrap(),
+        0,
+    );
+    wait_for(Duration::from_secs(1), "entry back after rename", || {
         ours_in(&d, "10-calico.conflist")
     });
     assert!(link_is_link());
-    assert_eq!(d.read("10-calico.conflist")["plugins"][0]["mtu"], 1440);
+    assert_eq!(d.read("10-calico.conflist")["plugins"][0]["mtu"], 1400);
     // Uninstall cleans the target; nothing is left in the conf dir but the link.
     assert!(daemon.term().success(), "{}", daemon.log());
     assert!(link_is_link());
