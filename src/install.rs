@@ -324,13 +324,21 @@ impl Installer {
             .into_iter()
             .filter(|t| t != conflist::PLUGIN_TYPE)
             .filter(|t| {
-                let present = !t.contains('/')
-                    && t != ".."
-                    && std::fs::metadata(self.opts.bin_dir.join(t)).is_ok_and(|m| {
+                if t.contains('/') || t == ".." {
+                    return true;
+                }
+                let path = self.opts.bin_dir.join(t);
+                match std::fs::metadata(&path) {
+                    Ok(m) => {
                         use std::os::unix::fs::PermissionsExt;
-                        m.is_file() && m.permissions().mode() & 0o111 != 0
-                    });
-                !present
+                        !(m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    }
+                    // A symlink we cannot follow here (an absolute link resolves on the host,
+                    // not in this container): the runtime may well find it; not ours to judge.
+                    Err(_) => {
+                        !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink())
+                    }
+                }
             })
             .collect()
     }

@@ -558,6 +558,10 @@ fn missing_primary_binary_blocks_chaining_until_it_appears() {
     // --bin-dir says /opt/cni/bin): calico and portmap are missing, bandwidth is there.
     fs::remove_file(d.bin.join("calico")).unwrap();
     fs::remove_file(d.bin.join("portmap")).unwrap();
+    // An absolute symlink resolves on the host, not in the installer's container: it counts as
+    // present (the runtime may find it), so bandwidth is not reported.
+    fs::remove_file(d.bin.join("bandwidth")).unwrap();
+    std::os::unix::fs::symlink("/host-only/cni/bandwidth", d.bin.join("bandwidth")).unwrap();
     let original = fixture("calico.before.conflist");
     d.write_atomic("10-calico.conflist", &original);
 
@@ -568,7 +572,7 @@ fn missing_primary_binary_blocks_chaining_until_it_appears() {
     for want in [
         d.conf.display().to_string(),
         d.bin.display().to_string(),
-        "\"calico\", \"portmap\"".into(),
+        "plugin(s) \"calico\", \"portmap\" but".into(),
         "/home/kubernetes/bin".into(),
     ] {
         assert!(err.contains(&want), "{want:?} not in {err}");
