@@ -1,5 +1,6 @@
 //! End to end without a cluster: install into a conf dir holding a real bridge + host-local
-//! conflist, run the patched list like a runtime (cnirun), and check the pod netns got our table.
+//! conflist, run the patched list like a runtime (cnirun), and check the pod netns got our table;
+//! and a rolling upgrade of the installer while pods are created through the chain.
 
 mod common;
 

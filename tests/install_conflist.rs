@@ -377,3 +377,30 @@ fn splice_keeps_every_byte_of_the_primary() {
         PLUGIN_TYPE
     );
 }
+
+#[test]
+fn splice_handles_duplicates_and_leading_entries() {
+    let entry = conflist::entry(&json!({"logLevel": "debug"})).unwrap();
+    for (text, want_types) in [
+        (
+            r#"{"name":"n","plugins":[{"type":"a"},{"type":"tproxy-cni"},{"type":"b"},{"type":"tproxy-cni","x":1}]}"#,
+            vec!["a", PLUGIN_TYPE, "b"],
+        ),
+        (
+            "{\"name\":\"n\",\"plugins\":[\n  {\"type\":\"tproxy-cni\"},\n  {\"type\":\"tproxy-cni\"},\n  {\"type\":\"a\"}\n]}",
+            vec![PLUGIN_TYPE, "a"],
+        ),
+    ] {
+        let bytes = text.as_bytes();
+        let parsed = conflist::parse(bytes).unwrap();
+        // patch checks its splice against the parsed patch and errs if they differ.
+        let out = conflist::patch(bytes, &parsed, &entry).unwrap().unwrap();
+        let v = conflist::parse(&out).unwrap();
+        assert_eq!(types(&v), want_types, "{text}");
+        assert!(conflist::has_entry(&v, &entry));
+        // Removal of every entry of ours, wherever it stands.
+        let removed = conflist::unpatch(bytes, &parsed).unwrap().unwrap();
+        let r = conflist::parse(&removed).unwrap();
+        assert!(!conflist::contains_ours(&r), "{}", String::from_utf8_lossy(&removed));
+    }
+}
