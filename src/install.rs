@@ -233,6 +233,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Health file names inside `health_dir`.
 pub const READY_FILE: &str = "ready";
 pub const ALIVE_FILE: &str = "alive";
+/// Why the installer is not ready (the last reason), for the readiness probe's output.
+pub const REASON_FILE: &str = "reason";
 
 /// The installer's state between passes.
 pub struct Installer {
@@ -415,7 +417,7 @@ impl Installer {
                 // containerd loads only this file: the node is broken until it is fixed, and
                 // chaining into a later file would be chaining into something nobody reads.
                 Loaded::Invalid(why) => Ok(Err(Pass::Done(State::Blocked(format!(
-                    "{why} (containerd uses the first file in byte order; retrying when it changes)"
+                    "{why} (containerd loads the first config in byte order; retried on change and at each resync)"
                 ))))),
             },
             (Runtime::Crio, default) => {
@@ -618,16 +620,28 @@ impl Installer {
         self.last = Some(state.clone());
     }
 
+    /// The `ready` file while chained; otherwise none, and the `reason` file says why (the
+    /// readiness probe prints it, so `kubectl describe pod` shows it).
     fn update_ready(&self, state: &State) {
         let Some(dir) = &self.opts.health_dir else {
             return;
         };
         let path = dir.join(READY_FILE);
-        let res = match state {
-            State::Ready(name) | State::Foreign(name, _) => {
+        let reason = match state {
+            State::Ready(_) | State::Foreign(..) => None,
+            State::NoPrimary => Some(format!(
+                "no CNI config in {} yet; waiting for the primary CNI",
+                self.opts.conf_dir.display()
+            )),
+            State::Blocked(msg) => Some(msg.clone()),
+        };
+        let res = match (state, &reason) {
+            (State::Ready(name) | State::Foreign(name, _), _) => {
                 std::fs::write(&path, format!("{name}\n"))
             }
-            _ => files::remove_if_present(&path).map(|_| ()),
+            (_, why) => files::remove_if_present(&path).and_then(|_| {
+                std::fs::write(dir.join(REASON_FILE), why.as_deref().unwrap_or_default())
+            }),
         };
         if let Err(e) = res {
             log::error!("{}: {e}", path.display());
@@ -838,9 +852,7 @@ impl Installer {
                 "leaving our entry and binaries in place (the next installer takes over; \
                  uninstall with --remove-on-exit or --uninstall)"
             );
-            if let Some(dir) = &self.opts.health_dir {
-                let _ = files::remove_if_present(&dir.join(READY_FILE));
-            }
+            self.update_ready(&State::Blocked("shutting down".into()));
             return Ok(());
         }
         self.uninstall()
@@ -901,7 +913,7 @@ impl Installer {
         if let Err(e) = self.reconcile() {
             log::error!("{e}");
             self.last = None;
-            self.update_ready(&State::Blocked(String::new()));
+            self.update_ready(&State::Blocked(e.to_string()));
             ok = false;
         }
         ok
@@ -987,8 +999,12 @@ pub fn probe(health_dir: &Path, what: &str, max_age: Duration) -> Result<(), Ins
     };
     let path = health_dir.join(file);
     let meta = std::fs::metadata(&path).map_err(|e| {
+        let reason = std::fs::read_to_string(health_dir.join(REASON_FILE)).unwrap_or_default();
         InstallError::Usage(if e.kind() == std::io::ErrorKind::NotFound {
-            format!("not {what}: {} does not exist", path.display())
+            match reason.trim() {
+                why if what == "ready" && !why.is_empty() => format!("not ready: {why}"),
+                _ => format!("not {what}: {} does not exist", path.display()),
+            }
         } else {
             format!("{}: {e}", path.display())
         })

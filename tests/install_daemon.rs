@@ -591,6 +591,17 @@ fn missing_primary_binary_blocks_chaining_until_it_appears() {
     let log = daemon.log();
     assert_eq!(lines_with(&log, "has no such executable"), 1, "{log}");
     assert!(!d.ready());
+    // The readiness probe says why (kubectl describe pod shows a failing probe's output).
+    let probe = Command::new(BIN)
+        .args(["--probe", "ready", "--health-dir"])
+        .arg(&d.health)
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&probe.stderr);
+    assert!(
+        why.contains("not ready: ") && why.contains("\"calico\", \"portmap\""),
+        "{why}"
+    );
     assert_eq!(
         fs::read(d.conf.join("10-calico.conflist")).unwrap(),
         original
