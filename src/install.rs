@@ -1,4 +1,4 @@
-//! The node installer: copies the plugin binary, chains our entry into the primary conflist, keeps it there, removes it on exit.
+//! The node installer: copies the plugin binary, chains our entry into the conflist the runtime uses, keeps it there; removes it only when asked.
 //!
 //! - `conflist`: the pure patching rules (which file, where our entry goes, what is kept).
 //! - `files`: atomic writes and binary copies.
@@ -7,22 +7,37 @@
 //!
 //! The daemon loop is event-driven: inotify on the conf dir plus a self-pipe for SIGTERM/SIGINT,
 //! both in one `poll(2)`. A periodic resync (default 10 s) refreshes the liveness file, copies
-//! back a binary that vanished from the bin dir (not watched) and catches anything inotify
-//! cannot see (e.g. a conf dir deleted and re-created, or replaced by a bind mount).
+//! back a binary that vanished from the bin dir (not watched), notices primary binaries that
+//! appeared or vanished, and catches anything inotify cannot see (e.g. a conf dir deleted and
+//! re-created, or replaced by a bind mount). Directories holding symlinked configs' targets
+//! are watched too.
+//!
+//! Guarantees:
+//! - an entry is written only into the config the runtime uses (`Runtime`), and only when every
+//!   plugin binary that config names is an executable in the bin dir; our binary is in place
+//!   first. A primary binary vanishing later leaves our entry (the node fails every ADD anyway;
+//!   removing ours would open a window for annotated pods when it comes back), not ready;
+//! - a write never replaces content we did not read (`replace_checked`);
+//! - only our entry's bytes change; symlinks are written through;
+//! - a failing pass backs off (0.5 s doubling to 30 s); only config names trigger passes;
+//! - an entry of ours that someone else rewrote with other settings after we asserted ours
+//!   is left alone (two installers settle after one write each);
+//! - SIGTERM leaves entry and binaries (upgrades have no window); `--remove-on-exit` or
+//!   `--uninstall` remove the entry first, then the binaries.
 
 pub mod cli;
 pub mod conflist;
 pub mod files;
 
 use serde_json::{Map, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 /// Everything the installer needs to know; built by `cli`.
 #[derive(Debug, Clone)]
@@ -35,8 +50,13 @@ pub struct Options {
     pub binaries: Vec<PathBuf>,
     /// Plugin settings written into our entry (only what the user configured).
     pub settings: Value,
-    /// On SIGTERM keep the entry and the binaries (upgrades: the next pod takes over).
+    /// On SIGTERM keep the entry and the binaries (the default: a rolling upgrade's next pod
+    /// takes over without a window; uninstalling is an explicit step).
     pub keep_on_exit: bool,
+    /// Which file the runtime uses (see `Runtime`).
+    pub runtime: Runtime,
+    /// CRI-O's `cni_default_network`: patch the valid config with this `name`.
+    pub default_network: Option<String>,
     /// Directory for the `ready` and `alive` probe files; `None` disables them.
     pub health_dir: Option<PathBuf>,
     /// How often the loop wakes without events (liveness, safety-net reconcile).
@@ -76,9 +96,127 @@ pub enum State {
     Ready(String),
     /// The conf dir holds no config yet (the primary CNI has not started).
     NoPrimary,
-    /// The primary cannot be patched (malformed, or the conversion target is foreign); the
-    /// message names the file. We wait for it to change.
+    /// The primary cannot be patched (malformed, a plugin binary missing, or the conversion
+    /// target is foreign); the message names the file. We wait for it to change.
     Blocked(String),
+    /// The named config holds an entry of ours with settings someone else wrote after we
+    /// asserted ours; left alone (counts as ready: the node is chained).
+    Foreign(String, String),
+}
+
+/// Which config file the node's container runtime uses; decides which file we patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// containerd (and libcni's own default): the first config file in byte order, even if it
+    /// is broken. A broken first file is refused (the node is broken anyway), never skipped.
+    Containerd,
+    /// CRI-O: the first *valid* file (parses, every plugin binary in the bin dir), or the one
+    /// whose `name` is its `cni_default_network` (our `--default-network`).
+    Crio,
+}
+
+/// A config file as read for a pass.
+struct Config {
+    /// Its name in the conf dir.
+    name: String,
+    /// The name is a symlink; `real` is where it points.
+    linked: bool,
+    /// The file we read and write (symlinks followed: the runtime reads through them).
+    real: PathBuf,
+    bytes: Vec<u8>,
+    value: Value,
+}
+
+/// What reading one candidate gave.
+enum Loaded {
+    Valid(Config),
+    /// Why a runtime would not load it (one line, names the file).
+    Invalid(String),
+    /// Gone between readdir and read.
+    Vanished,
+}
+
+/// What `replace_checked` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Swap {
+    /// Our bytes are in place and replaced exactly what we had read.
+    Written,
+    /// Someone wrote the file in between; their newer file is in place, ours is not.
+    Raced,
+}
+
+/// How many exchanges `replace_checked` tries while a writer keeps writing.
+const SWAP_ROUNDS: usize = 50;
+
+/// Replaces the file `path`, whose content we read as `before`, by `desired` without ever
+/// losing a write made in between (docs/ARCHITECTURE.md, pitfall 15). The new file is
+/// exchanged with the old one atomically (`renameat2(RENAME_EXCHANGE)`), which hands back what
+/// was replaced: if that is not what we read, someone wrote after our read, so their file
+/// (the same inode, so an in-place writer keeps writing where the runtime reads) is exchanged
+/// back and `Raced` returned for the caller to re-read and patch again. Each exchange back is
+/// checked the same way. Without `RENAME_EXCHANGE` (some file systems) it falls back to
+/// compare-then-rename, which narrows the window but cannot close it.
+pub fn replace_checked(path: &Path, before: &[u8], desired: &[u8]) -> std::io::Result<Swap> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let mode = files::mode_of(path).unwrap_or(0o644);
+    let tmp = files::write_temp(dir, name, desired, mode)?;
+    // What the path holds as far as we know, and what we are about to put there.
+    let mut believed = before.to_vec();
+    let mut in_tmp = desired.to_vec();
+    for round in 0..SWAP_ROUNDS {
+        match files::exchange(&tmp, path) {
+            Ok(()) => {}
+            Err(e) if round == 0 && files::exchange_unsupported(&e) => {
+                let result = match std::fs::read(path) {
+                    Ok(now) if now == before => std::fs::rename(&tmp, path)
+                        .and_then(|()| files::sync_dir(dir))
+                        .map(|()| Swap::Written),
+                    Ok(_) => Ok(Swap::Raced),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Swap::Raced),
+                    Err(e) => Err(e),
+                };
+                let _ = files::remove_if_present(&tmp);
+                return result;
+            }
+            Err(e) => {
+                let _ = files::remove_if_present(&tmp);
+                return match e.kind() {
+                    // The file was renamed away or deleted: the watch brings us back.
+                    std::io::ErrorKind::NotFound => Ok(Swap::Raced),
+                    _ => Err(e),
+                };
+            }
+        }
+        // `tmp` now holds what was at `path`.
+        let came = std::fs::read(&tmp)?;
+        if came == believed {
+            files::remove_if_present(&tmp)?;
+            files::sync_dir(dir)?;
+            return Ok(if round == 0 {
+                Swap::Written
+            } else {
+                Swap::Raced
+            });
+        }
+        // A write landed after our read: it is newer than what we just put in place. Put it
+        // back on the next round, then check that what comes out is ours.
+        log::debug!(
+            "{} changed under us (round {round}); giving the newer file back",
+            path.display()
+        );
+        believed = std::mem::replace(&mut in_tmp, came);
+    }
+    // A writer that rewrites faster than two renames: leave its last file where it is.
+    Err(std::io::Error::other(format!(
+        "kept changing through {SWAP_ROUNDS} exchanges; the last version it replaced is kept \
+         in {}",
+        tmp.display()
+    )))
 }
 
 /// One attempt of a reconcile pass.
@@ -88,9 +226,15 @@ enum Pass {
     Raced(String),
 }
 
+/// First and longest wait after a failed pass.
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
 /// Health file names inside `health_dir`.
 pub const READY_FILE: &str = "ready";
 pub const ALIVE_FILE: &str = "alive";
+/// Why the installer is not ready (the last reason), for the readiness probe's output.
+pub const REASON_FILE: &str = "reason";
 
 /// The installer's state between passes.
 pub struct Installer {
@@ -98,6 +242,8 @@ pub struct Installer {
     entry: Map<String, Value>,
     /// The last state logged, so a waiting or blocked installer logs once per change, not per wake.
     last: Option<State>,
+    /// Per file (real path): the entry of ours we last wrote or found there as ours.
+    seen: HashMap<PathBuf, Map<String, Value>>,
 }
 
 impl Installer {
@@ -110,6 +256,7 @@ impl Installer {
             opts,
             entry,
             last: None,
+            seen: HashMap::new(),
         })
     }
 
@@ -148,7 +295,8 @@ impl Installer {
         Ok(())
     }
 
-    /// Names of the config files in the conf dir (regular files, UTF-8 names).
+    /// Names of the config files in the conf dir, in byte order. Symlinks count even when
+    /// their target is missing here: the runtime lists them too (and may resolve them).
     fn config_names(&self) -> Result<Vec<String>, InstallError> {
         let dir = &self.opts.conf_dir;
         let mut names = Vec::new();
@@ -157,8 +305,13 @@ impl Installer {
             let Ok(name) = e.file_name().into_string() else {
                 continue;
             };
+            if !conflist::is_config_name(&name) {
+                continue;
+            }
+            let path = dir.join(&name);
             // Follows symlinks like the runtime does; directories are not configs.
-            if conflist::is_config_name(&name) && dir.join(&name).is_file() {
+            let link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+            if path.is_file() || (link && !path.exists()) {
                 names.push(name);
             }
         }
@@ -166,9 +319,140 @@ impl Installer {
         Ok(names)
     }
 
-    /// One pass: make sure our entry is in the primary config. Writes only when something
-    /// changes, re-reads the file right before writing so a concurrent rewrite by the primary
-    /// CNI is never clobbered (it is retried instead).
+    /// The plugin binaries `config` needs that are not executable files in the bin dir (ours
+    /// excepted: we install it before any entry names it).
+    fn missing_binaries(&self, config: &Value) -> Vec<String> {
+        conflist::plugin_types(config)
+            .into_iter()
+            .filter(|t| t != conflist::PLUGIN_TYPE)
+            .filter(|t| {
+                if t.contains('/') || t == ".." {
+                    return true;
+                }
+                let path = self.opts.bin_dir.join(t);
+                match std::fs::metadata(&path) {
+                    Ok(m) => {
+                        use std::os::unix::fs::PermissionsExt;
+                        !(m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    }
+                    // A symlink we cannot follow here (an absolute link resolves on the host,
+                    // not in this container): the runtime may well find it; not ours to judge.
+                    Err(_) => {
+                        !std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink())
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Reads one config file (through a symlink) and judges it the way a runtime would.
+    fn load(&self, name: &str) -> Result<Loaded, InstallError> {
+        let path = self.opts.conf_dir.join(name);
+        let real = match std::fs::canonicalize(&path) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(match std::fs::read_link(&path) {
+                    Ok(target) => Loaded::Invalid(format!(
+                        "{} is a symlink to {}, which does not exist in this container (an \
+                         absolute link resolves differently here than on the host); mount its \
+                         target at the same path or make the link relative",
+                        path.display(),
+                        target.display()
+                    )),
+                    Err(_) => Loaded::Vanished,
+                });
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        let bytes = match std::fs::read(&real) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::Vanished),
+            Err(e) => return Err(io_err(&real)(e)),
+        };
+        let value = match conflist::parse(&bytes) {
+            Ok(v) => v,
+            Err(e) => return Ok(Loaded::Invalid(format!("{}: {e}", path.display()))),
+        };
+        let missing = self.missing_binaries(&value);
+        if !missing.is_empty() {
+            let ours = if conflist::contains_ours(&value) {
+                "; our entry stays (removing it would not let pods start)"
+            } else {
+                "; not chaining"
+            };
+            return Ok(Loaded::Invalid(format!(
+                "{} uses plugin(s) {} but {} has no such executable: --bin-dir is probably not \
+                 the directory the container runtime searches for CNI plugins (set it to the \
+                 node's CNI bin dir, e.g. /home/kubernetes/bin on GKE; see docs/install.md){ours}",
+                path.display(),
+                missing
+                    .iter()
+                    .map(|m| format!("{m:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                self.opts.bin_dir.display()
+            )));
+        }
+        let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+        Ok(Loaded::Valid(Config {
+            name: name.to_string(),
+            linked,
+            real,
+            bytes,
+            value,
+        }))
+    }
+
+    /// The config the runtime uses (see `Runtime`), or why there is none to patch.
+    fn select(&self) -> Result<Result<Config, Pass>, InstallError> {
+        let names = self.config_names()?;
+        let Some(first) = names.first() else {
+            return Ok(Err(Pass::Done(State::NoPrimary)));
+        };
+        let dir = self.opts.conf_dir.display();
+        match (self.opts.runtime, &self.opts.default_network) {
+            (Runtime::Containerd, _) => match self.load(first)? {
+                Loaded::Valid(c) => Ok(Ok(c)),
+                Loaded::Vanished => Ok(Err(Pass::Raced(format!("{first} vanished while reading")))),
+                // containerd loads only this file: the node is broken until it is fixed, and
+                // chaining into a later file would be chaining into something nobody reads.
+                Loaded::Invalid(why) => Ok(Err(Pass::Done(State::Blocked(format!(
+                    "{why} (containerd loads the first config in byte order; retried on change and at each resync)"
+                ))))),
+            },
+            (Runtime::Crio, default) => {
+                let mut first_why = None;
+                for name in &names {
+                    match self.load(name)? {
+                        Loaded::Valid(c) => match default {
+                            Some(net)
+                                if c.value.get("name").and_then(Value::as_str) != Some(net) => {}
+                            _ => return Ok(Ok(c)),
+                        },
+                        Loaded::Vanished => {
+                            return Ok(Err(Pass::Raced(format!("{name} vanished while reading"))))
+                        }
+                        Loaded::Invalid(why) => {
+                            first_why.get_or_insert(why);
+                        }
+                    }
+                }
+                let why = match default {
+                    Some(net) => {
+                        format!("no valid config in {dir} has the name {net:?} (--default-network)")
+                    }
+                    None => format!("no valid config in {dir}"),
+                };
+                Ok(Err(Pass::Done(State::Blocked(match first_why {
+                    Some(first) => format!("{why}; first problem: {first}"),
+                    None => why,
+                }))))
+            }
+        }
+    }
+
+    /// One pass: make sure our entry is in the config the runtime uses. Writes only when
+    /// something changes, and never replaces content it did not read (see `replace_checked`).
     pub fn reconcile(&mut self) -> Result<State, InstallError> {
         let mut attempt = 0;
         let state = loop {
@@ -188,35 +472,37 @@ impl Installer {
         Ok(state)
     }
 
-    fn reconcile_once(&self) -> Result<Pass, InstallError> {
-        let dir = &self.opts.conf_dir;
-        let names = self.config_names()?;
-        let Some(primary) = conflist::select_primary(names.iter().map(String::as_str)) else {
-            return Ok(Pass::Done(State::NoPrimary));
-        };
-        let path = dir.join(primary);
-        let before = match std::fs::read(&path) {
-            Ok(b) => b,
-            // Renamed or deleted between readdir and read: the watch brings us back.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Pass::Raced(format!(
-                    "{} vanished while reading",
-                    path.display()
-                )))
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        };
-        let config = match conflist::parse(&before) {
+    fn reconcile_once(&mut self) -> Result<Pass, InstallError> {
+        let c = match self.select()? {
             Ok(c) => c,
-            Err(e) => {
-                return Ok(Pass::Done(State::Blocked(format!(
-                    "{}: {e}; left untouched, retrying when it changes",
-                    path.display()
-                ))))
-            }
+            Err(pass) => return Ok(pass),
         };
-        let patched = match conflist::inject(&config, &self.entry) {
-            Ok(None) => return Ok(Pass::Done(State::Ready(primary.to_string()))),
+        let path = self.opts.conf_dir.join(&c.name);
+        // Two installers with different settings (or a hand edit of our entry): each asserts its
+        // own entry once after it starts; a later change to our entry by someone else is left
+        // alone, so they never rewrite the file back and forth.
+        if let Some(found) = conflist::our_entry(&c.value) {
+            if found != &self.entry {
+                if let Some(mine) = self.seen.get(&c.real) {
+                    if mine != found {
+                        return Ok(Pass::Done(State::Foreign(
+                            c.name.clone(),
+                            format!(
+                                "{}: our entry was rewritten with other settings by someone else \
+                                 (another installer, or a hand edit); leaving it (restart this \
+                                 installer to apply ours)",
+                                path.display()
+                            ),
+                        )));
+                    }
+                }
+            }
+        }
+        let patched = match conflist::patch(&c.bytes, &c.value, &self.entry) {
+            Ok(None) => {
+                self.seen.insert(c.real.clone(), self.entry.clone());
+                return Ok(Pass::Done(State::Ready(c.name)));
+            }
             Ok(Some(p)) => p,
             Err(e) => {
                 return Ok(Pass::Done(State::Blocked(format!(
@@ -225,48 +511,93 @@ impl Installer {
                 ))))
             }
         };
-        let target = conflist::target_name(primary, &config);
-        let target_path = dir.join(&target);
-        if target != primary {
-            // A lone .conf becomes <stem>.conflist. Never overwrite a list someone else owns:
-            // only one we wrote before (it holds our entry) may be replaced.
-            if let Ok(existing) = std::fs::read(&target_path) {
-                let ours = conflist::parse(&existing)
-                    .map(|c| conflist::contains_ours(&c))
-                    .unwrap_or(false);
-                if !ours {
-                    return Ok(Pass::Done(State::Blocked(format!(
-                        "{}: converting it would overwrite {}, which is not ours; fix the conf dir",
-                        path.display(),
-                        target_path.display()
-                    ))));
-                }
-            }
-        }
-        // Optimistic concurrency: if the primary CNI wrote in the meantime, start over.
-        match std::fs::read(&path) {
-            Ok(now) if now == before => {}
-            _ => {
-                return Ok(Pass::Raced(format!(
+        let target = conflist::target_name(&c.name, &c.value);
+        if target == c.name {
+            return match replace_checked(&c.real, &c.bytes, &patched).map_err(io_err(&c.real))? {
+                Swap::Raced => Ok(Pass::Raced(format!(
                     "{} kept changing while we patched it",
                     path.display()
-                )))
+                ))),
+                Swap::Written => {
+                    self.seen.insert(c.real.clone(), self.entry.clone());
+                    if c.linked {
+                        log::info!(
+                            "added our entry to {} (the target of {})",
+                            c.real.display(),
+                            path.display()
+                        );
+                    } else {
+                        log::info!("added our entry to {}", path.display());
+                    }
+                    Ok(Pass::Done(State::Ready(c.name)))
+                }
+            };
+        }
+        self.convert(c, &target, &patched)
+    }
+
+    /// A lone `.conf` becomes `<stem>.conflist` holding our entry; the `.conf` is removed only
+    /// if it still holds what we converted (otherwise it is put back and converted again).
+    fn convert(&mut self, c: Config, target: &str, patched: &[u8]) -> Result<Pass, InstallError> {
+        let dir = &self.opts.conf_dir;
+        let path = dir.join(&c.name);
+        let target_path = dir.join(target);
+        if c.linked {
+            return Ok(Pass::Done(State::Blocked(format!(
+                "{} is a symlink to a single-plugin config; it would have to become a list \
+                 (.conflist) to chain, which we do not do through a link; not chaining",
+                path.display()
+            ))));
+        }
+        // Never overwrite a list someone else owns: only one we wrote before (it holds our
+        // entry) may be replaced.
+        if let Ok(existing) = std::fs::read(&target_path) {
+            let ours = conflist::parse(&existing)
+                .map(|c| conflist::contains_ours(&c))
+                .unwrap_or(false);
+            if !ours {
+                return Ok(Pass::Done(State::Blocked(format!(
+                    "{}: converting it would overwrite {}, which is not ours; fix the conf dir",
+                    path.display(),
+                    target_path.display()
+                ))));
             }
         }
         let mode = files::mode_of(&path).unwrap_or(0o644);
-        files::atomic_write(dir, &target, &conflist::render(&patched), mode)
-            .map_err(io_err(&target_path))?;
-        if target != primary {
-            files::remove_if_present(&path).map_err(io_err(&path))?;
-            log::info!(
-                "converted {} into {} and added our entry",
-                path.display(),
-                target_path.display()
-            );
-        } else {
-            log::info!("added our entry to {}", path.display());
+        files::atomic_write(dir, target, patched, mode).map_err(io_err(&target_path))?;
+        // Take the .conf away atomically, then check what we took.
+        let taken = dir.join(format!(".{}.{}.taken.tmp", c.name, std::process::id()));
+        match std::fs::rename(&path, &taken) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Pass::Raced(format!("{} vanished", path.display())))
+            }
+            Err(e) => return Err(io_err(&path)(e)),
         }
-        Ok(Pass::Done(State::Ready(target)))
+        let took = std::fs::read(&taken).map_err(io_err(&taken))?;
+        if took != c.bytes {
+            // The primary wrote it again in between: put its newer file back (unless it wrote
+            // yet another one meanwhile), and convert that on the next attempt.
+            if path.exists() {
+                files::remove_if_present(&taken).map_err(io_err(&taken))?;
+            } else {
+                std::fs::rename(&taken, &path).map_err(io_err(&path))?;
+            }
+            return Ok(Pass::Raced(format!(
+                "{} changed while we converted it",
+                path.display()
+            )));
+        }
+        files::remove_if_present(&taken).map_err(io_err(&taken))?;
+        files::sync_dir(dir).map_err(io_err(dir))?;
+        self.seen
+            .insert(c.real.with_file_name(target), self.entry.clone());
+        log::info!(
+            "converted {} into {} and added our entry",
+            path.display(),
+            target_path.display()
+        );
+        Ok(Pass::Done(State::Ready(target.to_string())))
     }
 
     fn report(&mut self, state: &State) {
@@ -284,18 +615,33 @@ impl Installer {
                 self.opts.conf_dir.display()
             ),
             State::Blocked(msg) => log::error!("{msg}"),
+            State::Foreign(_, msg) => log::warn!("{msg}"),
         }
         self.last = Some(state.clone());
     }
 
+    /// The `ready` file while chained; otherwise none, and the `reason` file says why (the
+    /// readiness probe prints it, so `kubectl describe pod` shows it).
     fn update_ready(&self, state: &State) {
         let Some(dir) = &self.opts.health_dir else {
             return;
         };
         let path = dir.join(READY_FILE);
-        let res = match state {
-            State::Ready(name) => std::fs::write(&path, format!("{name}\n")),
-            _ => files::remove_if_present(&path).map(|_| ()),
+        let reason = match state {
+            State::Ready(_) | State::Foreign(..) => None,
+            State::NoPrimary => Some(format!(
+                "no CNI config in {} yet; waiting for the primary CNI",
+                self.opts.conf_dir.display()
+            )),
+            State::Blocked(msg) => Some(msg.clone()),
+        };
+        let res = match (state, &reason) {
+            (State::Ready(name) | State::Foreign(name, _), _) => {
+                std::fs::write(&path, format!("{name}\n"))
+            }
+            (_, why) => files::remove_if_present(&path).and_then(|_| {
+                std::fs::write(dir.join(REASON_FILE), why.as_deref().unwrap_or_default())
+            }),
         };
         if let Err(e) = res {
             log::error!("{}: {e}", path.display());
@@ -328,26 +674,52 @@ impl Installer {
             Err(e) => return Err(e),
         };
         let mut first_err = None;
+        let mut done: HashSet<PathBuf> = HashSet::new();
         for name in names {
             let path = dir.join(&name);
             let result = (|| -> Result<(), InstallError> {
-                let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-                let config = conflist::parse(&bytes).map_err(|source| InstallError::Config {
-                    path: path.clone(),
-                    source,
-                })?;
-                if let Some(cleaned) =
-                    conflist::remove(&config).map_err(|source| InstallError::Config {
-                        path: path.clone(),
-                        source,
-                    })?
-                {
-                    let mode = files::mode_of(&path).unwrap_or(0o644);
-                    files::atomic_write(dir, &name, &conflist::render(&cleaned), mode)
-                        .map_err(io_err(&path))?;
-                    log::info!("removed our entry from {}", path.display());
+                // Through symlinks, like the runtime reads; each real file once.
+                let real = match std::fs::canonicalize(&path) {
+                    Ok(r) => r,
+                    // A dangling link: nothing of ours can be behind it.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(io_err(&path)(e)),
+                };
+                if !done.insert(real.clone()) {
+                    return Ok(());
                 }
-                Ok(())
+                for _ in 0..5 {
+                    let bytes = match std::fs::read(&real) {
+                        Ok(b) => b,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                        Err(e) => return Err(io_err(&real)(e)),
+                    };
+                    let config =
+                        conflist::parse(&bytes).map_err(|source| InstallError::Config {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    let Some(cleaned) = conflist::unpatch(&bytes, &config).map_err(|source| {
+                        InstallError::Config {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?
+                    else {
+                        return Ok(());
+                    };
+                    match replace_checked(&real, &bytes, &cleaned).map_err(io_err(&real))? {
+                        Swap::Written => {
+                            log::info!("removed our entry from {}", path.display());
+                            return Ok(());
+                        }
+                        // Rewritten meanwhile: read the newer file and remove from that.
+                        Swap::Raced => std::thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+                Err(io_err(&path)(std::io::Error::other(
+                    "kept changing while we removed our entry",
+                )))
             })();
             if let Err(e) = result {
                 // Malformed foreign files are not ours to judge on the way out; note and go on.
@@ -405,13 +777,23 @@ impl Installer {
         std::fs::create_dir_all(&self.opts.conf_dir).map_err(io_err(&self.opts.conf_dir))?;
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| InstallError::Sys("inotify_init", e))?;
-        let mut watching = self.watch(&inotify);
-        self.pass();
+        let mut conf_wd = self.watch(&inotify);
+        // Symlinked configs whose target lives in another directory: that directory's watch
+        // and the target names in it (refreshed after every pass).
+        let mut targets = HashMap::new();
+        // After a failed pass (a write that keeps failing: ENOSPC, EBUSY on a bind-mounted
+        // file, a read-only mount) the next one waits, doubling up to BACKOFF_MAX; events in
+        // between are collected, not acted on.
+        let mut backoff = Duration::ZERO;
         let mut last_pass = Instant::now();
+        let mut pending = !self.pass();
+        self.watch_targets(&inotify, &mut targets);
+        if pending {
+            backoff = BACKOFF_START;
+        }
         loop {
-            let timeout = self
-                .opts
-                .resync
+            let wait = if pending { backoff } else { self.opts.resync };
+            let timeout = wait
                 .saturating_sub(last_pass.elapsed())
                 .max(Duration::from_millis(10));
             let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
@@ -438,87 +820,169 @@ impl Installer {
                 // Writers often do several steps (write temp, rename, chmod): let them settle
                 // briefly, then handle everything in one pass.
                 std::thread::sleep(Duration::from_millis(30));
-                if drain(&inotify) {
+                let events = drain(&inotify, conf_wd, &targets);
+                if events.dir_gone {
                     // The conf dir itself went away or was replaced: re-establish the watch.
-                    watching = false;
+                    conf_wd = None;
                 }
+                // Only config names matter: our own temp files (and the primary's) and other
+                // files such as kubeconfigs never trigger a pass.
+                pending |= events.configs || events.dir_gone;
             }
-            if !watching {
-                watching = self.watch(&inotify);
+            if conf_wd.is_none() {
+                conf_wd = self.watch(&inotify);
             }
-            if conf_event || last_pass.elapsed() >= self.opts.resync {
-                self.pass();
+            let due = if pending { backoff } else { self.opts.resync };
+            if last_pass.elapsed() >= due || (pending && backoff.is_zero()) {
+                let ok = self.pass();
+                self.watch_targets(&inotify, &mut targets);
                 last_pass = Instant::now();
+                if ok {
+                    pending = false;
+                    backoff = Duration::ZERO;
+                } else {
+                    pending = true;
+                    backoff = (backoff * 2).clamp(BACKOFF_START, BACKOFF_MAX);
+                    log::info!("retrying in {}ms", backoff.as_millis());
+                }
             }
         }
         if self.opts.keep_on_exit {
-            log::info!("--keep-on-exit: leaving our entry and binaries in place");
-            if let Some(dir) = &self.opts.health_dir {
-                let _ = files::remove_if_present(&dir.join(READY_FILE));
-            }
+            log::info!(
+                "leaving our entry and binaries in place (the next installer takes over; \
+                 uninstall with --remove-on-exit or --uninstall)"
+            );
+            self.update_ready(&State::Blocked("shutting down".into()));
             return Ok(());
         }
         self.uninstall()
     }
 
-    /// Adds the conf-dir watch; false (logged) when the dir is missing, retried on resync.
-    fn watch(&self, inotify: &Inotify) -> bool {
-        let mask = AddWatchFlags::IN_CREATE
-            | AddWatchFlags::IN_CLOSE_WRITE
-            | AddWatchFlags::IN_MOVED_TO
-            | AddWatchFlags::IN_MOVED_FROM
-            | AddWatchFlags::IN_DELETE
-            | AddWatchFlags::IN_ATTRIB
-            | AddWatchFlags::IN_DELETE_SELF
-            | AddWatchFlags::IN_MOVE_SELF;
+    /// Adds the conf-dir watch; `None` (logged) when the dir is missing, retried on resync.
+    fn watch(&self, inotify: &Inotify) -> Option<WatchDescriptor> {
+        let mask = FILE_EVENTS | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF;
         match inotify.add_watch(&self.opts.conf_dir, mask) {
-            Ok(_) => true,
+            Ok(wd) => Some(wd),
             Err(e) => {
                 log::warn!("cannot watch {}: {e}", self.opts.conf_dir.display());
-                false
+                None
+            }
+        }
+    }
+
+    /// Watches the directories of symlinked configs' targets outside the conf dir, so an
+    /// update there (the file the runtime reads) is repaired as fast as one in the conf dir.
+    fn watch_targets(
+        &self,
+        inotify: &Inotify,
+        targets: &mut HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
+    ) {
+        targets.clear();
+        let Ok(conf) = std::fs::canonicalize(&self.opts.conf_dir) else {
+            return;
+        };
+        for name in self.config_names().unwrap_or_default() {
+            let Ok(real) = std::fs::canonicalize(conf.join(&name)) else {
+                continue;
+            };
+            let (Some(dir), Some(file)) = (real.parent(), real.file_name()) else {
+                continue;
+            };
+            if dir == conf {
+                continue;
+            }
+            // Watching the same directory again returns the same descriptor.
+            match inotify.add_watch(dir, FILE_EVENTS) {
+                Ok(wd) => {
+                    targets.entry(wd).or_default().insert(file.to_os_string());
+                }
+                Err(e) => log::debug!("cannot watch {}: {e}", dir.display()),
             }
         }
     }
 
     /// A reconcile whose errors are logged, not fatal: the next event or resync retries.
-    fn pass(&mut self) {
+    /// False when something failed (logged): the caller backs off before the next pass.
+    fn pass(&mut self) -> bool {
         self.touch_alive();
+        let mut ok = true;
         if let Err(e) = self.restore_binaries() {
             log::error!("{e}");
+            ok = false;
         }
         if let Err(e) = self.reconcile() {
             log::error!("{e}");
             self.last = None;
-            self.update_ready(&State::Blocked(String::new()));
+            self.update_ready(&State::Blocked(e.to_string()));
+            ok = false;
         }
+        ok
     }
 }
 
-/// Reads all pending inotify events; true when the watched directory itself is gone.
-fn drain(inotify: &Inotify) -> bool {
-    let mut dir_gone = false;
+/// The events that can change a config file in a watched directory.
+const FILE_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
+    .union(AddWatchFlags::IN_CLOSE_WRITE)
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_DELETE)
+    .union(AddWatchFlags::IN_ATTRIB);
+
+/// What a batch of inotify events was about.
+struct Events {
+    /// The watched directory itself went away or was replaced.
+    dir_gone: bool,
+    /// Some event named a config file (or had no name).
+    configs: bool,
+}
+
+/// Reads all pending inotify events: the conf dir's (`conf_wd`) and those of symlink targets'
+/// directories (`targets`: which names there matter).
+fn drain(
+    inotify: &Inotify,
+    conf_wd: Option<WatchDescriptor>,
+    targets: &HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
+) -> Events {
+    let mut out = Events {
+        dir_gone: false,
+        configs: false,
+    };
     let mut seen = HashSet::new();
     while let Ok(events) = inotify.read_events() {
         if events.is_empty() {
             break;
         }
         for ev in events {
+            if Some(ev.wd) != conf_wd {
+                if let Some(names) = targets.get(&ev.wd) {
+                    if ev.name.as_ref().is_some_and(|n| names.contains(n)) {
+                        out.configs = true;
+                    }
+                }
+                continue;
+            }
             if ev.mask.intersects(
                 AddWatchFlags::IN_DELETE_SELF
                     | AddWatchFlags::IN_MOVE_SELF
                     | AddWatchFlags::IN_IGNORED,
             ) {
-                dir_gone = true;
+                out.dir_gone = true;
             }
-            if let Some(name) = ev.name {
-                seen.insert(name);
+            match ev.name {
+                Some(name) => {
+                    if name.to_str().is_some_and(conflist::is_config_name) {
+                        out.configs = true;
+                    }
+                    seen.insert(name);
+                }
+                None => out.configs = true,
             }
         }
     }
     if !seen.is_empty() {
         log::debug!("conf dir events for {seen:?}");
     }
-    dir_gone
+    out
 }
 
 /// `--probe ready|alive`: exit status for a kubelet exec probe. `alive` fails when the loop has
@@ -535,8 +999,12 @@ pub fn probe(health_dir: &Path, what: &str, max_age: Duration) -> Result<(), Ins
     };
     let path = health_dir.join(file);
     let meta = std::fs::metadata(&path).map_err(|e| {
+        let reason = std::fs::read_to_string(health_dir.join(REASON_FILE)).unwrap_or_default();
         InstallError::Usage(if e.kind() == std::io::ErrorKind::NotFound {
-            format!("not {what}: {} does not exist", path.display())
+            match reason.trim() {
+                why if what == "ready" && !why.is_empty() => format!("not ready: {why}"),
+                _ => format!("not {what}: {} does not exist", path.display()),
+            }
         } else {
             format!("{}: {e}", path.display())
         })
@@ -587,6 +1055,10 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
                     installer.install_binaries()?;
                     match installer.reconcile()? {
                         State::Ready(_) => Ok(()),
+                        State::Foreign(_, m) => {
+                            log::warn!("{m}");
+                            Ok(())
+                        }
                         State::NoPrimary => {
                             Err(InstallError::Usage("no CNI config to chain into".into()))
                         }
@@ -596,5 +1068,57 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
                 cli::Mode::Uninstall => installer.uninstall(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn replace_checked_never_replaces_unread_content() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("10-x.conflist");
+        std::fs::write(&path, b"v1").unwrap();
+        // What we read is what is there: ours goes in, mode kept, nothing left behind.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        assert_eq!(
+            replace_checked(&path, b"v1", b"v1+ours").unwrap(),
+            Swap::Written
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"v1+ours");
+        assert_eq!(files::mode_of(&path), Some(0o600));
+        assert_eq!(names(d.path()), ["10-x.conflist"]);
+        // The file changed after our read (we read v1, v2 is there): v2 stays, same inode (an
+        // in-place writer keeps writing where the runtime reads), and the caller retries.
+        std::fs::write(&path, b"v2").unwrap();
+        let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap());
+        assert_eq!(
+            replace_checked(&path, b"v1", b"v1+ours").unwrap(),
+            Swap::Raced
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"v2");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&path).unwrap()),
+            ino
+        );
+        assert_eq!(names(d.path()), ["10-x.conflist"]);
+        // Gone meanwhile: raced, nothing created.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            replace_checked(&path, b"v2", b"v2+ours").unwrap(),
+            Swap::Raced
+        );
+        assert!(names(d.path()).is_empty());
     }
 }

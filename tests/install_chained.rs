@@ -1,13 +1,25 @@
 //! End to end without a cluster: install into a conf dir holding a real bridge + host-local
-//! conflist, run the patched list like a runtime (cnirun), and check the pod netns got our table.
+//! conflist, run the patched list like a runtime (cnirun), and check the pod netns got our table;
+//! and a rolling upgrade of the installer while pods are created through the chain.
 
 mod common;
 
 use serde_json::{json, Map, Value};
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tproxy_cni::cnirun::{self, Invocation};
 use tproxy_cni::consts::{POD_ANNOTATIONS_CAPABILITY, TABLE_NAME};
+
+/// Links the reference plugins into `bin`, as a node's single CNI bin dir holds them all.
+fn link_reference_plugins(bin: &Path) {
+    std::fs::create_dir_all(bin).unwrap();
+    for p in ["bridge", "host-local", "portmap", "loopback"] {
+        std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin.join(p)).unwrap();
+    }
+}
 
 /// Removes the test bridge from the host netns even when an assertion fails.
 struct Bridge(String);
@@ -29,6 +41,8 @@ fn installed_conflist_runs_and_pod_gets_rules() {
     let conf = tmp.path().join("net.d");
     let bin = tmp.path().join("bin");
     std::fs::create_dir_all(&conf).unwrap();
+    // A node's bin dir holds the primary's plugins too; the installer checks they are there.
+    link_reference_plugins(&bin);
     let br = common::unique("tpbr");
     let _bridge = Bridge(br.clone());
     let octet = 100 + (std::process::id() % 100);
@@ -101,7 +115,7 @@ fn installed_conflist_runs_and_pod_gets_rules() {
         ],
         runtime_config: rc,
         // Our bin dir first, like a node's /opt/cni/bin holding both.
-        cni_path: vec![bin.clone(), reference.to_path_buf()],
+        cni_path: vec![bin.clone()],
     };
     let table = format!("nft list table inet {TABLE_NAME}");
     let result = match cnirun::add(&list, &inv) {
@@ -151,4 +165,255 @@ fn installed_conflist_runs_and_pod_gets_rules() {
     let listed = plain.try_sh(&table).status.success();
     cnirun::del(&list, &inv, Some(&result)).unwrap();
     assert!(!listed, "unannotated pod got table {TABLE_NAME}");
+}
+
+const INSTALLER: &str = env!("CARGO_BIN_EXE_tproxy-cni-install");
+
+/// An installer daemon (one DaemonSet pod's container) with its own log and health dir.
+struct Installer {
+    child: Option<Child>,
+    log: PathBuf,
+    health: PathBuf,
+}
+
+impl Installer {
+    fn start(conf: &Path, bin: &Path, binary: &Path, dir: &Path, extra: &[&str]) -> Installer {
+        let log = dir.join("installer.log");
+        let health = dir.join("health");
+        let child = Command::new(INSTALLER)
+            .arg(format!("--conf-dir={}", conf.display()))
+            .arg(format!("--bin-dir={}", bin.display()))
+            .arg(format!("--binary={}", binary.display()))
+            .arg(format!("--health-dir={}", health.display()))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Installer {
+            child: Some(child),
+            log,
+            health,
+        }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    fn ready(&self) -> bool {
+        self.health.join("ready").exists()
+    }
+    fn wait_ready(&self) {
+        let t = Instant::now();
+        while !self.ready() {
+            assert!(t.elapsed() < Duration::from_secs(5), "{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    /// SIGTERM (what the kubelet sends when a rolling update stops the pod), then wait.
+    fn term(&mut self) {
+        let mut c = self.child.take().unwrap();
+        let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(c.wait().unwrap().success(), "{}", self.log());
+    }
+}
+
+impl Drop for Installer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What happened to one pod created through the node's conflist.
+#[derive(Debug)]
+enum PodOutcome {
+    /// ADD succeeded and the pod netns holds our table.
+    Intercepted,
+    /// ADD succeeded without our plugin (the conflist did not name us).
+    Plain,
+    /// ADD failed (e.g. the conflist names a binary the runtime cannot find).
+    Failed(String),
+}
+
+/// Creates annotated pods one after another in `node` through the first conflist of `conf`,
+/// re-reading it per pod as a runtime does, until `stop`; each pod is deleted again.
+fn create_pods(node: &str, conf: &Path, bin: &Path, stop: &AtomicBool) -> Vec<PodOutcome> {
+    let run = env!("CARGO_BIN_EXE_tproxy-cni-run");
+    let mut out = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(conf)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "conflist"))
+            .collect();
+        names.sort();
+        let list = names[0].display().to_string();
+        let pod = common::Netns::new("tpupod");
+        let id = format!("upgrade-{}", pod.name);
+        let base = format!(
+            "ip netns exec {node} {run} {{}} --conflist {list} --netns {} --id {id} \
+             --cni-path {} --arg IgnoreUnknown=1 --arg K8S_POD_NAMESPACE=default \
+             --arg K8S_POD_NAME={id} \
+             --annotation tproxy-cni.io/mode=tproxy",
+            pod.path().display(),
+            bin.display()
+        );
+        let add = common::try_sh(&base.replace("{}", "add"));
+        let outcome = if add.status.success() {
+            let table = pod.try_sh(&format!("nft list table inet {TABLE_NAME}"));
+            if table.status.success() {
+                PodOutcome::Intercepted
+            } else {
+                PodOutcome::Plain
+            }
+        } else {
+            PodOutcome::Failed(String::from_utf8_lossy(&add.stderr).into_owned())
+        };
+        // DEL through the list as it is now (a runtime uses its cached config; ours DELs
+        // cleanly whatever is there).
+        let _ = common::try_sh(&base.replace("{}", "del"));
+        out.push(outcome);
+    }
+    out
+}
+
+/// Issue 14.2: a rolling upgrade (new installer pod started, old one SIGTERMed) never leaves a
+/// moment where pods are created without our entry or where the conflist names a binary the
+/// runtime cannot find. The node is a netns; the installers are the real binary against temp
+/// dirs (standing in for the host's /etc/cni/net.d and /opt/cni/bin); pods are created by
+/// tproxy-cni-run, which runs the conflist the way libcni does.
+#[test]
+fn rolling_upgrade_has_no_window_and_uninstall_is_explicit() {
+    require_root!();
+    assert!(
+        Path::new("/usr/lib/cni/bridge").is_file(),
+        "install containernetworking-plugins (bridge, host-local)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("net.d");
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&conf).unwrap();
+    link_reference_plugins(&bin);
+    let node = common::Netns::new("tpunode");
+    let primary = json!({
+        "cniVersion": "1.0.0",
+        "name": "upgrade-test",
+        "plugins": [
+            {
+                "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": "10.77.0.0/16"}]],
+                    "dataDir": tmp.path().join("ipam")
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}}
+        ]
+    });
+    std::fs::write(
+        conf.join("10-bridge.conflist"),
+        serde_json::to_vec_pretty(&primary).unwrap(),
+    )
+    .unwrap();
+    // Two releases of the plugin: v2 is v1's ELF with bytes appended (still runs, differs).
+    let v1 = PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni"));
+    let v2_dir = tmp.path().join("image-v2");
+    std::fs::create_dir_all(&v2_dir).unwrap();
+    let v2 = v2_dir.join("tproxy-cni");
+    let mut bytes = std::fs::read(&v1).unwrap();
+    bytes.extend_from_slice(b"\0release-2");
+    std::fs::write(&v2, &bytes).unwrap();
+    let v3_dir = tmp.path().join("image-v3");
+    std::fs::create_dir_all(&v3_dir).unwrap();
+    let v3 = v3_dir.join("tproxy-cni");
+    bytes.extend_from_slice(b"\0release-3");
+    std::fs::write(&v3, &bytes).unwrap();
+    let pod_dirs: Vec<PathBuf> = ["old", "new", "next", "last"]
+        .iter()
+        .map(|n| {
+            let d = tmp.path().join(n);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        })
+        .collect();
+
+    let mut old = Installer::start(&conf, &bin, &v1, &pod_dirs[0], &[]);
+    old.wait_ready();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pods = {
+        let (node, conf, bin, stop) = (node.name.clone(), conf.clone(), bin.clone(), stop.clone());
+        std::thread::spawn(move || create_pods(&node, &conf, &bin, &stop))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // A rollout with surge: the new pod starts while the old one runs, then the old one is
+    // stopped (SIGTERM).
+    let mut new = Installer::start(&conf, &bin, &v2, &pod_dirs[1], &[]);
+    new.wait_ready();
+    std::thread::sleep(Duration::from_millis(300));
+    old.term();
+    std::thread::sleep(Duration::from_millis(500));
+    // The DaemonSet default (maxSurge 0): the old pod stops first, the next one starts later.
+    new.term();
+    std::thread::sleep(Duration::from_millis(700));
+    let mut next = Installer::start(&conf, &bin, &v3, &pod_dirs[2], &[]);
+    next.wait_ready();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = pods.join().unwrap();
+    let bad: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            PodOutcome::Intercepted => None,
+            PodOutcome::Plain => Some("ADD ok without our rules".to_string()),
+            PodOutcome::Failed(e) => Some(format!("ADD failed: {e}")),
+        })
+        .collect();
+    eprintln!(
+        "upgrade: {} pods, {} not intercepted",
+        outcomes.len(),
+        bad.len()
+    );
+    assert!(
+        outcomes.len() >= 6,
+        "too few pods to say anything: {outcomes:?}"
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of {} pods without our rules during the upgrade, e.g. {:?}",
+        bad.len(),
+        outcomes.len(),
+        &bad[..bad.len().min(3)]
+    );
+    assert_eq!(std::fs::read(bin.join("tproxy-cni")).unwrap(), bytes);
+
+    // Uninstall, as docs/install.md describes it: roll out --remove-on-exit (a rollout keeps
+    // the entry like any other), then delete the DaemonSet (SIGTERM removes the entry, then
+    // the binary). Pods created afterwards start fine, without interception.
+    let mut last = Installer::start(&conf, &bin, &v3, &pod_dirs[3], &["--remove-on-exit"]);
+    next.term();
+    last.wait_ready();
+    last.term();
+    let log = last.log();
+    let entry_gone = log.find("removed our entry").expect("entry removal logged");
+    let bin_gone = log.find(&format!("removed {}", bin.join("tproxy-cni").display()));
+    assert!(bin_gone.is_some_and(|b| b > entry_gone), "{log}");
+    assert!(!bin.join("tproxy-cni").exists());
+    let after = {
+        let (n, c, b) = (node.name.clone(), conf.clone(), bin.clone());
+        let stop2 = Arc::new(AtomicBool::new(false));
+        let s = stop2.clone();
+        let h = std::thread::spawn(move || create_pods(&n, &c, &b, &s));
+        std::thread::sleep(Duration::from_millis(200));
+        stop2.store(true, Ordering::Relaxed);
+        h.join().unwrap()
+    };
+    assert!(
+        after.iter().all(|o| matches!(o, PodOutcome::Plain)),
+        "{after:?}"
+    );
 }

@@ -55,6 +55,7 @@ fn all_primaries_are_covered() {
         "flannel",
         "kindnet",
         "lone",
+        "numbers",
         "stale-entry",
     ] {
         assert!(names.iter().any(|n| n == want), "missing fixture {want}");
@@ -70,7 +71,15 @@ fn inject_matches_golden_and_is_idempotent() {
         let after = conflist::inject(&before, &entry)
             .unwrap()
             .unwrap_or_else(|| panic!("{name}: expected a change"));
-        let rendered = conflist::render(&after);
+        // What the installer writes: the splice, which means the same as the parsed patch.
+        let rendered = conflist::patch(&bytes, &before, &entry)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: expected a change"));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&rendered).unwrap(),
+            after,
+            "{name}"
+        );
         let golden = dir().join(format!("{name}.after.conflist"));
         if update {
             std::fs::write(&golden, &rendered).unwrap();
@@ -296,11 +305,102 @@ fn truncated_and_mangled_fixtures_never_panic() {
             for v in variants {
                 if let Ok(c) = conflist::parse(&v) {
                     let _ = conflist::inject(&c, &entry);
+                    let _ = conflist::patch(&v, &c, &entry);
+                    let _ = conflist::unpatch(&v, &c);
                     let _ = conflist::remove(&c);
                     let _ = conflist::to_list(&c);
                     let _ = conflist::target_name(&name, &c);
                 }
             }
         }
+    }
+}
+
+#[test]
+fn splice_keeps_every_byte_of_the_primary() {
+    for (name, _, bytes, settings) in fixtures() {
+        let before = conflist::parse(&bytes).unwrap();
+        let entry = conflist::entry(&settings).unwrap();
+        let out = conflist::patch(&bytes, &before, &entry).unwrap().unwrap();
+        if before.get("plugins").is_none() || conflist::contains_ours(&before) {
+            continue;
+        }
+        // Inserting our entry only adds bytes; removing it gives back the original exactly.
+        let removed = conflist::unpatch(&out, &conflist::parse(&out).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&removed),
+            String::from_utf8_lossy(&bytes),
+            "{name}"
+        );
+        let end = bytes.iter().rposition(|&b| b == b']').unwrap();
+        let text_end = bytes[..end]
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .unwrap()
+            + 1;
+        assert!(out.starts_with(&bytes[..text_end]), "{name}");
+        assert!(out.ends_with(&bytes[text_end..]), "{name}");
+    }
+    // Numbers as the primary wrote them, not as a float printer would.
+    let bytes = std::fs::read(dir().join("numbers.before.conflist")).unwrap();
+    let entry = conflist::entry(&Value::Null).unwrap();
+    let out = conflist::patch(&bytes, &conflist::parse(&bytes).unwrap(), &entry)
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    for kept in [
+        "\"mtu\": 1e3",
+        "12345678901234567890123",
+        "0.1000000000000000055511151231257827",
+        "-0.0",
+        "1E-7",
+        r#""caf\u00e9 \"quoted\" [not, an, array]""#,
+    ] {
+        assert!(text.contains(kept), "{kept} not in {text}");
+    }
+    // Compact lists stay compact; a layout we cannot splice is refused, not rewritten.
+    let compact = br#"{"name":"n","plugins":[{"type":"a","x":1e2}]}"#;
+    let out = conflist::patch(compact, &conflist::parse(compact).unwrap(), &entry)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        r#"{"name":"n","plugins":[{"type":"a","x":1e2},{"type":"tproxy-cni","capabilities":{"io.kubernetes.cri.pod-annotations":true}}]}"#
+    );
+    let dup = br#"{"name":"n","plugins":[{"type":"a"}],"plugins":[{"type":"b"}]}"#;
+    let parsed = conflist::parse(dup).unwrap();
+    let out = conflist::patch(dup, &parsed, &entry).unwrap().unwrap();
+    assert_eq!(
+        conflist::parse(&out).unwrap()["plugins"][1]["type"],
+        PLUGIN_TYPE
+    );
+}
+
+#[test]
+fn splice_handles_duplicates_and_leading_entries() {
+    let entry = conflist::entry(&json!({"logLevel": "debug"})).unwrap();
+    for (text, want_types) in [
+        (
+            r#"{"name":"n","plugins":[{"type":"a"},{"type":"tproxy-cni"},{"type":"b"},{"type":"tproxy-cni","x":1}]}"#,
+            vec!["a", PLUGIN_TYPE, "b"],
+        ),
+        (
+            "{\"name\":\"n\",\"plugins\":[\n  {\"type\":\"tproxy-cni\"},\n  {\"type\":\"tproxy-cni\"},\n  {\"type\":\"a\"}\n]}",
+            vec![PLUGIN_TYPE, "a"],
+        ),
+    ] {
+        let bytes = text.as_bytes();
+        let parsed = conflist::parse(bytes).unwrap();
+        // patch checks its splice against the parsed patch and errs if they differ.
+        let out = conflist::patch(bytes, &parsed, &entry).unwrap().unwrap();
+        let v = conflist::parse(&out).unwrap();
+        assert_eq!(types(&v), want_types, "{text}");
+        assert!(conflist::has_entry(&v, &entry));
+        // Removal of every entry of ours, wherever it stands.
+        let removed = conflist::unpatch(bytes, &parsed).unwrap().unwrap();
+        let r = conflist::parse(&removed).unwrap();
+        assert!(!conflist::contains_ours(&r), "{}", String::from_utf8_lossy(&removed));
     }
 }

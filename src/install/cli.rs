@@ -1,6 +1,6 @@
 //! Command-line flags of `tproxy-cni-install` -> a `Command`; no side effects besides reading the settings file.
 
-use super::{InstallError, Options};
+use super::{InstallError, Options, Runtime};
 use log::LevelFilter;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -17,7 +17,11 @@ usage: tproxy-cni-install [--once | --uninstall] [flags]
   --binary PATH       binary to copy into --bin-dir (repeatable)  [tproxy-cni next to this executable]
   --settings FILE     JSON object of plugin settings for our entry (the ConfigMap key); absent file = none
   --settings-json J   the same, inline (wins over --settings)
-  --keep-on-exit      on SIGTERM leave the entry and binaries (upgrades without a window)
+  --runtime R         containerd|crio: which config the runtime uses, so which one we patch
+                      (containerd: the first file in byte order; crio: the first valid one)  [containerd]
+  --default-network N with --runtime crio: CRI-O's cni_default_network (patch the config named N)
+  --remove-on-exit    on SIGTERM remove the entry, then the binaries (the last step of an uninstall)
+  --keep-on-exit      on SIGTERM leave the entry and binaries (the default; upgrades have no window)
   --health-dir DIR    where the `ready` and `alive` probe files live; '' disables  [/run/tproxy-cni]
   --resync SECS       wake-up period without events (liveness refresh, safety-net reconcile)  [10]
   --log-level LEVEL   error|warn|info|debug|trace  [info]
@@ -79,7 +83,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
     let mut binaries = Vec::new();
     let mut settings_file: Option<PathBuf> = None;
     let mut settings_json: Option<String> = None;
-    let mut keep_on_exit = false;
+    let mut keep_on_exit = true;
+    let mut runtime = Runtime::Containerd;
+    let mut default_network: Option<String> = None;
     let mut health_dir = Some(PathBuf::from("/run/tproxy-cni"));
     let mut resync = Duration::from_secs(10);
     let mut level = LevelFilter::Info;
@@ -92,8 +98,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
         // Flags without a value first.
         match flag.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
-            "--keep-on-exit" => {
-                keep_on_exit = true;
+            "--keep-on-exit" | "--remove-on-exit" => {
+                keep_on_exit = flag == "--keep-on-exit";
                 continue;
             }
             "--once" | "--uninstall" => {
@@ -109,7 +115,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
             }
             _ => {}
         }
-        const VALUE_FLAGS: [&str; 10] = [
+        const VALUE_FLAGS: [&str; 12] = [
+            "--runtime",
+            "--default-network",
             "--conf-dir",
             "--bin-dir",
             "--binary",
@@ -145,6 +153,19 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
             "--resync" => resync = secs(&name, &value)?,
             "--max-age" => max_age = secs(&name, &value)?,
             "--probe" => probe = Some(value),
+            "--runtime" => {
+                runtime = match value.as_str() {
+                    "containerd" => Runtime::Containerd,
+                    "crio" | "cri-o" => Runtime::Crio,
+                    _ => {
+                        return Err(usage(format!(
+                            "--runtime takes containerd or crio, got {value:?}"
+                        )))
+                    }
+                }
+            }
+            "--default-network" if value.is_empty() => default_network = None,
+            "--default-network" => default_network = Some(value),
             "--log-level" => {
                 level = value
                     .parse()
@@ -175,6 +196,11 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
         },
         (None, None) => Value::Null,
     };
+    if default_network.is_some() && runtime != Runtime::Crio {
+        return Err(usage(
+            "--default-network is CRI-O's cni_default_network: use it with --runtime crio",
+        ));
+    }
     if binaries.is_empty() {
         binaries = default_binary();
     }
@@ -185,6 +211,8 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
             binaries,
             settings,
             keep_on_exit,
+            runtime,
+            default_network,
             health_dir,
             resync,
         },
@@ -211,7 +239,10 @@ mod tests {
             "/x/tproxy-cni",
             "--settings-json",
             r#"{"failClosed":true}"#,
-            "--keep-on-exit",
+            "--remove-on-exit",
+            "--runtime=crio",
+            "--default-network",
+            "podnet",
             "--health-dir=",
             "--once",
             "--log-level",
@@ -224,7 +255,16 @@ mod tests {
         assert_eq!(opts.bin_dir, PathBuf::from("/b"));
         assert_eq!(opts.binaries, [PathBuf::from("/x/tproxy-cni")]);
         assert_eq!(opts.settings["failClosed"], true);
-        assert!(opts.keep_on_exit && opts.health_dir.is_none());
+        assert!(!opts.keep_on_exit && opts.health_dir.is_none());
+        assert_eq!(opts.runtime, Runtime::Crio);
+        assert_eq!(opts.default_network.as_deref(), Some("podnet"));
+        let Command::Run { opts, .. } = p(&[]).unwrap() else {
+            panic!()
+        };
+        // Upgrades without a window: the entry stays on SIGTERM unless asked otherwise.
+        assert!(opts.keep_on_exit && opts.runtime == Runtime::Containerd);
+        assert!(p(&["--runtime", "docker"]).is_err());
+        assert!(p(&["--default-network", "x"]).is_err());
         assert_eq!((mode, level), (Mode::Once, LevelFilter::Debug));
         assert!(p(&["--bogus", "1"]).is_err());
         assert!(p(&["--conf-dir"]).is_err());

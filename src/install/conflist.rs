@@ -5,7 +5,10 @@
 //!
 //! Rules, and why:
 //! - the primary is the first `.conf`/`.conflist`/`.json` file in byte-wise lexical order, which
-//!   is what libcni's `ConfFiles` + sort gives containerd and CRI-O;
+//!   is what libcni's `ConfFiles` + sort gives containerd (CRI-O skips invalid files; the daemon
+//!   decides which one per `--runtime`);
+//! - the file is patched as text (`patch`/`unpatch`): only our entry's bytes change, so numbers
+//!   (`1e3`, big integers, long fractions), spacing and order stay as the primary wrote them;
 //! - a lone `.conf` becomes a list the way libcni's `ConfListFromConf` does it (name and
 //!   cniVersion lifted to the list, the plugin object kept whole), because only lists chain;
 //! - our entry goes **last** when missing, but an entry already present stays where it is and is
@@ -238,7 +241,363 @@ pub fn remove(config: &Value) -> Result<Option<Value>, ConflistError> {
     Ok(Some(out))
 }
 
-/// The bytes we write: two-space pretty JSON and a final newline, like most CNI installers.
+/// The plugin `type`s a runtime must find in its bin dir for `config` (a list's plugins, or a
+/// single config's own type), in order, without duplicates.
+pub fn plugin_types(config: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |t: Option<&str>| {
+        if let Some(t) = t {
+            if !out.iter().any(|o| o == t) {
+                out.push(t.to_string());
+            }
+        }
+    };
+    match config.get("plugins").and_then(Value::as_array) {
+        Some(plugins) => plugins
+            .iter()
+            .for_each(|p| push(p.get("type").and_then(Value::as_str))),
+        None => push(config.get("type").and_then(Value::as_str)),
+    }
+    out
+}
+
+/// The first entry of ours in a list, whatever its settings.
+pub fn our_entry(config: &Value) -> Option<&Map<String, Value>> {
+    config
+        .get("plugins")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|p| is_ours(p))
+        .and_then(Value::as_object)
+}
+
+/// `inject` on a file's bytes, as a splice: the bytes to write, or `None` when nothing changes.
+///
+/// Only our entry's bytes change (inserted before the list's `]` with the indentation of the
+/// element before it, or replacing an entry of ours in place); every other byte of the file,
+/// numbers as written (`1e3`, big integers, long fractions), spacing and key order, stays. A lone
+/// config becomes a list whose single plugin is its original text. The result is checked
+/// against the parsed `inject`, so a splice can never write something else.
+pub fn patch(
+    bytes: &[u8],
+    config: &Value,
+    entry: &Map<String, Value>,
+) -> Result<Option<Vec<u8>>, ConflistError> {
+    let Some(want) = inject(config, entry)? else {
+        return Ok(None);
+    };
+    let out = if config.get("plugins").is_some() {
+        let list = plugins_span(bytes)?;
+        let ours: Vec<usize> = (0..list.elems.len())
+            .filter(|&i| list.is_ours(bytes, i))
+            .collect();
+        let mut edits = Vec::new();
+        match ours.split_first() {
+            Some((&first, rest)) => {
+                let indent = list.indent_of(bytes, first);
+                let (s, e) = list.elems[first];
+                edits.push((s, e, render_entry(entry, indent.as_deref())));
+                edits.extend(list.removals(rest));
+            }
+            None => {
+                let last = list.elems.len() - 1;
+                let indent = list.indent_of(bytes, last);
+                let (s, e) = list.elems[last];
+                // The whitespace before the last element (after its comma, if any).
+                let before = String::from_utf8_lossy(&bytes[list.after(last)..s]).into_owned();
+                let sep = before.rsplit(',').next().unwrap_or_default().to_string();
+                edits.push((
+                    e,
+                    e,
+                    format!(",{sep}{}", render_entry(entry, indent.as_deref())),
+                ));
+            }
+        }
+        apply(bytes, edits)
+    } else {
+        convert_bytes(bytes, config, entry)?
+    };
+    check(&out, &want)?;
+    Ok(Some(out))
+}
+
+/// `remove` on a file's bytes, as a splice (every other byte stays); `None` when nothing changes.
+pub fn unpatch(bytes: &[u8], config: &Value) -> Result<Option<Vec<u8>>, ConflistError> {
+    let Some(want) = remove(config)? else {
+        return Ok(None);
+    };
+    let list = plugins_span(bytes)?;
+    let ours: Vec<usize> = (0..list.elems.len())
+        .filter(|&i| list.is_ours(bytes, i))
+        .collect();
+    let out = apply(bytes, list.removals(&ours));
+    check(&out, &want)?;
+    Ok(Some(out))
+}
+
+/// The splice must mean exactly what the parsed patch means.
+fn check(out: &[u8], want: &Value) -> Result<(), ConflistError> {
+    match serde_json::from_slice::<Value>(out) {
+        Ok(got) if &got == want => Ok(()),
+        _ => Err(ConflistError::Shape(
+            "unusual layout we cannot splice safely (e.g. duplicate keys); left untouched".into(),
+        )),
+    }
+}
+
+/// A lone config as a list: `cniVersion` and `name` lifted (their original text), the plugin
+/// kept as written, our entry after it.
+fn convert_bytes(
+    bytes: &[u8],
+    config: &Value,
+    entry: &Map<String, Value>,
+) -> Result<Vec<u8>, ConflistError> {
+    to_list(config)?;
+    let members = members(bytes).ok_or_else(|| ConflistError::Json("cannot scan".into()))?;
+    let raw = |key: &str| {
+        members
+            .iter()
+            .rev()
+            .find(|m| m.key == key)
+            .map(|m| String::from_utf8_lossy(&bytes[m.value.0..m.value.1]).into_owned())
+    };
+    let mut out = String::from("{\n");
+    if let Some(v) = raw("cniVersion") {
+        out.push_str(&format!("  \"cniVersion\": {v},\n"));
+    }
+    if let Some(v) = raw("name") {
+        out.push_str(&format!("  \"name\": {v},\n"));
+    }
+    // Indented one level deeper: only whitespace after line breaks changes (a JSON string
+    // cannot hold a raw line break, so no value changes).
+    let text = String::from_utf8_lossy(bytes)
+        .trim()
+        .replace('\n', "\n    ");
+    out.push_str(&format!(
+        "  \"plugins\": [\n    {},\n    {}\n  ]\n}}\n",
+        text,
+        render_entry(entry, Some("    "))
+    ));
+    Ok(out.into_bytes())
+}
+
+/// Our entry as JSON text: pretty, continued at `indent` when the list is laid out on lines,
+/// compact otherwise.
+fn render_entry(entry: &Map<String, Value>, indent: Option<&str>) -> String {
+    let v = Value::Object(entry.clone());
+    match indent {
+        Some(ind) => serde_json::to_string_pretty(&v)
+            .unwrap_or_default()
+            .replace('\n', &format!("\n{ind}")),
+        None => v.to_string(),
+    }
+}
+
+/// Replaces byte ranges (non-overlapping) by text.
+fn apply(bytes: &[u8], mut edits: Vec<(usize, usize, String)>) -> Vec<u8> {
+    edits.sort_by_key(|e| std::cmp::Reverse(e.0));
+    let mut out = bytes.to_vec();
+    for (s, e, text) in edits {
+        out.splice(s..e, text.into_bytes());
+    }
+    out
+}
+
+/// The `plugins` array of a list: byte spans of its elements.
+struct ListSpan {
+    /// Just after the `[`.
+    open: usize,
+    elems: Vec<(usize, usize)>,
+}
+
+impl ListSpan {
+    /// Where the whitespace before element `i` starts (after `[` or the comma).
+    fn after(&self, i: usize) -> usize {
+        if i == 0 {
+            self.open
+        } else {
+            // The comma follows the previous element, maybe after whitespace.
+            self.elems[i - 1].1
+        }
+    }
+
+    fn is_ours(&self, bytes: &[u8], i: usize) -> bool {
+        let (s, e) = self.elems[i];
+        serde_json::from_slice::<Value>(&bytes[s..e]).is_ok_and(|v| is_ours(&v))
+    }
+
+    /// The indentation of element `i` when it starts a line.
+    fn indent_of(&self, bytes: &[u8], i: usize) -> Option<String> {
+        let (s, _) = self.elems[i];
+        let ws = String::from_utf8_lossy(&bytes[self.after(i)..s]).into_owned();
+        ws.rfind('\n').map(|n| {
+            ws[n + 1..]
+                .chars()
+                .filter(|c| *c == ' ' || *c == '\t')
+                .collect()
+        })
+    }
+
+    /// Ranges that remove elements `idx` (ascending) with their separators.
+    fn removals(&self, idx: &[usize]) -> Vec<(usize, usize, String)> {
+        let gone = |i: usize| idx.contains(&i);
+        let first_kept = (0..self.elems.len()).find(|&i| !gone(i));
+        let mut out = Vec::new();
+        for &i in idx {
+            match first_kept {
+                // Before the first kept element: cut from this element to the next one.
+                Some(k) if i < k => out.push((self.elems[i].0, self.elems[i + 1].0, String::new())),
+                // After it: cut from the end of the previous element to the end of this one.
+                _ if i > 0 => out.push((self.elems[i - 1].1, self.elems[i].1, String::new())),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+fn plugins_span(bytes: &[u8]) -> Result<ListSpan, ConflistError> {
+    let shape = || ConflistError::Json("cannot locate \"plugins\" in the text".into());
+    let members = members(bytes).ok_or_else(shape)?;
+    // Duplicate keys: the last one counts, as for the parser.
+    let m = members
+        .iter()
+        .rev()
+        .find(|m| m.key == "plugins")
+        .ok_or_else(shape)?;
+    let mut sc = Scanner {
+        b: bytes,
+        i: m.value.0,
+    };
+    if sc.peek() != Some(b'[') {
+        return Err(shape());
+    }
+    sc.i += 1;
+    let open = sc.i;
+    let mut elems = Vec::new();
+    loop {
+        sc.ws();
+        match sc.peek() {
+            Some(b']') => break,
+            Some(b',') => sc.i += 1,
+            Some(_) => elems.push(sc.value().ok_or_else(shape)?),
+            None => return Err(shape()),
+        }
+    }
+    if elems.is_empty() {
+        return Err(shape());
+    }
+    Ok(ListSpan { open, elems })
+}
+
+/// A top-level member: its decoded key and the byte span of its value.
+struct Member {
+    key: String,
+    value: (usize, usize),
+}
+
+fn members(bytes: &[u8]) -> Option<Vec<Member>> {
+    let mut sc = Scanner { b: bytes, i: 0 };
+    sc.ws();
+    if sc.peek()? != b'{' {
+        return None;
+    }
+    sc.i += 1;
+    let mut out = Vec::new();
+    loop {
+        sc.ws();
+        match sc.peek()? {
+            b'}' => return Some(out),
+            b',' => sc.i += 1,
+            b'"' => {
+                let (ks, ke) = sc.string()?;
+                let key: String = serde_json::from_slice(&bytes[ks..ke]).ok()?;
+                sc.ws();
+                if sc.peek()? != b':' {
+                    return None;
+                }
+                sc.i += 1;
+                sc.ws();
+                let value = sc.value()?;
+                out.push(Member { key, value });
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// A minimal JSON scanner over text serde_json has already accepted: it only finds spans.
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.i += 1;
+        }
+    }
+
+    fn string(&mut self) -> Option<(usize, usize)> {
+        let start = self.i;
+        self.i += 1;
+        loop {
+            match self.peek()? {
+                b'\\' => self.i += 2,
+                b'"' => {
+                    self.i += 1;
+                    return Some((start, self.i));
+                }
+                _ => self.i += 1,
+            }
+        }
+    }
+
+    fn value(&mut self) -> Option<(usize, usize)> {
+        let start = self.i;
+        match self.peek()? {
+            b'"' => self.string(),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match self.peek()? {
+                        b'"' => {
+                            self.string()?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth = depth.checked_sub(1)?;
+                            if depth == 0 {
+                                self.i += 1;
+                                return Some((start, self.i));
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                while !matches!(
+                    self.peek(),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+                ) {
+                    self.i += 1;
+                }
+                (self.i > start).then_some((start, self.i))
+            }
+        }
+    }
+}
+
+/// A whole config as two-space pretty JSON and a final newline (the parsed view; the daemon
+/// writes `patch`/`unpatch` splices instead).
 pub fn render(config: &Value) -> Vec<u8> {
     let mut out = serde_json::to_vec_pretty(config).unwrap_or_default();
     out.push(b'\n');

@@ -17,8 +17,9 @@ fn temp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
 }
 
-/// Writes `bytes` to `dir/name` atomically with permission bits `mode`.
-pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+/// Writes `bytes` to a new temporary file next to `dir/name` (mode `mode`, synced) and returns
+/// its path. The name starts with a dot and ends in `.tmp`: never a config name.
+pub fn write_temp(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
     let tmp = temp_path(dir, name);
     let result = (|| {
         let mut f = fs::OpenOptions::new()
@@ -30,15 +31,65 @@ pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Resu
         // The umask may have cleared bits of `mode`; binaries must end up exactly 0755.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         // Durable before visible: a node crash must not leave a renamed but empty config.
-        f.sync_all()?;
-        fs::rename(&tmp, dir.join(name))?;
-        // Make the rename itself durable.
-        fs::File::open(dir)?.sync_all()
+        f.sync_all()
     })();
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Makes renames in `dir` durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Writes `bytes` to `dir/name` atomically with permission bits `mode`.
+pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = write_temp(dir, name, bytes, mode)?;
+    let result = fs::rename(&tmp, dir.join(name)).and_then(|()| sync_dir(dir));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Swaps two directory entries atomically (`renameat2(RENAME_EXCHANGE)`): each name then points
+/// at the other's inode. Both must exist, on one file system. File systems without the flag
+/// give `EINVAL`; see [`exchange_unsupported`].
+pub fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let ca = CString::new(a.as_os_str().as_bytes())?;
+    let cb = CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: two valid NUL-terminated paths that outlive the call; no memory is handed over.
+    // Raw syscall because the libc wrapper is missing on musl, which the image links.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// True when `exchange` failed because the kernel or file system lacks `RENAME_EXCHANGE`.
+pub fn exchange_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+    )
 }
 
 /// What `copy_binary` did.
@@ -106,6 +157,15 @@ mod tests {
             .collect();
         assert_eq!(names, ["tool"]);
         assert!(remove_if_present(&bin.join("tool")).unwrap());
+
+        // Exchange swaps contents (inodes) both ways.
+        fs::write(d.path().join("x"), b"x").unwrap();
+        fs::write(d.path().join("y"), b"y").unwrap();
+        exchange(&d.path().join("x"), &d.path().join("y")).unwrap();
+        assert_eq!(fs::read(d.path().join("x")).unwrap(), b"y");
+        assert_eq!(fs::read(d.path().join("y")).unwrap(), b"x");
+        let e = exchange(&d.path().join("x"), &d.path().join("missing")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
         assert!(!remove_if_present(&bin.join("tool")).unwrap());
     }
 }
