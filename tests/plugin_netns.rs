@@ -431,3 +431,68 @@ fn ipv4_only_pod_with_ipv6_disabled() {
     assert!(our_table(&ns).is_none());
     assert!(our_rules(&ns, "-4").is_empty());
 }
+
+/// `n` distinct single ports from `start`, comma separated (annotation list syntax).
+fn port_list(start: u16, n: u16) -> String {
+    (start..start + n)
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Issue 9.1 (docs/ARCHITECTURE.md, pitfall 14): the largest policies the parser accepts apply
+/// in one ADD, CHECK passes and DEL leaves nothing. Before the fix every batch message asked for
+/// an ACK, the ACKs overflowed the receive buffer after the commit (ENOBUFS) and ~257 rules
+/// stayed in the pod after a failed ADD.
+#[test]
+fn largest_allowed_policies_apply_check_and_delete() {
+    require_root!();
+    let excluded: Vec<u16> = (20000..20300).collect();
+    type Case<'a> = (&'a str, Value, Vec<(&'a str, String)>, usize);
+    let cases: Vec<Case> = vec![
+        (
+            "tproxy, 256 inbound ports",
+            json!({}),
+            vec![
+                ("tproxy-cni.io/mode", "tproxy".into()),
+                ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
+            ],
+            3 + 3 + 256,
+        ),
+        (
+            "tproxy fail-closed, 256 inbound ports",
+            json!({}),
+            vec![
+                ("tproxy-cni.io/mode", "tproxy".into()),
+                ("tproxy-cni.io/fail-mode", "closed".into()),
+                ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
+            ],
+            3 + 3 + 2 * 256,
+        ),
+        (
+            "300 excludeInboundPorts in the conflist, fail-closed, 256 inbound ports",
+            json!({"excludeInboundPorts": excluded, "failClosed": true}),
+            vec![
+                ("tproxy-cni.io/mode", "tproxy".into()),
+                ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
+            ],
+            3 + 3 + 300 + 2 * 256,
+        ),
+    ];
+    for (what, conf, ann, prerouting_rules) in cases {
+        let node = Node::new(conf);
+        let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let pod = node
+            .add_pod(&ann)
+            .unwrap_or_else(|e| panic!("{what}: ADD failed: {}", e.stdout));
+        let t = our_table(&pod.ns).unwrap_or_else(|| panic!("{what}: no table"));
+        let c = chains(&t);
+        let pre = c.iter().find(|c| c.0 == "prerouting").expect("prerouting");
+        assert_eq!(pre.4, prerouting_rules, "{what}");
+        node.check_ours(&pod)
+            .unwrap_or_else(|e| panic!("{what}: CHECK failed: {}", e.stdout));
+        node.del_pod(&pod)
+            .unwrap_or_else(|e| panic!("{what}: DEL failed: {}", e.stdout));
+        assert_clean(&pod.ns);
+    }
+}
