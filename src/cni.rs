@@ -118,19 +118,29 @@ fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 }
 
 /// Table first (one atomic batch), then routing; if routing fails, the table goes too.
+/// Both steps also remove what is ours but not in the plan: tables with our owner comment
+/// under another name, tagged rules and routes of another mode or another release's numbers.
 fn apply_plan(plan: &Plan) -> Result<(), CniError> {
     if let Some(t) = &plan.table {
         nft::apply(t)?;
+        if let Err(e) = nft::delete_owned_except(Some(&t.name)) {
+            undo_table(&t.name, "removing stale tables failed");
+            return Err(e.into());
+        }
     }
     if let Err(e) = routing::apply(&plan.routing) {
         if let Some(t) = &plan.table {
-            if let Err(undo) = nft::delete(&t.name) {
-                log::warn!("removing table {} after routing failed: {undo}", t.name);
-            }
+            undo_table(&t.name, "routing failed");
         }
         return Err(e.into());
     }
     Ok(())
+}
+
+fn undo_table(name: &str, why: &str) {
+    if let Err(undo) = nft::delete(name) {
+        log::warn!("removing table {name} after {why}: {undo}");
+    }
 }
 
 fn summary(plan: &Plan) -> String {
@@ -192,10 +202,22 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let res = netns::run_in(
         std::path::Path::new(&cni.netns),
         || -> Result<(), CniError> {
-            // Teardown removes all it can and reports the first failure.
-            let t = nft::delete(&table).map(|_| ()).map_err(CniError::from);
-            let r = routing::delete(&owned).map_err(CniError::from);
-            t.and(r)
+            // Teardown removes all it can and reports every failure.
+            let mut errs: Vec<String> = Vec::new();
+            if let Err(e) = nft::delete(&table) {
+                errs.push(e.to_string());
+            }
+            if let Err(e) = nft::delete_owned_except(None) {
+                errs.push(e.to_string());
+            }
+            if let Err(e) = routing::delete(&owned) {
+                errs.push(format!("policy routing: {e}"));
+            }
+            if errs.is_empty() {
+                Ok(())
+            } else {
+                Err(CniError::new(code::KERNEL, errs.join("; ")))
+            }
         },
     );
     match res {
@@ -226,19 +248,21 @@ fn check(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let diffs = netns::run_in(
         std::path::Path::new(&cni.netns),
         || -> Result<Vec<String>, CniError> {
+            // A read failure is an error (100); only a difference is drift (101).
             let mut d = Vec::new();
             match &plan.table {
-                Some(t) => {
-                    if let Err(v) = nft::check(t) {
-                        d.extend(v);
-                    }
-                }
+                Some(t) => d.extend(nft::check(t)?),
                 None => {
                     if nft::exists(&table_name)? {
                         d.push(format!(
                             "table inet {table_name} present but the pod's mode is none"
                         ));
                     }
+                }
+            }
+            for other in nft::owned_tables()? {
+                if other != table_name {
+                    d.push(format!("extra table inet {other} of ours"));
                 }
             }
             d.extend(routing::check(&plan.routing)?);

@@ -15,6 +15,11 @@ pub const ROUTE_TABLE: u32 = 0x7470;
 /// Priority of our `fwmark` policy rule: below `main` (32766), above nothing we know of.
 pub const RULE_PRIORITY: u32 = 0x7470;
 
+/// Protocol id on every policy rule (`FRA_PROTOCOL`) and route (`rtm_protocol`) we add: the
+/// owner tag DEL and CHECK find them by, whatever mark, table or priority a release used.
+/// `0x74` is ASCII "t"; unassigned in iproute2's `rt_protos` (0-18, 42, 99, 186-192 are taken).
+pub const RT_PROTOCOL: u8 = 0x74;
+
 /// uid the sidecar runs as, exempt from outbound capture. Istio's `1337`, which sidecar images
 /// and PodSecurity setups already expect.
 pub const PROXY_UID: u32 = 1337;

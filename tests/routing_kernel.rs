@@ -178,3 +178,105 @@ fn works_while_lo_is_still_down() {
         .is_empty());
     assert!(ns.sh("ip link show lo").contains("UP"));
 }
+
+fn ours_of(ns: &Netns, fam: &str) -> Vec<serde_json::Value> {
+    ip_json(ns, &format!("{fam} rule show"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["protocol"] == "116" || x["protocol"] == 116)
+        .cloned()
+        .collect()
+}
+
+/// Issue 9.2: a second copy of our fwmark rule is drift, and objects of ours that the plan
+/// does not want (another mode) are reported as extra.
+#[test]
+fn check_reports_duplicates_and_unwanted_objects() {
+    require_root!();
+    let ns = Netns::new("rt");
+    let r = plan(&[Family::V4]);
+    netns::run_in(&ns.path(), || routing::apply(&r))
+        .unwrap()
+        .unwrap();
+    let chk = |r: &Routing| {
+        let r = r.clone();
+        netns::run_in(&ns.path(), move || routing::check(&r))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(chk(&r), Vec::<String>::new());
+    // Tagged on every object (ip prints the protocol id it has no name for).
+    assert_eq!(ours_of(&ns, "-4").len(), 1, "{}", ns.sh("ip -d rule show"));
+    ns.sh("ip rule add fwmark 0x7470 lookup 29808 priority 29808");
+    let d = chk(&r);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(
+        d[0].starts_with("2 copies of ipv4 rule fwmark 0x7470"),
+        "{d:?}"
+    );
+    // The pod's mode is now one without policy routing: what is ours is extra (the copy
+    // without our tag is not ours).
+    let d = chk(&Routing::default());
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(d.iter().all(|x| x.starts_with("extra ")), "{d:?}");
+}
+
+/// Issue 9.2 / 14.3: apply converges (tagged objects of another plan go, foreign ones stay),
+/// and delete removes tagged objects whatever mark, table and priority made them.
+#[test]
+fn apply_and_delete_find_ours_by_tag() {
+    require_root!();
+    let ns = Netns::new("rt");
+    ns.sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
+    ns.sh("ip route add local default dev lo table 133");
+    // As a release with other defaults would leave it: other mark, table and priority.
+    let mut old = plan(&[Family::V4, Family::V6]);
+    for x in &mut old.rules {
+        (x.mark, x.table, x.priority) = (0x100, 4242, 4242);
+    }
+    for x in &mut old.local_routes {
+        x.table = 4242;
+    }
+    netns::run_in(&ns.path(), || routing::apply(&old))
+        .unwrap()
+        .unwrap();
+    let new = plan(&[Family::V4, Family::V6]);
+    netns::run_in(&ns.path(), || routing::apply(&new))
+        .unwrap()
+        .unwrap();
+    let chk = netns::run_in(&ns.path(), || routing::check(&new))
+        .unwrap()
+        .unwrap();
+    assert_eq!(chk, Vec::<String>::new());
+    for fam in ["-4", "-6"] {
+        assert!(ip_json(&ns, &format!("{fam} route show table 4242"))
+            .as_array()
+            .unwrap()
+            .is_empty());
+        assert_eq!(ours_of(&ns, fam).len(), 1);
+    }
+    // Back to the old numbers, then a DEL that only knows the new ones removes them.
+    netns::run_in(&ns.path(), || routing::apply(&old))
+        .unwrap()
+        .unwrap();
+    netns::run_in(&ns.path(), || routing::delete(&new))
+        .unwrap()
+        .unwrap();
+    for fam in ["-4", "-6"] {
+        assert!(
+            ours_of(&ns, fam).is_empty(),
+            "{}",
+            ns.sh(&format!("ip {fam} rule"))
+        );
+        assert!(ip_json(&ns, &format!("{fam} route show table 4242"))
+            .as_array()
+            .unwrap()
+            .is_empty());
+    }
+    let rules = ns.sh("ip rule show");
+    assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
+    assert!(ns
+        .sh("ip route show table 133")
+        .contains("local default dev lo"));
+}

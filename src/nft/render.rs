@@ -130,7 +130,11 @@ fn chain(out: &mut String, c: &Chain) {
 }
 
 pub fn render(t: &Table) -> String {
-    let mut out = format!("table inet {} {{\n", t.name);
+    let mut out = format!(
+        "table inet {} {{\n\tcomment \"{}\"\n",
+        t.name,
+        super::owner_comment()
+    );
     for (i, c) in t.chains.iter().enumerate() {
         if i > 0 {
             out.push('\n');
