@@ -409,6 +409,7 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
     up.header.change_mask = LinkFlags::Up;
     nl.request(RouteNetlinkMessage::SetLink(up), NLM_F_ACK, "setting lo up")?;
     let res = (|| {
+        drop_untagged_copies(&mut nl, r)?;
         for route in &r.local_routes {
             if applied.skipped.contains(&route.family) {
                 continue;
@@ -460,6 +461,31 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
             Err(e)
         }
     }
+}
+
+/// An untagged rule with the identity of a rule the plan wants (an older release's, or one
+/// re-added by hand) would be a duplicate of ours. A delete without protocol matches either
+/// copy, so all copies go and the creation that follows adds ours back.
+fn drop_untagged_copies(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
+    for f in [Family::V4, Family::V6] {
+        let t = tagged(nl, f)?;
+        for rule in r.rules.iter().filter(|x| x.family == f) {
+            let untagged = t
+                .all_rules
+                .iter()
+                .any(|m| !is_ours_rule(m) && rule_matches(m, rule));
+            if !untagged {
+                continue;
+            }
+            for _ in 0..16 {
+                let what = format!("removing copies of {}", describe_rule(rule));
+                if !nl.remove(RouteNetlinkMessage::DelRule(untagged_rule_msg(rule)), &what)? {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Removes every tagged rule and route of ours, whatever its mark, table or priority, plus

@@ -496,3 +496,206 @@ fn largest_allowed_policies_apply_check_and_delete() {
         assert_clean(&pod.ns);
     }
 }
+
+/// Runs our plugin alone for `cmd` on `pod`, under `wrapper` (a command prefix run inside the
+/// node's netns); returns (exit status, stdout).
+fn run_ours_wrapped(
+    node: &Node,
+    wrapper: &[&str],
+    cmd: &str,
+    pod: &common::chain::Pod,
+) -> (i32, String) {
+    use std::io::Write;
+    let mut conf = node.ours();
+    conf["name"] = node.conflist["name"].clone();
+    conf["cniVersion"] = node.conflist["cniVersion"].clone();
+    conf["prevResult"] = pod.result.clone();
+    conf["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": pod.annotations});
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .args(wrapper)
+        .arg(env!("CARGO_BIN_EXE_tproxy-cni"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", &pod.id)
+        .env("CNI_NETNS", pod.ns.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn plugin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn check_err(node: &Node, pod: &common::chain::Pod) -> (u64, String) {
+    let e = node
+        .check_ours(pod)
+        .expect_err("CHECK must report the difference");
+    let j = e.json();
+    (
+        j["code"].as_u64().unwrap_or(0),
+        j["msg"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Issue 9.2: CHECK fails with 101 naming the difference for a dormant table, an extra set
+/// or chain in our table, a duplicate fwmark rule; a re-ADD from tproxy to redirect removes
+/// the fwmark rules and routes and CHECK then passes. Issue 10.1: a read failure is 100.
+#[test]
+fn check_is_strict_and_readd_converges() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let mut pod = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("ADD");
+    node.check_ours(&pod).expect("CHECK right after ADD");
+    let readd = |pod: &common::chain::Pod| {
+        node.exec(
+            &node.ours(),
+            "ADD",
+            &pod.ns.path().to_string_lossy(),
+            &pod.id,
+            &pod.annotations,
+            Some(&pod.result),
+        )
+        .expect("re-ADD")
+    };
+
+    for (what, cmd, needle) in [
+        (
+            "dormant",
+            "nft add table inet tproxy_cni '{ flags dormant; }'",
+            "dormant",
+        ),
+        (
+            "extra set",
+            "nft add set inet tproxy_cni s '{ type ipv4_addr; }'",
+            "extra set s",
+        ),
+        (
+            "extra chain",
+            "nft add chain inet tproxy_cni c",
+            "extra chain c",
+        ),
+        (
+            "duplicate fwmark rule",
+            "ip rule add fwmark 0x7470 lookup 29808 priority 29808",
+            "2 copies of ipv4 rule",
+        ),
+    ] {
+        pod.ns.sh(cmd);
+        let (code, msg) = check_err(&node, &pod);
+        assert_eq!(code, 101, "{what}: {msg}");
+        assert!(msg.contains(needle), "{what}: {msg}");
+        // A re-ADD repairs each of them (the duplicate rule goes too).
+        readd(&pod);
+        node.check_ours(&pod)
+            .unwrap_or_else(|e| panic!("{what}: CHECK after re-ADD: {}", e.stdout));
+    }
+
+    // A read failure is not drift: without CAP_NET_ADMIN every nf_tables request is refused.
+    // (The kernel refuses the requests; a privilege is taken away, none is added.)
+    let (status, out) = run_ours_wrapped(
+        &node,
+        &["setpriv", "--bounding-set", "-net_admin"],
+        "CHECK",
+        &pod,
+    );
+    assert_eq!(status, 1, "{out}");
+    let j: Value = serde_json::from_str(&out).expect("error JSON");
+    assert_eq!(j["code"], 100, "{out}");
+
+    // tproxy -> redirect: the fwmark rules and routes go, CHECK passes.
+    pod.annotations = json!({"tproxy-cni.io/mode": "redirect"});
+    readd(&pod);
+    for fam in ["-4", "-6"] {
+        assert!(our_rules(&pod.ns, fam).is_empty(), "{fam} rule left");
+        assert!(
+            ip_json(&pod.ns, &format!("{fam} route show table 29808")).is_empty(),
+            "{fam} route left"
+        );
+    }
+    node.check_ours(&pod)
+        .unwrap_or_else(|e| panic!("CHECK after tproxy -> redirect: {}", e.stdout));
+    // And CHECK with the old mode's plan now reports what is missing.
+    let old = common::chain::Pod {
+        ns: common::Netns {
+            name: pod.ns.name.clone(),
+        },
+        id: pod.id.clone(),
+        annotations: json!({"tproxy-cni.io/mode": "tproxy"}),
+        result: pod.result.clone(),
+    };
+    let (code, msg) = check_err(&node, &old);
+    std::mem::forget(old); // the netns belongs to `pod`
+    assert_eq!(code, 101, "{msg}");
+    node.del_pod(&pod).expect("DEL");
+    assert_clean(&pod.ns);
+}
+
+/// Issue 14.3: a pod programmed with other numbers (as a release with other defaults would
+/// leave it: table name, mark, route table, rule priority) is drift for CHECK and is cleaned
+/// by DEL of this configuration; rules without our tag survive.
+#[test]
+fn del_removes_our_objects_whatever_their_numbers() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let pod = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("ADD");
+    let mut future = node.ours();
+    for (k, v) in [
+        ("mark", json!(0x100)),
+        ("routeTable", json!(4000)),
+        ("rulePriority", json!(4000)),
+        ("tableName", json!("tproxy_cni_v9")),
+    ] {
+        future[k] = v;
+    }
+    node.exec(
+        &future,
+        "ADD",
+        &pod.ns.path().to_string_lossy(),
+        &pod.id,
+        &pod.annotations,
+        Some(&pod.result),
+    )
+    .expect("ADD with other numbers");
+    // That ADD replaced our objects with its own.
+    assert!(our_rules(&pod.ns, "-4").is_empty());
+    assert!(our_table(&pod.ns).is_none());
+    // Foreign rules, one of them with the very same numbers but no tag.
+    pod.ns
+        .sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
+    pod.ns
+        .sh("ip rule add fwmark 0x100 lookup 4000 priority 4001");
+    let (code, msg) = check_err(&node, &pod);
+    assert_eq!(code, 101, "{msg}");
+    assert!(msg.contains("tproxy_cni_v9"), "{msg}");
+    node.del_pod(&pod).expect("DEL");
+    assert_clean(&pod.ns);
+    assert_eq!(pod.ns.sh("nft list tables"), "");
+    let rules = pod.ns.sh("ip rule show");
+    assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
+    assert!(
+        rules.contains("4001:\tfrom all fwmark 0x100 lookup 4000"),
+        "{rules}"
+    );
+    assert!(!rules.contains("4000:"), "{rules}");
+    for fam in ["-4", "-6"] {
+        assert!(ip_json(&pod.ns, &format!("{fam} route show table 4000")).is_empty());
+    }
+}
