@@ -6,6 +6,8 @@
 pub mod conf;
 pub mod env;
 pub mod error;
+#[cfg(test)]
+mod golden;
 
 use std::io::Write;
 
