@@ -381,7 +381,7 @@ fn bench(o: &Opts, nss: &Namespaces, stop: &AtomicBool) -> bool {
     leaks.extend(
         host_rules
             .lines()
-            .filter(|l| l.contains("0x7470"))
+            .filter(|l| l.contains("lookup 29808"))
             .map(|l| format!("host: rule {l}")),
     );
 

@@ -794,9 +794,19 @@ pub fn render(table: &Table) -> String {
 mod tests {
     use super::*;
     use crate::netaddr::{Family, PortRange};
-    use crate::plan::{Action as A, Chain, Match as Mt, Rule};
+    use crate::plan::{Action as A, Chain, MarkBits, Match as Mt, Rule};
 
-    const M: u32 = 0x7470;
+    /// The oracle's marks are exact (all-ones mask); the masked forms are checked against nft
+    /// by the root tests (tests/nft_kernel.rs), and their lowering below.
+    const M: MarkBits = MarkBits {
+        value: 0x7470,
+        mask: u32::MAX,
+    };
+    /// The plan's form: one bit of ours, matched and set alone.
+    const MB: MarkBits = MarkBits {
+        value: 0x1000,
+        mask: 0x1000,
+    };
 
     fn r(matches: Vec<Mt>, actions: Vec<A>, comment: &str) -> Rule {
         Rule {
@@ -873,7 +883,6 @@ mod tests {
                 "",
             ),
             r(vec![], vec![A::Return], ""),
-            r(vec![Mt::CtMark(M)], vec![A::MarkFromCtMark], ""),
             r(vec![Mt::SkUid(1337)], vec![A::Accept], ""),
             r(vec![Mt::SkGid(1337)], vec![A::Accept], ""),
             r(vec![Mt::OifName("eth0".into())], vec![A::Accept], ""),
@@ -1063,7 +1072,7 @@ mod tests {
         }
     }
 
-    /// The tproxy recipe of DESIGN.md §3 (fail-closed, one excluded port and range).
+    /// The tproxy recipe (fail-closed, one excluded port and range).
     fn tproxy_table() -> Table {
         let tcp = Mt::L4ProtoTcp;
         Table {
@@ -1076,8 +1085,8 @@ mod tests {
                     priority: -150,
                     rules: vec![
                         r(
-                            vec![Mt::IifName("lo".into()), Mt::Mark(M)],
-                            vec![A::SetCtMark(M)],
+                            vec![Mt::IifName("lo".into()), Mt::Mark(MB)],
+                            vec![A::SetCtMark(MB)],
                             "proxy to app leg: replies must return to the proxy",
                         ),
                         r(
@@ -1117,7 +1126,7 @@ mod tests {
                         ),
                         r(
                             vec![tcp.clone()],
-                            vec![A::Tproxy { port: 15006 }, A::SetMark(M), A::Accept],
+                            vec![A::Tproxy { port: 15006 }, A::SetMark(MB), A::Accept],
                             "inbound to the sidecar (tproxy)",
                         ),
                         r(
@@ -1133,8 +1142,8 @@ mod tests {
                     hook: Hook::Output,
                     priority: -150,
                     rules: vec![r(
-                        vec![Mt::CtMark(M)],
-                        vec![A::MarkFromCtMark],
+                        vec![Mt::CtMark(MB)],
+                        vec![A::SetMark(MB)],
                         "app replies on the proxy leg go back to the proxy",
                     )],
                 },
@@ -1183,7 +1192,7 @@ mod tests {
                             "the proxy's own traffic is never captured (gid)",
                         ),
                         r(
-                            vec![Mt::Mark(M)],
+                            vec![Mt::Mark(MB)],
                             vec![A::Accept],
                             "marked proxy sockets are never captured",
                         ),

@@ -78,25 +78,49 @@ pub enum Match {
     CtDirectionReply,
     /// `ct state new`
     CtStateNew,
-    /// `ct mark M`
-    CtMark(u32),
-    /// `meta mark M`
-    Mark(u32),
+    /// `ct mark & MASK == VALUE` (`ct mark VALUE` when the mask is all ones)
+    CtMark(MarkBits),
+    /// `meta mark & MASK == VALUE` (`meta mark VALUE` when the mask is all ones)
+    Mark(MarkBits),
     /// `meta skuid UID`
     SkUid(u32),
     /// `meta skgid GID`
     SkGid(u32),
 }
 
+/// A mark value within a mask: the bits of the mask are ours, the others belong to whoever
+/// else marks packets in the pod (docs/ARCHITECTURE.md has the marks others use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkBits {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl MarkBits {
+    /// Exactly `value` in all 32 bits.
+    pub fn exact(value: u32) -> MarkBits {
+        MarkBits {
+            value,
+            mask: u32::MAX,
+        }
+    }
+    /// The bits set in `bits`, and only those.
+    pub fn ours(bits: u32) -> MarkBits {
+        MarkBits {
+            value: bits,
+            mask: bits,
+        }
+    }
+}
+
 /// Rule actions (statements and verdicts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// `meta mark set M`
-    SetMark(u32),
-    /// `ct mark set M`
-    SetCtMark(u32),
-    /// `meta mark set ct mark`
-    MarkFromCtMark,
+    /// `meta mark set meta mark & ~MASK | VALUE`: only our bits change (`meta mark set VALUE`
+    /// when the mask is all ones)
+    SetMark(MarkBits),
+    /// `ct mark set ct mark & ~MASK | VALUE`, likewise
+    SetCtMark(MarkBits),
     /// `tproxy to :PORT` (family-agnostic in an inet table; not a verdict: falls through when no
     /// transparent socket listens, which is why fail-closed adds a reject after it)
     Tproxy {
@@ -221,7 +245,9 @@ pub fn build(
     pod_ips: &[std::net::IpAddr],
 ) -> Plan {
     use crate::annotations::{FailMode, Mode};
-    let m = cfg.mark;
+    // The bits set in the configured mark are ours: we match and set only them, so marks
+    // others put on the same packets (Istio, kube-proxy, Calico, Cilium) survive.
+    let m = MarkBits::ours(cfg.mark);
     let fams = families(pod_ips);
     let mut chains = Vec::new();
     let mut routing = Routing::default();
@@ -299,17 +325,19 @@ pub fn build(
                 kind: ChainKind::Route,
                 hook: Hook::Output,
                 priority: PRIO_MANGLE,
+                // Only our bit goes from the ct mark to the packet: copying the whole ct mark
+                // would overwrite the packet mark bits of others.
                 rules: vec![rule(
                     vec![Match::CtMark(m)],
-                    vec![Action::MarkFromCtMark],
+                    vec![Action::SetMark(m)],
                     "app replies on the proxy leg go back to the proxy",
                 )],
             });
             for f in &fams {
                 routing.rules.push(FwmarkRule {
                     family: *f,
-                    mark: m,
-                    mask: u32::MAX,
+                    mark: m.value,
+                    mask: m.mask,
                     table: cfg.route_table,
                     priority: cfg.rule_priority,
                 });
@@ -382,7 +410,7 @@ fn outbound_chain(cfg: &PlanConfig, policy: &crate::annotations::PodPolicy) -> C
         ));
     }
     rules.push(rule(
-        vec![Match::Mark(cfg.mark)],
+        vec![Match::Mark(MarkBits::ours(cfg.mark))],
         vec![Action::Accept],
         "marked proxy sockets are never captured",
     ));
@@ -490,10 +518,11 @@ mod tests {
         );
         // lo tag, lo accept, reply accept, 3 excluded sidecar ports, tproxy.
         assert_eq!(pre.rules.len(), 7);
-        assert_eq!(pre.rules[0].actions, vec![Action::SetCtMark(0x7470)]);
+        let m = MarkBits::ours(crate::consts::MARK);
+        assert_eq!(pre.rules[0].actions, vec![Action::SetCtMark(m)]);
         assert_eq!(
             pre.rules[0].matches,
-            vec![Match::IifName("lo".into()), Match::Mark(0x7470)]
+            vec![Match::IifName("lo".into()), Match::Mark(m)]
         );
         assert_eq!(pre.rules[2].matches, vec![Match::CtDirectionReply]);
         let last = pre.rules.last().unwrap();
@@ -502,7 +531,7 @@ mod tests {
             last.actions,
             vec![
                 Action::Tproxy { port: 15006 },
-                Action::SetMark(0x7470),
+                Action::SetMark(m),
                 Action::Accept
             ]
         );

@@ -7,7 +7,7 @@ use nix::sched::{setns, CloneFlags};
 use std::fs::File;
 use tproxy_cni::netaddr::{Family, PortRange};
 use tproxy_cni::nft;
-use tproxy_cni::plan::{Action, Chain, ChainKind, Hook, Match, Rule, Table};
+use tproxy_cni::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Rule, Table};
 
 /// Runs `f` on a fresh thread inside `ns` (the test thread never changes netns).
 fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -29,7 +29,11 @@ fn rule(matches: Vec<Match>, actions: Vec<Action>, comment: &str) -> Rule {
     }
 }
 
-const M: u32 = 0x7470;
+/// One bit of ours, matched and set alone (the plan's form since issue 9.15).
+const M: MarkBits = MarkBits {
+    value: 0x1000,
+    mask: 0x1000,
+};
 
 /// A ~12-rule tproxy table touching every expression kind a filter/route chain can hold.
 fn tproxy_table(name: &str) -> Table {
@@ -118,7 +122,7 @@ fn tproxy_table(name: &str) -> Table {
                 priority: -150,
                 rules: vec![rule(
                     vec![Match::CtMark(M)],
-                    vec![Action::MarkFromCtMark],
+                    vec![Action::SetMark(M)],
                     "app replies back to the proxy",
                 )],
             },

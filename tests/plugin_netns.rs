@@ -2,6 +2,7 @@
 //! namespaces: the kernel state after ADD, CHECK, DEL, bad input, concurrency.
 
 mod common;
+mod sidecar_support;
 
 use common::chain::Node;
 use common::Netns;
@@ -133,18 +134,19 @@ fn tproxy_pod_add_check_del() {
     );
     let text = pod.ns.sh("nft list table inet tproxy_cni");
     for needle in [
-        "iifname \"lo\" meta mark 0x00007470 ct mark set 0x00007470",
+        "iifname \"lo\" meta mark & 0x00001000 == 0x00001000 ct mark set ct mark | 0x00001000",
         "ct direction reply accept",
         "tcp dport 15006 accept",
-        "tproxy to :15006 meta mark set 0x00007470 accept",
-        "ct mark 0x00007470 meta mark set ct mark",
+        "tproxy to :15006 meta mark set meta mark | 0x00001000 accept",
+        "ct mark & 0x00001000 == 0x00001000 meta mark set meta mark | 0x00001000",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     for fam in ["-4", "-6"] {
         let rules = our_rules(&pod.ns, fam);
         assert_eq!(rules.len(), 1, "{fam}: {rules:?}");
-        assert_eq!(rules[0]["fwmark"], "0x7470");
+        assert_eq!(rules[0]["fwmark"], "0x1000");
+        assert_eq!(rules[0]["fwmask"], "0x1000");
         assert_eq!(rules[0]["table"], "29808");
         let routes = ip_json(&pod.ns, &format!("{fam} route show table 29808"));
         assert_eq!(routes.len(), 1, "{fam}: {routes:?}");
@@ -592,7 +594,7 @@ fn check_is_strict_and_readd_converges() {
         ),
         (
             "duplicate fwmark rule",
-            "ip rule add fwmark 0x7470 lookup 29808 priority 29808",
+            "ip rule add fwmark 0x1000/0x1000 lookup 29808 priority 29808",
             "2 copies of ipv4 rule",
         ),
     ] {
@@ -795,4 +797,96 @@ fn every_golden_plan_adds_checks_and_deletes() {
         assert!(tagged_routing_lines(&ns).is_empty(), "{name}: routing left");
         run("DEL");
     }
+}
+
+/// Issue 9.15: foreign marks in the pod (Istio 0x539, kube-proxy 0x4000/0x8000, Calico
+/// 0xffff0000, Cilium 0x0f00) set on every packet and conntrack entry before our chains run do
+/// not break interception, and our rules leave their bits alone. Before, our rules matched
+/// the whole mark (the proxy leg was never tagged, replies missed the proxy) and overwrote it.
+#[test]
+fn foreign_marks_coexist_with_ours() {
+    use sidecar_support::{get_ip, sa, App, Sidecar, HTTP_PORT};
+    require_root!();
+    let node = Node::new(json!({}));
+    let server = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("server ADD");
+    let client = node.add_pod(&[]).expect("client ADD");
+    // Stands in for the other meshes and CNIs: a table of theirs around ours.
+    let foreign = "0xffffcf39";
+    let set = format!("meta mark set meta mark | {foreign}\nct mark set ct mark | {foreign}\n");
+    let count = format!(
+        "meta mark & {foreign} == {foreign} counter\n\
+         meta mark & {foreign} != {foreign} counter\n\
+         ct mark & {foreign} != {foreign} counter\n"
+    );
+    let table = format!(
+        "table inet foreign {{\n\
+         chain pre {{\ntype filter hook prerouting priority mangle - 10; policy accept;\n{set}}}\n\
+         chain out {{\ntype route hook output priority mangle - 10; policy accept;\n{set}}}\n\
+         chain pre_after {{\ntype filter hook prerouting priority mangle + 10; policy accept;\n{count}}}\n\
+         chain out_after {{\ntype route hook output priority mangle + 10; policy accept;\n{count}}}\n\
+         }}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("foreign.nft");
+    std::fs::write(&f, table).unwrap();
+    server.ns.sh(&format!("nft -f {}", f.display()));
+
+    let _app = App::start(&server.ns.name, &[HTTP_PORT], &[]);
+    let _sc = Sidecar::start(&server.ns.name, &["--mode", "tproxy"]);
+    for fam in [4, 6] {
+        let (c, s) = (client.ip(fam).unwrap(), server.ip(fam).unwrap());
+        let mut last = None;
+        let mut ok = None;
+        for _ in 0..3 {
+            match get_ip(&client.ns.name, sa(&s, HTTP_PORT)) {
+                Ok(r) => {
+                    ok = Some(r);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let r = ok.unwrap_or_else(|| panic!("IPv{fam} through the sidecar: {last:?}"));
+        assert_eq!(r.origin, c, "IPv{fam}: the app sees the client's address");
+        assert_ne!(r.port, r.local_port, "IPv{fam}: proxied, not direct");
+    }
+    // Counters: [kept, lost, ct lost] per chain, from `nft -j`.
+    let js: Value = serde_json::from_str(&server.ns.sh("nft -j list table inet foreign")).unwrap();
+    let mut counts: Vec<(String, u64)> = Vec::new();
+    for o in js["nftables"].as_array().unwrap() {
+        let Some(rule) = o.get("rule") else { continue };
+        let packets = rule["expr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap_or(0)));
+        if let Some(p) = packets {
+            counts.push((rule["chain"].as_str().unwrap().to_string(), p));
+        }
+    }
+    assert_eq!(counts.len(), 6, "{counts:?}");
+    for chain in ["pre_after", "out_after"] {
+        let c: Vec<u64> = counts
+            .iter()
+            .filter(|x| x.0 == chain)
+            .map(|x| x.1)
+            .collect();
+        assert!(
+            c[0] > 0,
+            "{chain}: no packet seen, the test proves nothing: {counts:?}"
+        );
+        assert_eq!(
+            c[1], 0,
+            "{chain}: packets lost foreign mark bits: {counts:?}"
+        );
+        assert_eq!(
+            c[2], 0,
+            "{chain}: conntrack entries lost foreign bits: {counts:?}"
+        );
+    }
+    node.del_pod(&server).expect("DEL");
+    assert_clean(&server.ns);
+    assert!(server.ns.sh("nft list tables").contains("foreign"));
 }
