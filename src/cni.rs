@@ -161,9 +161,10 @@ fn summary(plan: &Plan) -> String {
     )
 }
 
-/// Everything DEL may remove: our table by name, our rules/routes for both families (their
-/// identity is mark + table + priority, so nothing else matches), and the lo addresses the
-/// pod's plan adds. Independent of the annotations, which DEL may not receive.
+/// What DEL removes by exact identity besides everything carrying our owner tags (see
+/// `routing`): this configuration's rules and routes and the previous release's untagged
+/// default rule, for both families, and the lo addresses the pod's plan adds. Independent of
+/// the annotations, which DEL may not receive.
 fn owned_routing(conf: &NetConf, plan: Option<&Plan>) -> Routing {
     let p = &conf.plan;
     let mut r = Routing::default();
@@ -171,13 +172,24 @@ fn owned_routing(conf: &NetConf, plan: Option<&Plan>) -> Routing {
         r.rules.push(FwmarkRule {
             family,
             mark: p.mark,
-            mask: u32::MAX,
+            mask: p.mark,
             table: p.route_table,
             priority: p.rule_priority,
         });
         r.local_routes.push(LocalRoute {
             family,
             table: p.route_table,
+        });
+    }
+    // The previous release's default rule (untagged, whole-mark): pods it programmed are
+    // cleaned by this release's DEL too.
+    for family in [Family::V4, Family::V6] {
+        r.rules.push(FwmarkRule {
+            family,
+            mark: crate::consts::LEGACY_MARK,
+            mask: u32::MAX,
+            table: crate::consts::ROUTE_TABLE,
+            priority: crate::consts::RULE_PRIORITY,
         });
     }
     if let Some(plan) = plan {

@@ -12,6 +12,9 @@ pub const ADMIN_PORT: u16 = 15021;
 /// (0x539), kube-proxy (0x4000, 0x8000), Calico (0xffff0000), Cilium (0x0f00) and ztunnel
 /// (0xfff) do not use.
 pub const MARK: u32 = 0x1000;
+/// The mark of releases before layout 1 (whole-mark match, no owner tag): DEL still removes
+/// their fwmark rule `fwmark 0x7470 lookup ROUTE_TABLE priority RULE_PRIORITY` by identity.
+pub const LEGACY_MARK: u32 = 0x7470;
 /// Routing table that holds `local default dev lo` for marked packets (same "tp" number).
 pub const ROUTE_TABLE: u32 = 0x7470;
 /// Priority of our `fwmark` policy rule: below `main` (32766), above nothing we know of.

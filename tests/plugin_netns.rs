@@ -890,3 +890,55 @@ fn foreign_marks_coexist_with_ours() {
     assert_clean(&server.ns);
     assert!(server.ns.sh("nft list tables").contains("foreign"));
 }
+
+/// Issue 14.3: a pod programmed by the release before owner tags (table without comment,
+/// whole-mark fwmark 0x7470 rules and routes without protocol) is drift for CHECK and is
+/// cleaned by DEL; a foreign rule survives.
+#[test]
+fn del_cleans_a_pod_of_the_previous_release() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let pod = node.add_pod(&[]).expect("ADD (mode none)");
+    let old = "table inet tproxy_cni {\n\
+               chain prerouting { type filter hook prerouting priority mangle; policy accept;\n\
+                 iifname \"lo\" meta mark 0x00007470 ct mark set 0x00007470\n\
+                 meta l4proto tcp tproxy to :15006 meta mark set 0x00007470 accept\n}\n\
+               chain output { type route hook output priority mangle; policy accept;\n\
+                 ct mark 0x00007470 meta mark set ct mark\n}\n}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("old.nft");
+    std::fs::write(&f, old).unwrap();
+    pod.ns.sh(&format!("nft -f {}", f.display()));
+    for fam in ["-4", "-6"] {
+        pod.ns.sh(&format!(
+            "ip {fam} rule add fwmark 0x7470 lookup 29808 priority 29808"
+        ));
+        pod.ns.sh(&format!(
+            "ip {fam} route add local default dev lo table 29808"
+        ));
+    }
+    pod.ns
+        .sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
+    let mut tp = common::chain::Pod {
+        ns: common::Netns {
+            name: pod.ns.name.clone(),
+        },
+        id: pod.id.clone(),
+        annotations: json!({"tproxy-cni.io/mode": "tproxy"}),
+        result: pod.result.clone(),
+    };
+    let (code, msg) = check_err(&node, &tp);
+    assert_eq!(code, 101, "{msg}");
+    assert!(msg.contains("another release's layout"), "{msg}");
+    node.del_pod(&tp).expect("DEL");
+    tp.annotations = json!({});
+    std::mem::forget(tp); // the netns belongs to `pod`
+    assert_clean(&pod.ns);
+    for fam in ["-4", "-6"] {
+        assert!(
+            !pod.ns.sh(&format!("ip {fam} rule")).contains("0x7470"),
+            "{fam} legacy rule left"
+        );
+    }
+    assert!(pod.ns.sh("ip rule").contains("fwmark 0x539 lookup 133"));
+}
