@@ -85,11 +85,33 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     }
 }
 
-/// Policy + plan for this invocation (pure).
-fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
+/// Most node addresses exempted from interception, one rule each.
+const MAX_NODE_ADDRESSES: usize = 64;
+
+/// Policy + plan for this invocation, given the node's addresses (pure).
+fn plan_with(conf: &NetConf, node_ips: &[std::net::IpAddr]) -> Result<Plan, CniError> {
     let policy = PodPolicy::from_annotations(&conf.annotations, &conf.defaults)?;
     let ips = conf.pod_ips()?;
-    Ok(plan::build(&conf.plan, &policy, &ips))
+    Ok(plan::build(&conf.plan, &policy, &ips, node_ips))
+}
+
+/// The plan ADD programs and CHECK compares: the node's addresses are read here, in the host
+/// netns, before entering the pod's.
+fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
+    let bare = plan_with(conf, &[])?;
+    if bare.is_empty() {
+        // Mode none: nothing to program, no need to read the node.
+        return Ok(bare);
+    }
+    let mut node = routing::node_addresses()?;
+    if node.len() > MAX_NODE_ADDRESSES {
+        log::warn!(
+            "the node has {} addresses; only the first {MAX_NODE_ADDRESSES} bypass interception",
+            node.len()
+        );
+        node.truncate(MAX_NODE_ADDRESSES);
+    }
+    plan_with(conf, &node)
 }
 
 fn require_prev(conf: &NetConf) -> Result<&Value, CniError> {
@@ -204,7 +226,8 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         return Ok(());
     }
     // Bad annotations must not block DEL (pitfall 9): fall back to what we own regardless.
-    let plan = match plan_for(conf) {
+    // DEL needs only what the plan adds to lo; the node's addresses do not matter.
+    let plan = match plan_with(conf, &[]) {
         Ok(p) => Some(p),
         Err(e) => {
             log::warn!("{}: DEL ignores {e}", cni.pod());

@@ -238,11 +238,32 @@ fn capture_selectors(policy: &crate::annotations::PodPolicy) -> Vec<Vec<Match>> 
     }
 }
 
+/// Inbound rules letting the node's own connections reach the app directly: a kubelet
+/// `tcpSocket` probe must fail when the app is down, and a transparent proxy would complete
+/// every handshake itself (docs/ARCHITECTURE.md, pitfall 17). One rule per address of a
+/// family the pod has.
+fn node_rules(node_ips: &[std::net::IpAddr], fams: &[Family]) -> Vec<Rule> {
+    node_ips
+        .iter()
+        .filter(|ip| fams.contains(&Family::of(ip)))
+        .filter_map(|ip| Cidr::new(*ip, Family::of(ip).max_prefix()))
+        .map(|c| {
+            rule(
+                vec![Match::Nfproto(c.family()), Match::Saddr(c)],
+                vec![Action::Accept],
+                "from the node: probes reach the app directly",
+            )
+        })
+        .collect()
+}
+
 /// Builds the plan for one pod. Pure: the same inputs always give the same plan.
+/// `node_ips` are the node's own addresses, whose connections are never intercepted.
 pub fn build(
     cfg: &PlanConfig,
     policy: &crate::annotations::PodPolicy,
     pod_ips: &[std::net::IpAddr],
+    node_ips: &[std::net::IpAddr],
 ) -> Plan {
     use crate::annotations::{FailMode, Mode};
     // The bits set in the configured mark are ours: we match and set only them, so marks
@@ -287,6 +308,7 @@ pub fn build(
                     "replies to the pod's own connections",
                 ),
             ];
+            rules.extend(node_rules(node_ips, &fams));
             rules.extend(excluded);
             let selectors = capture_selectors(policy);
             for sel in &selectors {
@@ -353,6 +375,7 @@ pub fn build(
                 vec![Action::Accept],
                 "loopback is never intercepted",
             )];
+            rules.extend(node_rules(node_ips, &fams));
             rules.extend(excluded);
             for sel in capture_selectors(policy) {
                 rules.push(rule(
@@ -486,7 +509,7 @@ mod tests {
             .collect();
         let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).unwrap();
         let ips: Vec<IpAddr> = ips.iter().map(|s| s.parse().unwrap()).collect();
-        build(&PlanConfig::default(), &policy, &ips)
+        build(&PlanConfig::default(), &policy, &ips, &[])
     }
 
     fn chain<'a>(p: &'a Plan, name: &str) -> &'a Chain {
@@ -634,6 +657,32 @@ mod tests {
         };
         assert!(pos(&Match::Daddr("10.96.0.0/12".parse().unwrap())) < out.rules.len() - 1);
         assert!(pos(&Match::TcpDport(PortRange::single(53))) < out.rules.len() - 1);
+    }
+
+    #[test]
+    fn node_addresses_bypass_before_any_capture() {
+        let ann: BTreeMap<String, String> = [("tproxy-cni.io/mode", "tproxy")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).unwrap();
+        let node: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        let v4pod: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap()];
+        let p = build(&PlanConfig::default(), &policy, &v4pod, &node);
+        let pre = chain(&p, "prerouting");
+        let from_node: Vec<usize> = (0..pre.rules.len())
+            .filter(|i| pre.rules[*i].comment.starts_with("from the node"))
+            .collect();
+        // Only the pod's family; right after the reply rule, before exclusions and capture.
+        assert_eq!(from_node, vec![3]);
+        assert_eq!(
+            pre.rules[3].matches,
+            vec![
+                Match::Nfproto(Family::V4),
+                Match::Saddr("10.0.0.1/32".parse().unwrap())
+            ]
+        );
+        assert_eq!(pre.rules[3].actions, vec![Action::Accept]);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! from a thread already inside the pod netns (see `netns`).
 
 use std::io;
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
@@ -679,4 +680,58 @@ fn route_matches(m: &RouteMessage, want: &LocalRoute, lo: u32) -> bool {
         && m.header.destination_prefix_length == 0
         && default_dst
         && oif == Some(lo)
+}
+
+/// Interface that kube-proxy in IPVS mode fills with every Service IP: not the node's own
+/// addresses in the sense of where its connections come from, and possibly thousands.
+const IPVS_DUMMY: &str = "kube-ipvs0";
+
+/// The node's own global addresses (call in the host netns): where kubelet probes and other
+/// node-local connections to a pod come from. Loopback, link-local and kube-ipvs0 addresses
+/// are left out; sorted and deduplicated so the plan built from them is stable.
+pub fn node_addresses() -> Result<Vec<IpAddr>, RoutingError> {
+    let mut nl = Rtnl::open()?;
+    let skip: Vec<u32> = ["lo", IPVS_DUMMY]
+        .iter()
+        .filter_map(|n| nix::net::if_::if_nametoindex(*n).ok())
+        .collect();
+    let mut out = Vec::new();
+    for f in [Family::V4, Family::V6] {
+        let mut q = AddressMessage::default();
+        q.header.family = family(f);
+        let msgs = match nl.request(
+            RouteNetlinkMessage::GetAddress(q),
+            NLM_F_DUMP,
+            "listing the node's addresses",
+        ) {
+            Err(e) if is_no_family(&e) => Vec::new(),
+            other => other?,
+        };
+        for m in msgs {
+            let RouteNetlinkMessage::NewAddress(m) = m else {
+                continue;
+            };
+            if m.header.scope != AddressScope::Universe || skip.contains(&m.header.index) {
+                continue;
+            }
+            // IFA_LOCAL is the address itself (IFA_ADDRESS is the peer on point-to-point
+            // links); IPv6 has only IFA_ADDRESS.
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = local.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = addr {
+                out.push(ip);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }

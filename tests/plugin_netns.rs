@@ -126,13 +126,17 @@ fn tproxy_pod_add_check_del() {
                 "prerouting".into(),
                 -150,
                 "filter".into(),
-                7
+                9
             ),
         ],
         "{}",
         pod.ns.sh("nft list table inet tproxy_cni")
     );
     let text = pod.ns.sh("nft list table inet tproxy_cni");
+    // The node's addresses on the pod network (the bridge's gateway) bypass interception.
+    for needle in ["ip saddr 10.88.0.1 accept", "ip6 saddr fd00:88::1 accept"] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
     for needle in [
         "iifname \"lo\" meta mark & 0x00001000 == 0x00001000 ct mark set ct mark | 0x00001000",
         "ct direction reply accept",
@@ -451,6 +455,8 @@ fn largest_allowed_policies_apply_check_and_delete() {
     require_root!();
     let excluded: Vec<u16> = (20000..20300).collect();
     type Case<'a> = (&'a str, Value, Vec<(&'a str, String)>, usize);
+    // Each prerouting chain: 3 fixed rules, 2 for the node's addresses (the bridge's gateway,
+    // both families), 3 excluded sidecar ports, then the policy's rules.
     let cases: Vec<Case> = vec![
         (
             "tproxy, 256 inbound ports",
@@ -459,7 +465,7 @@ fn largest_allowed_policies_apply_check_and_delete() {
                 ("tproxy-cni.io/mode", "tproxy".into()),
                 ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
             ],
-            3 + 3 + 256,
+            3 + 2 + 3 + 256,
         ),
         (
             "tproxy fail-closed, 256 inbound ports",
@@ -469,7 +475,7 @@ fn largest_allowed_policies_apply_check_and_delete() {
                 ("tproxy-cni.io/fail-mode", "closed".into()),
                 ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
             ],
-            3 + 3 + 2 * 256,
+            3 + 2 + 3 + 2 * 256,
         ),
         (
             "300 excludeInboundPorts in the conflist, fail-closed, 256 inbound ports",
@@ -478,7 +484,7 @@ fn largest_allowed_policies_apply_check_and_delete() {
                 ("tproxy-cni.io/mode", "tproxy".into()),
                 ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
             ],
-            3 + 3 + 300 + 2 * 256,
+            3 + 2 + 3 + 300 + 2 * 256,
         ),
     ];
     for (what, conf, ann, prerouting_rules) in cases {
@@ -748,6 +754,12 @@ fn every_golden_plan_adds_checks_and_deletes() {
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/cases.json")).unwrap())
             .unwrap();
     let node = Node::new(json!({}));
+    // The node's own addresses, as in src/cni/golden.rs (NODE_IPS): their traffic bypasses
+    // interception, so the plans hold them.
+    node.ns.sh("ip link add gold0 type veth peer name gold1");
+    node.ns.sh("ip link set gold0 up");
+    node.ns.sh("ip addr add 10.88.0.1/16 dev gold0");
+    node.ns.sh("ip addr add fd00:88::1/64 dev gold0 nodad");
     for case in &cases {
         let name = case["name"].as_str().unwrap();
         let golden = std::fs::read_to_string(format!("{dir}/{name}.nft")).unwrap();
@@ -941,4 +953,62 @@ fn del_cleans_a_pod_of_the_previous_release() {
         );
     }
     assert!(pod.ns.sh("ip rule").contains("fwmark 0x539 lookup 133"));
+}
+
+/// Issue 9.13 (docs/ARCHITECTURE.md, pitfall 17): connections from the node's own addresses
+/// (kubelet `tcpSocket` probes) are not intercepted, so with the app down and the sidecar up a
+/// TCP connect from the node fails, while one from another pod is still taken by the sidecar.
+/// Before, the sidecar completed every handshake and the probe saw a live app.
+#[test]
+fn node_traffic_reaches_the_app_directly() {
+    use sidecar_support::{in_ns, sa, Sidecar, DEAD_PORT};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    require_root!();
+    let node = Node::new(json!({}));
+    // The bridge (the node's address on the pod network) exists once a pod was added.
+    let client = node.add_pod(&[]).expect("client ADD");
+    let server = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("server ADD");
+    node.check_ours(&server).expect("CHECK after ADD");
+    let _sc = Sidecar::start(&server.ns.name, &["--mode", "tproxy"]);
+    for fam in [4, 6] {
+        let dst = sa(&server.ip(fam).unwrap(), DEAD_PORT);
+        // A fresh bridge port may still be settling IPv6 neighbours: retry a timeout.
+        let from_node = in_ns(&node.ns.name, move || {
+            let mut r = TcpStream::connect_timeout(&dst, Duration::from_secs(2));
+            for _ in 0..3 {
+                match &r {
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        r = TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+                    }
+                    _ => break,
+                }
+            }
+            r
+        });
+        let e = from_node.expect_err("a probe from the node must see the app down");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "IPv{fam}: {e}"
+        );
+        let from_pod = in_ns(&client.ns.name, move || {
+            TcpStream::connect_timeout(&dst, Duration::from_secs(3))
+        });
+        // The sidecar completes the handshake, then resets when it cannot dial the app
+        // (the reset may already be there when connect returns); the app's own answer would
+        // be a refusal.
+        let taken = match &from_pod {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(
+            taken,
+            "IPv{fam}: another pod's connection is still taken by the sidecar: {from_pod:?}"
+        );
+    }
+    node.del_pod(&server).expect("DEL");
+    assert_clean(&server.ns);
 }

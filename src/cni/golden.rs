@@ -1,14 +1,18 @@
 //! Golden plans: for each case of `tests/testdata/plan/cases.json` (conflist options,
 //! annotations, pod IPs), the plan the plugin builds, as the rendered nftables table plus one
 //! comment line per routing object, in `tests/testdata/plan/NAME.nft`. `UPDATE_GOLDEN=1`
-//! rewrites the files. `tests/plugin_netns.rs` runs ADD, CHECK and DEL for every case.
+//! rewrites the files. `tests/plugin_netns.rs` runs ADD, CHECK and DEL for every case, on a
+//! node whose addresses are `NODE_IPS`.
 
 use super::conf::NetConf;
-use super::plan_for;
+use super::plan_with;
 use crate::plan::Plan;
 use serde_json::{json, Value};
 
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testdata/plan");
+
+/// The node's addresses in every case; the root test gives its node netns exactly these.
+pub const NODE_IPS: [&str; 2] = ["10.88.0.1", "fd00:88::1"];
 
 /// The stdin the runtime would send our plugin for one case.
 pub fn case_stdin(case: &Value) -> Value {
@@ -80,7 +84,8 @@ fn plans_match_goldens() {
         let name = case["name"].as_str().expect("case name");
         let stdin = case_stdin(case).to_string();
         let conf = NetConf::parse(stdin.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let plan = plan_for(&conf).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let node: Vec<std::net::IpAddr> = NODE_IPS.iter().map(|a| a.parse().unwrap()).collect();
+        let plan = plan_with(&conf, &node).unwrap_or_else(|e| panic!("{name}: {e}"));
         let got = golden_text(name, &plan);
         let path = format!("{DIR}/{name}.nft");
         if update {
