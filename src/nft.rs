@@ -30,6 +30,11 @@ const IFNAME_MAX: usize = 15;
 /// nft's (libnftnl's) comment limit, `NFTNL_UDATA_COMMENT_MAXLEN`.
 const COMMENT_MAX: usize = 128;
 
+/// Most rules one table may hold. Annotation lists are capped (256 entries each), so only
+/// conflist lists can come near; past this the plan is refused before touching the kernel
+/// rather than sent as a batch of tens of megabytes.
+pub const MAX_RULES: usize = 10_000;
+
 /// Every table we create carries the comment `tproxy-cni layout N`: DEL removes any inet table
 /// with this owner prefix whatever its name, and CHECK reports another layout as drift.
 pub const OWNER_TAG: &str = "tproxy-cni layout ";
@@ -106,6 +111,13 @@ fn check_name(what: &str, name: &str) -> Result<(), NftError> {
 
 fn check_table(t: &Table) -> Result<(), NftError> {
     check_name("table", &t.name)?;
+    let rules: usize = t.chains.iter().map(|c| c.rules.len()).sum();
+    if rules > MAX_RULES {
+        return Err(invalid(
+            table_obj(&t.name),
+            format!("{rules} rules, at most {MAX_RULES} (shorten the port and range lists)"),
+        ));
+    }
     for c in &t.chains {
         check_name("chain", &c.name)?;
         for (i, r) in c.rules.iter().enumerate() {
@@ -1042,6 +1054,15 @@ mod tests {
         assert!(check_table(&t).is_ok());
         t.chains[1].name = "x".repeat(1000);
         assert!(check_table(&t).is_err());
+        // Too many rules is refused before any socket is opened.
+        let mut t = tproxy_table();
+        let filler = t.chains[0].rules[3].clone();
+        let n = MAX_RULES + 1 - t.chains.iter().map(|c| c.rules.len()).sum::<usize>();
+        t.chains[0].rules.extend(std::iter::repeat_n(filler, n));
+        let e = check_table(&t).unwrap_err().to_string();
+        assert!(e.contains("10001 rules, at most 10000"), "{e}");
+        t.chains[0].rules.pop();
+        assert!(check_table(&t).is_ok());
         // The public API validates before touching the kernel (no root needed here).
         assert!(matches!(
             delete(&"x".repeat(300)),

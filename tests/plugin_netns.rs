@@ -549,8 +549,20 @@ fn run_ours_wrapped(
 }
 
 fn check_err(node: &Node, pod: &common::chain::Pod) -> (u64, String) {
+    check_err_with(node, pod, &pod.annotations)
+}
+
+/// CHECK of our plugin on `pod` as if it had annotations `ann`; must fail.
+fn check_err_with(node: &Node, pod: &common::chain::Pod, ann: &Value) -> (u64, String) {
     let e = node
-        .check_ours(pod)
+        .exec(
+            &node.ours(),
+            "CHECK",
+            &pod.ns.path().to_string_lossy(),
+            &pod.id,
+            ann,
+            Some(&pod.result),
+        )
         .expect_err("CHECK must report the difference");
     let j = e.json();
     (
@@ -639,16 +651,7 @@ fn check_is_strict_and_readd_converges() {
     node.check_ours(&pod)
         .unwrap_or_else(|e| panic!("CHECK after tproxy -> redirect: {}", e.stdout));
     // And CHECK with the old mode's plan now reports what is missing.
-    let old = common::chain::Pod {
-        ns: common::Netns {
-            name: pod.ns.name.clone(),
-        },
-        id: pod.id.clone(),
-        annotations: json!({"tproxy-cni.io/mode": "tproxy"}),
-        result: pod.result.clone(),
-    };
-    let (code, msg) = check_err(&node, &old);
-    std::mem::forget(old); // the netns belongs to `pod`
+    let (code, msg) = check_err_with(&node, &pod, &json!({"tproxy-cni.io/mode": "tproxy"}));
     assert_eq!(code, 101, "{msg}");
     node.del_pod(&pod).expect("DEL");
     assert_clean(&pod.ns);
@@ -931,20 +934,11 @@ fn del_cleans_a_pod_of_the_previous_release() {
     }
     pod.ns
         .sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
-    let mut tp = common::chain::Pod {
-        ns: common::Netns {
-            name: pod.ns.name.clone(),
-        },
-        id: pod.id.clone(),
-        annotations: json!({"tproxy-cni.io/mode": "tproxy"}),
-        result: pod.result.clone(),
-    };
-    let (code, msg) = check_err(&node, &tp);
+    let tproxy = json!({"tproxy-cni.io/mode": "tproxy"});
+    let (code, msg) = check_err_with(&node, &pod, &tproxy);
     assert_eq!(code, 101, "{msg}");
     assert!(msg.contains("another release's layout"), "{msg}");
-    node.del_pod(&tp).expect("DEL");
-    tp.annotations = json!({});
-    std::mem::forget(tp); // the netns belongs to `pod`
+    node.del_pod(&pod).expect("DEL");
     assert_clean(&pod.ns);
     for fam in ["-4", "-6"] {
         assert!(
