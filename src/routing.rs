@@ -687,8 +687,9 @@ fn route_matches(m: &RouteMessage, want: &LocalRoute, lo: u32) -> bool {
 const IPVS_DUMMY: &str = "kube-ipvs0";
 
 /// The node's own global addresses (call in the host netns): where kubelet probes and other
-/// node-local connections to a pod come from. Loopback, link-local and kube-ipvs0 addresses
-/// are left out; sorted and deduplicated so the plan built from them is stable.
+/// node-local connections to a pod come from. Loopback, link-local, kube-ipvs0, IPv6
+/// temporary, deprecated and DAD-failed addresses are left out; sorted and deduplicated so the
+/// plan built from them is stable.
 pub fn node_addresses() -> Result<Vec<IpAddr>, RoutingError> {
     let mut nl = Rtnl::open()?;
     let skip: Vec<u32> = ["lo", IPVS_DUMMY]
@@ -712,6 +713,15 @@ pub fn node_addresses() -> Result<Vec<IpAddr>, RoutingError> {
                 continue;
             };
             if m.header.scope != AddressScope::Universe || skip.contains(&m.header.index) {
+                continue;
+            }
+            // Addresses that come and go on their own (IPv6 privacy addresses, which share
+            // the bit of IPv4's "secondary"; deprecated and failed ones) would make CHECK
+            // report drift on long-lived pods.
+            let fl = m.header.flags;
+            if fl.intersects(AddressHeaderFlags::Deprecated | AddressHeaderFlags::Dadfailed)
+                || (f == Family::V6 && fl.contains(AddressHeaderFlags::Secondary))
+            {
                 continue;
             }
             // IFA_LOCAL is the address itself (IFA_ADDRESS is the peer on point-to-point

@@ -280,3 +280,27 @@ fn apply_and_delete_find_ours_by_tag() {
         .sh("ip route show table 133")
         .contains("local default dev lo"));
 }
+
+/// The node's addresses that bypass interception (issue 9.13): global ones only, IPv4
+/// secondaries included; loopback, link-local, deprecated IPv6 and kube-ipvs0 left out.
+#[test]
+fn node_addresses_are_the_stable_global_ones() {
+    require_root!();
+    let ns = Netns::new("rt");
+    ns.sh("ip link add n0 type veth peer name n1");
+    ns.sh("ip link set n0 up");
+    ns.sh("ip addr add 10.1.0.1/24 dev n0");
+    ns.sh("ip addr add 10.1.0.2/24 dev n0");
+    ns.sh("ip addr add fd00:1::1/64 dev n0 nodad");
+    ns.sh("ip addr add fd00:1::2/64 dev n0 nodad preferred_lft 0");
+    ns.sh("ip link add kube-ipvs0 type veth peer name k1");
+    ns.sh("ip addr add 10.96.0.1/32 dev kube-ipvs0");
+    let got = netns::run_in(&ns.path(), routing::node_addresses)
+        .unwrap()
+        .unwrap();
+    let want: Vec<std::net::IpAddr> = ["10.1.0.1", "10.1.0.2", "fd00:1::1"]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(got, want, "{}", ns.sh("ip addr"));
+}
