@@ -242,10 +242,10 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             // Teardown removes all it can and reports every failure.
             let mut errs: Vec<String> = Vec::new();
             if let Err(e) = nft::delete(&table) {
-                errs.push(e.to_string());
+                errs.push(format!("nftables: {e}"));
             }
             if let Err(e) = nft::delete_owned_except(None) {
-                errs.push(e.to_string());
+                errs.push(format!("nftables: {e}"));
             }
             if let Err(e) = routing::delete(&owned) {
                 errs.push(format!("policy routing: {e}"));
