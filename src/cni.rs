@@ -241,8 +241,10 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         || -> Result<(), CniError> {
             // Teardown removes all it can and reports every failure.
             let mut errs: Vec<String> = Vec::new();
-            if let Err(e) = nft::delete(&table) {
-                errs.push(format!("nftables: {e}"));
+            match nft::delete(&table) {
+                // A name we refuse is a table we never created: nothing to remove.
+                Ok(_) | Err(nft::NftError::Invalid { .. }) => {}
+                Err(e) => errs.push(format!("nftables: {e}")),
             }
             if let Err(e) = nft::delete_owned_except(None) {
                 errs.push(format!("nftables: {e}"));

@@ -1006,3 +1006,31 @@ fn node_traffic_reaches_the_app_directly() {
     node.del_pod(&server).expect("DEL");
     assert_clean(&server.ns);
 }
+
+/// Issue 9.3 (DEL side): a `tableName` the config accepts but nftables cannot take fails ADD
+/// with nothing left, and DEL succeeds (a table we refuse to create cannot exist).
+#[test]
+fn unusable_table_name_fails_add_and_del_succeeds() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let ns = Netns::new("pod");
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.88.9.9/16"}]});
+    let path = ns.path().to_string_lossy().into_owned();
+    let ann = json!({"tproxy-cni.io/mode": "tproxy"});
+    for name in ["1abc", "-"] {
+        let mut ours = node.ours();
+        ours["tableName"] = json!(name);
+        let e = node
+            .exec(&ours, "ADD", &path, "badname", &ann, Some(&prev))
+            .expect_err("ADD with an unusable table name");
+        assert!(
+            e.json()["msg"].as_str().unwrap().contains(name),
+            "{}",
+            e.stdout
+        );
+        assert_eq!(ns.sh("nft list tables"), "");
+        assert!(our_rules(&ns, "-4").is_empty());
+        node.exec(&ours, "DEL", &path, "badname", &ann, Some(&prev))
+            .unwrap_or_else(|e| panic!("DEL with tableName {name:?}: {}", e.stdout));
+    }
+}
