@@ -261,7 +261,7 @@ fn bench(o: &Opts, nss: &Namespaces, stop: &AtomicBool) -> bool {
         .collect();
     let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).expect("policy");
     let ip: IpAddr = "10.77.0.2".parse().unwrap();
-    let plan = plan::build(&PlanConfig::default(), &policy, &[ip]);
+    let plan = plan::build(&PlanConfig::default(), &policy, &[ip], &[]);
     let text = tproxy_cni::nft::render(plan.table.as_ref().expect("tproxy mode has a table"));
     let rules_file = rules_file(o);
     std::fs::write(&rules_file, &text).expect("write rules");
@@ -381,7 +381,7 @@ fn bench(o: &Opts, nss: &Namespaces, stop: &AtomicBool) -> bool {
     leaks.extend(
         host_rules
             .lines()
-            .filter(|l| l.contains("0x7470"))
+            .filter(|l| l.contains("lookup 29808"))
             .map(|l| format!("host: rule {l}")),
     );
 

@@ -44,7 +44,7 @@ HOLD_N=1000 PROBE_N=200 PROBE_S=5
 ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect haproxy nginx})
 
 # Fixed numbers, the same as src/consts.rs (the harness reads no Rust).
-MARK=0x7470 INBOUND_PORT=15006 APP_PORT=8080
+MARK=0x1000 INBOUND_PORT=15006 APP_PORT=8080
 CLIENT_IP=10.77.0.1 POD_IP=10.77.0.2
 SIDECAR_UID=1337 HAPROXY_UID=1338 NGINX_UID=1339
 

@@ -6,6 +6,8 @@
 pub mod conf;
 pub mod env;
 pub mod error;
+#[cfg(test)]
+mod golden;
 
 use std::io::Write;
 
@@ -83,11 +85,33 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     }
 }
 
-/// Policy + plan for this invocation (pure).
-fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
+/// Most node addresses exempted from interception, one rule each.
+const MAX_NODE_ADDRESSES: usize = 64;
+
+/// Policy + plan for this invocation, given the node's addresses (pure).
+fn plan_with(conf: &NetConf, node_ips: &[std::net::IpAddr]) -> Result<Plan, CniError> {
     let policy = PodPolicy::from_annotations(&conf.annotations, &conf.defaults)?;
     let ips = conf.pod_ips()?;
-    Ok(plan::build(&conf.plan, &policy, &ips))
+    Ok(plan::build(&conf.plan, &policy, &ips, node_ips))
+}
+
+/// The plan ADD programs and CHECK compares: the node's addresses are read here, in the host
+/// netns, before entering the pod's.
+fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
+    let bare = plan_with(conf, &[])?;
+    if bare.is_empty() {
+        // Mode none: nothing to program, no need to read the node.
+        return Ok(bare);
+    }
+    let mut node = routing::node_addresses()?;
+    if node.len() > MAX_NODE_ADDRESSES {
+        log::warn!(
+            "the node has {} addresses; only the first {MAX_NODE_ADDRESSES} bypass interception",
+            node.len()
+        );
+        node.truncate(MAX_NODE_ADDRESSES);
+    }
+    plan_with(conf, &node)
 }
 
 fn require_prev(conf: &NetConf) -> Result<&Value, CniError> {
@@ -118,19 +142,29 @@ fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
 }
 
 /// Table first (one atomic batch), then routing; if routing fails, the table goes too.
+/// Both steps also remove what is ours but not in the plan: tables with our owner comment
+/// under another name, tagged rules and routes of another mode or another release's numbers.
 fn apply_plan(plan: &Plan) -> Result<(), CniError> {
     if let Some(t) = &plan.table {
         nft::apply(t)?;
+        if let Err(e) = nft::delete_owned_except(Some(&t.name)) {
+            undo_table(&t.name, "removing stale tables failed");
+            return Err(e.into());
+        }
     }
     if let Err(e) = routing::apply(&plan.routing) {
         if let Some(t) = &plan.table {
-            if let Err(undo) = nft::delete(&t.name) {
-                log::warn!("removing table {} after routing failed: {undo}", t.name);
-            }
+            undo_table(&t.name, "routing failed");
         }
         return Err(e.into());
     }
     Ok(())
+}
+
+fn undo_table(name: &str, why: &str) {
+    if let Err(undo) = nft::delete(name) {
+        log::warn!("removing table {name} after {why}: {undo}");
+    }
 }
 
 fn summary(plan: &Plan) -> String {
@@ -149,9 +183,10 @@ fn summary(plan: &Plan) -> String {
     )
 }
 
-/// Everything DEL may remove: our table by name, our rules/routes for both families (their
-/// identity is mark + table + priority, so nothing else matches), and the lo addresses the
-/// pod's plan adds. Independent of the annotations, which DEL may not receive.
+/// What DEL removes by exact identity besides everything carrying our owner tags (see
+/// `routing`): this configuration's rules and routes and the previous release's untagged
+/// default rule, for both families, and the lo addresses the pod's plan adds. Independent of
+/// the annotations, which DEL may not receive.
 fn owned_routing(conf: &NetConf, plan: Option<&Plan>) -> Routing {
     let p = &conf.plan;
     let mut r = Routing::default();
@@ -159,13 +194,24 @@ fn owned_routing(conf: &NetConf, plan: Option<&Plan>) -> Routing {
         r.rules.push(FwmarkRule {
             family,
             mark: p.mark,
-            mask: u32::MAX,
+            mask: p.mark,
             table: p.route_table,
             priority: p.rule_priority,
         });
         r.local_routes.push(LocalRoute {
             family,
             table: p.route_table,
+        });
+    }
+    // The previous release's default rule (untagged, whole-mark): pods it programmed are
+    // cleaned by this release's DEL too.
+    for family in [Family::V4, Family::V6] {
+        r.rules.push(FwmarkRule {
+            family,
+            mark: crate::consts::LEGACY_MARK,
+            mask: u32::MAX,
+            table: crate::consts::ROUTE_TABLE,
+            priority: crate::consts::RULE_PRIORITY,
         });
     }
     if let Some(plan) = plan {
@@ -180,7 +226,8 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         return Ok(());
     }
     // Bad annotations must not block DEL (pitfall 9): fall back to what we own regardless.
-    let plan = match plan_for(conf) {
+    // DEL needs only what the plan adds to lo; the node's addresses do not matter.
+    let plan = match plan_with(conf, &[]) {
         Ok(p) => Some(p),
         Err(e) => {
             log::warn!("{}: DEL ignores {e}", cni.pod());
@@ -192,10 +239,24 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let res = netns::run_in(
         std::path::Path::new(&cni.netns),
         || -> Result<(), CniError> {
-            // Teardown removes all it can and reports the first failure.
-            let t = nft::delete(&table).map(|_| ()).map_err(CniError::from);
-            let r = routing::delete(&owned).map_err(CniError::from);
-            t.and(r)
+            // Teardown removes all it can and reports every failure.
+            let mut errs: Vec<String> = Vec::new();
+            match nft::delete(&table) {
+                // A name we refuse is a table we never created: nothing to remove.
+                Ok(_) | Err(nft::NftError::Invalid { .. }) => {}
+                Err(e) => errs.push(format!("nftables: {e}")),
+            }
+            if let Err(e) = nft::delete_owned_except(None) {
+                errs.push(format!("nftables: {e}"));
+            }
+            if let Err(e) = routing::delete(&owned) {
+                errs.push(format!("policy routing: {e}"));
+            }
+            if errs.is_empty() {
+                Ok(())
+            } else {
+                Err(CniError::new(code::KERNEL, errs.join("; ")))
+            }
         },
     );
     match res {
@@ -226,19 +287,21 @@ fn check(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let diffs = netns::run_in(
         std::path::Path::new(&cni.netns),
         || -> Result<Vec<String>, CniError> {
+            // A read failure is an error (100); only a difference is drift (101).
             let mut d = Vec::new();
             match &plan.table {
-                Some(t) => {
-                    if let Err(v) = nft::check(t) {
-                        d.extend(v);
-                    }
-                }
+                Some(t) => d.extend(nft::check(t)?),
                 None => {
                     if nft::exists(&table_name)? {
                         d.push(format!(
                             "table inet {table_name} present but the pod's mode is none"
                         ));
                     }
+                }
+            }
+            for other in nft::owned_tables()? {
+                if other != table_name {
+                    d.push(format!("extra table inet {other} of ours"));
                 }
             }
             d.extend(routing::check(&plan.routing)?);

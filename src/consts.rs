@@ -7,13 +7,23 @@ pub const OUTBOUND_PORT: u16 = 15001;
 /// Sidecar admin port (`/healthz`, `/ready`, `/metrics`): Istio's health port `15021`.
 pub const ADMIN_PORT: u16 = 15021;
 
-/// Packet / conntrack mark of the proxy legs. `0x7470` is ASCII "tp"; chosen to differ from
-/// Istio's `1337` (0x539) so both can coexist in one cluster while users migrate.
-pub const MARK: u32 = 0x7470;
+/// Packet / conntrack mark bits of the proxy legs. The plugin matches and sets only the bits of
+/// `mark` (mask = mark), so marks others set in the same pod keep theirs: one bit that Istio
+/// (0x539), kube-proxy (0x4000, 0x8000), Calico (0xffff0000), Cilium (0x0f00) and ztunnel
+/// (0xfff) do not use.
+pub const MARK: u32 = 0x1000;
+/// The mark of releases before layout 1 (whole-mark match, no owner tag): DEL still removes
+/// their fwmark rule `fwmark 0x7470 lookup ROUTE_TABLE priority RULE_PRIORITY` by identity.
+pub const LEGACY_MARK: u32 = 0x7470;
 /// Routing table that holds `local default dev lo` for marked packets (same "tp" number).
 pub const ROUTE_TABLE: u32 = 0x7470;
 /// Priority of our `fwmark` policy rule: below `main` (32766), above nothing we know of.
 pub const RULE_PRIORITY: u32 = 0x7470;
+
+/// Protocol id on every policy rule (`FRA_PROTOCOL`) and route (`rtm_protocol`) we add: the
+/// owner tag DEL and CHECK find them by, whatever mark, table or priority a release used.
+/// `0x74` is ASCII "t"; unassigned in iproute2's `rt_protos` (0-18, 42, 99, 186-192 are taken).
+pub const RT_PROTOCOL: u8 = 0x74;
 
 /// uid the sidecar runs as, exempt from outbound capture. Istio's `1337`, which sidecar images
 /// and PodSecurity setups already expect.

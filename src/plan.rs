@@ -78,25 +78,49 @@ pub enum Match {
     CtDirectionReply,
     /// `ct state new`
     CtStateNew,
-    /// `ct mark M`
-    CtMark(u32),
-    /// `meta mark M`
-    Mark(u32),
+    /// `ct mark & MASK == VALUE` (`ct mark VALUE` when the mask is all ones)
+    CtMark(MarkBits),
+    /// `meta mark & MASK == VALUE` (`meta mark VALUE` when the mask is all ones)
+    Mark(MarkBits),
     /// `meta skuid UID`
     SkUid(u32),
     /// `meta skgid GID`
     SkGid(u32),
 }
 
+/// A mark value within a mask: the bits of the mask are ours, the others belong to whoever
+/// else marks packets in the pod (docs/ARCHITECTURE.md has the marks others use).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkBits {
+    pub value: u32,
+    pub mask: u32,
+}
+
+impl MarkBits {
+    /// Exactly `value` in all 32 bits.
+    pub fn exact(value: u32) -> MarkBits {
+        MarkBits {
+            value,
+            mask: u32::MAX,
+        }
+    }
+    /// The bits set in `bits`, and only those.
+    pub fn ours(bits: u32) -> MarkBits {
+        MarkBits {
+            value: bits,
+            mask: bits,
+        }
+    }
+}
+
 /// Rule actions (statements and verdicts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// `meta mark set M`
-    SetMark(u32),
-    /// `ct mark set M`
-    SetCtMark(u32),
-    /// `meta mark set ct mark`
-    MarkFromCtMark,
+    /// `meta mark set meta mark & ~MASK | VALUE`: only our bits change (`meta mark set VALUE`
+    /// when the mask is all ones)
+    SetMark(MarkBits),
+    /// `ct mark set ct mark & ~MASK | VALUE`, likewise
+    SetCtMark(MarkBits),
     /// `tproxy to :PORT` (family-agnostic in an inet table; not a verdict: falls through when no
     /// transparent socket listens, which is why fail-closed adds a reject after it)
     Tproxy {
@@ -214,14 +238,37 @@ fn capture_selectors(policy: &crate::annotations::PodPolicy) -> Vec<Vec<Match>> 
     }
 }
 
+/// Inbound rules letting the node's own connections reach the app directly: a kubelet
+/// `tcpSocket` probe must fail when the app is down, and a transparent proxy would complete
+/// every handshake itself (docs/ARCHITECTURE.md, pitfall 17). One rule per address of a
+/// family the pod has.
+fn node_rules(node_ips: &[std::net::IpAddr], fams: &[Family]) -> Vec<Rule> {
+    node_ips
+        .iter()
+        .filter(|ip| fams.contains(&Family::of(ip)))
+        .filter_map(|ip| Cidr::new(*ip, Family::of(ip).max_prefix()))
+        .map(|c| {
+            rule(
+                vec![Match::Nfproto(c.family()), Match::Saddr(c)],
+                vec![Action::Accept],
+                "from the node: probes reach the app directly",
+            )
+        })
+        .collect()
+}
+
 /// Builds the plan for one pod. Pure: the same inputs always give the same plan.
+/// `node_ips` are the node's own addresses, whose connections are never intercepted.
 pub fn build(
     cfg: &PlanConfig,
     policy: &crate::annotations::PodPolicy,
     pod_ips: &[std::net::IpAddr],
+    node_ips: &[std::net::IpAddr],
 ) -> Plan {
     use crate::annotations::{FailMode, Mode};
-    let m = cfg.mark;
+    // The bits set in the configured mark are ours: we match and set only them, so marks
+    // others put on the same packets (Istio, kube-proxy, Calico, Cilium) survive.
+    let m = MarkBits::ours(cfg.mark);
     let fams = families(pod_ips);
     let mut chains = Vec::new();
     let mut routing = Routing::default();
@@ -261,6 +308,7 @@ pub fn build(
                     "replies to the pod's own connections",
                 ),
             ];
+            rules.extend(node_rules(node_ips, &fams));
             rules.extend(excluded);
             let selectors = capture_selectors(policy);
             for sel in &selectors {
@@ -299,17 +347,19 @@ pub fn build(
                 kind: ChainKind::Route,
                 hook: Hook::Output,
                 priority: PRIO_MANGLE,
+                // Only our bit goes from the ct mark to the packet: copying the whole ct mark
+                // would overwrite the packet mark bits of others.
                 rules: vec![rule(
                     vec![Match::CtMark(m)],
-                    vec![Action::MarkFromCtMark],
+                    vec![Action::SetMark(m)],
                     "app replies on the proxy leg go back to the proxy",
                 )],
             });
             for f in &fams {
                 routing.rules.push(FwmarkRule {
                     family: *f,
-                    mark: m,
-                    mask: u32::MAX,
+                    mark: m.value,
+                    mask: m.mask,
                     table: cfg.route_table,
                     priority: cfg.rule_priority,
                 });
@@ -325,6 +375,7 @@ pub fn build(
                 vec![Action::Accept],
                 "loopback is never intercepted",
             )];
+            rules.extend(node_rules(node_ips, &fams));
             rules.extend(excluded);
             for sel in capture_selectors(policy) {
                 rules.push(rule(
@@ -382,7 +433,7 @@ fn outbound_chain(cfg: &PlanConfig, policy: &crate::annotations::PodPolicy) -> C
         ));
     }
     rules.push(rule(
-        vec![Match::Mark(cfg.mark)],
+        vec![Match::Mark(MarkBits::ours(cfg.mark))],
         vec![Action::Accept],
         "marked proxy sockets are never captured",
     ));
@@ -458,7 +509,7 @@ mod tests {
             .collect();
         let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).unwrap();
         let ips: Vec<IpAddr> = ips.iter().map(|s| s.parse().unwrap()).collect();
-        build(&PlanConfig::default(), &policy, &ips)
+        build(&PlanConfig::default(), &policy, &ips, &[])
     }
 
     fn chain<'a>(p: &'a Plan, name: &str) -> &'a Chain {
@@ -490,10 +541,11 @@ mod tests {
         );
         // lo tag, lo accept, reply accept, 3 excluded sidecar ports, tproxy.
         assert_eq!(pre.rules.len(), 7);
-        assert_eq!(pre.rules[0].actions, vec![Action::SetCtMark(0x7470)]);
+        let m = MarkBits::ours(crate::consts::MARK);
+        assert_eq!(pre.rules[0].actions, vec![Action::SetCtMark(m)]);
         assert_eq!(
             pre.rules[0].matches,
-            vec![Match::IifName("lo".into()), Match::Mark(0x7470)]
+            vec![Match::IifName("lo".into()), Match::Mark(m)]
         );
         assert_eq!(pre.rules[2].matches, vec![Match::CtDirectionReply]);
         let last = pre.rules.last().unwrap();
@@ -502,7 +554,7 @@ mod tests {
             last.actions,
             vec![
                 Action::Tproxy { port: 15006 },
-                Action::SetMark(0x7470),
+                Action::SetMark(m),
                 Action::Accept
             ]
         );
@@ -605,6 +657,32 @@ mod tests {
         };
         assert!(pos(&Match::Daddr("10.96.0.0/12".parse().unwrap())) < out.rules.len() - 1);
         assert!(pos(&Match::TcpDport(PortRange::single(53))) < out.rules.len() - 1);
+    }
+
+    #[test]
+    fn node_addresses_bypass_before_any_capture() {
+        let ann: BTreeMap<String, String> = [("tproxy-cni.io/mode", "tproxy")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).unwrap();
+        let node: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()];
+        let v4pod: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap()];
+        let p = build(&PlanConfig::default(), &policy, &v4pod, &node);
+        let pre = chain(&p, "prerouting");
+        let from_node: Vec<usize> = (0..pre.rules.len())
+            .filter(|i| pre.rules[*i].comment.starts_with("from the node"))
+            .collect();
+        // Only the pod's family; right after the reply rule, before exclusions and capture.
+        assert_eq!(from_node, vec![3]);
+        assert_eq!(
+            pre.rules[3].matches,
+            vec![
+                Match::Nfproto(Family::V4),
+                Match::Saddr("10.0.0.1/32".parse().unwrap())
+            ]
+        );
+        assert_eq!(pre.rules[3].actions, vec![Action::Accept]);
     }
 
     #[test]

@@ -1,5 +1,12 @@
 //! Plan -> rtnetlink: fwmark policy rules, `local default dev lo` routes, loopback addresses.
 //!
+//! Every rule and route we add carries our protocol id `consts::RT_PROTOCOL` (`FRA_PROTOCOL` on
+//! rules, `rtm_protocol` on routes). That tag, not the mark, table or priority, is what makes
+//! an object ours: `apply` removes tagged objects the plan does not want (a re-ADD in another
+//! mode, an older release's numbers), `delete` removes all tagged objects, and `check` reports
+//! tagged objects the plan lacks. Objects without the tag are never touched, except the exact
+//! identities `delete` is given (objects of releases from before the tag).
+//!
 //! Synchronous netlink over one `netlink-sys` socket, no async runtime: the plugin runs a few
 //! requests per pod, and a runtime's threads must never meet `setns` (pitfall 7). Call these
 //! from a thread already inside the pod netns (see `netns`).
@@ -22,6 +29,7 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
+use crate::consts::RT_PROTOCOL;
 use crate::netaddr::{Cidr, Family};
 use crate::plan::{FwmarkRule, LocalRoute, Routing};
 
@@ -60,7 +68,17 @@ fn describe_route(r: &LocalRoute) -> String {
     format!("{} route local default dev lo table {}", r.family, r.table)
 }
 
+/// The rule as we add it: with our protocol tag.
 fn rule_msg(r: &FwmarkRule) -> RuleMessage {
+    let mut m = untagged_rule_msg(r);
+    m.attributes
+        .push(RuleAttribute::Protocol(RouteProtocol::from(RT_PROTOCOL)));
+    m
+}
+
+/// Without a protocol, a delete matches the rule whatever its protocol (rules of releases
+/// from before the tag).
+fn untagged_rule_msg(r: &FwmarkRule) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = family(r.family);
     // Pitfall 4: without an explicit action the kernel accepts the rule and every lookup fails.
@@ -87,11 +105,18 @@ fn route_msg(r: &LocalRoute, lo: u32) -> RouteMessage {
     m.header.address_family = family(r.family);
     m.header.destination_prefix_length = 0;
     m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
-    m.header.protocol = RouteProtocol::Boot;
+    m.header.protocol = RouteProtocol::from(RT_PROTOCOL);
     // Pitfall 4: a `local` route must be host-scoped or the kernel refuses it.
     m.header.scope = RouteScope::Host;
     m.header.kind = RouteType::Local;
     m.attributes = vec![RouteAttribute::Table(r.table), RouteAttribute::Oif(lo)];
+    m
+}
+
+/// With protocol unspecified, a delete matches the route whatever its protocol.
+fn untagged_route_msg(r: &LocalRoute, lo: u32) -> RouteMessage {
+    let mut m = route_msg(r, lo);
+    m.header.protocol = RouteProtocol::Unspec;
     m
 }
 
@@ -231,15 +256,151 @@ fn is_no_family(e: &RoutingError) -> bool {
     matches!(e, RoutingError::Kernel { err, .. } if err.raw_os_error() == Some(libc::EAFNOSUPPORT))
 }
 
-/// Creates every rule, route and address of the plan (existing identical ones are fine).
-/// On error, removes what this call added before returning it.
-pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
-    if r.rules.is_empty() && r.local_routes.is_empty() && r.lo_addresses.is_empty() {
-        return Ok(Applied::default());
+fn is_ours_rule(m: &RuleMessage) -> bool {
+    m.attributes
+        .iter()
+        .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == RT_PROTOCOL))
+}
+
+fn is_ours_route(m: &RouteMessage) -> bool {
+    u8::from(m.header.protocol) == RT_PROTOCOL
+}
+
+/// Our tagged rules and routes of one family as the kernel lists them (routes of every
+/// table), and every rule of the family (for duplicates). A kernel without the family has
+/// none.
+struct Tagged {
+    rules: Vec<RuleMessage>,
+    routes: Vec<RouteMessage>,
+    all_rules: Vec<RuleMessage>,
+}
+
+fn tagged(nl: &mut Rtnl, f: Family) -> Result<Tagged, RoutingError> {
+    let mut q = RuleMessage::default();
+    q.header.family = family(f);
+    let rules = match nl.request(RouteNetlinkMessage::GetRule(q), NLM_F_DUMP, "listing rules") {
+        Err(e) if is_no_family(&e) => Vec::new(),
+        other => other?,
+    };
+    let mut q = RouteMessage::default();
+    q.header.address_family = family(f);
+    let routes = match nl.request(
+        RouteNetlinkMessage::GetRoute(q),
+        NLM_F_DUMP,
+        "listing routes",
+    ) {
+        Err(e) if is_no_family(&e) => Vec::new(),
+        other => other?,
+    };
+    let all_rules: Vec<RuleMessage> = rules
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRule(m) => Some(m),
+            _ => None,
+        })
+        .collect();
+    Ok(Tagged {
+        rules: all_rules
+            .iter()
+            .filter(|m| is_ours_rule(m))
+            .cloned()
+            .collect(),
+        all_rules,
+        routes: routes
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(m) if is_ours_route(&m) => Some(m),
+                _ => None,
+            })
+            .collect(),
+    })
+}
+
+/// One line naming a rule as the kernel lists it.
+fn describe_krule(m: &RuleMessage) -> String {
+    let (table, prio, mark, mask) = rule_fields(m);
+    let fam = if m.header.family == AddressFamily::Inet6 {
+        "ipv6"
+    } else {
+        "ipv4"
+    };
+    format!(
+        "{fam} rule fwmark {:#x}/{:#x} lookup {table} priority {}",
+        mark.unwrap_or(0),
+        mask.unwrap_or(u32::MAX),
+        prio.unwrap_or(0)
+    )
+}
+
+fn describe_kroute(m: &RouteMessage) -> String {
+    let fam = if m.header.address_family == AddressFamily::Inet6 {
+        "ipv6"
+    } else {
+        "ipv4"
+    };
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table));
+    format!(
+        "{fam} route {:?}/{} table {table}",
+        m.header.kind, m.header.destination_prefix_length
+    )
+}
+
+/// Removes the tagged rules and routes of `f` that `keep` does not want; a second copy of a
+/// wanted rule or route counts as unwanted.
+fn sweep(nl: &mut Rtnl, f: Family, keep: &Routing, lo: u32) -> Result<(), RoutingError> {
+    let t = tagged(nl, f)?;
+    let mut kept_rules: Vec<FwmarkRule> = Vec::new();
+    for m in t.rules {
+        let want = keep
+            .rules
+            .iter()
+            .find(|r| r.family == f && rule_matches(&m, r) && !kept_rules.contains(r));
+        match want {
+            Some(r) => kept_rules.push(*r),
+            None => {
+                let what = format!("removing stale {}", describe_krule(&m));
+                nl.remove(RouteNetlinkMessage::DelRule(m), &what)?;
+            }
+        }
     }
+    let mut kept_routes: Vec<LocalRoute> = Vec::new();
+    for m in t.routes {
+        let want = keep
+            .local_routes
+            .iter()
+            .find(|r| r.family == f && route_matches(&m, r, lo) && !kept_routes.contains(r));
+        match want {
+            Some(r) => kept_routes.push(*r),
+            None => {
+                let what = format!("removing stale {}", describe_kroute(&m));
+                nl.remove(RouteNetlinkMessage::DelRoute(m), &what)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the kernel's routing objects of ours equal to the plan: creates every rule, route
+/// and address of the plan (existing identical ones are fine), then removes tagged rules and
+/// routes the plan does not want (another mode's, or another release's numbers). On error,
+/// removes what the plan wanted before returning it.
+pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
     let mut nl = Rtnl::open()?;
     let lo = lo_index()?;
     let mut applied = Applied::default();
+    if r.rules.is_empty() && r.local_routes.is_empty() && r.lo_addresses.is_empty() {
+        for f in [Family::V4, Family::V6] {
+            sweep(&mut nl, f, r, lo)?;
+        }
+        return Ok(applied);
+    }
     // Local routes and addresses live on lo, and the kernel refuses IPv6 ones (ENETDOWN) while
     // lo is down. Runtimes bring lo up with the loopback plugin, but not always before us;
     // setting the flag is idempotent and every pod needs lo up anyway.
@@ -249,6 +410,7 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
     up.header.change_mask = LinkFlags::Up;
     nl.request(RouteNetlinkMessage::SetLink(up), NLM_F_ACK, "setting lo up")?;
     let res = (|| {
+        drop_untagged_copies(&mut nl, r)?;
         for route in &r.local_routes {
             if applied.skipped.contains(&route.family) {
                 continue;
@@ -284,6 +446,11 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
                 &format!("address {a} on lo"),
             )?;
         }
+        for f in [Family::V4, Family::V6] {
+            if !applied.skipped.contains(&f) {
+                sweep(&mut nl, f, r, lo)?;
+            }
+        }
         Ok(())
     })();
     match res {
@@ -297,14 +464,54 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
     }
 }
 
-/// Removes every rule, route and address of the plan; absent ones are not errors.
-/// Keeps going after a failure and reports the first one (teardown removes all it can).
-pub fn delete(r: &Routing) -> Result<(), RoutingError> {
-    if r.rules.is_empty() && r.local_routes.is_empty() && r.lo_addresses.is_empty() {
-        return Ok(());
+/// An untagged rule with the identity of a rule the plan wants (an older release's, or one
+/// re-added by hand) would be a duplicate of ours. A delete without protocol matches either
+/// copy, so all copies go and the creation that follows adds ours back.
+fn drop_untagged_copies(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
+    for f in [Family::V4, Family::V6] {
+        let t = tagged(nl, f)?;
+        for rule in r.rules.iter().filter(|x| x.family == f) {
+            let untagged = t
+                .all_rules
+                .iter()
+                .any(|m| !is_ours_rule(m) && rule_matches(m, rule));
+            if !untagged {
+                continue;
+            }
+            for _ in 0..16 {
+                let what = format!("removing copies of {}", describe_rule(rule));
+                if !nl.remove(RouteNetlinkMessage::DelRule(untagged_rule_msg(rule)), &what)? {
+                    break;
+                }
+            }
+        }
     }
+    Ok(())
+}
+
+/// Removes every tagged rule and route of ours, whatever its mark, table or priority, plus
+/// the objects of `r` by their exact identity (also untagged ones, as releases before the tag
+/// made them) and its lo addresses; absent ones are not errors. Keeps going after a failure
+/// and reports the first one (teardown removes all it can).
+pub fn delete(r: &Routing) -> Result<(), RoutingError> {
     let mut nl = Rtnl::open()?;
-    delete_with(&mut nl, r)
+    let mut first = delete_with(&mut nl, r).err();
+    match lo_index() {
+        Ok(lo) => {
+            for f in [Family::V4, Family::V6] {
+                if let Err(e) = sweep(&mut nl, f, &Routing::default(), lo) {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        Err(e) => {
+            first.get_or_insert(e);
+        }
+    }
+    match first {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
 }
 
 fn delete_with(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
@@ -320,7 +527,7 @@ fn delete_with(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
         // without NLM_F_EXCL; delete until none is left (bounded).
         for _ in 0..16 {
             match nl.remove(
-                RouteNetlinkMessage::DelRule(rule_msg(rule)),
+                RouteNetlinkMessage::DelRule(untagged_rule_msg(rule)),
                 &describe_rule(rule),
             ) {
                 Ok(true) => continue,
@@ -335,7 +542,7 @@ fn delete_with(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
         Ok(lo) => {
             for route in &r.local_routes {
                 keep(nl.remove(
-                    RouteNetlinkMessage::DelRoute(route_msg(route, lo)),
+                    RouteNetlinkMessage::DelRoute(untagged_route_msg(route, lo)),
                     &describe_route(route),
                 ));
             }
@@ -354,48 +561,54 @@ fn delete_with(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
     }
 }
 
-/// Compares the kernel's rules, routes and lo addresses with the plan; one line per difference.
+/// Compares the kernel's rules, routes and lo addresses with the plan: one line per missing,
+/// duplicated or extra object (empty when they agree); `Err` when they could not be read.
+/// Only tagged rules and routes count as ours (an untagged one is another release's layout
+/// or someone else's, and the plan's object is then missing).
 pub fn check(r: &Routing) -> Result<Vec<String>, RoutingError> {
     let mut diffs = Vec::new();
-    if r.rules.is_empty() && r.local_routes.is_empty() && r.lo_addresses.is_empty() {
-        return Ok(diffs);
-    }
     let mut nl = Rtnl::open()?;
-    for rule in &r.rules {
-        let mut q = RuleMessage::default();
-        q.header.family = family(rule.family);
-        let found = nl
-            .request(RouteNetlinkMessage::GetRule(q), NLM_F_DUMP, "listing rules")?
-            .into_iter()
-            .any(|m| match m {
-                RouteNetlinkMessage::NewRule(m) => rule_matches(&m, rule),
-                _ => false,
-            });
-        if !found {
-            diffs.push(format!("missing {}", describe_rule(rule)));
+    let lo = lo_index()?;
+    for f in [Family::V4, Family::V6] {
+        let t = tagged(&mut nl, f)?;
+        for rule in r.rules.iter().filter(|x| x.family == f) {
+            // A copy without our tag (someone re-adding the rule by hand, an older release)
+            // is still a duplicate; but the plan's rule is only there if it carries the tag.
+            let copies = t.all_rules.iter().filter(|m| rule_matches(m, rule)).count();
+            if !t.rules.iter().any(|m| rule_matches(m, rule)) {
+                diffs.push(format!("missing {}", describe_rule(rule)));
+            } else if copies > 1 {
+                diffs.push(format!("{copies} copies of {}", describe_rule(rule)));
+            }
         }
-    }
-    for route in &r.local_routes {
-        let mut q = RouteMessage::default();
-        q.header.address_family = family(route.family);
-        let lo = lo_index()?;
-        let found = nl
-            .request(
-                RouteNetlinkMessage::GetRoute(q),
-                NLM_F_DUMP,
-                "listing routes",
-            )?
-            .into_iter()
-            .any(|m| match m {
-                RouteNetlinkMessage::NewRoute(m) => route_matches(&m, route, lo),
-                _ => false,
-            });
-        if !found {
-            diffs.push(format!("missing {}", describe_route(route)));
+        for m in &t.rules {
+            if !r.rules.iter().any(|x| x.family == f && rule_matches(m, x)) {
+                diffs.push(format!("extra {} (not in the plan)", describe_krule(m)));
+            }
+        }
+        for route in r.local_routes.iter().filter(|x| x.family == f) {
+            match t
+                .routes
+                .iter()
+                .filter(|m| route_matches(m, route, lo))
+                .count()
+            {
+                0 => diffs.push(format!("missing {}", describe_route(route))),
+                1 => {}
+                n => diffs.push(format!("{n} copies of {}", describe_route(route))),
+            }
+        }
+        for m in &t.routes {
+            if !r
+                .local_routes
+                .iter()
+                .any(|x| x.family == f && route_matches(m, x, lo))
+            {
+                diffs.push(format!("extra {} (not in the plan)", describe_kroute(m)));
+            }
         }
     }
     for a in &r.lo_addresses {
-        let lo = lo_index()?;
         let mut q = AddressMessage::default();
         q.header.family = family(a.family());
         let found = nl
@@ -418,7 +631,7 @@ pub fn check(r: &Routing) -> Result<Vec<String>, RoutingError> {
     Ok(diffs)
 }
 
-fn rule_matches(m: &RuleMessage, want: &FwmarkRule) -> bool {
+fn rule_fields(m: &RuleMessage) -> (u32, Option<u32>, Option<u32>, Option<u32>) {
     let mut table = u32::from(m.header.table);
     let (mut prio, mut mark, mut mask) = (None, None, None);
     for a in &m.attributes {
@@ -430,7 +643,13 @@ fn rule_matches(m: &RuleMessage, want: &FwmarkRule) -> bool {
             _ => {}
         }
     }
-    m.header.action == RuleAction::ToTable
+    (table, prio, mark, mask)
+}
+
+fn rule_matches(m: &RuleMessage, want: &FwmarkRule) -> bool {
+    let (table, prio, mark, mask) = rule_fields(m);
+    m.header.family == family(want.family)
+        && m.header.action == RuleAction::ToTable
         && table == want.table
         && prio == Some(want.priority)
         && mark == Some(want.mark)
@@ -455,26 +674,74 @@ fn route_matches(m: &RouteMessage, want: &LocalRoute, lo: u32) -> bool {
         Some(RouteAddress::Inet6(a)) => a.is_unspecified(),
         Some(_) => false,
     };
-    table == want.table
+    m.header.address_family == family(want.family)
+        && table == want.table
         && m.header.kind == RouteType::Local
         && m.header.destination_prefix_length == 0
         && default_dst
         && oif == Some(lo)
 }
 
-/// True when `ip` is configured in this netns (used by tests and CHECK diagnostics).
-pub fn has_address(ip: IpAddr) -> Result<bool, RoutingError> {
+/// Interface that kube-proxy in IPVS mode fills with every Service IP: not the node's own
+/// addresses in the sense of where its connections come from, and possibly thousands.
+const IPVS_DUMMY: &str = "kube-ipvs0";
+
+/// The node's own global addresses (call in the host netns): where kubelet probes and other
+/// node-local connections to a pod come from. Loopback, link-local, kube-ipvs0, IPv6
+/// temporary, deprecated and DAD-failed addresses are left out; sorted and deduplicated so the
+/// plan built from them is stable.
+pub fn node_addresses() -> Result<Vec<IpAddr>, RoutingError> {
     let mut nl = Rtnl::open()?;
-    let mut q = AddressMessage::default();
-    q.header.family = family(Family::of(&ip));
-    Ok(nl
-        .request(RouteNetlinkMessage::GetAddress(q), NLM_F_DUMP, "listing addresses")?
-        .into_iter()
-        .any(|m| match m {
-            RouteNetlinkMessage::NewAddress(m) => m
-                .attributes
-                .iter()
-                .any(|x| matches!(x, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == ip)),
-            _ => false,
-        }))
+    let skip: Vec<u32> = ["lo", IPVS_DUMMY]
+        .iter()
+        .filter_map(|n| nix::net::if_::if_nametoindex(*n).ok())
+        .collect();
+    let mut out = Vec::new();
+    for f in [Family::V4, Family::V6] {
+        let mut q = AddressMessage::default();
+        q.header.family = family(f);
+        let msgs = match nl.request(
+            RouteNetlinkMessage::GetAddress(q),
+            NLM_F_DUMP,
+            "listing the node's addresses",
+        ) {
+            Err(e) if is_no_family(&e) => Vec::new(),
+            other => other?,
+        };
+        for m in msgs {
+            let RouteNetlinkMessage::NewAddress(m) = m else {
+                continue;
+            };
+            if m.header.scope != AddressScope::Universe || skip.contains(&m.header.index) {
+                continue;
+            }
+            // Addresses that come and go on their own (IPv6 privacy addresses, which share
+            // the bit of IPv4's "secondary"; deprecated and failed ones) would make CHECK
+            // report drift on long-lived pods.
+            let fl = m.header.flags;
+            if fl.intersects(AddressHeaderFlags::Deprecated | AddressHeaderFlags::Dadfailed)
+                || (f == Family::V6 && fl.contains(AddressHeaderFlags::Secondary))
+            {
+                continue;
+            }
+            // IFA_LOCAL is the address itself (IFA_ADDRESS is the peer on point-to-point
+            // links); IPv6 has only IFA_ADDRESS.
+            let local = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = local.or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = addr {
+                out.push(ip);
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }

@@ -7,7 +7,7 @@ use nix::sched::{setns, CloneFlags};
 use std::fs::File;
 use tproxy_cni::netaddr::{Family, PortRange};
 use tproxy_cni::nft;
-use tproxy_cni::plan::{Action, Chain, ChainKind, Hook, Match, Rule, Table};
+use tproxy_cni::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Rule, Table};
 
 /// Runs `f` on a fresh thread inside `ns` (the test thread never changes netns).
 fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -29,7 +29,11 @@ fn rule(matches: Vec<Match>, actions: Vec<Action>, comment: &str) -> Rule {
     }
 }
 
-const M: u32 = 0x7470;
+/// One bit of ours, matched and set alone (the plan's form since issue 9.15).
+const M: MarkBits = MarkBits {
+    value: 0x1000,
+    mask: 0x1000,
+};
 
 /// A ~12-rule tproxy table touching every expression kind a filter/route chain can hold.
 fn tproxy_table(name: &str) -> Table {
@@ -118,7 +122,7 @@ fn tproxy_table(name: &str) -> Table {
                 priority: -150,
                 rules: vec![rule(
                     vec![Match::CtMark(M)],
-                    vec![Action::MarkFromCtMark],
+                    vec![Action::SetMark(M)],
                     "app replies back to the proxy",
                 )],
             },
@@ -304,7 +308,10 @@ fn apply_twice_is_same_state_and_check_passes() {
     apply_in(&ns, &t).unwrap();
     let first = list(&ns, "tproxy_cni");
     let t2 = t.clone();
-    assert_eq!(in_ns(&ns, move || nft::check(&t2)), Ok(()));
+    assert_eq!(
+        in_ns(&ns, move || nft::check(&t2)).unwrap(),
+        Vec::<String>::new()
+    );
     apply_in(&ns, &t).unwrap();
     assert_eq!(list(&ns, "tproxy_cni"), first);
     // A different plan replaces the content atomically (no leftovers of the first).
@@ -334,14 +341,11 @@ fn check_detects_drift() {
     let t = tproxy_table("tproxy_cni");
     let chk = |ns: &Netns| {
         let t = t.clone();
-        in_ns(ns, move || nft::check(&t))
+        in_ns(ns, move || nft::check(&t)).expect("check reads the kernel")
     };
-    assert_eq!(
-        chk(&ns),
-        Err(vec!["table inet tproxy_cni absent".to_string()])
-    );
+    assert_eq!(chk(&ns), vec!["table inet tproxy_cni absent".to_string()]);
     apply_in(&ns, &t).unwrap();
-    assert_eq!(chk(&ns), Ok(()));
+    assert_eq!(chk(&ns), Vec::<String>::new());
 
     // Delete rule 4 ("excluded port") by handle.
     let hs = handles(&ns, "prerouting");
@@ -350,7 +354,7 @@ fn check_detects_drift() {
     ns.sh(&format!(
         "nft delete rule inet tproxy_cni prerouting handle {h}"
     ));
-    let errs = chk(&ns).unwrap_err();
+    let errs = chk(&ns);
     assert_eq!(
         errs,
         vec!["chain prerouting: rule 4 (\"excluded port\") missing".to_string()]
@@ -359,7 +363,7 @@ fn check_detects_drift() {
     // An extra foreign rule and a changed rule are reported.
     apply_in(&ns, &t).unwrap();
     ns.sh("nft add rule inet tproxy_cni prerouting meta l4proto udp accept");
-    let errs = chk(&ns).unwrap_err();
+    let errs = chk(&ns);
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
         errs[0].starts_with("chain prerouting: extra rule handle"),
@@ -372,7 +376,7 @@ fn check_detects_drift() {
     ns.sh(&format!(
         "nft replace rule inet tproxy_cni prerouting handle {h} tcp dport 15022 accept comment '\"excluded port\"'"
     ));
-    let errs = chk(&ns).unwrap_err();
+    let errs = chk(&ns);
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert!(
         errs[0].starts_with("chain prerouting: rule 4 (\"excluded port\") differs: want"),
@@ -383,21 +387,18 @@ fn check_detects_drift() {
     // A deleted chain.
     apply_in(&ns, &t).unwrap();
     ns.sh("nft delete chain inet tproxy_cni output");
-    assert_eq!(chk(&ns), Err(vec!["chain output missing".to_string()]));
+    assert_eq!(chk(&ns), vec!["chain output missing".to_string()]);
 
     // A wrong priority.
     apply_in(&ns, &t).unwrap();
     let mut other = t.clone();
     other.chains[1].priority = -140;
-    let errs = in_ns(&ns, move || nft::check(&other)).unwrap_err();
+    let errs = in_ns(&ns, move || nft::check(&other)).unwrap();
     assert!(errs[0].contains("hook/priority"), "{errs:?}");
 
     // An absent table again.
     assert!(in_ns(&ns, || nft::delete("tproxy_cni")).unwrap());
-    assert_eq!(
-        chk(&ns),
-        Err(vec!["table inet tproxy_cni absent".to_string()])
-    );
+    assert_eq!(chk(&ns), vec!["table inet tproxy_cni absent".to_string()]);
 }
 
 #[test]
@@ -511,4 +512,119 @@ fn golden_files_are_nft_listings() {
         let want = std::fs::read_to_string(&path).unwrap();
         assert_eq!(list(&ns, "tproxy_cni"), want, "{f}");
     }
+}
+
+/// Pitfall 14: a batch of thousands of rules applies (one ACK, buffers sized for the batch),
+/// CHECK reads it all back, and a kernel refusal deep in a big batch is still reported with
+/// the rule it concerns and leaves nothing.
+#[test]
+fn big_batches_apply_and_report_errors() {
+    require_root!();
+    let ns = Netns::new("nftbig");
+    let mut t = tproxy_table("tproxy_cni");
+    let extra: Vec<Rule> = (0..3000u16)
+        .map(|i| {
+            rule(
+                vec![
+                    Match::L4ProtoTcp,
+                    Match::TcpDport(PortRange::single(20000 + i)),
+                ],
+                vec![Action::Accept],
+                "excluded inbound port",
+            )
+        })
+        .collect();
+    t.chains[0].rules.splice(3..3, extra);
+    apply_in(&ns, &t).expect("3000-rule batch");
+    let t2 = t.clone();
+    assert_eq!(
+        in_ns(&ns, move || nft::check(&t2)).unwrap(),
+        Vec::<String>::new()
+    );
+    let n = ns
+        .sh("nft -a list chain inet tproxy_cni prerouting")
+        .matches("# handle")
+        .count();
+    // One handle per rule plus the chain's own.
+    assert_eq!(n, t.chains[0].rules.len() + 1);
+    assert!(in_ns(&ns, || nft::delete("tproxy_cni")).unwrap());
+    // Rule 2900 of the prerouting chain is invalid (redirect outside a nat chain).
+    t.chains[0].rules[2899].actions = vec![Action::Redirect { port: 15006 }];
+    let e = apply_in(&ns, &t).unwrap_err().to_string();
+    assert!(e.contains("rule 2900"), "{e}");
+    assert!(!in_ns(&ns, || nft::exists("tproxy_cni")).unwrap());
+}
+
+/// Issue 9.2: CHECK reports a dormant table (no rule runs), an extra set, an extra chain and a
+/// table of another layout; before, all of these passed.
+#[test]
+fn check_reports_dormant_table_extra_objects_and_old_layout() {
+    require_root!();
+    let t = tproxy_table("tproxy_cni");
+    let chk = |ns: &Netns| {
+        let t = t.clone();
+        in_ns(ns, move || nft::check(&t)).expect("check reads the kernel")
+    };
+    let ns = Netns::new("nftk");
+    apply_in(&ns, &t).unwrap();
+    assert_eq!(chk(&ns), Vec::<String>::new());
+
+    ns.sh("nft add table inet tproxy_cni '{ flags dormant; }'");
+    let d = chk(&ns);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert!(d[0].contains("dormant"), "{d:?}");
+
+    apply_in(&ns, &t).unwrap();
+    ns.sh("nft add set inet tproxy_cni allow '{ type ipv4_addr; }'");
+    let d = chk(&ns);
+    assert_eq!(
+        d,
+        vec!["extra set allow in table inet tproxy_cni".to_string()]
+    );
+
+    apply_in(&ns, &t).unwrap();
+    ns.sh("nft add chain inet tproxy_cni sneaky");
+    assert_eq!(chk(&ns), vec!["extra chain sneaky".to_string()]);
+
+    // The same rules in a table without our owner comment (a layout from before the tag) or
+    // with another layout number: drift, not an error.
+    for comment in [None, Some("tproxy-cni layout 0")] {
+        let other = Netns::new("nftk");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("r.nft");
+        let mut text = nft::render(&t);
+        let ours = format!("\tcomment \"{}\"\n", nft::owner_comment());
+        text = text.replace(
+            &ours,
+            &comment
+                .map(|c| format!("\tcomment \"{c}\"\n"))
+                .unwrap_or_default(),
+        );
+        std::fs::write(&f, text).unwrap();
+        other.sh(&format!("nft -f {}", f.display()));
+        let d = chk(&other);
+        assert_eq!(d.len(), 1, "{d:?}");
+        assert!(d[0].contains("another release's layout"), "{d:?}");
+    }
+}
+
+/// Issue 14.3: tables are found by their owner comment, whatever their name; foreign tables
+/// (no comment, or someone else's) are never listed or deleted.
+#[test]
+fn owned_tables_are_found_by_comment_not_name() {
+    require_root!();
+    let ns = Netns::new("nfto");
+    apply_in(&ns, &tproxy_table("tproxy_cni")).unwrap();
+    apply_in(&ns, &redirect_table("renamed_by_a_later_release")).unwrap();
+    ns.sh("nft add table inet other_mesh '{ comment \"istio\"; }'");
+    ns.sh("nft add table inet plain");
+    let mut owned = in_ns(&ns, nft::owned_tables).unwrap();
+    owned.sort();
+    assert_eq!(owned, vec!["renamed_by_a_later_release", "tproxy_cni"]);
+    let gone = in_ns(&ns, || nft::delete_owned_except(Some("tproxy_cni"))).unwrap();
+    assert_eq!(gone, vec!["renamed_by_a_later_release"]);
+    let gone = in_ns(&ns, || nft::delete_owned_except(None)).unwrap();
+    assert_eq!(gone, vec!["tproxy_cni"]);
+    let tables = ns.sh("nft list tables");
+    assert_eq!(tables, "table inet other_mesh\ntable inet plain\n");
 }

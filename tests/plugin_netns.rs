@@ -2,6 +2,7 @@
 //! namespaces: the kernel state after ADD, CHECK, DEL, bad input, concurrency.
 
 mod common;
+mod sidecar_support;
 
 use common::chain::Node;
 use common::Netns;
@@ -125,26 +126,31 @@ fn tproxy_pod_add_check_del() {
                 "prerouting".into(),
                 -150,
                 "filter".into(),
-                7
+                9
             ),
         ],
         "{}",
         pod.ns.sh("nft list table inet tproxy_cni")
     );
     let text = pod.ns.sh("nft list table inet tproxy_cni");
+    // The node's addresses on the pod network (the bridge's gateway) bypass interception.
+    for needle in ["ip saddr 10.88.0.1 accept", "ip6 saddr fd00:88::1 accept"] {
+        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+    }
     for needle in [
-        "iifname \"lo\" meta mark 0x00007470 ct mark set 0x00007470",
+        "iifname \"lo\" meta mark & 0x00001000 == 0x00001000 ct mark set ct mark | 0x00001000",
         "ct direction reply accept",
         "tcp dport 15006 accept",
-        "tproxy to :15006 meta mark set 0x00007470 accept",
-        "ct mark 0x00007470 meta mark set ct mark",
+        "tproxy to :15006 meta mark set meta mark | 0x00001000 accept",
+        "ct mark & 0x00001000 == 0x00001000 meta mark set meta mark | 0x00001000",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in\n{text}");
     }
     for fam in ["-4", "-6"] {
         let rules = our_rules(&pod.ns, fam);
         assert_eq!(rules.len(), 1, "{fam}: {rules:?}");
-        assert_eq!(rules[0]["fwmark"], "0x7470");
+        assert_eq!(rules[0]["fwmark"], "0x1000");
+        assert_eq!(rules[0]["fwmask"], "0x1000");
         assert_eq!(rules[0]["table"], "29808");
         let routes = ip_json(&pod.ns, &format!("{fam} route show table 29808"));
         assert_eq!(routes.len(), 1, "{fam}: {routes:?}");
@@ -430,4 +436,601 @@ fn ipv4_only_pod_with_ipv6_disabled() {
         .expect("DEL");
     assert!(our_table(&ns).is_none());
     assert!(our_rules(&ns, "-4").is_empty());
+}
+
+/// `n` distinct single ports from `start`, comma separated (annotation list syntax).
+fn port_list(start: u16, n: u16) -> String {
+    (start..start + n)
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Issue 9.1 (docs/ARCHITECTURE.md, pitfall 14): the largest policies the parser accepts apply
+/// in one ADD, CHECK passes and DEL leaves nothing. Before the fix every batch message asked for
+/// an ACK, the ACKs overflowed the receive buffer after the commit (ENOBUFS) and ~257 rules
+/// stayed in the pod after a failed ADD.
+#[test]
+fn largest_allowed_policies_apply_check_and_delete() {
+    require_root!();
+    let excluded: Vec<u16> = (20000..20300).collect();
+    type Case<'a> = (&'a str, Value, Vec<(&'a str, String)>, usize);
+    // Each prerouting chain: 3 fixed rules, 2 for the node's addresses (the bridge's gateway,
+    // both families), 3 excluded sidecar ports, then the policy's rules.
+    let cases: Vec<Case> = vec![
+        (
+            "tproxy, 256 inbound ports",
+            json!({}),
+            vec![
+                ("tproxy-cni.io/mode", "tproxy".into()),
+                ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
+            ],
+            3 + 2 + 3 + 256,
+        ),
+        (
+            "tproxy fail-closed, 256 inbound ports",
+            json!({}),
+            vec![
+                ("tproxy-cni.io/mode", "tproxy".into()),
+                ("tproxy-cni.io/fail-mode", "closed".into()),
+                ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
+            ],
+            3 + 2 + 3 + 2 * 256,
+        ),
+        (
+            "300 excludeInboundPorts in the conflist, fail-closed, 256 inbound ports",
+            json!({"excludeInboundPorts": excluded, "failClosed": true}),
+            vec![
+                ("tproxy-cni.io/mode", "tproxy".into()),
+                ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
+            ],
+            3 + 2 + 3 + 300 + 2 * 256,
+        ),
+    ];
+    for (what, conf, ann, prerouting_rules) in cases {
+        let node = Node::new(conf);
+        let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let pod = node
+            .add_pod(&ann)
+            .unwrap_or_else(|e| panic!("{what}: ADD failed: {}", e.stdout));
+        let t = our_table(&pod.ns).unwrap_or_else(|| panic!("{what}: no table"));
+        let c = chains(&t);
+        let pre = c.iter().find(|c| c.0 == "prerouting").expect("prerouting");
+        assert_eq!(pre.4, prerouting_rules, "{what}");
+        node.check_ours(&pod)
+            .unwrap_or_else(|e| panic!("{what}: CHECK failed: {}", e.stdout));
+        node.del_pod(&pod)
+            .unwrap_or_else(|e| panic!("{what}: DEL failed: {}", e.stdout));
+        assert_clean(&pod.ns);
+    }
+}
+
+/// Runs our plugin alone for `cmd` on `pod`, under `wrapper` (a command prefix run inside the
+/// node's netns); returns (exit status, stdout).
+fn run_ours_wrapped(
+    node: &Node,
+    wrapper: &[&str],
+    cmd: &str,
+    pod: &common::chain::Pod,
+) -> (i32, String) {
+    use std::io::Write;
+    let mut conf = node.ours();
+    conf["name"] = node.conflist["name"].clone();
+    conf["cniVersion"] = node.conflist["cniVersion"].clone();
+    conf["prevResult"] = pod.result.clone();
+    conf["runtimeConfig"] = json!({"io.kubernetes.cri.pod-annotations": pod.annotations});
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.ns.name])
+        .args(wrapper)
+        .arg(env!("CARGO_BIN_EXE_tproxy-cni"))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_CONTAINERID", &pod.id)
+        .env("CNI_NETNS", pod.ns.path())
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn plugin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn check_err(node: &Node, pod: &common::chain::Pod) -> (u64, String) {
+    check_err_with(node, pod, &pod.annotations)
+}
+
+/// CHECK of our plugin on `pod` as if it had annotations `ann`; must fail.
+fn check_err_with(node: &Node, pod: &common::chain::Pod, ann: &Value) -> (u64, String) {
+    let e = node
+        .exec(
+            &node.ours(),
+            "CHECK",
+            &pod.ns.path().to_string_lossy(),
+            &pod.id,
+            ann,
+            Some(&pod.result),
+        )
+        .expect_err("CHECK must report the difference");
+    let j = e.json();
+    (
+        j["code"].as_u64().unwrap_or(0),
+        j["msg"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Issue 9.2: CHECK fails with 101 naming the difference for a dormant table, an extra set
+/// or chain in our table, a duplicate fwmark rule; a re-ADD from tproxy to redirect removes
+/// the fwmark rules and routes and CHECK then passes. Issue 10.1: a read failure is 100.
+#[test]
+fn check_is_strict_and_readd_converges() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let mut pod = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("ADD");
+    node.check_ours(&pod).expect("CHECK right after ADD");
+    let readd = |pod: &common::chain::Pod| {
+        node.exec(
+            &node.ours(),
+            "ADD",
+            &pod.ns.path().to_string_lossy(),
+            &pod.id,
+            &pod.annotations,
+            Some(&pod.result),
+        )
+        .expect("re-ADD")
+    };
+
+    for (what, cmd, needle) in [
+        (
+            "dormant",
+            "nft add table inet tproxy_cni '{ flags dormant; }'",
+            "dormant",
+        ),
+        (
+            "extra set",
+            "nft add set inet tproxy_cni s '{ type ipv4_addr; }'",
+            "extra set s",
+        ),
+        (
+            "extra chain",
+            "nft add chain inet tproxy_cni c",
+            "extra chain c",
+        ),
+        (
+            "duplicate fwmark rule",
+            "ip rule add fwmark 0x1000/0x1000 lookup 29808 priority 29808",
+            "2 copies of ipv4 rule",
+        ),
+    ] {
+        pod.ns.sh(cmd);
+        let (code, msg) = check_err(&node, &pod);
+        assert_eq!(code, 101, "{what}: {msg}");
+        assert!(msg.contains(needle), "{what}: {msg}");
+        // A re-ADD repairs each of them (the duplicate rule goes too).
+        readd(&pod);
+        node.check_ours(&pod)
+            .unwrap_or_else(|e| panic!("{what}: CHECK after re-ADD: {}", e.stdout));
+    }
+
+    // A read failure is not drift: without CAP_NET_ADMIN every nf_tables request is refused.
+    // (The kernel refuses the requests; a privilege is taken away, none is added.)
+    let (status, out) = run_ours_wrapped(
+        &node,
+        &["setpriv", "--bounding-set", "-net_admin"],
+        "CHECK",
+        &pod,
+    );
+    assert_eq!(status, 1, "{out}");
+    let j: Value = serde_json::from_str(&out).expect("error JSON");
+    assert_eq!(j["code"], 100, "{out}");
+
+    // tproxy -> redirect: the fwmark rules and routes go, CHECK passes.
+    pod.annotations = json!({"tproxy-cni.io/mode": "redirect"});
+    readd(&pod);
+    for fam in ["-4", "-6"] {
+        assert!(our_rules(&pod.ns, fam).is_empty(), "{fam} rule left");
+        assert!(
+            ip_json(&pod.ns, &format!("{fam} route show table 29808")).is_empty(),
+            "{fam} route left"
+        );
+    }
+    node.check_ours(&pod)
+        .unwrap_or_else(|e| panic!("CHECK after tproxy -> redirect: {}", e.stdout));
+    // And CHECK with the old mode's plan now reports what is missing.
+    let (code, msg) = check_err_with(&node, &pod, &json!({"tproxy-cni.io/mode": "tproxy"}));
+    assert_eq!(code, 101, "{msg}");
+    node.del_pod(&pod).expect("DEL");
+    assert_clean(&pod.ns);
+}
+
+/// Issue 14.3: a pod programmed with other numbers (as a release with other defaults would
+/// leave it: table name, mark, route table, rule priority) is drift for CHECK and is cleaned
+/// by DEL of this configuration; rules without our tag survive.
+#[test]
+fn del_removes_our_objects_whatever_their_numbers() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let pod = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("ADD");
+    let mut future = node.ours();
+    for (k, v) in [
+        ("mark", json!(0x100)),
+        ("routeTable", json!(4000)),
+        ("rulePriority", json!(4000)),
+        ("tableName", json!("tproxy_cni_v9")),
+    ] {
+        future[k] = v;
+    }
+    node.exec(
+        &future,
+        "ADD",
+        &pod.ns.path().to_string_lossy(),
+        &pod.id,
+        &pod.annotations,
+        Some(&pod.result),
+    )
+    .expect("ADD with other numbers");
+    // That ADD replaced our objects with its own.
+    assert!(our_rules(&pod.ns, "-4").is_empty());
+    assert!(our_table(&pod.ns).is_none());
+    // Foreign rules, one of them with the very same numbers but no tag.
+    pod.ns
+        .sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
+    pod.ns
+        .sh("ip rule add fwmark 0x100 lookup 4000 priority 4001");
+    let (code, msg) = check_err(&node, &pod);
+    assert_eq!(code, 101, "{msg}");
+    assert!(msg.contains("tproxy_cni_v9"), "{msg}");
+    node.del_pod(&pod).expect("DEL");
+    assert_clean(&pod.ns);
+    assert_eq!(pod.ns.sh("nft list tables"), "");
+    let rules = pod.ns.sh("ip rule show");
+    assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
+    assert!(
+        rules.contains("4001:\tfrom all fwmark 0x100 lookup 4000"),
+        "{rules}"
+    );
+    assert!(!rules.contains("4000:"), "{rules}");
+    for fam in ["-4", "-6"] {
+        assert!(ip_json(&pod.ns, &format!("{fam} route show table 4000")).is_empty());
+    }
+}
+
+/// Our routing objects as `ip -j` lists them, in the golden files' line format: tagged rules
+/// and routes (protocol 116) of every table, and `::6` on lo.
+fn tagged_routing_lines(ns: &Netns) -> Vec<String> {
+    let mut out = Vec::new();
+    for (fam, name) in [("-4", "ipv4"), ("-6", "ipv6")] {
+        for r in ip_json(ns, &format!("{fam} rule show")) {
+            if r["protocol"] == "116" {
+                out.push(format!(
+                    "{name} rule fwmark {}/{} lookup {} priority {}",
+                    r["fwmark"].as_str().unwrap_or("?"),
+                    r["fwmask"].as_str().unwrap_or("0xffffffff"),
+                    r["table"].as_str().unwrap_or("?"),
+                    r["priority"]
+                ));
+            }
+        }
+        for r in ip_json(ns, &format!("{fam} route show table all")) {
+            if r["protocol"] == "116" {
+                out.push(format!(
+                    "{name} route {} {} dev {} table {}",
+                    r["type"].as_str().unwrap_or("?"),
+                    r["dst"].as_str().unwrap_or("?"),
+                    r["dev"].as_str().unwrap_or("?"),
+                    r["table"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    if ns.sh("ip -6 addr show dev lo").contains("::6/128") {
+        out.push("lo address ::6/128".into());
+    }
+    out.sort();
+    out
+}
+
+/// Issue 15.2: CRI-O runs CHECK right after every ADD, so for every golden plan ADD then CHECK
+/// must pass; the kernel then holds exactly the golden table and routing objects, and DEL
+/// leaves nothing.
+#[test]
+fn every_golden_plan_adds_checks_and_deletes() {
+    require_root!();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testdata/plan");
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/cases.json")).unwrap())
+            .unwrap();
+    let node = Node::new(json!({}));
+    // The node's own addresses, as in src/cni/golden.rs (NODE_IPS): their traffic bypasses
+    // interception, so the plans hold them.
+    node.ns.sh("ip link add gold0 type veth peer name gold1");
+    node.ns.sh("ip link set gold0 up");
+    node.ns.sh("ip addr add 10.88.0.1/16 dev gold0");
+    node.ns.sh("ip addr add fd00:88::1/64 dev gold0 nodad");
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let golden = std::fs::read_to_string(format!("{dir}/{name}.nft")).unwrap();
+        let mut want_routing: Vec<String> = golden
+            .lines()
+            .filter_map(|l| l.strip_prefix("# routing: "))
+            .map(str::to_string)
+            .collect();
+        want_routing.sort();
+        let want_table: String = golden
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let mut ours = node.ours();
+        for (k, v) in case["config"].as_object().unwrap() {
+            ours[k] = v.clone();
+        }
+        let table = ours["tableName"]
+            .as_str()
+            .unwrap_or("tproxy_cni")
+            .to_string();
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "ips": case["ips"].as_array().unwrap().iter()
+                .map(|a| json!({"address": a})).collect::<Vec<_>>(),
+        });
+        let ns = Netns::new("gold");
+        let path = ns.path().to_string_lossy().into_owned();
+        let ann = &case["annotations"];
+        let run = |cmd: &str| {
+            node.exec(&ours, cmd, &path, name, ann, Some(&prev))
+                .unwrap_or_else(|e| panic!("{name}: {cmd}: {}", e.stdout))
+        };
+        run("ADD");
+        run("CHECK");
+        let listed = ns.try_sh(&format!("nft list table inet {table}")).stdout;
+        let listed = String::from_utf8_lossy(&listed).into_owned();
+        assert_eq!(listed, want_table, "{name}: kernel listing vs golden");
+        assert_eq!(
+            tagged_routing_lines(&ns),
+            want_routing,
+            "{name}: routing objects vs golden"
+        );
+        run("DEL");
+        assert_eq!(ns.sh("nft list tables"), "", "{name}: table left");
+        assert!(tagged_routing_lines(&ns).is_empty(), "{name}: routing left");
+        run("DEL");
+    }
+}
+
+/// Issue 9.15: foreign marks in the pod (Istio 0x539, kube-proxy 0x4000/0x8000, Calico
+/// 0xffff0000, Cilium 0x0f00) set on every packet and conntrack entry before our chains run do
+/// not break interception, and our rules leave their bits alone. Before, our rules matched
+/// the whole mark (the proxy leg was never tagged, replies missed the proxy) and overwrote it.
+#[test]
+fn foreign_marks_coexist_with_ours() {
+    use sidecar_support::{get_ip, sa, App, Sidecar, HTTP_PORT};
+    require_root!();
+    let node = Node::new(json!({}));
+    let server = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("server ADD");
+    let client = node.add_pod(&[]).expect("client ADD");
+    // Stands in for the other meshes and CNIs: a table of theirs around ours.
+    let foreign = "0xffffcf39";
+    let set = format!("meta mark set meta mark | {foreign}\nct mark set ct mark | {foreign}\n");
+    let count = format!(
+        "meta mark & {foreign} == {foreign} counter\n\
+         meta mark & {foreign} != {foreign} counter\n\
+         ct mark & {foreign} != {foreign} counter\n"
+    );
+    let table = format!(
+        "table inet foreign {{\n\
+         chain pre {{\ntype filter hook prerouting priority mangle - 10; policy accept;\n{set}}}\n\
+         chain out {{\ntype route hook output priority mangle - 10; policy accept;\n{set}}}\n\
+         chain pre_after {{\ntype filter hook prerouting priority mangle + 10; policy accept;\n{count}}}\n\
+         chain out_after {{\ntype route hook output priority mangle + 10; policy accept;\n{count}}}\n\
+         }}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("foreign.nft");
+    std::fs::write(&f, table).unwrap();
+    server.ns.sh(&format!("nft -f {}", f.display()));
+
+    let _app = App::start(&server.ns.name, &[HTTP_PORT], &[]);
+    let _sc = Sidecar::start(&server.ns.name, &["--mode", "tproxy"]);
+    for fam in [4, 6] {
+        let (c, s) = (client.ip(fam).unwrap(), server.ip(fam).unwrap());
+        let mut last = None;
+        let mut ok = None;
+        for _ in 0..3 {
+            match get_ip(&client.ns.name, sa(&s, HTTP_PORT)) {
+                Ok(r) => {
+                    ok = Some(r);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let r = ok.unwrap_or_else(|| panic!("IPv{fam} through the sidecar: {last:?}"));
+        assert_eq!(r.origin, c, "IPv{fam}: the app sees the client's address");
+        assert_ne!(r.port, r.local_port, "IPv{fam}: proxied, not direct");
+    }
+    // Counters: [kept, lost, ct lost] per chain, from `nft -j`.
+    let js: Value = serde_json::from_str(&server.ns.sh("nft -j list table inet foreign")).unwrap();
+    let mut counts: Vec<(String, u64)> = Vec::new();
+    for o in js["nftables"].as_array().unwrap() {
+        let Some(rule) = o.get("rule") else { continue };
+        let packets = rule["expr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find_map(|e| e.get("counter").map(|c| c["packets"].as_u64().unwrap_or(0)));
+        if let Some(p) = packets {
+            counts.push((rule["chain"].as_str().unwrap().to_string(), p));
+        }
+    }
+    assert_eq!(counts.len(), 6, "{counts:?}");
+    for chain in ["pre_after", "out_after"] {
+        let c: Vec<u64> = counts
+            .iter()
+            .filter(|x| x.0 == chain)
+            .map(|x| x.1)
+            .collect();
+        assert!(
+            c[0] > 0,
+            "{chain}: no packet seen, the test proves nothing: {counts:?}"
+        );
+        assert_eq!(
+            c[1], 0,
+            "{chain}: packets lost foreign mark bits: {counts:?}"
+        );
+        assert_eq!(
+            c[2], 0,
+            "{chain}: conntrack entries lost foreign bits: {counts:?}"
+        );
+    }
+    node.del_pod(&server).expect("DEL");
+    assert_clean(&server.ns);
+    assert!(server.ns.sh("nft list tables").contains("foreign"));
+}
+
+/// Issue 14.3: a pod programmed by the release before owner tags (table without comment,
+/// whole-mark fwmark 0x7470 rules and routes without protocol) is drift for CHECK and is
+/// cleaned by DEL; a foreign rule survives.
+#[test]
+fn del_cleans_a_pod_of_the_previous_release() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let pod = node.add_pod(&[]).expect("ADD (mode none)");
+    let old = "table inet tproxy_cni {\n\
+               chain prerouting { type filter hook prerouting priority mangle; policy accept;\n\
+                 iifname \"lo\" meta mark 0x00007470 ct mark set 0x00007470\n\
+                 meta l4proto tcp tproxy to :15006 meta mark set 0x00007470 accept\n}\n\
+               chain output { type route hook output priority mangle; policy accept;\n\
+                 ct mark 0x00007470 meta mark set ct mark\n}\n}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("old.nft");
+    std::fs::write(&f, old).unwrap();
+    pod.ns.sh(&format!("nft -f {}", f.display()));
+    for fam in ["-4", "-6"] {
+        pod.ns.sh(&format!(
+            "ip {fam} rule add fwmark 0x7470 lookup 29808 priority 29808"
+        ));
+        pod.ns.sh(&format!(
+            "ip {fam} route add local default dev lo table 29808"
+        ));
+    }
+    pod.ns
+        .sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
+    let tproxy = json!({"tproxy-cni.io/mode": "tproxy"});
+    let (code, msg) = check_err_with(&node, &pod, &tproxy);
+    assert_eq!(code, 101, "{msg}");
+    assert!(msg.contains("another release's layout"), "{msg}");
+    node.del_pod(&pod).expect("DEL");
+    assert_clean(&pod.ns);
+    for fam in ["-4", "-6"] {
+        assert!(
+            !pod.ns.sh(&format!("ip {fam} rule")).contains("0x7470"),
+            "{fam} legacy rule left"
+        );
+    }
+    assert!(pod.ns.sh("ip rule").contains("fwmark 0x539 lookup 133"));
+}
+
+/// Issue 9.13 (docs/ARCHITECTURE.md, pitfall 17): connections from the node's own addresses
+/// (kubelet `tcpSocket` probes) are not intercepted, so with the app down and the sidecar up a
+/// TCP connect from the node fails, while one from another pod is still taken by the sidecar.
+/// Before, the sidecar completed every handshake and the probe saw a live app.
+#[test]
+fn node_traffic_reaches_the_app_directly() {
+    use sidecar_support::{in_ns, sa, Sidecar, DEAD_PORT};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    require_root!();
+    let node = Node::new(json!({}));
+    // The bridge (the node's address on the pod network) exists once a pod was added.
+    let client = node.add_pod(&[]).expect("client ADD");
+    let server = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("server ADD");
+    node.check_ours(&server).expect("CHECK after ADD");
+    let _sc = Sidecar::start(&server.ns.name, &["--mode", "tproxy"]);
+    for fam in [4, 6] {
+        let dst = sa(&server.ip(fam).unwrap(), DEAD_PORT);
+        // A fresh bridge port may still be settling IPv6 neighbours: retry a timeout.
+        let from_node = in_ns(&node.ns.name, move || {
+            let mut r = TcpStream::connect_timeout(&dst, Duration::from_secs(2));
+            for _ in 0..3 {
+                match &r {
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        r = TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+                    }
+                    _ => break,
+                }
+            }
+            r
+        });
+        let e = from_node.expect_err("a probe from the node must see the app down");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "IPv{fam}: {e}"
+        );
+        let from_pod = in_ns(&client.ns.name, move || {
+            TcpStream::connect_timeout(&dst, Duration::from_secs(3))
+        });
+        // The sidecar completes the handshake, then resets when it cannot dial the app
+        // (the reset may already be there when connect returns); the app's own answer would
+        // be a refusal.
+        let taken = match &from_pod {
+            Ok(_) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(
+            taken,
+            "IPv{fam}: another pod's connection is still taken by the sidecar: {from_pod:?}"
+        );
+    }
+    node.del_pod(&server).expect("DEL");
+    assert_clean(&server.ns);
+}
+
+/// Issue 9.3 (DEL side): a `tableName` the config accepts but nftables cannot take fails ADD
+/// with nothing left, and DEL succeeds (a table we refuse to create cannot exist).
+#[test]
+fn unusable_table_name_fails_add_and_del_succeeds() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let ns = Netns::new("pod");
+    let prev = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.88.9.9/16"}]});
+    let path = ns.path().to_string_lossy().into_owned();
+    let ann = json!({"tproxy-cni.io/mode": "tproxy"});
+    for name in ["1abc", "-"] {
+        let mut ours = node.ours();
+        ours["tableName"] = json!(name);
+        let e = node
+            .exec(&ours, "ADD", &path, "badname", &ann, Some(&prev))
+            .expect_err("ADD with an unusable table name");
+        assert!(
+            e.json()["msg"].as_str().unwrap().contains(name),
+            "{}",
+            e.stdout
+        );
+        assert_eq!(ns.sh("nft list tables"), "");
+        assert!(our_rules(&ns, "-4").is_empty());
+        node.exec(&ours, "DEL", &path, "badname", &ann, Some(&prev))
+            .unwrap_or_else(|e| panic!("DEL with tableName {name:?}: {}", e.stdout));
+    }
 }

@@ -4,7 +4,7 @@
 
 use super::wire::{self, attrs, be32, find, put_attr, put_nested};
 use crate::netaddr::{Cidr, Family, PortRange};
-use crate::plan::{Action, Match};
+use crate::plan::{Action, MarkBits, Match};
 use std::fmt;
 
 /// `NFT_REG_1`: nft addresses 32-bit registers through the 128-bit names when aligned, and the
@@ -199,6 +199,42 @@ fn dport(r: &PortRange) -> Vec<Expr> {
     v
 }
 
+/// `mark & MASK == VALUE` as nft lowers it: load, mask (skipped when all ones), compare.
+/// Marks are host order.
+fn mark_match(load: Expr, b: &MarkBits) -> Vec<Expr> {
+    let mut v = vec![load];
+    if b.mask != u32::MAX {
+        v.push(Expr::Bitwise {
+            sreg: REG1,
+            dreg: REG1,
+            len: 4,
+            mask: b.mask.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        });
+    }
+    v.push(cmp_eq((b.value & b.mask).to_ne_bytes().to_vec()));
+    v
+}
+
+/// `mark set mark & ~MASK | VALUE` as nft lowers it (`( reg & ~MASK ) ^ VALUE`, the same for
+/// VALUE within MASK); an all-ones mask is a plain immediate.
+fn mark_set(load: Expr, b: &MarkBits, set: Expr) -> Vec<Expr> {
+    if b.mask == u32::MAX {
+        return vec![imm(b.value.to_ne_bytes().to_vec()), set];
+    }
+    vec![
+        load,
+        Expr::Bitwise {
+            sreg: REG1,
+            dreg: REG1,
+            len: 4,
+            mask: (!b.mask).to_ne_bytes().to_vec(),
+            xor: (b.value & b.mask).to_ne_bytes().to_vec(),
+        },
+        set,
+    ]
+}
+
 /// Lowers one match. Marks and ids compare in host order, ports and addresses in network order.
 pub fn lower_match(m: &Match) -> Vec<Expr> {
     match m {
@@ -225,8 +261,8 @@ pub fn lower_match(m: &Match) -> Vec<Expr> {
                 data: vec![0; 4],
             },
         ],
-        Match::CtMark(v) => vec![ct(CT_MARK), cmp_eq(v.to_ne_bytes().to_vec())],
-        Match::Mark(v) => vec![meta(META_MARK), cmp_eq(v.to_ne_bytes().to_vec())],
+        Match::CtMark(b) => mark_match(ct(CT_MARK), b),
+        Match::Mark(b) => mark_match(meta(META_MARK), b),
         Match::SkUid(v) => vec![meta(META_SKUID), cmp_eq(v.to_ne_bytes().to_vec())],
         Match::SkGid(v) => vec![meta(META_SKGID), cmp_eq(v.to_ne_bytes().to_vec())],
     }
@@ -234,27 +270,22 @@ pub fn lower_match(m: &Match) -> Vec<Expr> {
 
 pub fn lower_action(a: &Action) -> Vec<Expr> {
     match a {
-        Action::SetMark(v) => vec![
-            imm(v.to_ne_bytes().to_vec()),
+        Action::SetMark(b) => mark_set(
+            meta(META_MARK),
+            b,
             Expr::MetaSet {
                 key: META_MARK,
                 sreg: REG1,
             },
-        ],
-        Action::SetCtMark(v) => vec![
-            imm(v.to_ne_bytes().to_vec()),
+        ),
+        Action::SetCtMark(b) => mark_set(
+            ct(CT_MARK),
+            b,
             Expr::CtSet {
                 key: CT_MARK,
                 sreg: REG1,
             },
-        ],
-        Action::MarkFromCtMark => vec![
-            ct(CT_MARK),
-            Expr::MetaSet {
-                key: META_MARK,
-                sreg: REG1,
-            },
-        ],
+        ),
         // Family unspecified: in an inet table the statement follows the packet's family.
         Action::Tproxy { port } => vec![
             imm(port.to_be_bytes().to_vec()),

@@ -3,7 +3,7 @@
 //! batch gives (the root tests compare the two listings).
 
 use crate::netaddr::Family;
-use crate::plan::{Action, Chain, ChainKind, Hook, Match, Table};
+use crate::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Table};
 use std::fmt::Write;
 
 fn kind(k: ChainKind) -> &'static str {
@@ -86,8 +86,8 @@ fn matches(ms: &[Match]) -> Vec<String> {
             Match::Daddr(c) => format!("{} daddr {}", fam(c.family()), cidr(c)),
             Match::CtDirectionReply => "ct direction reply".into(),
             Match::CtStateNew => "ct state new".into(),
-            Match::CtMark(v) => format!("ct mark 0x{v:08x}"),
-            Match::Mark(v) => format!("meta mark 0x{v:08x}"),
+            Match::CtMark(b) => mark_match("ct mark", b),
+            Match::Mark(b) => mark_match("meta mark", b),
             Match::SkUid(v) => format!("meta skuid {v}"),
             Match::SkGid(v) => format!("meta skgid {v}"),
         };
@@ -96,11 +96,33 @@ fn matches(ms: &[Match]) -> Vec<String> {
     out
 }
 
+fn mark_match(what: &str, b: &MarkBits) -> String {
+    if b.mask == u32::MAX {
+        format!("{what} 0x{:08x}", b.value)
+    } else {
+        format!("{what} & 0x{:08x} == 0x{:08x}", b.mask, b.value & b.mask)
+    }
+}
+
+/// nft prints `x & A | V` with A = the kept bits plus V (what its bitwise AND constant holds
+/// after it folds the OR in), and `x | V` when A is all ones.
+fn mark_set(what: &str, b: &MarkBits) -> String {
+    let v = b.value & b.mask;
+    if b.mask == u32::MAX {
+        return format!("{what} set 0x{v:08x}");
+    }
+    let and = !b.mask | v;
+    if and == u32::MAX {
+        format!("{what} set {what} | 0x{v:08x}")
+    } else {
+        format!("{what} set {what} & 0x{and:08x} | 0x{v:08x}")
+    }
+}
+
 fn action(a: &Action) -> String {
     match a {
-        Action::SetMark(v) => format!("meta mark set 0x{v:08x}"),
-        Action::SetCtMark(v) => format!("ct mark set 0x{v:08x}"),
-        Action::MarkFromCtMark => "meta mark set ct mark".into(),
+        Action::SetMark(b) => mark_set("meta mark", b),
+        Action::SetCtMark(b) => mark_set("ct mark", b),
         Action::Tproxy { port } => format!("tproxy to :{port}"),
         Action::Redirect { port } => format!("redirect to :{port}"),
         Action::RejectTcpReset => "reject with tcp reset".into(),
@@ -130,7 +152,11 @@ fn chain(out: &mut String, c: &Chain) {
 }
 
 pub fn render(t: &Table) -> String {
-    let mut out = format!("table inet {} {{\n", t.name);
+    let mut out = format!(
+        "table inet {} {{\n\tcomment \"{}\"\n",
+        t.name,
+        super::owner_comment()
+    );
     for (i, c) in t.chains.iter().enumerate() {
         if i > 0 {
             out.push('\n');

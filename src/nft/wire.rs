@@ -19,6 +19,9 @@ pub const NFT_MSG_NEWCHAIN: u16 = 3;
 pub const NFT_MSG_GETCHAIN: u16 = 4;
 pub const NFT_MSG_NEWRULE: u16 = 6;
 pub const NFT_MSG_GETRULE: u16 = 7;
+pub const NFT_MSG_GETSET: u16 = 10;
+pub const NFT_MSG_GETOBJ: u16 = 19;
+pub const NFT_MSG_GETFLOWTABLE: u16 = 23;
 
 pub const NFPROTO_UNSPEC: u8 = 0;
 pub const NFPROTO_INET: u8 = 1;
@@ -44,6 +47,12 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 
 pub const NFTA_TABLE_NAME: u16 = 1;
 pub const NFTA_TABLE_FLAGS: u16 = 2;
+pub const NFTA_TABLE_USERDATA: u16 = 6;
+/// `NFT_TABLE_F_DORMANT`: the table's base chains are unregistered, no rule runs.
+pub const NFT_TABLE_F_DORMANT: u32 = 1;
+/// The first attribute of sets, objects and flowtables is their table, the second their name.
+pub const NFTA_SET_TABLE: u16 = 1;
+pub const NFTA_SET_NAME: u16 = 2;
 pub const NFTA_CHAIN_TABLE: u16 = 1;
 pub const NFTA_CHAIN_NAME: u16 = 3;
 pub const NFTA_CHAIN_HOOK: u16 = 4;
@@ -69,7 +78,8 @@ pub const NF_INET_LOCAL_IN: u32 = 1;
 pub const NF_INET_LOCAL_OUT: u32 = 3;
 pub const NF_INET_POST_ROUTING: u32 = 4;
 
-/// libnftnl's rule userdata TLV type for the comment (`NFTNL_UDATA_RULE_COMMENT`).
+/// libnftnl's rule userdata TLV type for the comment (`NFTNL_UDATA_RULE_COMMENT`); the table
+/// comment (`NFTNL_UDATA_TABLE_COMMENT`) has the same type and layout.
 pub const NFTNL_UDATA_RULE_COMMENT: u8 = 0;
 
 /// Builds one netlink message: nlmsghdr + nfgenmsg + attributes, with nesting.
@@ -296,11 +306,28 @@ impl Sock {
         }
     }
 
-    /// Sends a batch and returns the errors (errno != 0) and the number of ACKs (errno == 0).
-    /// nfnetlink processes a batch synchronously inside sendmsg(), so every reply is queued
-    /// when send returns: draining without blocking is complete (this is what `nft` does).
-    pub fn transact(&self, batch: &[u8]) -> io::Result<(Vec<NlErr>, usize)> {
-        self.send(batch)?;
+    /// Makes room for a batch of `len` bytes in one sendmsg() (the kernel refuses a message
+    /// larger than the send buffer with EMSGSIZE, and a batch must be one message to be
+    /// atomic) and for its replies. `*FORCE` needs CAP_NET_ADMIN, which the plugin has; the
+    /// plain options are the fallback, capped by `net.core.[rw]mem_max`.
+    pub fn size_for(&self, len: usize) {
+        use nix::sys::socket::{setsockopt, sockopt};
+        // The kernel doubles the value it is given; room for the batch plus skb overhead.
+        let snd = (len + 64 * 1024) / 2;
+        if setsockopt(&self.s, sockopt::SndBufForce, &snd).is_err() {
+            let _ = setsockopt(&self.s, sockopt::SndBuf, &snd);
+        }
+        let rcv = RECV_BUF * 2;
+        if setsockopt(&self.s, sockopt::RcvBufForce, &rcv).is_err() {
+            let _ = setsockopt(&self.s, sockopt::RcvBuf, &rcv);
+        }
+    }
+
+    /// Collects what the kernel queued for a batch already sent: the errors (errno != 0) and
+    /// the number of ACKs (errno == 0). nfnetlink processes a batch synchronously inside
+    /// sendmsg(), so every reply is queued when send returns: draining without blocking is
+    /// complete (this is what `nft` does).
+    pub fn drain(&self) -> io::Result<(Vec<NlErr>, usize)> {
         let mut errs = Vec::new();
         let mut acks = 0;
         while let Some(msgs) = self.recv(false)? {

@@ -103,7 +103,7 @@ const SPECS: &[Spec] = &[
     Spec { flag: "inbound-port", default: "15006", help: "inbound listener port (TPROXY / REDIRECT target)" },
     Spec { flag: "outbound-port", default: "15001", help: "outbound (egress capture) listener port; 0 = off" },
     Spec { flag: "admin-port", default: "15021", help: "admin port: /healthz /ready /metrics; 0 = off" },
-    Spec { flag: "mark", default: "0x7470", help: "SO_MARK of upstream sockets (must match the plugin's mark)" },
+    Spec { flag: "mark", default: "0x1000", help: "SO_MARK of upstream sockets (must match the plugin's mark)" },
     Spec { flag: "connect-timeout", default: "5s", help: "upstream connect timeout (ms, s, m, h; bare number = seconds)" },
     Spec { flag: "idle-timeout", default: "1h", help: "close a connection with no bytes either way for this long (Envoy's TCP default)" },
     Spec { flag: "drain-timeout", default: "20s", help: "on SIGTERM/SIGINT: stop accepting, wait this long for in-flight connections" },

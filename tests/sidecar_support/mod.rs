@@ -117,14 +117,14 @@ pub fn program_rules(pod: &Netns, r: &Rules) {
     } else {
         t += &format!(
             "  chain prerouting {{ type filter hook prerouting priority mangle; policy accept;\n\
-                 iifname \"lo\" meta mark 0x7470 ct mark set 0x7470\n\
+                 iifname \"lo\" meta mark & 0x1000 == 0x1000 ct mark set ct mark | 0x1000\n\
                  iifname \"lo\" accept\n\
                  ct direction reply accept\n\
                  meta l4proto tcp tcp dport {{ {excluded} }} accept\n\
-                 meta l4proto tcp tproxy to :15006 meta mark set 0x7470 accept\n{}\
+                 meta l4proto tcp tproxy to :15006 meta mark set meta mark | 0x1000 accept\n{}\
                }}\n\
                chain output {{ type route hook output priority mangle; policy accept;\n\
-                 ct mark 0x7470 meta mark set ct mark\n  }}\n",
+                 ct mark & 0x1000 == 0x1000 meta mark set meta mark | 0x1000\n  }}\n",
             if r.fail_closed {
                 "    meta l4proto tcp ct state new reject with tcp reset\n"
             } else {
@@ -135,7 +135,7 @@ pub fn program_rules(pod: &Netns, r: &Rules) {
     if r.outbound {
         t += "  chain nat_output { type nat hook output priority -100; policy accept;\n\
                 meta skuid 1337 return\n\
-                meta mark 0x7470 return\n\
+                meta mark & 0x1000 == 0x1000 return\n\
                 oifname \"lo\" return\n\
                 meta l4proto tcp redirect to :15001\n  }\n";
     }
@@ -145,9 +145,11 @@ pub fn program_rules(pod: &Netns, r: &Rules) {
     pod.sh(&format!("nft -f {}", f.path().display()));
     if !r.redirect {
         for fam in ["-4", "-6"] {
-            let _ = pod.try_sh(&format!("ip {fam} rule del fwmark 0x7470 lookup 29808"));
+            let _ = pod.try_sh(&format!(
+                "ip {fam} rule del fwmark 0x1000/0x1000 lookup 29808"
+            ));
             pod.sh(&format!(
-                "ip {fam} rule add fwmark 0x7470 lookup 29808 priority 29808"
+                "ip {fam} rule add fwmark 0x1000/0x1000 lookup 29808 priority 29808"
             ));
             pod.sh(&format!(
                 "ip {fam} route replace local default dev lo table 29808"
