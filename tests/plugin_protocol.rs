@@ -239,6 +239,21 @@ fn bad_input_gets_the_right_code_and_names_the_key() {
     let mut c: Value = serde_json::from_str(&conf("1.0.0", json!({}), prev.clone())).unwrap();
     c["mark"] = json!("0x7470");
     plugin("ADD", "/x", &c.to_string()).error(7, &["mark"]);
+    // An include that a wider exclude covers could never match (README: refused).
+    plugin(
+        "ADD",
+        "/x",
+        &conf(
+            "1.0.0",
+            json!({
+                "tproxy-cni.io/mode": "tproxy",
+                "tproxy-cni.io/include-outbound-ip-ranges": "10.1.0.0/16",
+                "tproxy-cni.io/exclude-outbound-ip-ranges": "10.0.0.0/8",
+            }),
+            prev.clone(),
+        ),
+    )
+    .error(7, &["exclude-outbound-ip-ranges", "10.0.0.0/8", "10.1.0.0/16"]);
     // CHECK does not exist before 0.4.0.
     plugin("CHECK", "/x", &conf("0.3.1", json!({}), prev.clone())).error(1, &["CHECK"]);
     // Missing or unknown environment.
