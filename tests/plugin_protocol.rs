@@ -253,7 +253,10 @@ fn bad_input_gets_the_right_code_and_names_the_key() {
             prev.clone(),
         ),
     )
-    .error(7, &["exclude-outbound-ip-ranges", "10.0.0.0/8", "10.1.0.0/16"]);
+    .error(
+        7,
+        &["exclude-outbound-ip-ranges", "10.0.0.0/8", "10.1.0.0/16"],
+    );
     // CHECK does not exist before 0.4.0.
     plugin("CHECK", "/x", &conf("0.3.1", json!({}), prev.clone())).error(1, &["CHECK"]);
     // Missing or unknown environment.
