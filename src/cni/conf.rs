@@ -67,12 +67,16 @@ pub fn check_table_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The config's `tableName` when it is a string this plugin refuses. DEL uses it: no table of
-/// ours can carry a name ADD never accepted, so such a DEL has nothing to remove.
+/// The config's `tableName` (as JSON text) when this plugin refuses it: a string that fails
+/// [`check_table_name`], or not a string at all. DEL uses it: no table of ours can carry a name
+/// ADD never accepted, so such a DEL has nothing to remove.
 pub fn peek_bad_table_name(stdin: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(stdin).ok()?;
-    let name = v.get("tableName")?.as_str()?;
-    check_table_name(name).err().map(|_| name.to_string())
+    match v.get("tableName")? {
+        Value::Null => None,
+        Value::String(name) => check_table_name(name).err().map(|_| name.clone()),
+        other => Some(other.to_string()),
+    }
 }
 
 /// Reads `cniVersion` alone (for error objects and VERSION), without validating the rest.
@@ -444,6 +448,11 @@ mod tests {
             assert_eq!(c.plan.table_name, good);
         }
         assert_eq!(peek_bad_table_name(br#"{"tableName":"ok_name"}"#), None);
+        assert_eq!(peek_bad_table_name(br#"{"tableName":null}"#), None);
+        assert_eq!(
+            peek_bad_table_name(br#"{"tableName":7}"#).as_deref(),
+            Some("7")
+        );
         assert_eq!(peek_bad_table_name(br#"{"cniVersion":"1.0.0"}"#), None);
     }
 
