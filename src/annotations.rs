@@ -174,7 +174,7 @@ pub struct MeshMark {
     pub value: Option<&'static str>,
 }
 
-/// The signals of a pod managed by another mesh (README, "Other meshes").
+/// The signals of a pod managed by another mesh (README, "Pods of other meshes").
 pub const MESH_MARKS: &[MeshMark] = &[
     // Written by Istio's sidecar injector on every pod it injects.
     MeshMark {
