@@ -2,12 +2,17 @@
 //!
 //! Precedence, field by field: `tproxy-cni.io/*` first, then Istio's, then Kuma's, then the
 //! conflist defaults. So a pod migrated from Istio keeps working, and our key overrides it.
+//!
+//! No double interception: a pod that another mesh's injector manages (see [`MESH_MARKS`]) is
+//! left alone unless our own `tproxy-cni.io/mode` says otherwise, and Istio's and Kuma's keys
+//! are then ignored, since they configure that mesh's own interception of the same pod.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::cni::error::echo;
 use crate::consts::ANNOTATION_PREFIX;
-use crate::netaddr::{Cidr, PortRange};
+use crate::netaddr::{Cidr, ParseError, PortRange};
 
 /// How inbound TCP is diverted to the sidecar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,9 +127,10 @@ impl Default for Defaults {
     }
 }
 
-/// An annotation that could not be used. Displays as `annotation "KEY"="VALUE": REASON`.
+/// An annotation that could not be used. Displays as `annotation "KEY"="VALUE": REASON`, key
+/// and value cut to their first 64 characters (a 10 MB value is not echoed back whole).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("annotation {key:?}={value:?}: {reason}")]
+#[error("annotation {}={}: {reason}", echo(key), echo(value))]
 pub struct PolicyError {
     pub key: String,
     pub value: String,
@@ -157,6 +163,79 @@ pub const OUR_KEYS: &[&str] = &[
 const ISTIO_MODE: &str = "sidecar.istio.io/interceptionMode";
 const ISTIO: &str = "traffic.sidecar.istio.io/";
 const KUMA: &str = "traffic.kuma.io/";
+
+/// A mark another mesh's injector leaves on a pod it manages: `key` present (with `value`, when
+/// one is given) means that mesh intercepts the pod's traffic itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshMark {
+    pub mesh: &'static str,
+    pub key: &'static str,
+    /// The value that marks the pod (compared case-insensitively); `None`: any value.
+    pub value: Option<&'static str>,
+}
+
+/// The signals of a pod managed by another mesh (README, "Pods of other meshes").
+pub const MESH_MARKS: &[MeshMark] = &[
+    // Written by Istio's sidecar injector on every pod it injects.
+    MeshMark {
+        mesh: "Istio (sidecar)",
+        key: "sidecar.istio.io/status",
+        value: None,
+    },
+    // Written by istio-cni in ambient mode on pods whose traffic ztunnel captures.
+    MeshMark {
+        mesh: "Istio (ambient)",
+        key: "ambient.istio.io/redirection",
+        value: Some("enabled"),
+    },
+    // Written by Kuma's injector on the pods it injects.
+    MeshMark {
+        mesh: "Kuma",
+        key: "kuma.io/sidecar-injected",
+        value: Some("true"),
+    },
+    // Written by Linkerd's proxy injector (the version of the proxy it added).
+    MeshMark {
+        mesh: "Linkerd",
+        key: "linkerd.io/proxy-version",
+        value: None,
+    },
+    // Written by Consul's connect injector.
+    MeshMark {
+        mesh: "Consul",
+        key: "consul.hashicorp.com/connect-inject-status",
+        value: Some("injected"),
+    },
+];
+
+/// The first mark of another mesh's injector on the pod, if any.
+pub fn foreign_mesh(ann: &BTreeMap<String, String>) -> Option<(&'static MeshMark, &str)> {
+    MESH_MARKS.iter().find_map(|m| {
+        let v = ann.get(m.key)?;
+        let hit = match m.value {
+            None => !v.trim().is_empty(),
+            Some(want) => v.trim().eq_ignore_ascii_case(want),
+        };
+        hit.then_some((m, v.as_str()))
+    })
+}
+
+/// Why the plugin leaves this pod alone although the config or annotations might ask for
+/// interception: another mesh manages it and our own `tproxy-cni.io/mode` is not set.
+pub fn skip_reason(ann: &BTreeMap<String, String>) -> Option<String> {
+    if ann.contains_key(S_MODE.0[0]) {
+        return None;
+    }
+    foreign_mesh(ann).map(|(m, v)| {
+        format!(
+            "managed by {} ({}={}); left alone (set {} to intercept it anyway)",
+            m.mesh,
+            m.key,
+            echo(v),
+            S_MODE.0[0]
+        )
+    })
+}
 
 /// Most entries one list may hold: each becomes a rule, and a pod should not be able to make
 /// the plugin build an unbounded ruleset.
@@ -210,6 +289,20 @@ impl PodPolicy {
         ann: &BTreeMap<String, String>,
         defaults: &Defaults,
     ) -> Result<PodPolicy, PolicyError> {
+        // Another mesh's pod: its Istio/Kuma keys configure that mesh, not us; only ours count,
+        // and without our mode key the pod is left alone.
+        let foreign = foreign_mesh(ann).is_some();
+        let own_only: BTreeMap<String, String>;
+        let ann = if foreign {
+            own_only = ann
+                .iter()
+                .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            &own_only
+        } else {
+            ann
+        };
         for (k, v) in ann {
             if let Some(rest) = k.strip_prefix(ANNOTATION_PREFIX) {
                 if !OUR_KEYS.contains(&rest) {
@@ -233,6 +326,7 @@ impl PodPolicy {
                     "unknown mode; expected tproxy, redirect or none (any case)",
                 )
             })?,
+            None if foreign => Mode::None,
             None => defaults.mode,
         };
 
@@ -275,9 +369,15 @@ impl PodPolicy {
             None => Vec::new(),
         };
         if let Selector::List(inc) = &include_cidrs {
-            if let Some(c) = inc.iter().find(|c| exclude_cidrs.contains(c)) {
+            if let Some((i, e)) = first_covered_cidr(inc, &exclude_cidrs) {
                 let (ek, ev) = S_EX_OUT_CIDR.pick(ann).unwrap_or(("", ""));
-                return Err(err(ek, ev, format!("{c} is both included and excluded")));
+                let (ik, _) = S_IN_OUT_CIDR.pick(ann).unwrap_or(("", ""));
+                let why = if i == e {
+                    format!("{i} is both included and excluded")
+                } else {
+                    format!("{e} excludes all of {i} in {ik:?}: the include could never match")
+                };
+                return Err(err(ek, ev, why));
             }
         }
         let include_ports = match S_IN_OUT_PORTS.pick(ann) {
@@ -343,6 +443,28 @@ fn first_covered(inc: &[PortRange], ex: &[PortRange]) -> Option<(PortRange, Port
     })
 }
 
+/// The CIDR version of [`first_covered`]: an included range inside an excluded one.
+fn first_covered_cidr(inc: &[Cidr], ex: &[Cidr]) -> Option<(Cidr, Cidr)> {
+    inc.iter().find_map(|i| {
+        ex.iter()
+            .find(|e| e.family() == i.family() && e.prefix() <= i.prefix() && e.contains(&i.addr()))
+            .map(|e| (*i, *e))
+    })
+}
+
+/// A parse error with the offending entry cut like every echoed value.
+fn reason(e: &ParseError) -> String {
+    match e {
+        ParseError::BadCidr(s) => format!("{} is not an IP address or CIDR", echo(s)),
+        ParseError::HostBits(s, c) => {
+            format!("{} has host bits set (did you mean {c}?)", echo(s))
+        }
+        ParseError::BadPort(s) => {
+            format!("{} is not a port (1-65535) or port range (lo-hi)", echo(s))
+        }
+    }
+}
+
 fn items<'a>(key: &str, value: &'a str) -> Result<Vec<&'a str>, PolicyError> {
     let t = value.trim();
     if t.is_empty() {
@@ -366,7 +488,7 @@ fn port_list(key: &str, value: &str) -> Result<Vec<PortRange>, PolicyError> {
                 return Err(err(key, value, "\"*\" is not allowed in this list"));
             }
             p.parse::<PortRange>()
-                .map_err(|e| err(key, value, e.to_string()))
+                .map_err(|e| err(key, value, reason(&e)))
         })
         .collect()
 }
@@ -385,8 +507,7 @@ fn cidr_list(key: &str, value: &str) -> Result<Vec<Cidr>, PolicyError> {
             if c == "*" {
                 return Err(err(key, value, "\"*\" is not allowed in this list"));
             }
-            c.parse::<Cidr>()
-                .map_err(|e| err(key, value, e.to_string()))
+            c.parse::<Cidr>().map_err(|e| err(key, value, reason(&e)))
         })
         .collect()
 }
@@ -711,6 +832,137 @@ mod tests {
             ("tproxy-cni.io/exclude-outbound-ip-ranges", "10.1.0.0/16"),
         ])
         .unwrap();
+    }
+
+    #[test]
+    fn cidr_include_inside_a_wider_exclude_is_refused() {
+        for (inc, ex) in [
+            ("10.1.0.0/16", "10.0.0.0/8"),
+            ("10.1.2.3", "10.0.0.0/8"),
+            ("192.168.0.0/24,10.1.0.0/16", "10.1.0.0/16"),
+            ("fd00:1::/64", "fd00::/16"),
+            ("10.0.0.0/8", "0.0.0.0/0"),
+        ] {
+            let e = policy(&[
+                ("tproxy-cni.io/include-outbound-ip-ranges", inc),
+                ("tproxy-cni.io/exclude-outbound-ip-ranges", ex),
+            ])
+            .expect_err(inc);
+            assert_eq!(e.key, "tproxy-cni.io/exclude-outbound-ip-ranges", "{e}");
+            assert!(
+                e.reason.contains("could never match") || e.reason.contains("both"),
+                "{e}"
+            );
+        }
+        let e = policy(&[
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "10.1.0.0/16",
+            ),
+            ("traffic.kuma.io/exclude-outbound-ips", "10.0.0.0/8"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.key, "traffic.kuma.io/exclude-outbound-ips");
+        assert!(e.reason.contains("includeOutboundIPRanges"), "{e}");
+        // Other families, disjoint and narrower excludes are fine.
+        for (inc, ex) in [
+            ("10.0.0.0/8", "10.1.0.0/16"),
+            ("10.1.0.0/16", "10.2.0.0/16"),
+            ("::/0", "0.0.0.0/0"),
+            ("10.0.0.0/8", "::/0"),
+        ] {
+            policy(&[
+                ("tproxy-cni.io/include-outbound-ip-ranges", inc),
+                ("tproxy-cni.io/exclude-outbound-ip-ranges", ex),
+            ])
+            .unwrap_or_else(|e| panic!("{inc} / {ex}: {e}"));
+        }
+    }
+
+    #[test]
+    fn long_values_are_not_echoed_whole() {
+        let big = format!("80,{}", "9".repeat(1_000_000));
+        let e = policy(&[("tproxy-cni.io/inbound-ports", &big)]).unwrap_err();
+        let text = e.to_string();
+        assert!(text.len() < 400, "{} bytes", text.len());
+        assert!(text.contains("(1000003 bytes)"), "{text}");
+        let key = format!("tproxy-cni.io/{}", "k".repeat(100_000));
+        let e = policy(&[(&key, "x")]).unwrap_err();
+        assert!(e.to_string().len() < 800, "{}", e.to_string().len());
+    }
+
+    #[test]
+    fn pods_of_other_meshes_are_left_alone() {
+        let istio = [
+            ("sidecar.istio.io/interceptionMode", "TPROXY"),
+            ("traffic.sidecar.istio.io/includeInboundPorts", "*"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut v = istio.to_vec();
+            v.extend_from_slice(extra);
+            v
+        };
+        // Migrated pod (no injector mark): Istio's keys are honoured.
+        assert_eq!(policy(&istio).unwrap().mode, Mode::Tproxy);
+        assert_eq!(skip_reason(&ann(&istio)), None);
+        for (k, v) in [
+            (
+                "sidecar.istio.io/status",
+                r#"{"containers":["istio-proxy"]}"#,
+            ),
+            ("ambient.istio.io/redirection", "enabled"),
+            ("kuma.io/sidecar-injected", "true"),
+            ("linkerd.io/proxy-version", "stable-2.14.10"),
+            ("consul.hashicorp.com/connect-inject-status", "injected"),
+        ] {
+            let a = with(&[(k, v)]);
+            assert_eq!(policy(&a).unwrap().mode, Mode::None, "{k}");
+            let why = skip_reason(&ann(&a)).expect(k);
+            assert!(
+                why.contains(k) && why.contains("tproxy-cni.io/mode"),
+                "{why}"
+            );
+            // Even a conflist default mode does not apply to another mesh's pod.
+            let d = Defaults {
+                mode: Mode::Tproxy,
+                ..Defaults::default()
+            };
+            assert_eq!(
+                PodPolicy::from_annotations(&ann(&a), &d).unwrap().mode,
+                Mode::None
+            );
+            // Our mode wins over the mark, and then only our keys count.
+            let mut ours = a.clone();
+            ours.push(("tproxy-cni.io/mode", "redirect"));
+            ours.push(("traffic.sidecar.istio.io/excludeInboundPorts", "not-a-port"));
+            let p = policy(&ours).unwrap();
+            assert_eq!(p.mode, Mode::Redirect, "{k}");
+            assert_eq!(
+                p.exclude_inbound_ports,
+                Defaults::default().exclude_inbound_ports
+            );
+            assert_eq!(skip_reason(&ann(&ours)), None);
+        }
+        // Values that do not mark a managed pod.
+        for (k, v) in [
+            ("kuma.io/sidecar-injected", "false"),
+            ("ambient.istio.io/redirection", "disabled"),
+            ("sidecar.istio.io/status", ""),
+            ("sidecar.istio.io/inject", "true"),
+        ] {
+            assert_eq!(
+                policy(&with(&[(k, v)])).unwrap().mode,
+                Mode::Tproxy,
+                "{k}={v}"
+            );
+        }
+        // Our own keys are still checked on another mesh's pod.
+        let e = policy(&[
+            ("sidecar.istio.io/status", "{}"),
+            ("tproxy-cni.io/modee", "x"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.key, "tproxy-cni.io/modee");
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub fn run(env: &dyn Env, stdin: &[u8], stdout: &mut dyn Write) -> i32 {
         },
         Ok(None) => 0,
         Err(e) => {
-            log::error!("{e}");
+            // Errors of a command were logged with the pod by `dispatch`; those before the
+            // config was read have no logger to go to (stdout carries only the error object).
             let _ = write_json(stdout, &e.to_json(&version));
             1
         }
@@ -68,21 +69,36 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         return Err(CniError::new(
             code::INVALID_ENV,
             format!(
-                "CNI_COMMAND {:?} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION",
-                cni.command
+                "CNI_COMMAND {} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION",
+                error::echo(&cni.command)
             ),
         ));
     }
-    let conf = NetConf::parse(stdin)?;
+    let conf = match NetConf::parse(stdin) {
+        Ok(c) => c,
+        // A table name ADD always refuses cannot name a table of ours: nothing to remove, and a
+        // failing DEL would keep the primary plugin from freeing the pod's IP (pitfall 9).
+        Err(_) if cni.command == "DEL" && conf::peek_bad_table_name(stdin).is_some() => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     crate::logging::init("tproxy-cni", conf.log_level, conf.log_file.as_deref());
-    match cni.command.as_str() {
+    let res = match cni.command.as_str() {
         "ADD" => add(&cni, &conf).map(Some),
-        "DEL" => del(&cni, &conf).map(|()| None),
+        "DEL" => del(&cni, &conf).map(|()| {
+            log::info!("{}: DEL done", cni.pod());
+            None
+        }),
         "CHECK" => check(&cni, &conf).map(|()| None),
         // All our state lives in pod netns that the runtime owns: nothing node-wide to report
         // or collect, and failing these would mark the whole network not ready (pitfall 10).
         _ => Ok(None),
+    };
+    if let Err(e) = &res {
+        log::error!("{}: {} failed: {e}", cni.pod(), cni.command);
     }
+    res
 }
 
 /// Most node addresses exempted from interception, one rule each.
@@ -126,7 +142,9 @@ fn require_prev(conf: &NetConf) -> Result<&Value, CniError> {
 fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let prev = require_prev(conf)?;
     let plan = plan_for(conf)?;
-    if plan.is_empty() {
+    if let Some(why) = crate::annotations::skip_reason(&conf.annotations) {
+        log::info!("{}: {why}", cni.pod());
+    } else if plan.is_empty() {
         log::debug!("{}: mode none, nothing to program", cni.pod());
     } else {
         let path = std::path::Path::new(&cni.netns);
@@ -262,6 +280,8 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     match res {
         Ok(r) => r,
         Err(NetnsError::Gone(_)) => Ok(()),
+        // ADD refuses such a path (a FIFO, a plain file), so nothing of ours can be in it.
+        Err(NetnsError::NotNamespace { .. }) => Ok(()),
         // A path whose namespace was already unmounted: nothing of ours can be left in it.
         Err(NetnsError::Enter {
             err: nix::Error::EINVAL,

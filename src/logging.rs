@@ -45,17 +45,47 @@ impl log::Log for Logger {
 
 /// Installs the logger once; later calls (tests) keep the first and only change the level.
 /// A log file that cannot be opened falls back to stderr: logging must never fail a command.
+/// So does a log file that is our own stdout (`/proc/self/fd/1`, `/dev/stdout`, the file the
+/// runtime reads the result from): a log line there would corrupt the CNI result.
 pub fn init(program: &'static str, level: log::LevelFilter, file: Option<&str>) {
-    let file = file.and_then(|p| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-            .map(Mutex::new)
+    let mut refused = None;
+    let file = file.and_then(|p| match open_log(p) {
+        Ok(f) => Some(Mutex::new(f)),
+        Err(why) => {
+            refused = Some(format!("logFile {p:?}: {why}; logging to stderr"));
+            None
+        }
     });
     let _ = log::set_boxed_logger(Box::new(Logger { program, file }));
     log::set_max_level(level);
+    if let Some(r) = refused {
+        log::warn!("{r}");
+    }
+}
+
+/// Opens a log file for appending without ever blocking (a FIFO with no reader fails with
+/// ENXIO instead of waiting) and refuses the file that is our stdout.
+fn open_log(path: &str) -> Result<std::fs::File, String> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    let stdout = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata());
+    if let Ok(out) = stdout {
+        if m.dev() == out.dev() && m.ino() == out.ino() {
+            return Err("this is our stdout, which carries only the CNI result".into());
+        }
+    }
+    Ok(f)
 }
 
 /// RFC 3339 UTC with milliseconds (`2026-11-23T02:24:01.123Z`), like Envoy's `%START_TIME%`.

@@ -2,25 +2,44 @@
 //!
 //! Pitfall 7: a thread that entered another netns must never run unrelated code afterwards, so
 //! each call gets a fresh scoped thread that exits when the closure returns.
+//!
+//! The path comes from the runtime (`CNI_NETNS`) and is opened without ever blocking: first
+//! with `O_PATH` (no open side effect, a FIFO does not wait for a writer), checked to be a
+//! namespace file (nsfs), and only then opened for `setns`.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     /// The netns path is empty or no longer exists (a DEL after the sandbox went away).
-    #[error("network namespace {0:?} does not exist")]
+    #[error("CNI_NETNS {}: network namespace does not exist", show(.0))]
     Gone(PathBuf),
-    #[error("opening network namespace {path:?}: {err}")]
+    #[error("CNI_NETNS {}: opening network namespace: {err}", show(path))]
     Open { path: PathBuf, err: io::Error },
-    #[error("entering network namespace {path:?}: {err} (is it a network namespace?)")]
+    /// The path exists but is no namespace file (a FIFO, a plain file, a directory, ...).
+    #[error(
+        "CNI_NETNS {}: not a network namespace: it is {what}, not a namespace file (nsfs)",
+        show(path)
+    )]
+    NotNamespace { path: PathBuf, what: &'static str },
+    #[error(
+        "CNI_NETNS {}: entering network namespace: {err} (is it a network namespace?)",
+        show(path)
+    )]
     Enter { path: PathBuf, err: nix::Error },
-    #[error("the thread inside network namespace {0:?} panicked")]
+    #[error("CNI_NETNS {}: the thread inside the network namespace panicked", show(.0))]
     Panicked(PathBuf),
+}
+
+fn show(p: &Path) -> String {
+    crate::cni::error::echo(&p.to_string_lossy())
 }
 
 /// Runs `f` inside the network namespace at `path` and returns its result.
@@ -28,18 +47,7 @@ pub fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, N
     if path.as_os_str().is_empty() {
         return Err(NetnsError::Gone(path.to_path_buf()));
     }
-    let file = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(NetnsError::Gone(path.to_path_buf()))
-        }
-        Err(err) => {
-            return Err(NetnsError::Open {
-                path: path.to_path_buf(),
-                err,
-            })
-        }
-    };
+    let file = open_namespace(path)?;
     std::thread::scope(|s| {
         let h = s.spawn(|| {
             setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|err| NetnsError::Enter {
@@ -53,4 +61,66 @@ pub fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, N
             Err(_) => Err(NetnsError::Panicked(path.to_path_buf())),
         }
     })
+}
+
+/// Opens `path` for `setns` after checking, without blocking, that it is a namespace file.
+fn open_namespace(path: &Path) -> Result<File, NetnsError> {
+    let open_err = |err: io::Error| {
+        if err.kind() == io::ErrorKind::NotFound {
+            NetnsError::Gone(path.to_path_buf())
+        } else {
+            NetnsError::Open {
+                path: path.to_path_buf(),
+                err,
+            }
+        }
+    };
+    let not_ns = |f: &File| NetnsError::NotNamespace {
+        path: path.to_path_buf(),
+        what: describe(f),
+    };
+    let probe = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_err)?;
+    if !is_nsfs(&probe) {
+        return Err(not_ns(&probe));
+    }
+    // Now a namespace file: opening it reads nothing and cannot block. O_NONBLOCK still covers
+    // a path swapped for a FIFO in between, which the second check then refuses.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(open_err)?;
+    if !is_nsfs(&file) {
+        return Err(not_ns(&file));
+    }
+    Ok(file)
+}
+
+fn is_nsfs(f: &File) -> bool {
+    fstatfs(f.as_fd()).is_ok_and(|s| s.filesystem_type() == NSFS_MAGIC)
+}
+
+/// What a non-namespace file is, for the error message.
+fn describe(f: &File) -> &'static str {
+    let Ok(m) = f.metadata() else {
+        return "unreadable";
+    };
+    let t = m.file_type();
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "another kind of file"
+    }
 }

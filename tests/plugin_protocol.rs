@@ -5,6 +5,7 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -60,18 +61,39 @@ fn plugin_env(env: &[(&str, &str)], stdin: &str) -> Out {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn plugin");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.as_bytes().to_vec();
+    // Fed from a thread: a plugin that stops reading (or blocks) must not block the test.
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    // A runtime gives up on a plugin eventually; a plugin that hangs is a failure, not a hang.
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    });
     let o = child.wait_with_output().expect("wait");
-    Out {
+    let _ = tx.send(());
+    let _ = watchdog.join();
+    let _ = feeder.join();
+    let out = Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-    }
+    };
+    assert!(
+        o.status.code().is_some(),
+        "the plugin hung (killed after 20 s) or died by a signal: {:?}; stdout {:?}",
+        o.status,
+        out.stdout
+    );
+    out
 }
 
 fn prev_result(version: &str) -> Value {
@@ -217,6 +239,24 @@ fn bad_input_gets_the_right_code_and_names_the_key() {
     let mut c: Value = serde_json::from_str(&conf("1.0.0", json!({}), prev.clone())).unwrap();
     c["mark"] = json!("0x7470");
     plugin("ADD", "/x", &c.to_string()).error(7, &["mark"]);
+    // An include that a wider exclude covers could never match (README: refused).
+    plugin(
+        "ADD",
+        "/x",
+        &conf(
+            "1.0.0",
+            json!({
+                "tproxy-cni.io/mode": "tproxy",
+                "tproxy-cni.io/include-outbound-ip-ranges": "10.1.0.0/16",
+                "tproxy-cni.io/exclude-outbound-ip-ranges": "10.0.0.0/8",
+            }),
+            prev.clone(),
+        ),
+    )
+    .error(
+        7,
+        &["exclude-outbound-ip-ranges", "10.0.0.0/8", "10.1.0.0/16"],
+    );
     // CHECK does not exist before 0.4.0.
     plugin("CHECK", "/x", &conf("0.3.1", json!({}), prev.clone())).error(1, &["CHECK"]);
     // Missing or unknown environment.
@@ -271,4 +311,253 @@ fn no_input_makes_it_panic() {
         }
     }
     assert!(runs > 100, "{runs}");
+}
+
+/// The standard CNI_* environment of `plugin()` plus the pod's name in CNI_ARGS.
+fn pod_env<'a>(cmd: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", cmd),
+        ("CNI_CONTAINERID", "c0ffee"),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+        (
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0",
+        ),
+    ]
+}
+
+fn with(conf: &str, extra: Value) -> String {
+    let mut c: Value = serde_json::from_str(conf).unwrap();
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c.to_string()
+}
+
+#[test]
+fn table_names_netlink_refuses_are_config_errors_and_del_succeeds() {
+    let tproxy = conf(
+        "1.0.0",
+        json!({"tproxy-cni.io/mode": "tproxy"}),
+        Some(prev_result("1.0.0")),
+    );
+    for name in ["1abc", "-", "a/b", ""] {
+        let c = with(&tproxy, json!({"tableName": name}));
+        plugin("ADD", "/var/run/netns/none", &c).error(7, &["tableName"]);
+        plugin("CHECK", "/var/run/netns/none", &c).error(7, &["tableName"]);
+    }
+    // The kernel's limit is NFT_TABLE_MAXNAMELEN - 1 = 255 bytes.
+    let long = "t".repeat(256);
+    plugin("ADD", "/x", &with(&tproxy, json!({"tableName": long}))).error(7, &["tableName"]);
+    // DEL of such a config has nothing to remove (the root test runs it in a real netns).
+    for name in [json!("1abc"), json!(7), json!(["x"])] {
+        let o = plugin(
+            "DEL",
+            "/var/run/netns/none",
+            &with(&tproxy, json!({ "tableName": name })),
+        );
+        assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{name}: {}", o.stderr);
+    }
+}
+
+#[test]
+fn a_fifo_as_cni_netns_neither_blocks_add_nor_del() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("netns-fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let fifo = fifo.to_string_lossy().into_owned();
+    let c = conf(
+        "1.0.0",
+        json!({"tproxy-cni.io/mode": "tproxy"}),
+        Some(prev_result("1.0.0")),
+    );
+    let t = std::time::Instant::now();
+    plugin("ADD", &fifo, &c).error(100, &["CNI_NETNS", "FIFO", "not a network namespace"]);
+    plugin("CHECK", &fifo, &c).error(100, &["CNI_NETNS", "FIFO"]);
+    // DEL: ADD refuses anything that is not a namespace file, so nothing of ours can be there.
+    let o = plugin("DEL", &fifo, &c);
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
+    // A directory and a plain file are refused the same way.
+    plugin("ADD", &dir.path().to_string_lossy(), &c).error(100, &["CNI_NETNS", "directory"]);
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"").unwrap();
+    plugin("ADD", &file.to_string_lossy(), &c).error(100, &["CNI_NETNS", "regular file"]);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_log_file_that_is_our_stdout_never_gets_log_lines() {
+    let prev = prev_result("1.0.0");
+    for path in ["/proc/self/fd/1", "/dev/stdout"] {
+        let log = json!({"logFile": path, "logLevel": "debug"});
+        // Success: stdout is exactly the result.
+        let c = with(&conf("1.0.0", json!({}), Some(prev.clone())), log.clone());
+        let o = plugin_env(&pod_env("ADD", "/var/run/netns/none"), &c);
+        assert_eq!(o.code, 0, "{path}: {} {}", o.stdout, o.stderr);
+        assert_eq!(o.stdout.trim(), prev.to_string(), "{path}");
+        assert!(
+            o.stderr.contains("logFile"),
+            "{path}: the fallback says why: {}",
+            o.stderr
+        );
+        // Failure: stdout is exactly the error object.
+        let c = with(
+            &conf(
+                "1.0.0",
+                json!({"tproxy-cni.io/mode": "x"}),
+                Some(prev.clone()),
+            ),
+            log.clone(),
+        );
+        let o = plugin_env(&pod_env("ADD", "/var/run/netns/none"), &c);
+        o.error(7, &["tproxy-cni.io/mode"]);
+        assert_eq!(o.stdout.lines().count(), 1, "{path}: {:?}", o.stdout);
+        assert!(
+            o.stderr.contains("ADD failed"),
+            "{path}: logged to stderr: {}",
+            o.stderr
+        );
+        // DEL prints nothing at all on success.
+        let o = plugin_env(&pod_env("DEL", ""), &c);
+        assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{path}: {}", o.stderr);
+    }
+    // A FIFO nobody reads as logFile does not block either: the log goes to stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("log-fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let c = with(
+        &conf("1.0.0", json!({}), Some(prev.clone())),
+        json!({"logFile": fifo, "logLevel": "debug"}),
+    );
+    let o = plugin_env(&pod_env("ADD", "/var/run/netns/none"), &c);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(o.stdout.trim(), prev.to_string());
+}
+
+#[test]
+fn a_huge_value_is_not_echoed_whole() {
+    const BIG: usize = 10 << 20;
+    let prev = Some(prev_result("1.0.0"));
+    let huge_ports = format!("80,{}", "9".repeat(BIG));
+    let huge_str = "x".repeat(BIG);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            conf(
+                "1.0.0",
+                json!({"tproxy-cni.io/inbound-ports": huge_ports}),
+                prev.clone(),
+            ),
+            "tproxy-cni.io/inbound-ports",
+        ),
+        (
+            conf(
+                "1.0.0",
+                json!({"traffic.sidecar.istio.io/excludeOutboundIPRanges": huge_str}),
+                prev.clone(),
+            ),
+            "excludeOutboundIPRanges",
+        ),
+        (
+            conf(
+                "1.0.0",
+                json!({ format!("tproxy-cni.io/{huge_str}"): "x" }),
+                prev.clone(),
+            ),
+            "tproxy-cni.io/",
+        ),
+        (
+            with(
+                &conf("1.0.0", json!({}), prev.clone()),
+                json!({"mark": huge_str}),
+            ),
+            "mark",
+        ),
+        (
+            with(
+                &conf("1.0.0", json!({}), prev.clone()),
+                json!({"tableName": huge_str}),
+            ),
+            "tableName",
+        ),
+        (
+            with(
+                &conf("1.0.0", json!({}), prev.clone()),
+                json!({"excludeInboundPorts": [huge_str]}),
+            ),
+            "excludeInboundPorts",
+        ),
+        (
+            with(
+                &conf("1.0.0", json!({}), prev.clone()),
+                json!({"logLevel": huge_str}),
+            ),
+            "logLevel",
+        ),
+        (
+            with(
+                &conf("1.0.0", json!({}), prev.clone()),
+                json!({"cniVersion": huge_str}),
+            ),
+            "cniVersion",
+        ),
+    ];
+    for (stdin, key) in cases {
+        let o = plugin("ADD", "/var/run/netns/none", &stdin);
+        assert_eq!(o.code, 1, "{key}: {}", o.stderr);
+        let msg = o.json()["msg"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(key), "{key}: {msg}");
+        assert!(
+            o.stdout.len() < 1024,
+            "{key}: {} bytes of error for a {BIG}-byte value: {}…",
+            o.stdout.len(),
+            &o.stdout[..200]
+        );
+        assert!(msg.contains("bytes)"), "{key}: the size is given: {msg}");
+    }
+}
+
+#[test]
+fn failed_add_and_del_log_lines_name_the_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("plugin.log");
+    let lines = || -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let logging = json!({"logFile": log, "logLevel": "info"});
+    let bad = with(
+        &conf(
+            "1.0.0",
+            json!({"tproxy-cni.io/mode": "tproxy", "tproxy-cni.io/inbound-ports": "80,http"}),
+            Some(prev_result("1.0.0")),
+        ),
+        logging.clone(),
+    );
+    plugin_env(&pod_env("ADD", "/var/run/netns/none"), &bad)
+        .error(7, &["tproxy-cni.io/inbound-ports"]);
+    let l = lines();
+    assert_eq!(l.len(), 1, "{l:?}");
+    for needle in [
+        "ERROR",
+        "shop/web-0",
+        "c0ffee",
+        "ADD failed",
+        "inbound-ports",
+    ] {
+        assert!(l[0].contains(needle), "{needle:?} missing in {:?}", l[0]);
+    }
+    // A successful DEL logs exactly one line, at info, naming the pod.
+    let ok = with(&conf("1.0.0", json!({}), None), logging);
+    let o = plugin_env(&pod_env("DEL", ""), &ok);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let l = lines();
+    assert_eq!(l.len(), 2, "{l:?}");
+    for needle in ["INFO", "shop/web-0", "c0ffee", "DEL"] {
+        assert!(l[1].contains(needle), "{needle:?} missing in {:?}", l[1]);
+    }
 }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
-use super::error::{code, CniError};
+use super::error::{code, echo, echo_json, CniError};
 use crate::annotations::{Defaults, FailMode, Mode};
 use crate::consts::{self, POD_ANNOTATIONS_CAPABILITY};
 use crate::netaddr::PortRange;
@@ -40,6 +40,45 @@ pub fn version_has_check(v: &str) -> bool {
     !matches!(v, "0.3.0" | "0.3.1")
 }
 
+/// Longest nftables table name: the kernel's `NFT_TABLE_MAXNAMELEN` (256) less the NUL.
+pub const TABLE_NAME_MAX: usize = 255;
+
+/// A table name the kernel and `nft` both take unquoted: a letter or `_` first, then letters,
+/// digits, `_`, `-` and `.`, at most 255 bytes. nft's scanner also allows `/` and a leading
+/// `.`, the kernel checks only the length; this is the part all three agree on, and what the
+/// nftables encoder accepts, so a name passing here never fails later with code 100.
+pub fn check_table_name(name: &str) -> Result<(), &'static str> {
+    let first_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if name.len() > TABLE_NAME_MAX {
+        return Err("is longer than 255 bytes (the kernel's limit)");
+    }
+    if !first_ok
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(
+            "must start with a letter or '_' and hold only letters, digits, '_', '-' and '.'",
+        );
+    }
+    Ok(())
+}
+
+/// The config's `tableName` (as JSON text) when this plugin refuses it: a string that fails
+/// [`check_table_name`], or not a string at all. DEL uses it: no table of ours can carry a name
+/// ADD never accepted, so such a DEL has nothing to remove.
+pub fn peek_bad_table_name(stdin: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(stdin).ok()?;
+    match v.get("tableName")? {
+        Value::Null => None,
+        Value::String(name) => check_table_name(name).err().map(|_| name.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
 /// Reads `cniVersion` alone (for error objects and VERSION), without validating the rest.
 pub fn peek_version(stdin: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(stdin).ok()?;
@@ -65,7 +104,8 @@ impl NetConf {
             Some(Value::String(s)) => s.clone(),
             Some(other) => {
                 return Err(invalid(format!(
-                    "\"cniVersion\": must be a string, got {other}"
+                    "\"cniVersion\": must be a string, got {}",
+                    echo_json(other)
                 )))
             }
             None => return Err(invalid("\"cniVersion\" is missing")),
@@ -74,7 +114,8 @@ impl NetConf {
             return Err(CniError::new(
                 code::INCOMPATIBLE_VERSION,
                 format!(
-                    "\"cniVersion\": {cni_version:?} is not supported (supported: {})",
+                    "\"cniVersion\": {} is not supported (supported: {})",
+                    echo(&cni_version),
                     SUPPORTED_VERSIONS.join(", ")
                 ),
             ));
@@ -83,7 +124,8 @@ impl NetConf {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(other) => {
                 return Err(invalid(format!(
-                    "\"name\": must be a non-empty string, got {other}"
+                    "\"name\": must be a non-empty string, got {}",
+                    echo_json(other)
                 )))
             }
             None => return Err(invalid("\"name\" is missing")),
@@ -91,14 +133,10 @@ impl NetConf {
 
         let d = PlanConfig::default();
         let table_name = opt_str(obj, "tableName")?.unwrap_or(d.table_name);
-        if table_name.is_empty()
-            || table_name.len() > 64
-            || !table_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        if let Err(why) = check_table_name(&table_name) {
             return Err(invalid(format!(
-                "\"tableName\": {table_name:?} must be 1-64 characters of [A-Za-z0-9_-]"
+                "\"tableName\": {} {why}",
+                echo(&table_name)
             )));
         }
         let inbound_port = opt_port(obj, "inboundPort")?.unwrap_or(d.inbound_port);
@@ -136,7 +174,8 @@ impl NetConf {
             Some(Value::Bool(false)) => FailMode::Open,
             Some(other) => {
                 return Err(invalid(format!(
-                    "\"failClosed\": must be true or false, got {other}"
+                    "\"failClosed\": must be true or false, got {}",
+                    echo_json(other)
                 )))
             }
         };
@@ -144,7 +183,8 @@ impl NetConf {
             None => Mode::None,
             Some(s) => Mode::parse(&s).ok_or_else(|| {
                 invalid(format!(
-                    "\"defaultMode\": {s:?} must be tproxy, redirect or none"
+                    "\"defaultMode\": {} must be tproxy, redirect or none",
+                    echo(&s)
                 ))
             })?,
         };
@@ -160,16 +200,21 @@ impl NetConf {
                     let r = match it {
                         Value::Number(n) => n.to_string().parse::<PortRange>(),
                         Value::String(s) => s.parse::<PortRange>(),
-                        other => Err(crate::netaddr::ParseError::BadPort(other.to_string())),
+                        other => Err(crate::netaddr::ParseError::BadPort(echo_json(other))),
                     };
-                    exclude_inbound_ports
-                        .push(r.map_err(|e| invalid(format!("\"excludeInboundPorts\": {e}")))?);
+                    exclude_inbound_ports.push(r.map_err(|_| {
+                        invalid(format!(
+                            "\"excludeInboundPorts\": {} is not a port (1-65535) or \"lo-hi\" range",
+                            echo_json(it)
+                        ))
+                    })?);
                 }
             }
             Some(other) => {
                 return Err(invalid(format!(
-                "\"excludeInboundPorts\": must be a list of ports or \"lo-hi\" ranges, got {other}"
-            )))
+                    "\"excludeInboundPorts\": must be a list of ports or \"lo-hi\" ranges, got {}",
+                    echo_json(other)
+                )))
             }
         }
 
@@ -184,7 +229,8 @@ impl NetConf {
                 "trace" => log::LevelFilter::Trace,
                 _ => {
                     return Err(invalid(format!(
-                        "\"logLevel\": {s:?} must be off, error, warn, info, debug or trace"
+                        "\"logLevel\": {} must be off, error, warn, info, debug or trace",
+                        echo(&s)
                     )))
                 }
             },
@@ -197,7 +243,8 @@ impl NetConf {
             Some(v @ Value::Object(_)) => Some(v.clone()),
             Some(other) => {
                 return Err(invalid(format!(
-                    "\"prevResult\": must be an object, got {other}"
+                    "\"prevResult\": must be an object, got {}",
+                    echo_json(other)
                 )))
             }
         };
@@ -238,7 +285,8 @@ impl NetConf {
             Some(Value::Array(a)) => a,
             Some(other) => {
                 return Err(invalid(format!(
-                    "\"prevResult.ips\": must be a list, got {other}"
+                    "\"prevResult.ips\": must be a list, got {}",
+                    echo_json(other)
                 )))
             }
         };
@@ -252,7 +300,8 @@ impl NetConf {
             let host = addr.split('/').next().unwrap_or(addr);
             let parsed: IpAddr = host.parse().map_err(|_| {
                 invalid(format!(
-                    "\"prevResult.ips[{i}].address\": {addr:?} is not an IP/prefix"
+                    "\"prevResult.ips[{i}].address\": {} is not an IP/prefix",
+                    echo(addr)
                 ))
             })?;
             out.push(parsed);
@@ -268,7 +317,8 @@ fn parse_annotations(obj: &Map<String, Value>) -> Result<BTreeMap<String, String
         Some(Value::Object(m)) => m,
         Some(other) => {
             return Err(invalid(format!(
-                "\"runtimeConfig\": must be an object, got {other}"
+                "\"runtimeConfig\": must be an object, got {}",
+                echo_json(other)
             )))
         }
     };
@@ -277,7 +327,8 @@ fn parse_annotations(obj: &Map<String, Value>) -> Result<BTreeMap<String, String
         Some(Value::Object(m)) => m,
         Some(other) => {
             return Err(invalid(format!(
-                "\"{key}\": must be an object of strings, got {other}"
+                "\"{key}\": must be an object of strings, got {}",
+                echo_json(other)
             )))
         }
     };
@@ -289,7 +340,9 @@ fn parse_annotations(obj: &Map<String, Value>) -> Result<BTreeMap<String, String
             }
             other => {
                 return Err(invalid(format!(
-                    "\"{key}\".{k:?}: must be a string, got {other}"
+                    "\"{key}\".{}: must be a string, got {}",
+                    echo(k),
+                    echo_json(other)
                 )))
             }
         }
@@ -301,7 +354,10 @@ fn opt_str(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, CniErr
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(invalid(format!("\"{key}\": must be a string, got {other}"))),
+        Some(other) => Err(invalid(format!(
+            "\"{key}\": must be a string, got {}",
+            echo_json(other)
+        ))),
     }
 }
 
@@ -315,7 +371,8 @@ fn opt_u32(obj: &Map<String, Value>, key: &str) -> Result<Option<u32>, CniError>
             ))),
         },
         Some(other) => Err(invalid(format!(
-            "\"{key}\": must be an integer, got {other}"
+            "\"{key}\": must be an integer, got {}",
+            echo_json(other)
         ))),
     }
 }
@@ -371,6 +428,32 @@ mod tests {
                 "fd00::5".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn table_names_follow_what_the_kernel_and_nft_take() {
+        for bad in ["1abc", "-", "", ".x", "a/b", "a b", "tä", &"a".repeat(256)] {
+            let e = conf(&format!(r#","tableName":{}"#, serde_json::json!(bad))).expect_err(bad);
+            assert_eq!(e.code, code::INVALID_CONFIG, "{bad:?}: {e}");
+            assert!(e.msg.contains("\"tableName\""), "{e}");
+            assert!(e.msg.len() < 250, "the value is cut: {e}");
+            let stdin = format!(
+                r#"{{"cniVersion":"1.0.0","name":"k8s","tableName":{}}}"#,
+                serde_json::json!(bad)
+            );
+            assert_eq!(peek_bad_table_name(stdin.as_bytes()).as_deref(), Some(bad));
+        }
+        for good in ["tproxy_cni", "_x", "a.b-c_1", "T9", &"a".repeat(255)] {
+            let c = conf(&format!(r#","tableName":"{good}""#)).expect(good);
+            assert_eq!(c.plan.table_name, good);
+        }
+        assert_eq!(peek_bad_table_name(br#"{"tableName":"ok_name"}"#), None);
+        assert_eq!(peek_bad_table_name(br#"{"tableName":null}"#), None);
+        assert_eq!(
+            peek_bad_table_name(br#"{"tableName":7}"#).as_deref(),
+            Some("7")
+        );
+        assert_eq!(peek_bad_table_name(br#"{"cniVersion":"1.0.0"}"#), None);
     }
 
     #[test]

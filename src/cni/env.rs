@@ -83,10 +83,11 @@ impl CniEnv {
             .map(|(_, v)| v.as_str())
     }
 
-    /// `namespace/name` of the pod when the runtime passed it, for logs.
+    /// `namespace/name (container ID)` of the pod, or the container alone when the runtime did
+    /// not pass the pod's name, for logs.
     pub fn pod(&self) -> String {
         match (self.arg("K8S_POD_NAMESPACE"), self.arg("K8S_POD_NAME")) {
-            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            (Some(ns), Some(n)) => format!("{ns}/{n} (container {})", self.container_id),
             _ => format!("container {}", self.container_id),
         }
     }
@@ -130,7 +131,7 @@ mod tests {
             ),
         ]))
         .unwrap();
-        assert_eq!(ok.pod(), "default/httpbin");
+        assert_eq!(ok.pod(), "default/httpbin (container abc)");
         assert!(CniEnv::read(&env(&[("CNI_COMMAND", "STATUS")])).is_ok());
         assert_eq!(CniEnv::read(&env(&[])).unwrap_err().code, code::INVALID_ENV);
     }
