@@ -20,6 +20,7 @@ pub mod config;
 pub mod metrics;
 pub mod ports;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod sockopt;
 
