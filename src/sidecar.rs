@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod sockopt;
+pub mod xff;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
