@@ -17,6 +17,7 @@ pub mod accesslog;
 pub mod addr;
 pub mod admin;
 pub mod config;
+pub mod http1;
 pub mod metrics;
 pub mod ports;
 pub mod proxy;
