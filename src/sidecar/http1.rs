@@ -12,8 +12,15 @@
 //!    pipelined request: back to 1.
 //! 4. `expect_continue`: nothing special for the framing (the client waits for the app's
 //!    `100 Continue` or final response; the body, if sent, follows the head as usual).
-//!    `upgrade` or `connect`: after the app's `101` (or a 2xx to CONNECT) the connection carries
-//!    other bytes: stop parsing and relay raw. If the app declines, requests continue.
+//!    `upgrade` or `connect`: hold further client bytes until the app's answer to this request
+//!    is known. After a `101` (or a 2xx to CONNECT) the connection carries other bytes: relay
+//!    raw both ways. If the app declines, requests continue and are parsed as before, so a
+//!    declined upgrade cannot smuggle unrewritten requests past the sidecar.
+//!
+//! App -> client: [`ResponseReader::feed`] with the [`ResponseTo`] of the oldest unanswered
+//! request finds each response head; [`Body::from_response`] its end (`None`: tunnel). A 1xx
+//! other than 101 is `interim`: the final response to the same request follows. Responses
+//! are relayed unchanged; this side only tells where one ends and whether a tunnel starts.
 //!
 //! # Strictness (request smuggling is the risk of a proxy that frames requests)
 //! Lines end in CRLF (a bare LF or CR is a 400); no obsolete line folding; no whitespace
@@ -171,34 +178,89 @@ pub enum HeadParse {
 #[derive(Debug, Clone)]
 pub struct HeadReader {
     limits: Limits,
-    scanned: usize,
+    scan: Scanner,
 }
 
 impl HeadReader {
     pub fn new(limits: Limits) -> HeadReader {
-        HeadReader { limits, scanned: 0 }
+        HeadReader {
+            limits,
+            scan: Scanner::default(),
+        }
     }
 
     /// `buf` holds the connection's unconsumed bytes, starting where this request starts; pass
     /// the same buffer, grown, on each call. After a `Head`, consume `head_len` bytes (and the
     /// body) and call [`HeadReader::reset`] before the next request.
     pub fn feed(&mut self, buf: &[u8]) -> HeadParse {
-        // Skip empty lines before the request line.
+        let (start, head_len) = match self.scan.scan(buf, self.limits.max_head) {
+            Err(e) => return HeadParse::Error(e),
+            Ok(Scan::Empty) => return HeadParse::NeedMore,
+            Ok(Scan::Complete { start, head_len }) => (start, head_len),
+            Ok(Scan::Partial { start }) => {
+                // Fail fast on a bad request line (TLS, PROXY header, binary).
+                let first = match find_crlf(&buf[start..]) {
+                    Some(eol) => request_line(buf, start, start + eol).map(|_| ()),
+                    None => request_line_prefix(&buf[start..]),
+                };
+                return match first {
+                    Ok(()) => HeadParse::NeedMore,
+                    Err(e) => HeadParse::Error(e),
+                };
+            }
+        };
+        match parse_head(buf, start, head_len, &self.limits) {
+            Ok(h) => HeadParse::Head(h),
+            Err(e) => HeadParse::Error(e),
+        }
+    }
+
+    /// Ready for the next request on the connection.
+    pub fn reset(&mut self) {
+        self.scan = Scanner::default();
+    }
+}
+
+enum Scan {
+    /// Nothing but (part of) empty lines so far.
+    Empty,
+    Partial {
+        start: usize,
+    },
+    Complete {
+        start: usize,
+        head_len: usize,
+    },
+}
+
+/// Finds the end of a message head: skips empty lines before the start line, requires CRLF
+/// line ends, enforces the size limit, resumes where the last call stopped.
+#[derive(Debug, Clone, Default)]
+struct Scanner {
+    scanned: usize,
+}
+
+impl Scanner {
+    fn scan(&mut self, buf: &[u8], max: usize) -> Result<Scan, HeadError> {
         let mut start = 0;
         loop {
             match &buf[start..] {
                 [b'\r', b'\n', ..] => start += 2,
-                [b'\r'] | [] => return self.need_more(buf),
-                [b'\n', ..] => return HeadParse::Error(HeadError::Malformed("bare LF")),
+                [b'\r'] | [] => {
+                    return if buf.len() >= max {
+                        Err(HeadError::TooLarge(max))
+                    } else {
+                        Ok(Scan::Empty)
+                    };
+                }
+                [b'\n', ..] => return Err(HeadError::Malformed("bare LF")),
                 _ => break,
             }
-            if start >= self.limits.max_head {
-                return HeadParse::Error(HeadError::TooLarge(self.limits.max_head));
+            if start >= max {
+                return Err(HeadError::TooLarge(max));
             }
         }
-        // Scan for the empty line, checking line ends on the way.
         let from = self.scanned.max(start);
-        let mut end = None;
         for i in from..buf.len() {
             match buf[i] {
                 b'\r' => match buf.get(i + 1) {
@@ -206,53 +268,26 @@ impl HeadReader {
                     Some(b'\n') => {
                         // An empty line: this CRLF right after the previous line's CRLF.
                         if i >= start + 2 && &buf[i - 2..i] == b"\r\n" {
-                            end = Some(i + 2);
-                            break;
+                            let head_len = i + 2;
+                            if head_len > max {
+                                return Err(HeadError::TooLarge(max));
+                            }
+                            return Ok(Scan::Complete { start, head_len });
                         }
                     }
-                    Some(_) => return HeadParse::Error(HeadError::Malformed("bare CR")),
+                    Some(_) => return Err(HeadError::Malformed("bare CR")),
                 },
                 b'\n' if i == 0 || buf[i - 1] != b'\r' => {
-                    return HeadParse::Error(HeadError::Malformed("bare LF"));
+                    return Err(HeadError::Malformed("bare LF"));
                 }
                 _ => {}
             }
             self.scanned = i + 1;
         }
-        let Some(head_len) = end else {
-            if buf.len() >= self.limits.max_head {
-                return HeadParse::Error(HeadError::TooLarge(self.limits.max_head));
-            }
-            // Fail fast on a bad request line (TLS, PROXY header, binary) once it is complete.
-            if let Some(eol) = find_crlf(&buf[start..]) {
-                if let Err(e) = request_line(buf, start, start + eol) {
-                    return HeadParse::Error(e);
-                }
-            } else if let Err(e) = request_line_prefix(&buf[start..]) {
-                return HeadParse::Error(e);
-            }
-            return HeadParse::NeedMore;
-        };
-        if head_len > self.limits.max_head {
-            return HeadParse::Error(HeadError::TooLarge(self.limits.max_head));
+        if buf.len() >= max {
+            return Err(HeadError::TooLarge(max));
         }
-        match parse_head(buf, start, head_len, &self.limits) {
-            Ok(h) => HeadParse::Head(h),
-            Err(e) => HeadParse::Error(e),
-        }
-    }
-
-    fn need_more(&self, buf: &[u8]) -> HeadParse {
-        if buf.len() >= self.limits.max_head {
-            HeadParse::Error(HeadError::TooLarge(self.limits.max_head))
-        } else {
-            HeadParse::NeedMore
-        }
-    }
-
-    /// Ready for the next request on the connection.
-    pub fn reset(&mut self) {
-        self.scanned = 0;
+        Ok(Scan::Partial { start })
     }
 }
 
@@ -332,17 +367,14 @@ fn list_elements<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
         .collect()
 }
 
-fn parse_head(
+/// The field lines between `pos` and `body_end` (each ending in CRLF).
+fn parse_fields(
     buf: &[u8],
-    start: usize,
-    head_len: usize,
-    limits: &Limits,
-) -> Result<RequestHead, HeadError> {
-    let body_end = head_len - 2; // the final CRLF: lines below each end in CRLF
-    let first_eol = start + find_crlf(&buf[start..body_end]).ok_or(HeadError::Malformed("head"))?;
-    let (method, target, version) = request_line(buf, start, first_eol)?;
+    mut pos: usize,
+    body_end: usize,
+    max_headers: usize,
+) -> Result<Vec<Field>, HeadError> {
     let mut fields = Vec::new();
-    let mut pos = first_eol + 2;
     while pos < body_end {
         let eol = pos + find_crlf(&buf[pos..body_end]).ok_or(HeadError::Malformed("field"))?;
         let line = &buf[pos..eol];
@@ -362,8 +394,8 @@ fn parse_head(
         {
             return Err(HeadError::Malformed("control character in field value"));
         }
-        if fields.len() == limits.max_headers {
-            return Err(HeadError::TooManyFields(limits.max_headers));
+        if fields.len() == max_headers {
+            return Err(HeadError::TooManyFields(max_headers));
         }
         fields.push(Field {
             line: pos..eol,
@@ -372,6 +404,19 @@ fn parse_head(
         });
         pos = eol + 2;
     }
+    Ok(fields)
+}
+
+fn parse_head(
+    buf: &[u8],
+    start: usize,
+    head_len: usize,
+    limits: &Limits,
+) -> Result<RequestHead, HeadError> {
+    let body_end = head_len - 2; // the final CRLF: lines below each end in CRLF
+    let first_eol = start + find_crlf(&buf[start..body_end]).ok_or(HeadError::Malformed("head"))?;
+    let (method, target, version) = request_line(buf, start, first_eol)?;
+    let fields = parse_fields(buf, first_eol + 2, body_end, limits.max_headers)?;
     let mut head = RequestHead {
         start,
         method,
@@ -387,6 +432,22 @@ fn parse_head(
     };
     semantics(buf, &mut head)?;
     Ok(head)
+}
+
+/// One Content-Length from its list elements: all equal, digits only, fits in 64 bits.
+fn content_length(elements: &[&[u8]]) -> Option<u64> {
+    let first = elements.first()?;
+    if elements.iter().any(|v| v != first) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in first.iter() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(n)
 }
 
 fn semantics(buf: &[u8], h: &mut RequestHead) -> Result<(), HeadError> {
@@ -419,22 +480,7 @@ fn semantics(buf: &[u8], h: &mut RequestHead) -> Result<(), HeadError> {
         }
         Framing::Chunked
     } else if has_cl {
-        let Some(first) = cl.first() else {
-            return Err(HeadError::Malformed("Content-Length"));
-        };
-        if cl.iter().any(|v| v != first) {
-            return Err(HeadError::Malformed("differing Content-Length values"));
-        }
-        let mut n: u64 = 0;
-        for &c in first.iter() {
-            if !c.is_ascii_digit() {
-                return Err(HeadError::Malformed("Content-Length"));
-            }
-            n = n
-                .checked_mul(10)
-                .and_then(|n| n.checked_add(u64::from(c - b'0')))
-                .ok_or(HeadError::Malformed("Content-Length"))?;
-        }
+        let n = content_length(&cl).ok_or(HeadError::Malformed("Content-Length"))?;
         if n == 0 {
             Framing::None
         } else {
@@ -529,6 +575,184 @@ pub fn rewrite_xff(buf: &[u8], head: &RequestHead, peer: IpAddr, trust: &Trust) 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Responses (app -> client): where each response ends, and when the connection stops being HTTP
+
+/// What the response answers, as far as its framing depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseTo {
+    pub head_method: bool,
+    pub connect: bool,
+}
+
+impl RequestHead {
+    pub fn response_to(&self, buf: &[u8]) -> ResponseTo {
+        ResponseTo {
+            head_method: self.method(buf) == b"HEAD",
+            connect: self.connect,
+        }
+    }
+}
+
+/// How a response body is delimited (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the app closes the connection.
+    UntilClose,
+    /// `101 Switching Protocols`, or a 2xx to CONNECT: raw bytes both ways from here on.
+    Tunnel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub version: Version,
+    pub fields: Vec<Field>,
+    pub head_len: usize,
+    pub framing: ResponseFraming,
+    /// A 1xx other than 101 (e.g. `100 Continue`): the final response to the same request
+    /// follows.
+    pub interim: bool,
+    /// Whether the connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseParse {
+    NeedMore,
+    Head(ResponseHead),
+    /// The app's response cannot be framed: answer 502 if nothing was sent yet, and close.
+    Error(HeadError),
+}
+
+/// Finds and validates one response head (same contract as [`HeadReader`]).
+#[derive(Debug, Clone)]
+pub struct ResponseReader {
+    limits: Limits,
+    scan: Scanner,
+}
+
+impl ResponseReader {
+    pub fn new(limits: Limits) -> ResponseReader {
+        ResponseReader {
+            limits,
+            scan: Scanner::default(),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.scan = Scanner::default();
+    }
+
+    pub fn feed(&mut self, buf: &[u8], to: ResponseTo) -> ResponseParse {
+        let (start, head_len) = match self.scan.scan(buf, self.limits.max_head) {
+            Err(e) => return ResponseParse::Error(e),
+            Ok(Scan::Empty | Scan::Partial { .. }) => return ResponseParse::NeedMore,
+            Ok(Scan::Complete { start, head_len }) => (start, head_len),
+        };
+        match parse_response(buf, start, head_len, &self.limits, to) {
+            Ok(h) => ResponseParse::Head(h),
+            Err(e) => ResponseParse::Error(e),
+        }
+    }
+}
+
+fn status_line(line: &[u8]) -> Result<(Version, u16), HeadError> {
+    let bad = HeadError::Malformed("status line");
+    let (version, rest) = (line.get(..8).ok_or(bad)?, line.get(8..).ok_or(bad)?);
+    let version = match version {
+        b"HTTP/1.1" => Version::Http11,
+        b"HTTP/1.0" => Version::Http10,
+        _ => return Err(bad),
+    };
+    let (code, reason) = match rest {
+        [b' ', a, b, c, tail @ ..] if [a, b, c].iter().all(|d| d.is_ascii_digit()) => (
+            u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'),
+            tail,
+        ),
+        _ => return Err(bad),
+    };
+    let reason_ok = match reason {
+        [] => true,
+        [b' ', r @ ..] => r
+            .iter()
+            .all(|&c| c == b'\t' || c == b' ' || (0x21..=0x7e).contains(&c) || c >= 0x80),
+        _ => false,
+    };
+    if !reason_ok || code < 100 {
+        return Err(bad);
+    }
+    Ok((version, code))
+}
+
+fn parse_response(
+    buf: &[u8],
+    start: usize,
+    head_len: usize,
+    limits: &Limits,
+    to: ResponseTo,
+) -> Result<ResponseHead, HeadError> {
+    let body_end = head_len - 2;
+    let eol = start + find_crlf(&buf[start..body_end]).ok_or(HeadError::Malformed("head"))?;
+    let (version, status) = status_line(&buf[start..eol])?;
+    let fields = parse_fields(buf, eol + 2, body_end, limits.max_headers)?;
+    let values = |name: &'static str| {
+        fields
+            .iter()
+            .filter(move |f| buf[f.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| &buf[f.value.clone()])
+    };
+    let conn = list_elements(values("connection"));
+    let has = |tok: &[u8]| conn.iter().any(|c| c.eq_ignore_ascii_case(tok));
+    let mut keep_alive = match version {
+        Version::Http11 => !has(b"close"),
+        Version::Http10 => has(b"keep-alive") && !has(b"close"),
+    };
+    let interim = (100..200).contains(&status) && status != 101;
+    let framing = if status == 101 || (to.connect && (200..300).contains(&status)) {
+        ResponseFraming::Tunnel
+    } else if interim || to.head_method || status == 204 || status == 304 {
+        ResponseFraming::None
+    } else if values("transfer-encoding").next().is_some() {
+        let te = list_elements(values("transfer-encoding"));
+        let has_cl = values("content-length").next().is_some();
+        if version == Version::Http11
+            && !has_cl
+            && te
+                .last()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        {
+            ResponseFraming::Chunked
+        } else {
+            // Faulty or unknown framing: read to the end and do not reuse (RFC 9112 6.1, 6.3).
+            keep_alive = false;
+            ResponseFraming::UntilClose
+        }
+    } else if values("content-length").next().is_some() {
+        let cl = list_elements(values("content-length"));
+        match content_length(&cl) {
+            Some(0) => ResponseFraming::None,
+            Some(n) => ResponseFraming::Length(n),
+            None => return Err(HeadError::Malformed("Content-Length")),
+        }
+    } else {
+        keep_alive = false;
+        ResponseFraming::UntilClose
+    };
+    Ok(ResponseHead {
+        status,
+        version,
+        head_len,
+        framing,
+        interim,
+        keep_alive,
+        fields,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bodies
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -548,8 +772,12 @@ pub enum BodyError {
 /// Where a request body ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body {
-    Length { remaining: u64 },
+    Length {
+        remaining: u64,
+    },
     Chunked(Chunked),
+    /// Everything until the peer closes.
+    UntilClose,
     Done,
 }
 
@@ -563,11 +791,23 @@ impl Body {
         }
     }
 
+    /// The body of a response; `None` for a tunnel (no more HTTP on this connection).
+    pub fn from_response(framing: ResponseFraming, max_trailers: usize) -> Option<Body> {
+        Some(match framing {
+            ResponseFraming::None | ResponseFraming::Length(0) => Body::Done,
+            ResponseFraming::Length(n) => Body::Length { remaining: n },
+            ResponseFraming::Chunked => Body::Chunked(Chunked::new(max_trailers)),
+            ResponseFraming::UntilClose => Body::UntilClose,
+            ResponseFraming::Tunnel => return None,
+        })
+    }
+
     /// How many bytes at the start of `data` belong to the body. When [`Body::is_done`] is
     /// true afterwards, the bytes after those start the next request.
     pub fn feed(&mut self, data: &[u8]) -> Result<usize, BodyError> {
         match self {
             Body::Done => Ok(0),
+            Body::UntilClose => Ok(data.len()),
             Body::Length { remaining } => {
                 let n = usize::try_from(*remaining).map_or(data.len(), |r| r.min(data.len()));
                 *remaining -= n as u64;

@@ -505,3 +505,120 @@ fn fuzz_mutated_requests_never_panic() {
     }
     assert!(heads > 1000 && errors > 1000, "{heads} {errors}");
 }
+
+const PLAIN: ResponseTo = ResponseTo {
+    head_method: false,
+    connect: false,
+};
+
+fn resp(buf: &[u8], to: ResponseTo) -> ResponseHead {
+    match ResponseReader::new(lim()).feed(buf, to) {
+        ResponseParse::Head(h) => h,
+        other => panic!("{:?}: {other:?}", String::from_utf8_lossy(buf)),
+    }
+}
+
+#[test]
+fn response_framing_table() {
+    let head_to = ResponseTo {
+        head_method: true,
+        connect: false,
+    };
+    let connect_to = ResponseTo {
+        head_method: false,
+        connect: true,
+    };
+    use ResponseFraming as F;
+    type Case<'a> = (&'a [u8], ResponseTo, u16, F, bool, bool);
+    let cases: &[Case] = &[
+        // (head, answering, status, framing, interim, keep_alive)
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", PLAIN, 200, F::Length(5), false, true),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", PLAIN, 200, F::None, false, true),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", PLAIN, 200, F::Chunked, false, true),
+        (b"HTTP/1.1 200 OK\r\n\r\n", PLAIN, 200, F::UntilClose, false, false),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", PLAIN, 200, F::UntilClose, false, false),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", PLAIN, 200, F::UntilClose, false, false),
+        (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", PLAIN, 200, F::UntilClose, false, false),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n", PLAIN, 200, F::Length(5), false, false),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", PLAIN, 200, F::Length(5), false, false),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n", PLAIN, 200, F::Length(5), false, true),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", head_to, 200, F::None, false, true),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", PLAIN, 204, F::None, false, true),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", PLAIN, 304, F::None, false, true),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", PLAIN, 100, F::None, true, true),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", PLAIN, 103, F::None, true, true),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n", PLAIN, 101, F::Tunnel, false, true),
+        (b"HTTP/1.1 200 Connection established\r\n\r\n", connect_to, 200, F::Tunnel, false, true),
+        (b"HTTP/1.1 407 Proxy Auth\r\nContent-Length: 2\r\n\r\n", connect_to, 407, F::Length(2), false, true),
+        (b"HTTP/1.1 200\r\nContent-Length: 1\r\n\r\n", PLAIN, 200, F::Length(1), false, true),
+        (b"HTTP/1.1 200 \r\nContent-Length: 1\r\n\r\n", PLAIN, 200, F::Length(1), false, true),
+    ];
+    for (buf, to, status, framing, interim, ka) in cases {
+        let h = resp(buf, *to);
+        assert_eq!(
+            (h.status, h.framing, h.interim, h.keep_alive, h.head_len),
+            (*status, *framing, *interim, *ka, buf.len()),
+            "{}",
+            String::from_utf8_lossy(buf)
+        );
+    }
+}
+
+#[test]
+fn malformed_responses() {
+    let cases: &[&[u8]] = &[
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"HTTP/1.1 099 Low\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1  200 OK\r\n\r\n",
+        b"HTTP/1.1 200 O\x00K\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+        b"HTTP/1.1 200 OK\nContent-Length: 1\n\n",
+        b"ICY 200 OK\r\n\r\n",
+    ];
+    for buf in cases {
+        assert!(
+            matches!(
+                ResponseReader::new(lim()).feed(buf, PLAIN),
+                ResponseParse::Error(_)
+            ),
+            "{}",
+            String::from_utf8_lossy(buf)
+        );
+    }
+    assert_eq!(
+        ResponseReader::new(lim()).feed(b"HTTP/1.1 200 OK\r\nA: b\r\n", PLAIN),
+        ResponseParse::NeedMore
+    );
+}
+
+#[test]
+fn expect_continue_then_final_response_then_next() {
+    // The app answers 100 Continue, then the final response, then a response to the next
+    // pipelined request: each boundary is found.
+    let stream: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x81\x05hello";
+    let mut pos = 0;
+    let mut seen = Vec::new();
+    let mut reader = ResponseReader::new(lim());
+    loop {
+        let ResponseParse::Head(h) = reader.feed(&stream[pos..], PLAIN) else {
+            panic!("at {pos}")
+        };
+        reader.reset();
+        seen.push(h.status);
+        pos += h.head_len;
+        let Some(mut body) = Body::from_response(h.framing, 1024) else {
+            break; // tunnel: the rest is raw
+        };
+        pos += body.feed(&stream[pos..]).unwrap();
+        assert!(body.is_done());
+    }
+    assert_eq!(seen, [100, 201, 101]);
+    assert_eq!(&stream[pos..], b"\x81\x05hello");
+    // Until-close bodies take everything.
+    let mut b = Body::from_response(ResponseFraming::UntilClose, 0).unwrap();
+    assert_eq!(b.feed(b"HTTP/1.1 200 OK\r\n\r\n"), Ok(19));
+    assert!(!b.is_done());
+}
