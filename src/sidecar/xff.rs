@@ -42,7 +42,7 @@
 //!   does; incoming elements are kept, because the app may log them, and are not trusted here.
 //! - `x-envoy-external-address`: **always stripped** from the request, then set to the trusted
 //!   client when the request is external by Envoy's rule (it has an XFF, or its peer is not an
-//!   RFC 1918 / RFC 4193 address). Envoy lets an internal request's own value pass; we do not,
+//!   internal address, see [`is_internal`]). Envoy lets an internal request's own value pass; we do not,
 //!   so an app may trust the header whenever it is present.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -197,15 +197,17 @@ pub fn appended_xff(xff: &[&[u8]], peer: IpAddr) -> Vec<u8> {
     out
 }
 
-/// Envoy's internal-request test with `use_remote_address: true`: no XFF, and a peer in
-/// RFC 1918 (10/8, 172.16/12, 192.168/16) or RFC 4193 (fc00::/7).
+/// Envoy's internal-request test with `use_remote_address: true`: no XFF, and a peer that Envoy
+/// counts as internal: 10/8, 172.16/12, 192.168/16, 127.0.0.1, fd00::/8 (the RFC 4193 half in
+/// use) or ::1. Envoy documents "RFC 1918 or RFC 4193"; these are the exact sets its address
+/// check uses, so a migrated app sees the same header.
 pub fn is_internal(xff: &[&[u8]], peer: IpAddr) -> bool {
     if elements_from_right(xff).next().is_some() {
         return false;
     }
     match peer.to_canonical() {
-        IpAddr::V4(v4) => v4.is_private(),
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+        IpAddr::V4(v4) => v4.is_private() || v4 == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6.octets()[0] == 0xfd || v6 == Ipv6Addr::LOCALHOST,
     }
 }
 

@@ -249,20 +249,31 @@ fn external_address_follows_envoys_internal_rule() {
         client: ip(c),
         source: Source::Peer,
     };
-    // Internal: no XFF and an RFC 1918 / RFC 4193 peer.
+    // Internal: no XFF and a private peer, as Envoy's address check counts them.
     for peer in [
         "10.1.2.3",
         "172.16.0.1",
         "172.31.255.255",
         "192.168.1.1",
+        "127.0.0.1",
+        "::ffff:10.1.2.3",
         "fd00::1",
-        "fc00::1",
+        "fdff:ffff::1",
+        "::1",
     ] {
         assert!(is_internal(&[], ip(peer)), "{peer}");
         assert_eq!(external_address(&[], ip(peer), &e(peer)), None, "{peer}");
     }
-    // External: a public peer, or any XFF.
-    for peer in ["192.0.2.5", "172.32.0.1", "2001:db8::1", "fe80::1"] {
+    // External: a public peer, or any XFF. (Envoy checks fd00::/8 and exactly 127.0.0.1.)
+    for peer in [
+        "192.0.2.5",
+        "172.32.0.1",
+        "11.0.0.1",
+        "127.0.0.2",
+        "2001:db8::1",
+        "fe80::1",
+        "fc00::1",
+    ] {
         assert!(!is_internal(&[], ip(peer)), "{peer}");
         assert_eq!(
             external_address(&[], ip(peer), &e(peer)),
