@@ -622,3 +622,51 @@ fn expect_continue_then_final_response_then_next() {
     assert_eq!(b.feed(b"HTTP/1.1 200 OK\r\n\r\n"), Ok(19));
     assert!(!b.is_done());
 }
+
+/// A random valid chunked body (random sizes, extensions, trailers).
+fn random_chunked(rng: &mut Rng) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..rng.below(5) {
+        let n = 1 + rng.below(300);
+        out.extend_from_slice(format!("{n:x}").as_bytes());
+        if rng.below(2) == 0 {
+            out.extend_from_slice(b" ;a=1;b=\"x y\"");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend((0..n).map(|_| rng.next() as u8));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n");
+    for t in 0..rng.below(3) {
+        out.extend_from_slice(format!("T{t}: v\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[test]
+fn fuzz_chunked_split_invariance_and_mutations() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for _ in 0..5_000 {
+        let body = random_chunked(&mut rng);
+        let mut stream = body.clone();
+        stream.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        // Any split into pieces consumes exactly the body.
+        let mut b = Body::new(Framing::Chunked, 1024);
+        let mut pos = 0;
+        while !b.is_done() {
+            assert!(pos < stream.len(), "ran past the body");
+            let end = (pos + 1 + rng.below(64)).min(stream.len());
+            pos += b.feed(&stream[pos..end]).unwrap();
+        }
+        assert_eq!(pos, body.len());
+        // A mutated body never panics and never consumes past what it was given.
+        let mut m = stream.clone();
+        let i = rng.below(m.len());
+        m[i] = rng.next() as u8;
+        let mut b = Body::new(Framing::Chunked, 1024);
+        if let Ok(n) = b.feed(&m) {
+            assert!(n <= m.len());
+        }
+    }
+}
