@@ -14,6 +14,7 @@
 //! kernel and the footprint stays small.
 
 pub mod accesslog;
+pub mod acl;
 pub mod addr;
 pub mod admin;
 pub mod config;
