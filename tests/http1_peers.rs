@@ -102,7 +102,7 @@ fn serve(mut s: TcpStream, peer: IpAddr, trust: Trust) -> Result<(), String> {
             field(XFF),
             field(EXTERNAL_ADDRESS),
             body_len,
-            String::from_utf8_lossy(head.target(&rw.head)),
+            String::from_utf8_lossy(again.target(&rw.head)),
         );
         let resp = format!(
             "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{report}",
