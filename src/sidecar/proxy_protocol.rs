@@ -1,4 +1,4 @@
-//! PROXY protocol v1 (text) and v2 (binary), as specified in HAProxy's `proxy-protocol.txt`:
+//! PROXY protocol v1 (text) and v2 (binary), as specified by HAProxy's PROXY protocol spec:
 //! a strict, allocation-free parser and an encoder. Pure: no I/O, no clock.
 //!
 //! # Parsing contract (for the code that wires this into the accept path)
@@ -40,7 +40,7 @@ pub const V1_MAX_LEN: usize = 107;
 pub const V2_FIXED_LEN: usize = 16;
 /// The smallest accepted v2 limit: a TCP over IPv6 header without TLVs.
 pub const V2_MIN_LIMIT: usize = V2_FIXED_LEN + 36;
-/// Default bound on a whole v2 header (HAProxy's own buffer for it is of this order).
+/// Default bound on a whole v2 header (address block plus TLVs); configurable per port.
 pub const DEFAULT_V2_MAX_LEN: usize = 4096;
 
 const V1_PREFIX: &[u8] = b"PROXY ";
