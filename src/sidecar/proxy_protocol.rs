@@ -321,8 +321,11 @@ fn v1_line(line: &[u8]) -> Result<Option<Endpoints>, Error> {
         // "PROXY UNKNOWN" alone, or followed by a space and anything (ignored, per the spec).
         return Ok(None);
     }
-    let f: Vec<&[u8]> = toks.collect();
-    if f.len() != 4 || f.iter().any(|t| t.is_empty()) {
+    let mut f: [&[u8]; 4] = [&[]; 4];
+    for slot in f.iter_mut() {
+        *slot = toks.next().ok_or(Error::V1BadFields)?;
+    }
+    if toks.next().is_some() || f.iter().any(|t| t.is_empty()) {
         return Err(Error::V1BadFields);
     }
     let src_ip = v1_ip(f[0], proto)?;
@@ -340,16 +343,17 @@ fn v1_partial(line: &[u8]) -> Result<(), Error> {
     let Some(rest) = line.get(V1_PREFIX.len()..) else {
         return Ok(()); // still inside "PROXY ", already compared
     };
-    let toks: Vec<&[u8]> = rest.split(|&b| b == b' ').collect();
-    let Some((last, done)) = toks.split_last() else {
-        return Ok(());
-    };
+    // Every token but the last is complete (a space followed it).
+    let mut toks = rest.split(|&b| b == b' ');
+    let mut last = toks.next().unwrap_or_default();
+    let mut done = 0usize;
     let mut proto = None;
-    for (i, tok) in done.iter().enumerate() {
+    for next in toks {
+        let tok = std::mem::replace(&mut last, next);
         if tok.is_empty() {
             return Err(Error::V1BadFields);
         }
-        match i {
+        match done {
             0 => {
                 let p = v1_proto(tok)?;
                 if p == V1Proto::Unknown {
@@ -365,9 +369,10 @@ fn v1_partial(line: &[u8]) -> Result<(), Error> {
             }
             _ => return Err(Error::V1BadFields), // a sixth space
         }
+        done += 1;
     }
     // The token being received.
-    let ok = match (done.len(), proto) {
+    let ok = match (done, proto) {
         (0, _) => [&b"TCP4"[..], b"TCP6", b"UNKNOWN"]
             .iter()
             .any(|p| p.starts_with(last)),
@@ -392,7 +397,7 @@ fn v1_partial(line: &[u8]) -> Result<(), Error> {
             }
         }
     };
-    match (ok, done.len()) {
+    match (ok, done) {
         (true, _) => Ok(()),
         (false, 0) => Err(Error::V1BadProtocol),
         (false, 1 | 2) => Err(Error::V1BadAddress),
