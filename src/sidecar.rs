@@ -14,15 +14,19 @@
 //! kernel and the footprint stays small.
 
 pub mod accesslog;
+pub mod acl;
 pub mod addr;
 pub mod admin;
 pub mod config;
+pub mod http1;
 pub mod metrics;
 pub mod netcheck;
 pub mod ports;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod sockopt;
+pub mod xff;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

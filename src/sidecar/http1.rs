@@ -1,0 +1,995 @@
+//! HTTP/1.1 request framing for the X-Forwarded-For ports: find each request head on a
+//! keep-alive connection, validate it, learn how its body is framed, and rewrite the head with
+//! the forwarding headers. Pure: no I/O; the caller owns the buffer and the sockets.
+//!
+//! # How the pieces fit (client -> app direction)
+//! 1. [`HeadReader::feed`] with the unconsumed bytes until it returns [`HeadParse::Head`]
+//!    (or an error: answer [`HeadError::response`] and close; 431 past [`Limits::max_head`] or
+//!    [`Limits::max_headers`], 505 for an HTTP version other than 1.0/1.1, 400 otherwise).
+//! 2. Send [`rewrite_xff`]'s head to the app instead of `buf[..head_len]`.
+//! 3. Relay the body: [`Body::new`] from [`RequestHead::framing`], then [`Body::feed`] with the
+//!    bytes after the head; it says how many belong to this request. What follows is the next
+//!    pipelined request: back to 1.
+//! 4. `expect_continue`: nothing special for the framing (the client waits for the app's
+//!    `100 Continue` or final response; the body, if sent, follows the head as usual).
+//!    `upgrade` or `connect`: hold further client bytes until the app's answer to this request
+//!    is known. After a `101` (or a 2xx to CONNECT) the connection carries other bytes: relay
+//!    raw both ways. If the app declines, requests continue and are parsed as before, so a
+//!    declined upgrade cannot smuggle unrewritten requests past the sidecar.
+//!
+//! App -> client: [`ResponseReader::feed`] with the [`ResponseTo`] of the oldest unanswered
+//! request finds each response head; [`Body::from_response`] its end (`None`: tunnel). A 1xx
+//! other than 101 is `interim`: the final response to the same request follows. Responses
+//! are relayed unchanged; this side only tells where one ends and whether a tunnel starts.
+//!
+//! # Strictness (request smuggling is the risk of a proxy that frames requests)
+//! Lines end in CRLF (a bare LF or CR is a 400); no obsolete line folding; no whitespace
+//! between a field name and its colon; field values free of control characters; exactly one
+//! `Host` in HTTP/1.1; `Transfer-Encoding` must end in `chunked` (once), is refused in HTTP/1.0
+//! and together with `Content-Length`; several `Content-Length` values must be equal; chunk
+//! sizes fit in 64 bits; chunk lines and trailers are bounded.
+
+use std::net::IpAddr;
+use std::ops::Range;
+
+use super::xff::{self, Effective, Trust};
+
+/// Envoy's default `max_request_headers_kb` (60 KiB).
+pub const DEFAULT_MAX_HEAD: usize = 60 * 1024;
+/// Envoy's default `max_headers_count`.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (size and extensions) accepted.
+pub const MAX_CHUNK_LINE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bound on a request head, request line to the empty line included.
+    pub max_head: usize,
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head: DEFAULT_MAX_HEAD,
+            max_headers: DEFAULT_MAX_HEADERS,
+        }
+    }
+}
+
+/// Why a request head is refused; [`HeadError::status`] is the answer to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("request head exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("request has more than {0} header fields")]
+    TooManyFields(usize),
+    #[error("HTTP version not supported")]
+    Version,
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+}
+
+impl HeadError {
+    pub fn status(&self) -> u16 {
+        match self {
+            HeadError::TooLarge(_) | HeadError::TooManyFields(_) => 431,
+            HeadError::Version => 505,
+            HeadError::Malformed(_) => 400,
+        }
+    }
+
+    /// A complete response that closes the connection.
+    pub fn response(&self) -> &'static [u8] {
+        match self.status() {
+            431 => {
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            }
+            505 => {
+                b"HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            }
+            _ => b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        }
+    }
+
+    /// A stable name for metrics and the access log.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HeadError::TooLarge(_) => "head_too_large",
+            HeadError::TooManyFields(_) => "too_many_fields",
+            HeadError::Version => "http_version",
+            HeadError::Malformed(_) => "malformed_head",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+/// How the request body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// One header field; ranges index the caller's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    /// The whole line without its CRLF.
+    pub line: Range<usize>,
+    pub name: Range<usize>,
+    /// Without surrounding spaces and tabs.
+    pub value: Range<usize>,
+}
+
+/// A validated request head; ranges index the buffer given to [`HeadReader::feed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Where the request line starts (empty lines before it are skipped, RFC 9112 2.2).
+    pub start: usize,
+    pub method: Range<usize>,
+    pub target: Range<usize>,
+    pub version: Version,
+    pub fields: Vec<Field>,
+    /// Bytes up to and including the empty line.
+    pub head_len: usize,
+    pub framing: Framing,
+    /// `Expect: 100-continue` on HTTP/1.1 (HTTP/1.0 expectations are ignored, RFC 9110 10.1.1).
+    pub expect_continue: bool,
+    /// `Upgrade` with `Connection: upgrade`: raw bytes follow if the app answers 101.
+    pub upgrade: bool,
+    /// `CONNECT`: raw bytes follow if the app answers 2xx.
+    pub connect: bool,
+    /// Whether the client expects the connection to stay open after this request.
+    pub keep_alive: bool,
+}
+
+impl RequestHead {
+    pub fn method<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.method.clone()]
+    }
+    pub fn target<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.target.clone()]
+    }
+    /// The values of every field named `name` (ASCII case-insensitive), in order.
+    pub fn values<'a>(&'a self, buf: &'a [u8], name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        self.fields
+            .iter()
+            .filter(move |f| buf[f.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(move |f| &buf[f.value.clone()])
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadParse {
+    NeedMore,
+    Head(RequestHead),
+    Error(HeadError),
+}
+
+/// Finds and validates one request head; remembers how far it scanned, so feeding a growing
+/// buffer costs O(total bytes).
+#[derive(Debug, Clone)]
+pub struct HeadReader {
+    limits: Limits,
+    scan: Scanner,
+}
+
+impl HeadReader {
+    pub fn new(limits: Limits) -> HeadReader {
+        HeadReader {
+            limits,
+            scan: Scanner::default(),
+        }
+    }
+
+    /// `buf` holds the connection's unconsumed bytes, starting where this request starts; pass
+    /// the same buffer, grown, on each call. After a `Head`, consume `head_len` bytes (and the
+    /// body) and call [`HeadReader::reset`] before the next request.
+    pub fn feed(&mut self, buf: &[u8]) -> HeadParse {
+        let (start, head_len) = match self.scan.scan(buf, self.limits.max_head) {
+            Err(e) => return HeadParse::Error(e),
+            Ok(Scan::Empty) => return HeadParse::NeedMore,
+            Ok(Scan::Complete { start, head_len }) => (start, head_len),
+            Ok(Scan::Partial { start }) => {
+                // Fail fast on a bad request line (TLS, PROXY header, binary).
+                let first = match find_crlf(&buf[start..]) {
+                    Some(eol) => request_line(buf, start, start + eol).map(|_| ()),
+                    None => request_line_prefix(&buf[start..]),
+                };
+                return match first {
+                    Ok(()) => HeadParse::NeedMore,
+                    Err(e) => HeadParse::Error(e),
+                };
+            }
+        };
+        match parse_head(buf, start, head_len, &self.limits) {
+            Ok(h) => HeadParse::Head(h),
+            Err(e) => HeadParse::Error(e),
+        }
+    }
+
+    /// Ready for the next request on the connection.
+    pub fn reset(&mut self) {
+        self.scan = Scanner::default();
+    }
+}
+
+enum Scan {
+    /// Nothing but (part of) empty lines so far.
+    Empty,
+    Partial {
+        start: usize,
+    },
+    Complete {
+        start: usize,
+        head_len: usize,
+    },
+}
+
+/// Finds the end of a message head: skips empty lines before the start line, requires CRLF
+/// line ends, enforces the size limit, resumes where the last call stopped.
+#[derive(Debug, Clone, Default)]
+struct Scanner {
+    scanned: usize,
+}
+
+impl Scanner {
+    fn scan(&mut self, buf: &[u8], max: usize) -> Result<Scan, HeadError> {
+        let mut start = 0;
+        loop {
+            match &buf[start..] {
+                [b'\r', b'\n', ..] => start += 2,
+                [b'\r'] | [] => {
+                    return if buf.len() >= max {
+                        Err(HeadError::TooLarge(max))
+                    } else {
+                        Ok(Scan::Empty)
+                    };
+                }
+                [b'\n', ..] => return Err(HeadError::Malformed("bare LF")),
+                _ => break,
+            }
+            if start >= max {
+                return Err(HeadError::TooLarge(max));
+            }
+        }
+        let from = self.scanned.max(start);
+        for i in from..buf.len() {
+            match buf[i] {
+                b'\r' => match buf.get(i + 1) {
+                    None => break,
+                    Some(b'\n') => {
+                        // An empty line: this CRLF right after the previous line's CRLF.
+                        if i >= start + 2 && &buf[i - 2..i] == b"\r\n" {
+                            let head_len = i + 2;
+                            if head_len > max {
+                                return Err(HeadError::TooLarge(max));
+                            }
+                            return Ok(Scan::Complete { start, head_len });
+                        }
+                    }
+                    Some(_) => return Err(HeadError::Malformed("bare CR")),
+                },
+                b'\n' if i == 0 || buf[i - 1] != b'\r' => {
+                    return Err(HeadError::Malformed("bare LF"));
+                }
+                _ => {}
+            }
+            self.scanned = i + 1;
+        }
+        if buf.len() >= max {
+            return Err(HeadError::TooLarge(max));
+        }
+        Ok(Scan::Partial { start })
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+/// RFC 9110 tchar.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_token(b: &[u8]) -> bool {
+    !b.is_empty() && b.iter().all(|&c| is_tchar(c))
+}
+
+/// A request line still arriving: the method must be made of token characters so far.
+fn request_line_prefix(b: &[u8]) -> Result<(), HeadError> {
+    let method_end = b.iter().position(|&c| c == b' ').unwrap_or(b.len());
+    if b[..method_end].iter().all(|&c| is_tchar(c)) {
+        Ok(())
+    } else {
+        Err(HeadError::Malformed("request line"))
+    }
+}
+
+type Line = (Range<usize>, Range<usize>, Version);
+
+fn request_line(buf: &[u8], start: usize, end: usize) -> Result<Line, HeadError> {
+    let line = &buf[start..end];
+    let bad = HeadError::Malformed("request line");
+    let sp1 = line.iter().position(|&c| c == b' ').ok_or(bad)?;
+    let rest = &line[sp1 + 1..];
+    let sp2 = rest.iter().position(|&c| c == b' ').ok_or(bad)?;
+    let (method, target, version) = (&line[..sp1], &rest[..sp2], &rest[sp2 + 1..]);
+    if !is_token(method) || target.is_empty() || !target.iter().all(|c| (0x21..=0x7e).contains(c)) {
+        return Err(bad);
+    }
+    let version = match version {
+        b"HTTP/1.1" => Version::Http11,
+        b"HTTP/1.0" => Version::Http10,
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor]
+            if major.is_ascii_digit() && minor.is_ascii_digit() =>
+        {
+            return Err(HeadError::Version)
+        }
+        _ => return Err(bad),
+    };
+    let m = start..start + sp1;
+    let t = start + sp1 + 1..start + sp1 + 1 + sp2;
+    Ok((m, t, version))
+}
+
+fn trim_range(buf: &[u8], mut r: Range<usize>) -> Range<usize> {
+    while r.start < r.end && matches!(buf[r.start], b' ' | b'\t') {
+        r.start += 1;
+    }
+    while r.end > r.start && matches!(buf[r.end - 1], b' ' | b'\t') {
+        r.end -= 1;
+    }
+    r
+}
+
+/// The comma-separated elements of all `values`, trimmed, empty ones dropped (RFC 9110 5.6.1).
+fn list_elements<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
+    values
+        .flat_map(|v| v.split(|&c| c == b','))
+        .map(|e| {
+            let s = e.iter().position(|c| !matches!(c, b' ' | b'\t'));
+            let t = e.iter().rposition(|c| !matches!(c, b' ' | b'\t'));
+            match (s, t) {
+                (Some(s), Some(t)) => &e[s..=t],
+                _ => &e[..0],
+            }
+        })
+        .filter(|e| !e.is_empty())
+        .collect()
+}
+
+/// The field lines between `pos` and `body_end` (each ending in CRLF).
+fn parse_fields(
+    buf: &[u8],
+    mut pos: usize,
+    body_end: usize,
+    max_headers: usize,
+) -> Result<Vec<Field>, HeadError> {
+    let mut fields = Vec::new();
+    while pos < body_end {
+        let eol = pos + find_crlf(&buf[pos..body_end]).ok_or(HeadError::Malformed("field"))?;
+        let line = &buf[pos..eol];
+        if matches!(line.first(), Some(b' ' | b'\t')) {
+            return Err(HeadError::Malformed("obsolete line folding"));
+        }
+        let colon = line
+            .iter()
+            .position(|&c| c == b':')
+            .ok_or(HeadError::Malformed("field without colon"))?;
+        if !is_token(&line[..colon]) {
+            return Err(HeadError::Malformed("field name"));
+        }
+        if !line[colon + 1..]
+            .iter()
+            .all(|&c| c == b'\t' || c == b' ' || (0x21..=0x7e).contains(&c) || c >= 0x80)
+        {
+            return Err(HeadError::Malformed("control character in field value"));
+        }
+        if fields.len() == max_headers {
+            return Err(HeadError::TooManyFields(max_headers));
+        }
+        fields.push(Field {
+            line: pos..eol,
+            name: pos..pos + colon,
+            value: trim_range(buf, pos + colon + 1..eol),
+        });
+        pos = eol + 2;
+    }
+    Ok(fields)
+}
+
+fn parse_head(
+    buf: &[u8],
+    start: usize,
+    head_len: usize,
+    limits: &Limits,
+) -> Result<RequestHead, HeadError> {
+    let body_end = head_len - 2; // the final CRLF: lines below each end in CRLF
+    let first_eol = start + find_crlf(&buf[start..body_end]).ok_or(HeadError::Malformed("head"))?;
+    let (method, target, version) = request_line(buf, start, first_eol)?;
+    let fields = parse_fields(buf, first_eol + 2, body_end, limits.max_headers)?;
+    let mut head = RequestHead {
+        start,
+        method,
+        target,
+        version,
+        fields,
+        head_len,
+        framing: Framing::None,
+        expect_continue: false,
+        upgrade: false,
+        connect: false,
+        keep_alive: false,
+    };
+    semantics(buf, &mut head)?;
+    Ok(head)
+}
+
+/// One Content-Length from its list elements: all equal, digits only, fits in 64 bits.
+fn content_length(elements: &[&[u8]]) -> Option<u64> {
+    let first = elements.first()?;
+    if elements.iter().any(|v| v != first) {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &c in first.iter() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(n)
+}
+
+fn semantics(buf: &[u8], h: &mut RequestHead) -> Result<(), HeadError> {
+    let hosts = h.values(buf, "host").count();
+    if hosts > 1 || (h.version == Version::Http11 && hosts == 0) {
+        return Err(HeadError::Malformed("Host"));
+    }
+    let te = list_elements(h.values(buf, "transfer-encoding"));
+    let has_te = h.values(buf, "transfer-encoding").next().is_some();
+    let cl = list_elements(h.values(buf, "content-length"));
+    let has_cl = h.values(buf, "content-length").next().is_some();
+    h.framing = if has_te {
+        if h.version == Version::Http10 {
+            return Err(HeadError::Malformed("Transfer-Encoding in HTTP/1.0"));
+        }
+        if has_cl {
+            return Err(HeadError::Malformed(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+        let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
+        let last_chunked = te.last().is_some_and(|c| chunked(c));
+        if !last_chunked
+            || te.iter().filter(|c| chunked(c)).count() != 1
+            || !te.iter().all(|c| is_token(c))
+        {
+            return Err(HeadError::Malformed(
+                "Transfer-Encoding must end in chunked",
+            ));
+        }
+        Framing::Chunked
+    } else if has_cl {
+        let n = content_length(&cl).ok_or(HeadError::Malformed("Content-Length"))?;
+        if n == 0 {
+            Framing::None
+        } else {
+            Framing::Length(n)
+        }
+    } else {
+        Framing::None
+    };
+    let (upgrade, connect, expect_continue, keep_alive) = {
+        let conn = list_elements(h.values(buf, "connection"));
+        let has = |tok: &[u8]| conn.iter().any(|c| c.eq_ignore_ascii_case(tok));
+        let upgrade_field = h.values(buf, "upgrade").any(|v| !v.is_empty());
+        (
+            upgrade_field && has(b"upgrade"),
+            h.method(buf) == b"CONNECT",
+            h.version == Version::Http11
+                && h.values(buf, "expect")
+                    .any(|v| v.eq_ignore_ascii_case(b"100-continue")),
+            match h.version {
+                Version::Http11 => !has(b"close"),
+                Version::Http10 => has(b"keep-alive") && !has(b"close"),
+            },
+        )
+    };
+    h.upgrade = upgrade;
+    h.connect = connect;
+    h.expect_continue = expect_continue;
+    h.keep_alive = keep_alive;
+    Ok(())
+}
+
+/// The head with every field named in `remove` dropped and `add` appended (names ASCII
+/// case-insensitive). Empty lines before the request line are not copied.
+pub fn rewrite_head(
+    buf: &[u8],
+    head: &RequestHead,
+    remove: &[&str],
+    add: &[(&str, &[u8])],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.head_len - head.start + 64);
+    out.extend_from_slice(&buf[head.start..head.target.end]);
+    out.extend_from_slice(match head.version {
+        Version::Http11 => b" HTTP/1.1\r\n",
+        Version::Http10 => b" HTTP/1.0\r\n",
+    });
+    for f in &head.fields {
+        let name = &buf[f.name.clone()];
+        if remove
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r.as_bytes()))
+        {
+            continue;
+        }
+        out.extend_from_slice(&buf[f.line.clone()]);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in add {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+pub const XFF: &str = "x-forwarded-for";
+pub const EXTERNAL_ADDRESS: &str = "x-envoy-external-address";
+
+/// The head to send to the app on an XFF port, and the effective client (module `xff`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XffRewrite {
+    pub head: Vec<u8>,
+    pub effective: Effective,
+}
+
+/// Replaces `X-Forwarded-For` with the incoming value plus `peer`, strips any
+/// `x-envoy-external-address` and sets it as Envoy does (see module `xff`).
+pub fn rewrite_xff(buf: &[u8], head: &RequestHead, peer: IpAddr, trust: &Trust) -> XffRewrite {
+    let incoming: Vec<&[u8]> = head.values(buf, XFF).collect();
+    let effective = xff::effective_client(&incoming, peer, trust);
+    let appended = xff::appended_xff(&incoming, peer);
+    let external = xff::external_address(&incoming, peer, &effective);
+    let mut add: Vec<(&str, &[u8])> = vec![(XFF, &appended)];
+    if let Some(ext) = &external {
+        add.push((EXTERNAL_ADDRESS, ext));
+    }
+    XffRewrite {
+        head: rewrite_head(buf, head, &[XFF, EXTERNAL_ADDRESS], &add),
+        effective,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses (app -> client): where each response ends, and when the connection stops being HTTP
+
+/// What the response answers, as far as its framing depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseTo {
+    pub head_method: bool,
+    pub connect: bool,
+}
+
+impl RequestHead {
+    pub fn response_to(&self, buf: &[u8]) -> ResponseTo {
+        ResponseTo {
+            head_method: self.method(buf) == b"HEAD",
+            connect: self.connect,
+        }
+    }
+}
+
+/// How a response body is delimited (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the app closes the connection.
+    UntilClose,
+    /// `101 Switching Protocols`, or a 2xx to CONNECT: raw bytes both ways from here on.
+    Tunnel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub version: Version,
+    pub fields: Vec<Field>,
+    pub head_len: usize,
+    pub framing: ResponseFraming,
+    /// A 1xx other than 101 (e.g. `100 Continue`): the final response to the same request
+    /// follows.
+    pub interim: bool,
+    /// Whether the connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseParse {
+    NeedMore,
+    Head(ResponseHead),
+    /// The app's response cannot be framed: answer 502 if nothing was sent yet, and close.
+    Error(HeadError),
+}
+
+/// Finds and validates one response head (same contract as [`HeadReader`]).
+#[derive(Debug, Clone)]
+pub struct ResponseReader {
+    limits: Limits,
+    scan: Scanner,
+}
+
+impl ResponseReader {
+    pub fn new(limits: Limits) -> ResponseReader {
+        ResponseReader {
+            limits,
+            scan: Scanner::default(),
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.scan = Scanner::default();
+    }
+
+    pub fn feed(&mut self, buf: &[u8], to: ResponseTo) -> ResponseParse {
+        let (start, head_len) = match self.scan.scan(buf, self.limits.max_head) {
+            Err(e) => return ResponseParse::Error(e),
+            Ok(Scan::Empty | Scan::Partial { .. }) => return ResponseParse::NeedMore,
+            Ok(Scan::Complete { start, head_len }) => (start, head_len),
+        };
+        match parse_response(buf, start, head_len, &self.limits, to) {
+            Ok(h) => ResponseParse::Head(h),
+            Err(e) => ResponseParse::Error(e),
+        }
+    }
+}
+
+fn status_line(line: &[u8]) -> Result<(Version, u16), HeadError> {
+    let bad = HeadError::Malformed("status line");
+    let (version, rest) = (line.get(..8).ok_or(bad)?, line.get(8..).ok_or(bad)?);
+    let version = match version {
+        b"HTTP/1.1" => Version::Http11,
+        b"HTTP/1.0" => Version::Http10,
+        _ => return Err(bad),
+    };
+    let (code, reason) = match rest {
+        [b' ', a, b, c, tail @ ..] if [a, b, c].iter().all(|d| d.is_ascii_digit()) => (
+            u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0'),
+            tail,
+        ),
+        _ => return Err(bad),
+    };
+    let reason_ok = match reason {
+        [] => true,
+        [b' ', r @ ..] => r
+            .iter()
+            .all(|&c| c == b'\t' || c == b' ' || (0x21..=0x7e).contains(&c) || c >= 0x80),
+        _ => false,
+    };
+    if !reason_ok || code < 100 {
+        return Err(bad);
+    }
+    Ok((version, code))
+}
+
+fn parse_response(
+    buf: &[u8],
+    start: usize,
+    head_len: usize,
+    limits: &Limits,
+    to: ResponseTo,
+) -> Result<ResponseHead, HeadError> {
+    let body_end = head_len - 2;
+    let eol = start + find_crlf(&buf[start..body_end]).ok_or(HeadError::Malformed("head"))?;
+    let (version, status) = status_line(&buf[start..eol])?;
+    let fields = parse_fields(buf, eol + 2, body_end, limits.max_headers)?;
+    let values = |name: &'static str| {
+        fields
+            .iter()
+            .filter(move |f| buf[f.name.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| &buf[f.value.clone()])
+    };
+    let conn = list_elements(values("connection"));
+    let has = |tok: &[u8]| conn.iter().any(|c| c.eq_ignore_ascii_case(tok));
+    let mut keep_alive = match version {
+        Version::Http11 => !has(b"close"),
+        Version::Http10 => has(b"keep-alive") && !has(b"close"),
+    };
+    let interim = (100..200).contains(&status) && status != 101;
+    let framing = if status == 101 || (to.connect && (200..300).contains(&status)) {
+        ResponseFraming::Tunnel
+    } else if interim || to.head_method || status == 204 || status == 304 {
+        ResponseFraming::None
+    } else if values("transfer-encoding").next().is_some() {
+        let te = list_elements(values("transfer-encoding"));
+        let has_cl = values("content-length").next().is_some();
+        if version == Version::Http11
+            && !has_cl
+            && te
+                .last()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        {
+            ResponseFraming::Chunked
+        } else {
+            // Faulty or unknown framing: read to the end and do not reuse (RFC 9112 6.1, 6.3).
+            keep_alive = false;
+            ResponseFraming::UntilClose
+        }
+    } else if values("content-length").next().is_some() {
+        let cl = list_elements(values("content-length"));
+        match content_length(&cl) {
+            Some(0) => ResponseFraming::None,
+            Some(n) => ResponseFraming::Length(n),
+            None => return Err(HeadError::Malformed("Content-Length")),
+        }
+    } else {
+        keep_alive = false;
+        ResponseFraming::UntilClose
+    };
+    Ok(ResponseHead {
+        status,
+        version,
+        head_len,
+        framing,
+        interim,
+        keep_alive,
+        fields,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("malformed chunk size line")]
+    ChunkSize,
+    #[error("chunk size line longer than {MAX_CHUNK_LINE} bytes")]
+    ChunkLineTooLong,
+    #[error("chunk data not followed by CRLF")]
+    ChunkEnd,
+    #[error("malformed trailer section")]
+    Trailer,
+    #[error("trailer section too large")]
+    TrailerTooLarge,
+}
+
+/// Where a request body ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    Length {
+        remaining: u64,
+    },
+    Chunked(Chunked),
+    /// Everything until the peer closes.
+    UntilClose,
+    Done,
+}
+
+impl Body {
+    /// `max_trailers` bounds the chunked trailer section (use [`Limits::max_head`]).
+    pub fn new(framing: Framing, max_trailers: usize) -> Body {
+        match framing {
+            Framing::None | Framing::Length(0) => Body::Done,
+            Framing::Length(n) => Body::Length { remaining: n },
+            Framing::Chunked => Body::Chunked(Chunked::new(max_trailers)),
+        }
+    }
+
+    /// The body of a response; `None` for a tunnel (no more HTTP on this connection).
+    pub fn from_response(framing: ResponseFraming, max_trailers: usize) -> Option<Body> {
+        Some(match framing {
+            ResponseFraming::None | ResponseFraming::Length(0) => Body::Done,
+            ResponseFraming::Length(n) => Body::Length { remaining: n },
+            ResponseFraming::Chunked => Body::Chunked(Chunked::new(max_trailers)),
+            ResponseFraming::UntilClose => Body::UntilClose,
+            ResponseFraming::Tunnel => return None,
+        })
+    }
+
+    /// How many bytes at the start of `data` belong to the body. When [`Body::is_done`] is
+    /// true afterwards, the bytes after those start the next request.
+    pub fn feed(&mut self, data: &[u8]) -> Result<usize, BodyError> {
+        match self {
+            Body::Done => Ok(0),
+            Body::UntilClose => Ok(data.len()),
+            Body::Length { remaining } => {
+                let n = usize::try_from(*remaining).map_or(data.len(), |r| r.min(data.len()));
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    *self = Body::Done;
+                }
+                Ok(n)
+            }
+            Body::Chunked(c) => {
+                let n = c.feed(data)?;
+                if c.is_done() {
+                    *self = Body::Done;
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Body::Done)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading hex digits of the size (`digits` so far).
+    Size {
+        digits: u8,
+    },
+    /// Whitespace after the size: only more of it or `;` may follow (RFC 9112 BWS).
+    ExtWs,
+    /// Chunk extensions after `;`, up to CR (not interpreted).
+    Ext,
+    /// Got CR of the size line.
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// At the start of a trailer line (or the final empty line).
+    TrailerStart,
+    /// Inside a trailer field line.
+    Trailer,
+    TrailerLf,
+    FinalLf,
+    Done,
+}
+
+/// The chunked transfer coding (RFC 9112 7.1), tracked byte by byte without buffering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunked {
+    state: ChunkState,
+    size: u64,
+    line: usize,
+    trailers: usize,
+    max_trailers: usize,
+}
+
+impl Chunked {
+    pub fn new(max_trailers: usize) -> Chunked {
+        Chunked {
+            state: ChunkState::Size { digits: 0 },
+            size: 0,
+            line: 0,
+            trailers: 0,
+            max_trailers,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Consumes bytes of the chunked body; stops right after the final CRLF.
+    pub fn feed(&mut self, data: &[u8]) -> Result<usize, BodyError> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < data.len() {
+            let b = data[i];
+            match self.state {
+                Done => return Ok(i),
+                Data => {
+                    let avail = (data.len() - i) as u64;
+                    let take = self.size.min(avail) as usize;
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    continue;
+                }
+                Size { digits } => {
+                    self.line += 1;
+                    if let Some(d) = (b as char).to_digit(16) {
+                        if digits == 16 {
+                            return Err(BodyError::ChunkSize); // over 64 bits
+                        }
+                        self.size = (self.size << 4) | u64::from(d);
+                        self.state = Size { digits: digits + 1 };
+                    } else if digits == 0 {
+                        return Err(BodyError::ChunkSize);
+                    } else {
+                        match b {
+                            b'\r' => self.state = SizeLf,
+                            b';' => self.state = Ext,
+                            b' ' | b'\t' => self.state = ExtWs,
+                            _ => return Err(BodyError::ChunkSize),
+                        }
+                    }
+                }
+                ExtWs => {
+                    self.line += 1;
+                    if self.line > MAX_CHUNK_LINE {
+                        return Err(BodyError::ChunkLineTooLong);
+                    }
+                    match b {
+                        b' ' | b'\t' => {}
+                        b';' => self.state = Ext,
+                        _ => return Err(BodyError::ChunkSize),
+                    }
+                }
+                Ext => {
+                    self.line += 1;
+                    if self.line > MAX_CHUNK_LINE {
+                        return Err(BodyError::ChunkLineTooLong);
+                    }
+                    match b {
+                        b'\r' => self.state = SizeLf,
+                        b'\t' | 0x20..=0x7e | 0x80..=0xff => {}
+                        _ => return Err(BodyError::ChunkSize),
+                    }
+                }
+                SizeLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::ChunkSize);
+                    }
+                    self.line = 0;
+                    self.state = if self.size == 0 { TrailerStart } else { Data };
+                }
+                DataCr => {
+                    if b != b'\r' {
+                        return Err(BodyError::ChunkEnd);
+                    }
+                    self.state = DataLf;
+                }
+                DataLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::ChunkEnd);
+                    }
+                    self.state = Size { digits: 0 };
+                }
+                TrailerStart | Trailer => {
+                    self.trailers += 1;
+                    if self.trailers > self.max_trailers {
+                        return Err(BodyError::TrailerTooLarge);
+                    }
+                    match (self.state, b) {
+                        (TrailerStart, b'\r') => self.state = FinalLf,
+                        (TrailerStart, b' ' | b'\t' | b':') => return Err(BodyError::Trailer),
+                        (Trailer, b'\r') => self.state = TrailerLf,
+                        (_, b'\t' | 0x20..=0x7e | 0x80..=0xff) => self.state = Trailer,
+                        _ => return Err(BodyError::Trailer),
+                    }
+                }
+                TrailerLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::Trailer);
+                    }
+                    self.state = TrailerStart;
+                }
+                FinalLf => {
+                    if b != b'\n' {
+                        return Err(BodyError::Trailer);
+                    }
+                    self.state = Done;
+                    return Ok(i + 1);
+                }
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+}
+
+#[cfg(test)]
+mod tests;
