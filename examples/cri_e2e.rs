@@ -513,6 +513,91 @@ async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> Result<bo
     }
 }
 
+// ------------------------------------------------------------------------- the image layer
+
+/// A tar member: name, the PAX records of its entry, its data.
+type TarMember<'a> = (String, HashMap<String, Vec<u8>>, &'a [u8]);
+
+/// Members of a tar archive: (name, PAX records of the entry, data). Enough for the archives
+/// scripts/oci-image.py writes (ustar headers, PAX `x` headers, names under 100 bytes).
+fn tar_members(data: &[u8]) -> Result<Vec<TarMember<'_>>> {
+    let mut out = Vec::new();
+    let mut pax = HashMap::new();
+    let mut off = 0;
+    while off + 512 <= data.len() {
+        let h = &data[off..off + 512];
+        if h.iter().all(|b| *b == 0) {
+            break;
+        }
+        let field = |r: std::ops::Range<usize>| {
+            let f = &h[r];
+            String::from_utf8_lossy(&f[..f.iter().position(|b| *b == 0).unwrap_or(f.len())])
+                .trim()
+                .to_string()
+        };
+        let name = field(0..100);
+        let size = usize::from_str_radix(&field(124..136), 8)
+            .with_context(|| format!("tar header of {name:?}: bad size"))?;
+        let body = data
+            .get(off + 512..off + 512 + size)
+            .ok_or_else(|| anyhow!("tar member {name:?} truncated"))?;
+        off += 512 + size.div_ceil(512) * 512;
+        match h[156] {
+            b'x' => {
+                // Records: "LEN key=value\n", LEN counting the whole record.
+                let mut rest = body;
+                while !rest.is_empty() {
+                    let sp = rest
+                        .iter()
+                        .position(|b| *b == b' ')
+                        .ok_or_else(|| anyhow!("pax"))?;
+                    let len: usize = std::str::from_utf8(&rest[..sp])?.parse()?;
+                    let rec = rest
+                        .get(sp + 1..len.saturating_sub(1))
+                        .ok_or_else(|| anyhow!("pax"))?;
+                    let eq = rec
+                        .iter()
+                        .position(|b| *b == b'=')
+                        .ok_or_else(|| anyhow!("pax"))?;
+                    pax.insert(
+                        String::from_utf8_lossy(&rec[..eq]).into_owned(),
+                        rec[eq + 1..].to_vec(),
+                    );
+                    rest = &rest[len..];
+                }
+            }
+            b'g' => {}
+            _ => out.push((name, std::mem::take(&mut pax), body)),
+        }
+    }
+    Ok(out)
+}
+
+/// The `security.capability` xattr that the image's layer stores for `path`.
+fn layer_file_cap(archive: &Path, path: &str) -> Result<Option<Vec<u8>>> {
+    let data = std::fs::read(archive).with_context(|| archive.display().to_string())?;
+    let outer = tar_members(&data)?;
+    let manifest = outer
+        .iter()
+        .find(|m| m.0 == "manifest.json")
+        .ok_or_else(|| anyhow!("no manifest.json"))?;
+    let manifest: Json = serde_json::from_slice(manifest.2)?;
+    let mut found = None;
+    for layer in manifest[0]["Layers"].as_array().into_iter().flatten() {
+        let name = layer.as_str().unwrap_or_default();
+        let blob = outer
+            .iter()
+            .find(|m| m.0 == name)
+            .ok_or_else(|| anyhow!("layer {name} missing"))?;
+        for (n, pax, _) in tar_members(blob.2)? {
+            if n == path {
+                found = Some(pax.get("SCHILY.xattr.security.capability").cloned());
+            }
+        }
+    }
+    found.ok_or_else(|| anyhow!("{path} not in any layer"))
+}
+
 // ------------------------------------------------------------------------------- the run
 
 #[tokio::main(flavor = "current_thread")]
@@ -575,6 +660,24 @@ async fn run(t: &mut Tally) -> Result<()> {
 async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     let repo = node.a.repo.clone();
     let original = node.primary()?;
+
+    // ---- 0. the image carries the sidecar's file capability in its layer
+    // vfs_cap_data revision 2 with the effective flag, permitted = CAP_NET_RAW (bit 13).
+    let want: [u8; 20] = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    t.check(
+        "image layer: usr/local/bin/tproxy-sidecar has security.capability = cap_net_raw+ep",
+        layer_file_cap(
+            &repo.join("target/image/tproxy-cni.oci.tar"),
+            "usr/local/bin/tproxy-sidecar",
+        )
+        .and_then(|cap| match cap {
+            Some(c) if c == want => Ok(()),
+            Some(c) => Err(anyhow!("xattr is {c:02x?}, want {want:02x?}")),
+            None => Err(anyhow!("no SCHILY.xattr.security.capability record")),
+        }),
+    );
 
     // ---- 1. the installer, as the DaemonSet runs it
     let ds = pod_template(&repo.join("manifests/daemonset.yaml"))?;
