@@ -40,6 +40,8 @@ struct Args {
     socket: PathBuf,
     work: PathBuf,
     repo: PathBuf,
+    /// Cargo's target dir (the image archive and the static installer binary are there).
+    target: PathBuf,
     image: String,
     testbox: String,
 }
@@ -56,6 +58,7 @@ fn args() -> Result<Args> {
         socket: get("--socket")?.into(),
         work: get("--work")?.into(),
         repo: get("--repo")?.into(),
+        target: get("--target-dir")?.into(),
         image: get("--image")?,
         testbox: get("--testbox")?,
     })
@@ -669,7 +672,7 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     t.check(
         "image layer: usr/local/bin/tproxy-sidecar has security.capability = cap_net_raw+ep",
         layer_file_cap(
-            &repo.join("target/image/tproxy-cni.oci.tar"),
+            &node.a.target.join("image/tproxy-cni.oci.tar"),
             "usr/local/bin/tproxy-sidecar",
         )
         .and_then(|cap| match cap {
@@ -991,8 +994,8 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     if entry_present(&after_term) {
         // Documented "keep on exit" behaviour: the explicit uninstall removes it.
         let help = sh(&format!(
-            "{}/target/x86_64-unknown-linux-gnu/release/tproxy-cni-install --help",
-            repo.display()
+            "{}/x86_64-unknown-linux-gnu/release/tproxy-cni-install --help",
+            node.a.target.display()
         ))?;
         if help.contains("--uninstall") {
             how = "kept on SIGTERM, removed by --uninstall";

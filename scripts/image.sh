@@ -16,7 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TRIPLE=x86_64-unknown-linux-gnu
-OUT=${IMAGE_OUT:-target/image}
+TGT=${CARGO_TARGET_DIR:-target}
+OUT=${IMAGE_OUT:-$TGT/image}
 VERSION=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
 NAME=docker.io/library/tproxy-cni:$VERSION
 TESTBOX=docker.io/library/tproxy-cni-testbox:local
@@ -34,7 +35,7 @@ STAGE=$(mktemp -d "${TMPDIR:-/tmp}/tproxy-image.XXXXXX")
 trap 'rm -rf "$STAGE"' EXIT
 files=()
 for b in "${BINS[@]}"; do
-  src=target/$TRIPLE/release/$b
+  src=$TGT/$TRIPLE/release/$b
   if ldd "$src" 2>&1 | grep -q "=>"; then  # static(-pie): "not a dynamic executable" / "statically linked"
     echo "image: $src is dynamically linked" >&2; exit 1
   fi

@@ -20,7 +20,8 @@ WORK=$(mktemp -d /tmp/tproxy-rt.XXXXXX)
 SOCK=$WORK/containerd.sock
 CTRD_PID=
 SUMMARY=
-CLIENT=$ROOT/target/debug/examples/cri_e2e
+TGT=$(realpath -m "${CARGO_TARGET_DIR:-target}")
+CLIENT=$TGT/debug/examples/cri_e2e
 START=$(date +%s)
 
 ctr_() { ctr --address "$SOCK" "$@"; }
@@ -88,7 +89,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 echo "== image (scripts/image.sh)" >&2
-IMAGE_OUT=$ROOT/target/image ./scripts/image.sh >&2
+IMAGE_OUT=$TGT/image ./scripts/image.sh >&2
 cargo build --locked --quiet --example cri_e2e
 
 echo "== node netns $NODE, private containerd under $WORK" >&2
@@ -174,12 +175,12 @@ done
 ctr_ version >/dev/null || { echo "runtime-e2e: containerd did not come up" >&2; tail -20 "$WORK/containerd.log" >&2; exit 1; }
 
 echo "== import the images (no registry)" >&2
-ctr_ -n k8s.io images import target/image/tproxy-cni.oci.tar >&2
-ctr_ -n k8s.io images import target/image/testbox.oci.tar >&2
+ctr_ -n k8s.io images import "$TGT/image/tproxy-cni.oci.tar" >&2
+ctr_ -n k8s.io images import "$TGT/image/testbox.oci.tar" >&2
 
 echo "== CRI client" >&2
 set +e
-timeout 300 nsenter --net="/var/run/netns/$NODE" "$CLIENT" --socket "$SOCK" --work "$WORK" --repo "$ROOT" \
+timeout 300 nsenter --net="/var/run/netns/$NODE" "$CLIENT" --socket "$SOCK" --work "$WORK" --repo "$ROOT" --target-dir "$TGT" \
   --image "docker.io/library/tproxy-cni:$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)" \
   --testbox docker.io/library/tproxy-cni-testbox:local | tee "$WORK/client.out" |
   grep --line-buffered -Ev '^[0-9]+ passed, [0-9]+ failed$' # printed last, after the cleanup
