@@ -57,6 +57,9 @@ python3 scripts/oci-image.py --out "$OUT/tproxy-cni.oci.tar" --name "$NAME" \
 
 # The test box: busybox and the applets the real-runtime test uses; its default command sleeps
 # (the sandbox "pause" process). The CGI script answers with the peer address the app saw.
+if ldd "$(command -v busybox)" 2>&1 | grep -q "=>"; then
+  echo "image: $(command -v busybox) is dynamically linked: install busybox-static" >&2; exit 1
+fi
 cp "$(command -v busybox)" "$STAGE/busybox"
 printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\n%%s\\n" "$REMOTE_ADDR"\n' >"$STAGE/ip"
 links=()
