@@ -98,12 +98,18 @@ ulimit -n "$(ulimit -Hn)"  # the proxies hold 2 fds per connection
 
 in_c() { ip netns exec "$C" "$@"; }
 in_p() { ip netns exec "$P" "$@"; }
-# Runs a command in the pod netns as UID with only CAP_NET_RAW, the way the sidecar runs in a pod.
+# Runs a proxy in the pod netns as UID with only CAP_NET_RAW, the way a pod runs it: bounding set
+# NET_RAW, no ambient set (Kubernetes sets none), no_new_privs, and the binary carries the file
+# capability cap_net_raw+ep (a copy under $RUN, as the image's tproxy-sidecar does).
 # Meant for `as_proxy ... &`: exec keeps $! the proxy's own pid.
 as_proxy() {
-  local uid=$1; shift
+  local uid=$1 bin=$2; shift 2
+  local capped=$RUN/capbin/$uid-${bin##*/}
+  mkdir -p "$RUN/capbin" && chmod 755 "$RUN/capbin"
+  cp "$(command -v "$bin")" "$capped" && chmod 755 "$capped"
+  setcap cap_net_raw+ep "$capped"
   exec ip netns exec "$P" setpriv --reuid "$uid" --regid "$uid" --clear-groups \
-    --inh-caps -all,+net_raw --ambient-caps -all,+net_raw --bounding-set -all,+net_raw -- "$@"
+    --inh-caps -all --bounding-set -all,+net_raw --no-new-privs -- "$capped" "$@"
 }
 subst() { sed "s|@RUN@|$RUN|g" "$1" >"$2"; }
 

@@ -35,6 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# The sidecar's copy with the file capability cap_net_raw+ep, as the image ships it.
+install -m 0755 "$BIN/tproxy-sidecar" "$WORK/tproxy-sidecar"
+setcap cap_net_raw+ep "$WORK/tproxy-sidecar"
 
 cat >"$WORK/10-demo.conflist" <<JSON
 {
@@ -110,9 +113,11 @@ start_httpbin() {
   PIDS+=($!)
   : >"$WORK/access-$mode.log"
   chmod 666 "$WORK/access-$mode.log"
+  # As a pod runs it: bounding set NET_RAW only, no ambient set, no_new_privs, and the binary
+  # carries the file capability cap_net_raw+ep, as the image's does (scripts/image.sh).
   ip netns exec "$ns" setpriv --reuid 1337 --regid 1337 --clear-groups \
-    --inh-caps +net_raw --ambient-caps +net_raw \
-    "$BIN/tproxy-sidecar" --mode "$mode" --access-log "$WORK/access-$mode.log" \
+    --inh-caps -all --bounding-set -all,+net_raw --no-new-privs \
+    "$WORK/tproxy-sidecar" --mode "$mode" --access-log "$WORK/access-$mode.log" \
     2>>"$WORK/sidecar-$mode.err" &
   PIDS+=($!)
   wait_port "$ns" 8000

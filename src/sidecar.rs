@@ -4,6 +4,7 @@
 //! - `config`: flags + `TPROXY_SIDECAR_*` env -> `Config` (pure), `--help`.
 //! - `addr`: address-role newtypes (`ClientAddr`, `OrigDst`, `UpstreamLocal`, ...).
 //! - `sockopt`: every raw socket option, pipe and splice call; the only `unsafe`.
+//! - `caps`: why CAP_NET_RAW is missing (bounding vs effective set), for the start-up error.
 //! - `ports`: upstream source-port choice that never recreates a client's tuple (pitfall 12).
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
 //! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation.
@@ -17,6 +18,7 @@ pub mod accesslog;
 pub mod acl;
 pub mod addr;
 pub mod admin;
+pub mod caps;
 pub mod config;
 pub mod http1;
 pub mod metrics;
@@ -47,14 +49,12 @@ use proxy::{Role, Shared};
 pub enum SidecarError {
     #[error("annotations file {path}: {reason}")]
     Annotations { path: String, reason: String },
-    #[error(
-        "cannot set {what} ({source}): tproxy mode needs CAP_NET_RAW. Add it to the sidecar \
-         container: securityContext.capabilities.add: [\"NET_RAW\"] (no root or NET_ADMIN needed \
-         on kernels >= 5.17)"
-    )]
+    /// `hint` is `caps::diagnose`'s reading of the process's capability sets.
+    #[error("cannot set {what} ({source}): {hint}")]
     Capability {
         what: &'static str,
         source: io::Error,
+        hint: String,
     },
     #[error("listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
@@ -133,6 +133,7 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
                     sockopt::Missing::Mark => "SO_MARK",
                 },
                 source: e,
+                hint: caps::diagnose(caps::CapState::current(), &current_exe()),
             })
         }
         Err((_, e)) => {
@@ -188,6 +189,13 @@ pub fn connection_budget(max_connections: usize, nofile: u64) -> usize {
         .unwrap_or(usize::MAX)
         .min(max_connections)
         .max(1)
+}
+
+/// The running binary's path, for the `setcap` command in the capability hint.
+fn current_exe() -> String {
+    std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "tproxy-sidecar".to_string())
 }
 
 /// Binds `port` on 0.0.0.0 and [::]. IPv6 may be absent from the pod (disabled by sysctl): that

@@ -160,10 +160,8 @@ fn chain_outbound_capture_passes_through_as_proxy_uid() {
     let pod = node.add_pod(&ann).expect("pod ADD");
     let file = downward_api(&ann);
     let path = file.path().display().to_string();
-    let sc = Sidecar::spawn(
+    let sc = Sidecar::spawn_as_proxy(
         &pod.ns.name,
-        "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all,+net_raw \
-         --ambient-caps=+net_raw --bounding-set=-all,+net_raw",
         &["--mode", "auto", "--annotations-file", &path],
     );
     sc.wait_ready();

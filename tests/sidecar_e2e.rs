@@ -175,10 +175,6 @@ fn auto_mode_follows_annotations_file() {
     );
 }
 
-/// `setpriv` prefix: uid/gid 1337 (the proxy uid the plugin exempts) with only CAP_NET_RAW.
-const AS_PROXY_WITH_NET_RAW: &str = "setpriv --reuid 1337 --regid 1337 --clear-groups \
-     --inh-caps=-all,+net_raw --ambient-caps=+net_raw --bounding-set=-all,+net_raw";
-
 fn check_outbound(t: &Topo, sc: &Sidecar) {
     let r = get_ip(&t.pod.name, sa(CLIENT_V4, 7000)).expect("outbound v4");
     assert_eq!(r.origin, POD_V4);
@@ -216,7 +212,7 @@ fn outbound_capture_passes_through() {
     let _remote = App::start(&t.client.name, &[7000], &[]);
 
     // tproxy mode: the proxy's egress is exempt by uid (its mark would be routed to lo).
-    let sc = Sidecar::spawn(&t.pod.name, AS_PROXY_WITH_NET_RAW, &["--mode", "tproxy"]);
+    let sc = Sidecar::spawn_as_proxy(&t.pod.name, &["--mode", "tproxy"]);
     sc.wait_ready();
     check_outbound(&t, &sc);
     drop(sc);
@@ -616,7 +612,9 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
     let t = Topo::new();
     program_rules(&t.pod, &Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
-    let with = Sidecar::spawn(&t.pod.name, AS_PROXY_WITH_NET_RAW, &["--mode", "tproxy"]);
+    // As a pod runs it: bounding set NET_RAW, no ambient set, no_new_privs, and the binary
+    // carries cap_net_raw+ep (the image's binary does; see scripts/image.sh).
+    let with = Sidecar::spawn_as_proxy(&t.pod.name, &["--mode", "tproxy"]);
     with.wait_ready();
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", with.pid())).unwrap_or_default();
@@ -626,26 +624,51 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
             .any(|l| l.starts_with("Uid:") && l.contains("1337")),
         "{status}"
     );
-    // CapEff: exactly CAP_NET_RAW (bit 13).
-    assert!(
-        status.lines().any(|l| l == "CapEff:\t0000000000002000"),
-        "{status}"
-    );
+    // Exactly CAP_NET_RAW (bit 13) effective and permitted, nothing ambient, no_new_privs.
+    for want in [
+        "CapEff:\t0000000000002000",
+        "CapPrm:\t0000000000002000",
+        "CapAmb:\t0000000000000000",
+        "NoNewPrivs:\t1",
+    ] {
+        assert!(status.lines().any(|l| l == want), "{want}: {status}");
+    }
     let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("proxied as uid 1337");
     assert_eq!(r.origin, CLIENT_V4);
     assert_ne!(r.port, r.local_port);
     drop(with);
 
+    // Same process settings, binary without the file capability: NET_RAW is in the bounding set
+    // but the exec cleared it. The message says so and how to fix it, instead of asking for
+    // capabilities.add, which the container already has.
+    let mut no_file_cap = Sidecar::spawn(&t.pod.name, AS_PROXY, &["--mode", "tproxy"]);
+    let st = no_file_cap.wait_exit(Duration::from_secs(5));
+    assert_eq!(st.code(), Some(1));
+    let err = no_file_cap.stderr();
+    for want in [
+        "IP_TRANSPARENT",
+        "in the bounding set",
+        "non-root uid 1337 without ambient capabilities",
+        "lacks its file capability cap_net_raw+ep",
+        "setcap cap_net_raw+ep",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(!err.contains("Add it to the sidecar container"), "{err}");
+
+    // NET_RAW not even in the bounding set: the container must add it.
     let mut without = Sidecar::spawn(
         &t.pod.name,
-        "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all --bounding-set=-all",
+        "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all --bounding-set=-all \
+         --no-new-privs",
         &["--mode", "tproxy"],
     );
     let st = without.wait_exit(Duration::from_secs(5));
     assert_eq!(st.code(), Some(1));
     let err = without.stderr();
     assert!(
-        err.contains("NET_RAW") && err.contains("securityContext.capabilities.add"),
+        err.contains("not in this container's bounding set")
+            && err.contains("securityContext.capabilities.add: [\"NET_RAW\"]"),
         "{err}"
     );
 
@@ -1046,7 +1069,7 @@ fn not_ready_until_the_netns_is_programmed_for_the_mode() {
     require_root!();
     let t = Topo::new();
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
-    let sc = Sidecar::spawn(&t.pod.name, AS_PROXY_WITH_NET_RAW, &["--mode", "tproxy"]);
+    let sc = Sidecar::spawn_as_proxy(&t.pod.name, &["--mode", "tproxy"]);
     let body = wait_ready_code(&t.pod.name, 503, Duration::from_secs(10));
     assert!(
         body.starts_with(&format!(

@@ -304,9 +304,32 @@ pub struct Sidecar {
     pub child: Child,
     pub dir: tempfile::TempDir,
     pub ns: String,
+    /// The directory of the file-capability copy of the binary, when started from one.
+    pub capped: Option<tempfile::TempDir>,
 }
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy-sidecar");
+
+/// `setpriv` prefix of a non-root proxy as a pod runs it: uid/gid 1337 (the uid the plugin
+/// exempts), bounding set NET_RAW only, no inheritable or ambient capabilities, no_new_privs.
+/// Root's capabilities do not survive the exec of a binary without file capabilities, exactly as
+/// in a container, so the proxy has NET_RAW only when its binary carries `cap_net_raw+ep`.
+pub const AS_PROXY: &str = "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all \
+     --bounding-set=-all,+net_raw --no-new-privs";
+
+/// A copy of the sidecar binary carrying the file capability `cap_net_raw+ep`, as the image
+/// gives it (`setcap` from libcap2-bin; the temp dir is world-readable for uid 1337).
+pub fn capped_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tmpdir");
+    let dst = dir.path().join("tproxy-sidecar");
+    std::fs::copy(bin(), &dst).expect("copy sidecar binary");
+    common::sh(&format!(
+        "chmod 0755 {d} {b} && setcap cap_net_raw+ep {b}",
+        d = dir.path().display(),
+        b = dst.display()
+    ));
+    dir
+}
 
 /// The binary to run: `SIDECAR_BIN` (e.g. a release build for benchmarks) or the test build.
 pub fn bin() -> String {
@@ -323,6 +346,28 @@ impl Sidecar {
 
     /// Starts it behind a `prefix` command (e.g. setpriv) without waiting.
     pub fn spawn(ns: &str, prefix: &str, args: &[&str]) -> Sidecar {
+        Sidecar::spawn_bin(ns, prefix, &bin(), args)
+    }
+
+    /// Starts the non-root proxy the way a Kubernetes pod runs it: uid/gid 1337, the bounding
+    /// set holds only NET_RAW (`capabilities.drop: ALL, add: NET_RAW`), no ambient set
+    /// (Kubernetes never sets one), `no_new_privs` (`allowPrivilegeEscalation: false`), and a
+    /// copy of the binary carrying the file capability `cap_net_raw+ep` as the image's does
+    /// (docs/ARCHITECTURE.md, pitfall 13).
+    pub fn spawn_as_proxy(ns: &str, args: &[&str]) -> Sidecar {
+        let capped = capped_copy();
+        let mut s = Sidecar::spawn_bin(
+            ns,
+            AS_PROXY,
+            &capped.path().join("tproxy-sidecar").display().to_string(),
+            args,
+        );
+        s.capped = Some(capped);
+        s
+    }
+
+    /// Starts binary `bin` behind `prefix` without waiting.
+    pub fn spawn_bin(ns: &str, prefix: &str, bin: &str, args: &[&str]) -> Sidecar {
         let dir = tempfile::tempdir().expect("tmpdir");
         // Writable for a non-root sidecar too.
         common::sh(&format!("chmod 0777 {}", dir.path().display()));
@@ -330,7 +375,7 @@ impl Sidecar {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns]);
         cmd.args(prefix.split_whitespace());
-        cmd.arg(bin()).args(args).arg("--access-log").arg(&log);
+        cmd.arg(bin).args(args).arg("--access-log").arg(&log);
         cmd.stdin(Stdio::null())
             .stdout(File::create(dir.path().join("stdout")).expect("stdout file"))
             .stderr(File::create(dir.path().join("stderr")).expect("stderr file"));
@@ -339,6 +384,7 @@ impl Sidecar {
             child,
             dir,
             ns: ns.to_string(),
+            capped: None,
         }
     }
 
