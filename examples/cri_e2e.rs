@@ -665,12 +665,13 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     let original = node.primary()?;
 
     // ---- 0. the image carries the sidecar's file capability in its layer
-    // vfs_cap_data revision 2 with the effective flag, permitted = CAP_NET_RAW (bit 13).
+    // vfs_cap_data revision 2 without the effective flag (the sidecar raises it itself, so a
+    // container without NET_RAW can still execute the binary), permitted = CAP_NET_RAW (bit 13).
     let want: [u8; 20] = [
-        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
     ];
     t.check(
-        "image layer: usr/local/bin/tproxy-sidecar has security.capability = cap_net_raw+ep",
+        "image layer: usr/local/bin/tproxy-sidecar has security.capability = cap_net_raw+p",
         layer_file_cap(
             &node.a.target.join("image/tproxy-cni.oci.tar"),
             "usr/local/bin/tproxy-sidecar",
@@ -753,10 +754,39 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
         });
         c
     };
+    // Never break a node: with one of the primary's binaries missing from the bin dir (as when
+    // the DaemonSet mounts a dir the runtime does not search), the installer must not chain us
+    // and must say why; once the binary is there it chains at the next resync (10 s).
+    let portmap = node.bin_dir().join("portmap");
+    let hidden = node.bin_dir().join(".portmap.hidden");
+    std::fs::rename(&portmap, &hidden).context("hiding portmap")?;
     let c = mk_installer(node, "install", &[]);
     let installer = node.start(&inst_pod, c).await?;
     let conf = node.conf_dir().join("10-primary.conflist");
     let bin = node.bin_dir().join(OUR_TYPE);
+    let reason = health.join("reason");
+    let refused = wait_for(
+        "the installer's reason file",
+        Duration::from_secs(30),
+        || Ok(std::fs::read_to_string(&reason).is_ok_and(|r| r.contains("portmap"))),
+    )
+    .await
+    .and_then(|()| {
+        let list: Json = serde_json::from_str(&std::fs::read_to_string(&conf)?)?;
+        if entry_present(&list) {
+            bail!("our entry was written although portmap is missing: {list}");
+        }
+        if health.join("ready").exists() {
+            bail!("the installer says ready although portmap is missing");
+        }
+        Ok(())
+    });
+    t.check(
+        "installer refuses to chain while a primary binary (portmap) is missing: no entry, not \
+         ready, the reason names it",
+        refused,
+    );
+    std::fs::rename(&hidden, &portmap).context("restoring portmap")?;
     let chained = wait_for(
         "tproxy-cni entry and binary",
         Duration::from_secs(30),
@@ -845,8 +875,16 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
                 readonly: true,
                 ..Default::default()
             }];
+            // Redirect mode needs no capability: its pod drops ALL and adds nothing, which the
+            // image's permitted-only file capability allows (docs/ARCHITECTURE.md, pitfall 19).
+            let mut sec = sidecar_sc.clone();
+            if mode == "redirect" {
+                if let Some(c) = sec.capabilities.as_mut() {
+                    c.add_capabilities.clear();
+                }
+            }
             sc.linux = Some(LinuxContainerConfig {
-                security_context: Some(sidecar_sc.clone()),
+                security_context: Some(sec),
                 ..Default::default()
             });
             let sc_id = node.start(pod, sc).await?;
@@ -909,16 +947,21 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
         match res {
             Ok(status) => {
                 t.check(&saw, Ok(()));
+                let (eff, what) = if mode == "redirect" {
+                    ("CapEff:\t0000000000000000", "no capability (none added)")
+                } else {
+                    ("CapEff:\t0000000000002000", "exactly NET_RAW effective")
+                };
                 let want = [
                     "Uid:\t1337\t1337\t1337\t1337",
-                    "CapEff:\t0000000000002000",
+                    eff,
                     "CapAmb:\t0000000000000000",
                     "NoNewPrivs:\t1",
                 ];
                 t.check(
                     &format!(
-                        "{mode} pod: sidecar runs as uid 1337 with exactly NET_RAW effective, \
-                         no ambient set, no_new_privs"
+                        "{mode} pod: sidecar runs as uid 1337 with {what}, no ambient set, \
+                         no_new_privs"
                     ),
                     match want.iter().find(|w| !status.lines().any(|l| l == **w)) {
                         None => Ok(()),

@@ -35,9 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-# The sidecar's copy with the file capability cap_net_raw+ep, as the image ships it.
+# The sidecar's copy with the file capability cap_net_raw+p, as the image ships it.
 install -m 0755 "$BIN/tproxy-sidecar" "$WORK/tproxy-sidecar"
-setcap cap_net_raw+ep "$WORK/tproxy-sidecar"
+setcap cap_net_raw+p "$WORK/tproxy-sidecar"
 
 cat >"$WORK/10-demo.conflist" <<JSON
 {
@@ -114,7 +114,7 @@ start_httpbin() {
   : >"$WORK/access-$mode.log"
   chmod 666 "$WORK/access-$mode.log"
   # As a pod runs it: bounding set NET_RAW only, no ambient set, no_new_privs, and the binary
-  # carries the file capability cap_net_raw+ep, as the image's does (scripts/image.sh).
+  # carries the file capability cap_net_raw+p, as the image's does (scripts/image.sh).
   ip netns exec "$ns" setpriv --reuid 1337 --regid 1337 --clear-groups \
     --inh-caps -all --bounding-set -all,+net_raw --no-new-privs \
     "$WORK/tproxy-sidecar" --mode "$mode" --access-log "$WORK/access-$mode.log" \

@@ -2,7 +2,7 @@
 # Builds the tproxy-cni image offline, without Docker or a base image:
 #   target/image/tproxy-cni.oci.tar   tproxy-cni, tproxy-sidecar, tproxy-cni-install in
 #                                     /usr/local/bin, statically linked (glibc, crt-static);
-#                                     tproxy-sidecar carries the file capability cap_net_raw+ep
+#                                     tproxy-sidecar carries the file capability cap_net_raw+p
 #   target/image/testbox.oci.tar      busybox (static, from Debian's busybox-static): the pause
 #                                     image of the real-runtime test and its app/client image
 # Both are OCI image layouts with Docker's manifest.json: `ctr images import FILE` and
@@ -42,7 +42,7 @@ for b in "${BINS[@]}"; do
   install -m 0755 "$src" "$STAGE/$b"
   files+=(--file "$STAGE/$b:/usr/local/bin/$b:0755")
 done
-setcap cap_net_raw+ep "$STAGE/tproxy-sidecar"
+setcap cap_net_raw+p "$STAGE/tproxy-sidecar"
 
 # /etc/passwd and /etc/group: root for the installer, 1337 for the sidecar (names for tools;
 # Kubernetes itself uses the numeric ids).

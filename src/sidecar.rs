@@ -123,6 +123,12 @@ pub fn resolve_mode(
 pub fn run(cfg: Config) -> Result<(), SidecarError> {
     let Resolved { mode, diverted } = resolve_mode(&cfg, |p| std::fs::read_to_string(p))?;
 
+    // The image ships NET_RAW as a permitted-only file capability (docs/ARCHITECTURE.md,
+    // pitfall 19): make it effective before anything needs it. Raised here, on the main thread
+    // before the runtime exists, so every thread created later inherits it.
+    if let Err(e) = sockopt::raise_effective(caps::CAP_NET_RAW) {
+        eprintln!("tproxy-sidecar: cannot read or raise the capability sets: {e}");
+    }
     // Fail early, with the fix in the message, instead of failing every connection later.
     let mark = match sockopt::probe(cfg.mark, mode == InboundMode::Tproxy) {
         Ok(()) => Some(cfg.mark),

@@ -613,7 +613,7 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
     program_rules(&t.pod, &Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     // As a pod runs it: bounding set NET_RAW, no ambient set, no_new_privs, and the binary
-    // carries cap_net_raw+ep (the image's binary does; see scripts/image.sh).
+    // carries cap_net_raw+p (the image's binary does; see scripts/image.sh).
     let with = Sidecar::spawn_as_proxy(&t.pod.name, &["--mode", "tproxy"]);
     with.wait_ready();
     let status =
@@ -649,20 +649,21 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
         "IP_TRANSPARENT",
         "in the bounding set",
         "non-root uid 1337 without ambient capabilities",
-        "lacks its file capability cap_net_raw+ep",
-        "setcap cap_net_raw+ep",
+        "lacks its file capability cap_net_raw+p",
+        "setcap cap_net_raw+p",
     ] {
         assert!(err.contains(want), "{want}: {err}");
     }
     assert!(!err.contains("Add it to the sidecar container"), "{err}");
 
-    // NET_RAW not even in the bounding set: the container must add it.
-    let mut without = Sidecar::spawn(
-        &t.pod.name,
-        "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all --bounding-set=-all \
-         --no-new-privs",
-        &["--mode", "tproxy"],
-    );
+    // NET_RAW not even in the bounding set (the container does not add it), with the image's
+    // binary: it still executes (its file capability is permitted-only, docs/ARCHITECTURE.md,
+    // pitfall 19) and says the container must add NET_RAW.
+    let capped = capped_copy();
+    let capped_bin = capped.path().join("tproxy-sidecar").display().to_string();
+    const NO_CAPS: &str = "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all \
+         --bounding-set=-all --no-new-privs";
+    let mut without = Sidecar::spawn_bin(&t.pod.name, NO_CAPS, &capped_bin, &["--mode", "tproxy"]);
     let st = without.wait_exit(Duration::from_secs(5));
     assert_eq!(st.code(), Some(1));
     let err = without.stderr();
@@ -672,8 +673,9 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
         "{err}"
     );
 
-    // Redirect mode needs no capability at all (like a stock mesh sidecar): it starts without
-    // SO_MARK and the app sees 127.0.0.6.
+    // Redirect mode needs no capability at all (like a stock mesh sidecar): the image's binary
+    // runs in a container that drops ALL and adds nothing (with a `+ep` file capability the
+    // kernel would refuse the exec), starts without SO_MARK, and the app sees 127.0.0.6.
     program_rules(
         &t.pod,
         &Rules {
@@ -681,12 +683,14 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
             ..Rules::default()
         },
     );
-    let plain = Sidecar::spawn(
-        &t.pod.name,
-        "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all --bounding-set=-all",
-        &["--mode", "redirect"],
-    );
+    let plain = Sidecar::spawn_bin(&t.pod.name, NO_CAPS, &capped_bin, &["--mode", "redirect"]);
     plain.wait_ready();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", plain.pid())).unwrap_or_default();
+    assert!(
+        status.lines().any(|l| l == "CapEff:\t0000000000000000"),
+        "{status}"
+    );
     let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("redirect without caps");
     assert_eq!(r.origin, "127.0.0.6");
     assert!(

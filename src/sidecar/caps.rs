@@ -4,12 +4,16 @@
 //! Kubernetes puts a container's `capabilities.add` in the bounding, permitted and effective sets
 //! of the runtime's process, but sets no ambient capabilities: when a non-root process executes a
 //! binary without file capabilities, the kernel clears its permitted and effective sets
-//! (docs/ARCHITECTURE.md, pitfall 13). So "in the bounding set but not effective" means the binary
-//! lacks its file capability `cap_net_raw+ep`; "not in the bounding set" means the container
-//! never asked for NET_RAW.
+//! (docs/ARCHITECTURE.md, pitfall 13). The image's binary carries the file capability
+//! `cap_net_raw+p` (permitted only, so a container without NET_RAW can still execute it: pitfall
+//! 19) and the sidecar raises it to effective at start. So "in the bounding set but not
+//! permitted" means the binary lacks its file capability; "not in the bounding set" means the
+//! container never asked for NET_RAW.
 
+/// Number of CAP_NET_RAW (capability.h).
+pub const CAP_NET_RAW: u32 = 13;
 /// Bit of CAP_NET_RAW in the capability masks of `/proc/PID/status`.
-pub const NET_RAW: u64 = 1 << 13;
+pub const NET_RAW: u64 = 1 << CAP_NET_RAW;
 
 /// The capability sets and uids of a process, as `/proc/PID/status` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,13 +67,13 @@ pub fn diagnose(st: Option<CapState>, exe: &str) -> String {
     let Some(st) = st else {
         return "tproxy mode needs CAP_NET_RAW (could not read /proc/self/status to say more). \
                 Add it to the sidecar container: securityContext.capabilities.add: [\"NET_RAW\"], \
-                and give the binary the file capability: setcap cap_net_raw+ep "
+                and give the binary the file capability: setcap cap_net_raw+p "
             .to_string()
             + exe;
     };
     let sets = format!(
-        "uid {}, CapEff {:016x}, CapBnd {:016x}, CapAmb {:016x}, NoNewPrivs {}",
-        st.euid, st.eff, st.bnd, st.amb, st.no_new_privs as u8
+        "uid {}, CapEff {:016x}, CapPrm {:016x}, CapBnd {:016x}, CapAmb {:016x}, NoNewPrivs {}",
+        st.euid, st.eff, st.prm, st.bnd, st.amb, st.no_new_privs as u8
     );
     if st.bnd & NET_RAW == 0 {
         return format!(
@@ -79,6 +83,12 @@ pub fn diagnose(st: Option<CapState>, exe: &str) -> String {
         );
     }
     if st.eff & NET_RAW == 0 {
+        if st.prm & NET_RAW != 0 {
+            return format!(
+                "tproxy mode needs CAP_NET_RAW: it is permitted but could not be made effective \
+                 ({sets}); the sidecar raises it at start, so something refused capset(2)"
+            );
+        }
         let who = if st.euid == 0 {
             "the process runs as root but CAP_NET_RAW was dropped from its permitted set"
                 .to_string()
@@ -86,7 +96,7 @@ pub fn diagnose(st: Option<CapState>, exe: &str) -> String {
             format!(
                 "the process runs as non-root uid {} without ambient capabilities (Kubernetes \
                  sets none), so the kernel grants it only the file capabilities of the binary, \
-                 and {exe} lacks its file capability cap_net_raw+ep",
+                 and {exe} lacks its file capability cap_net_raw+p",
                 st.euid
             )
         };
@@ -94,7 +104,7 @@ pub fn diagnose(st: Option<CapState>, exe: &str) -> String {
             "tproxy mode needs CAP_NET_RAW: it is in the bounding set (capabilities.add has it) \
              but not effective ({sets}): {who}. Fix: run the image whose tproxy-sidecar carries \
              the file capability (scripts/image.sh or install/Dockerfile build it), or run \
-             `setcap cap_net_raw+ep {exe}` when building your image, on a filesystem not mounted \
+             `setcap cap_net_raw+p {exe}` when building your image, on a filesystem not mounted \
              nosuid; keep capabilities.add: [\"NET_RAW\"] (or use redirect mode, which needs no \
              capability)"
         );
@@ -142,12 +152,9 @@ mod tests {
         );
         assert!(m.contains("in the bounding set"), "{m}");
         assert!(m.contains("non-root uid 1337"), "{m}");
+        assert!(m.contains("lacks its file capability cap_net_raw+p"), "{m}");
         assert!(
-            m.contains("lacks its file capability cap_net_raw+ep"),
-            "{m}"
-        );
-        assert!(
-            m.contains("setcap cap_net_raw+ep /usr/local/bin/tproxy-sidecar"),
+            m.contains("setcap cap_net_raw+p /usr/local/bin/tproxy-sidecar"),
             "{m}"
         );
         assert!(!m.contains("Add it to the sidecar container"), "{m}");
@@ -175,6 +182,6 @@ mod tests {
         let m = diagnose(Some(st), "/x");
         assert!(m.contains("it is effective"), "{m}");
         let m = diagnose(None, "/x");
-        assert!(m.contains("setcap cap_net_raw+ep /x"), "{m}");
+        assert!(m.contains("setcap cap_net_raw+p /x"), "{m}");
     }
 }

@@ -131,7 +131,7 @@ pub fn help() -> String {
          Usage: tproxy-sidecar [--flag value | --flag=value]...\n\n\
          Every flag can also be set by its environment variable; flags win.\n\
          Needs CAP_NET_RAW in tproxy mode (securityContext.capabilities.add: [\"NET_RAW\"]);\n\
-         as non-root the binary must also carry the file capability cap_net_raw+ep.\n\n",
+         as non-root the binary must also carry the file capability cap_net_raw+p.\n\n",
     );
     for sp in SPECS {
         let _ = writeln!(

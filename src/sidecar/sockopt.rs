@@ -39,6 +39,61 @@ pub fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
     }
 }
 
+/// Header and one 32-bit slice of the capability sets, as `capget(2)`/`capset(2)` take them
+/// (version 3: two slices cover capabilities 0-63).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// Makes capability `cap` (a number below 32, e.g. 13 for CAP_NET_RAW) effective when it is in
+/// the permitted set; returns whether it is effective afterwards. Raising a permitted capability
+/// into the effective set needs no privilege: the image ships the sidecar with the file
+/// capability `cap_net_raw+p` (permitted only), so a container without NET_RAW in its bounding
+/// set can still execute it (docs/ARCHITECTURE.md, pitfall 19) and tproxy mode turns it on here.
+pub fn raise_effective(cap: u32) -> io::Result<bool> {
+    let bit = 1u32
+        .checked_shl(cap)
+        .filter(|_| cap < 32)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "capability number above 31"))?;
+    let mut hdr = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: `hdr` and `data` are live, properly laid out (`#[repr(C)]`) values of the sizes
+    // capget(2) expects for version 3 (one header, two data slices); the kernel writes only
+    // into them and keeps no pointer. pid 0 means the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if data[0].effective & bit != 0 {
+        return Ok(true);
+    }
+    if data[0].permitted & bit == 0 {
+        return Ok(false);
+    }
+    data[0].effective |= bit;
+    // SAFETY: as above; capset(2) only reads `hdr` and the two slices. The sidecar calls this
+    // once at start-up, before the runtime starts other threads, so every thread created later
+    // inherits the raised set.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
 /// What the start-up probe found missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Missing {

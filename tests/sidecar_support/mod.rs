@@ -313,18 +313,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tproxy-sidecar");
 /// `setpriv` prefix of a non-root proxy as a pod runs it: uid/gid 1337 (the uid the plugin
 /// exempts), bounding set NET_RAW only, no inheritable or ambient capabilities, no_new_privs.
 /// Root's capabilities do not survive the exec of a binary without file capabilities, exactly as
-/// in a container, so the proxy has NET_RAW only when its binary carries `cap_net_raw+ep`.
+/// in a container, so the proxy has NET_RAW only when its binary carries `cap_net_raw+p`.
 pub const AS_PROXY: &str = "setpriv --reuid 1337 --regid 1337 --clear-groups --inh-caps=-all \
      --bounding-set=-all,+net_raw --no-new-privs";
 
-/// A copy of the sidecar binary carrying the file capability `cap_net_raw+ep`, as the image
+/// A copy of the sidecar binary carrying the file capability `cap_net_raw+p`, as the image
 /// gives it (`setcap` from libcap2-bin; the temp dir is world-readable for uid 1337).
 pub fn capped_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tmpdir");
     let dst = dir.path().join("tproxy-sidecar");
     std::fs::copy(bin(), &dst).expect("copy sidecar binary");
     common::sh(&format!(
-        "chmod 0755 {d} {b} && setcap cap_net_raw+ep {b}",
+        "chmod 0755 {d} {b} && setcap cap_net_raw+p {b}",
         d = dir.path().display(),
         b = dst.display()
     ));
@@ -352,7 +352,7 @@ impl Sidecar {
     /// Starts the non-root proxy the way a Kubernetes pod runs it: uid/gid 1337, the bounding
     /// set holds only NET_RAW (`capabilities.drop: ALL, add: NET_RAW`), no ambient set
     /// (Kubernetes never sets one), `no_new_privs` (`allowPrivilegeEscalation: false`), and a
-    /// copy of the binary carrying the file capability `cap_net_raw+ep` as the image's does
+    /// copy of the binary carrying the file capability `cap_net_raw+p` as the image's does
     /// (docs/ARCHITECTURE.md, pitfall 13).
     pub fn spawn_as_proxy(ns: &str, args: &[&str]) -> Sidecar {
         let capped = capped_copy();
