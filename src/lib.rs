@@ -6,6 +6,7 @@
 //! - `plan`: the pure description of every kernel object we own in a pod netns.
 //! - `nft`: Plan -> one nf_tables netlink batch; read-back for CHECK; canonical text render.
 //! - `routing`: Plan -> rtnetlink fwmark rules, local routes, loopback addresses.
+//! - `apply`: Plan -> kernel: apply (with undo), remove (collects every error), verify (drift).
 //! - `netns`: the only place that calls `setns`.
 //! - `cnirun`: runs a conflist the way libcni does (for the demo and tests).
 //! - `cni`: the CNI protocol frame (env, config, result passthrough, errors, commands).
@@ -14,6 +15,7 @@
 //! - `install`: the node installer (binary copy, conflist patching, watch).
 
 pub mod annotations;
+pub mod apply;
 pub mod cni;
 pub mod cnirun;
 pub mod consts;

@@ -101,6 +101,26 @@ impl From<crate::routing::RoutingError> for CniError {
     }
 }
 
+impl From<crate::apply::Error> for CniError {
+    fn from(e: crate::apply::Error) -> Self {
+        CniError::new(code::KERNEL, e.to_string())
+    }
+}
+
+impl CniError {
+    /// CHECK's answer when the kernel differs from the plan: every difference, code 101.
+    pub fn drift(pod: &str, drift: &[crate::apply::Drift]) -> CniError {
+        let lines: Vec<String> = drift.iter().map(ToString::to_string).collect();
+        CniError::new(
+            code::CHECK_MISMATCH,
+            format!(
+                "{pod}: kernel state differs from the plan: {}",
+                lines.join("; ")
+            ),
+        )
+    }
+}
+
 impl From<crate::nft::NftError> for CniError {
     fn from(e: crate::nft::NftError) -> Self {
         CniError::new(code::KERNEL, format!("nftables: {e}"))
