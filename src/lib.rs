@@ -8,7 +8,6 @@
 //! - `routing`: Plan -> rtnetlink fwmark rules, local routes, loopback addresses.
 //! - `apply`: Plan -> kernel: apply (with undo), remove (collects every error), verify (drift).
 //! - `netns`: the only place that calls `setns`.
-//! - `cnirun`: runs a conflist the way libcni does (for the demo and tests).
 //! - `cni`: the CNI protocol frame (env, config, result passthrough, errors, commands).
 //! - `sidecar`: the in-pod transparent proxy.
 //! - `logging`: the one log backend and timestamp format of all binaries.
@@ -17,7 +16,6 @@
 pub mod annotations;
 pub mod apply;
 pub mod cni;
-pub mod cnirun;
 pub mod consts;
 pub mod install;
 pub mod logging;

@@ -955,9 +955,7 @@ mod tests {
         };
         assert!(ip(&["netns", "add", &name]));
         let path = format!("/var/run/netns/{name}");
-        let res = std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let res = crate::netns::run_in(std::path::Path::new(&path), || {
             let t = tproxy_table();
             let mut out = Vec::new();
             for replace in [false, true] {
@@ -972,8 +970,7 @@ mod tests {
                 ));
             }
             out
-        })
-        .join();
+        });
         ip(&["netns", "del", &name]);
         assert_eq!(
             res.expect("netns thread"),

@@ -3,10 +3,10 @@
 
 mod common;
 
+use common::chain::cnirun::{self, Invocation, RunError};
 use serde_json::{json, Map, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use tproxy_cni::cnirun::{self, Invocation, RunError};
 
 /// A fake plugin: records stdin and the CNI_* environment in `log`, numbered by call order,
 /// prints a result naming itself on ADD, and fails with a CNI error when its name starts "fail".

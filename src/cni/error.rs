@@ -63,6 +63,16 @@ impl CniError {
         self.details = details.into();
         self
     }
+    /// Reads the spec's error object back (what a plugin printed); `None` when `v` is not one.
+    pub fn from_json(v: &Value) -> Option<CniError> {
+        let o = v.as_object()?;
+        let text = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        Some(CniError {
+            code: u32::try_from(o.get("code")?.as_u64()?).ok()?,
+            msg: text("msg"),
+            details: text("details"),
+        })
+    }
     /// The spec's error object (`cniVersion`, `code`, `msg`, `details`).
     pub fn to_json(&self, cni_version: &str) -> Value {
         let mut v = json!({ "cniVersion": cni_version, "code": self.code, "msg": self.msg });

@@ -29,17 +29,12 @@ pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("test address"), port)
 }
 
-/// Runs `f` on a fresh thread that entered netns `ns` (never on a shared thread: DESIGN.md
-/// pitfall 7). Sockets created inside stay bound to that netns and may be used anywhere.
+/// Runs `f` on a fresh thread that entered netns `ns` (never on a shared thread:
+/// docs/ARCHITECTURE.md, pitfall 7). Sockets created inside stay bound to that netns and may
+/// be used anywhere.
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = File::open(&path).expect("open netns");
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
+    tproxy_cni::netns::run_in(std::path::Path::new(&path), f).expect("enter the test netns")
 }
 
 /// Like `in_ns` but returns the join handle (for concurrent clients).
@@ -47,12 +42,8 @@ pub fn spawn_in_ns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = File::open(&path).expect("open netns");
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
+    let ns = ns.to_string();
+    std::thread::spawn(move || in_ns(&ns, f))
 }
 
 /// Client netns <-> pod netns over a veth, IPv4 and IPv6.
