@@ -2,7 +2,8 @@
 //! delete/exists; a canonical `nft -f` text render for golden tests. No `nft` binary at run time.
 //!
 //! Every call opens its own NETLINK_NETFILTER socket, so it acts on the netns of the calling
-//! thread (callers enter the pod netns on a short-lived thread first, pitfall 7).
+//! thread (callers enter the pod netns on a short-lived thread first, docs/ARCHITECTURE.md,
+//! pitfall 7).
 //!
 //! - `wire`: netlink framing and the socket. Hand-written, not `netlink-packet-netfilter`,
 //!   which lacks the ct/tproxy/reject/redir expressions (see its module comment).
@@ -12,7 +13,8 @@
 //!
 //! Cost (measured here): a batch into an absent table takes ~0.3 ms. Any call that deletes
 //! base chains (replace, `delete`) pays ~11 ms when its socket closes, because the kernel
-//! waits for the deferred destruction of the hooks (pitfall 6) - `nft` itself pays the same.
+//! waits for the deferred destruction of the hooks (docs/ARCHITECTURE.md, pitfall 6) - `nft`
+//! itself pays the same.
 
 mod expr;
 mod render;
@@ -318,7 +320,8 @@ fn build_batch(t: &Table, delete_first: bool) -> Batch {
                 c.name,
                 table_obj(&tn)
             );
-            // APPEND: without it the kernel inserts each rule at the head (pitfall 5).
+            // APPEND: without it the kernel inserts each rule at the head (docs/ARCHITECTURE.md,
+            // pitfall 5).
             b.add(
                 wire::NFT_MSG_NEWRULE,
                 wire::NLM_F_CREATE | wire::NLM_F_APPEND,
@@ -486,7 +489,7 @@ pub fn delete_owned_except(keep: Option<&str>) -> Result<Vec<String>, NftError> 
 }
 
 /// Creates our inet table with exactly `table`'s content, or atomically replaces it, in one
-/// batch. The delete is only in the batch when the table exists (pitfall 6).
+/// batch. The delete is only in the batch when the table exists (docs/ARCHITECTURE.md, pitfall 6).
 pub fn apply(table: &Table) -> Result<(), NftError> {
     check_table(table)?;
     let s = open()?;
@@ -935,7 +938,8 @@ mod tests {
         pub static LOSE_REPLIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
-    /// Pitfall 14: when the replies of a committed batch cannot be read, apply() removes the
+    /// docs/ARCHITECTURE.md, pitfall 14: when the replies of a committed batch cannot be read,
+    /// apply() removes the
     /// table before reporting the error, for a fresh table and for a replaced one. Root only
     /// (skipped otherwise); it works in a netns of its own.
     #[test]
@@ -1055,14 +1059,16 @@ mod tests {
         let (buf, objects, acked) = build_batch(&t, false).finish();
         // BEGIN: len 20, type 0x10, flags REQUEST, nfgenmsg {AF_UNSPEC, v0, res_id 10 (be)}.
         assert_eq!(hex(&buf[..20]), "140000001000010001000000000000000000000a");
-        // table + 2 chains + 11 rules, only the last acknowledged (pitfall 14); no delete when
+        // table + 2 chains + 11 rules, only the last acknowledged (docs/ARCHITECTURE.md,
+        // pitfall 14); no delete when
         // the table is absent.
         assert_eq!(objects.len(), 14);
         assert_eq!(acked, 1);
         assert!(objects[0].1.starts_with("add table inet tproxy_cni"));
         let (_, objects, _) = build_batch(&t, true).finish();
         assert_eq!(objects[0].1, "delete table inet tproxy_cni");
-        // Every rule message appends (pitfall 5); only the last one asks for an ACK.
+        // Every rule message appends (docs/ARCHITECTURE.md, pitfall 5); only the last one asks
+        // for an ACK.
         let mut off = 20;
         let mut rules = 0;
         while off + 16 <= buf.len() {

@@ -8,7 +8,8 @@
 //! identities `delete` is given (objects of releases from before the tag).
 //!
 //! Synchronous netlink over one `netlink-sys` socket, no async runtime: the plugin runs a few
-//! requests per pod, and a runtime's threads must never meet `setns` (pitfall 7). Call these
+//! requests per pod, and a runtime's threads must never meet `setns` (docs/ARCHITECTURE.md,
+//! pitfall 7). Call these
 //! from a thread already inside the pod netns (see `netns`).
 
 use std::io;
@@ -74,7 +75,8 @@ fn rule_msg(r: &FwmarkRule) -> RuleMessage {
 fn untagged_rule_msg(r: &FwmarkRule) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = family(r.family);
-    // Pitfall 4: without an explicit action the kernel accepts the rule and every lookup fails.
+    // docs/ARCHITECTURE.md, pitfall 4: without an explicit action the kernel accepts the rule
+    // and every lookup fails.
     m.header.action = RuleAction::ToTable;
     m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
     m.attributes = vec![
@@ -99,7 +101,8 @@ fn route_msg(r: &LocalRoute, lo: u32) -> RouteMessage {
     m.header.destination_prefix_length = 0;
     m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
     m.header.protocol = RouteProtocol::from(RT_PROTOCOL);
-    // Pitfall 4: a `local` route must be host-scoped or the kernel refuses it.
+    // docs/ARCHITECTURE.md, pitfall 4: a `local` route must be host-scoped or the kernel
+    // refuses it.
     m.header.scope = RouteScope::Host;
     m.header.kind = RouteType::Local;
     m.attributes = vec![RouteAttribute::Table(r.table), RouteAttribute::Oif(lo)];

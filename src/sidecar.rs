@@ -4,7 +4,8 @@
 //! - `config`: flags + `TPROXY_SIDECAR_*` env -> `Config` (pure), `--help`.
 //! - `addr`: address-role newtypes (`ClientAddr`, `OrigDst`, `UpstreamLocal`, ...).
 //! - `sockopt`: every raw socket option, pipe and splice call; the only `unsafe`.
-//! - `ports`: upstream source-port choice that never recreates a client's tuple (pitfall 12).
+//! - `ports`: upstream source-port choice that never recreates a client's tuple
+//!   (docs/ARCHITECTURE.md, pitfall 12).
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
 //! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.

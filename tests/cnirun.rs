@@ -411,7 +411,8 @@ fn real_bridge_host_local() {
     cnirun::check(&conflist, &inv, &result).unwrap();
     cnirun::del(&conflist, &inv, Some(&result)).unwrap();
     assert!(!ns.try_sh("ip link show dev eth0").status.success());
-    // DEL twice is fine for the reference plugins (and must be for ours, pitfall 9).
+    // DEL twice is fine for the reference plugins (and must be for ours, docs/ARCHITECTURE.md,
+    // pitfall 9).
     cnirun::del(&conflist, &inv, Some(&result)).unwrap();
     drop(cleanup_bridge);
 }

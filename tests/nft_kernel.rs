@@ -505,7 +505,8 @@ fn golden_files_are_nft_listings() {
     }
 }
 
-/// Pitfall 14: a batch of thousands of rules applies (one ACK, buffers sized for the batch),
+/// docs/ARCHITECTURE.md, pitfall 14: a batch of thousands of rules applies (one ACK, buffers
+/// sized for the batch),
 /// CHECK reads it all back, and a kernel refusal deep in a big batch is still reported with
 /// the rule it concerns and leaves nothing.
 #[test]

@@ -93,7 +93,8 @@ pub struct Rules {
     pub outbound: bool,
 }
 
-/// Programs DESIGN.md §3 in the pod netns with `nft` + `ip rule/route`, replacing earlier rules.
+/// Programs the recipe of docs/ARCHITECTURE.md, "The inbound TPROXY recipe", in the pod netns
+/// with `nft` + `ip rule/route`, replacing earlier rules.
 /// The one place to swap for the real chain (`tests/common/chain.rs`) once it exists.
 pub fn program_rules(pod: &Netns, r: &Rules) {
     let _ = pod.try_sh("nft delete table inet tproxy_cni");
@@ -508,7 +509,7 @@ pub fn short_request(
                 None,
             )?;
             // Reusing a port whose previous connection lingers on the *sidecar* side is the
-            // point (pitfalls 11 and 12).
+            // point (docs/ARCHITECTURE.md, pitfalls 11 and 12).
             sock.set_reuse_address(true)?;
             sock.bind(&SocketAddr::new(client_ip.parse().map_err(io::Error::other)?, p).into())?;
             sock.connect_timeout(&dst.into(), Duration::from_secs(5))?;
@@ -524,7 +525,8 @@ pub fn short_request(
 
 /// 10,000 short `Connection: close` requests from 8 threads (plus a warm-up of the fixed
 /// ports), a third from kernel-chosen ports and two thirds from a fixed set of explicit odd and
-/// even ports reused all the time (DESIGN.md pitfalls 11 and 12). Asserts: none failed, every
+/// even ports reused all the time (docs/ARCHITECTURE.md, pitfalls 11 and 12). Asserts: none
+/// failed, every
 /// one is in the access log and reached the app through the proxy, no upstream used a client
 /// port, slowest upstream connect < 100 ms, no round trip near a SYN retransmit (1 s).
 /// The sidecar must run with `--upstream-ports` `CHURN_UPSTREAM_PORTS` or
