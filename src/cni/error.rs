@@ -6,12 +6,8 @@ use serde_json::{json, Value};
 pub mod code {
     /// Incompatible CNI version.
     pub const INCOMPATIBLE_VERSION: u32 = 1;
-    /// Unsupported field / operation for this version (CHECK before 0.4.0).
-    pub const UNSUPPORTED_FIELD: u32 = 2;
     /// Invalid necessary environment variables.
     pub const INVALID_ENV: u32 = 4;
-    /// I/O failure.
-    pub const IO: u32 = 5;
     /// Failed to decode content (stdin is not JSON).
     pub const DECODE: u32 = 6;
     /// Invalid network config (also: invalid pod annotations, missing prevResult).
