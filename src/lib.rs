@@ -13,6 +13,11 @@
 //! - `logging`: the one log backend and timestamp format of all binaries.
 //! - `install`: the node installer (binary copy, conflist patching, watch).
 
+// Two modules need `unsafe` (each says why where it allows it): sidecar::sockopt (socket
+// options, pipes and splice that neither std nor nix wrap) and install::files (renameat2,
+// whose libc wrapper musl lacks). Everything else is safe code.
+#![deny(unsafe_code)]
+
 pub mod annotations;
 pub mod apply;
 pub mod cni;

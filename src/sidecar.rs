@@ -26,6 +26,9 @@ pub mod ports;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod relay;
+// Raw setsockopt/getsockopt, pipe2, splice and rlimit calls neither std nor nix wrap (for
+// IP_TRANSPARENT, SO_MARK, TCP_INFO, ...): each `unsafe` block has its SAFETY note.
+#[allow(unsafe_code)]
 pub mod sockopt;
 pub mod xff;
 
