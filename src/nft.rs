@@ -684,127 +684,125 @@ fn exprs_text(v: &[Expr]) -> String {
 /// reordered rule shows up as missing plus extra.
 pub fn check(table: &Table) -> Result<Vec<String>, NftError> {
     check_table(table)?;
-    let Some(KState {
-        table: ktab,
-        chains: kchains,
-        rules: krules,
-        others,
-    }) = read_state(&table.name)?
-    else {
+    let Some(k) = read_state(&table.name)? else {
         return Ok(vec![format!("{} absent", table_obj(&table.name))]);
     };
-    let mut problems = Vec::new();
-    if ktab.flags & wire::NFT_TABLE_F_DORMANT != 0 {
-        problems.push(format!(
-            "{} is dormant (no rule runs)",
-            table_obj(&table.name)
-        ));
-    }
-    if ktab.comment != owner_comment() {
-        problems.push(format!(
-            "{} has comment {:?}, want {:?} (programmed by another release's layout)",
-            table_obj(&table.name),
-            ktab.comment,
-            owner_comment()
-        ));
-    }
-    for o in others {
-        problems.push(format!("extra {o} in {}", table_obj(&table.name)));
-    }
+    let mut problems = table_problems(&table.name, &k);
     for c in &table.chains {
-        let Some(k) = kchains.iter().find(|k| k.name == c.name) else {
+        let Some(kc) = k.chains.iter().find(|kc| kc.name == c.name) else {
             problems.push(format!("chain {} missing", c.name));
             continue;
         };
-        let want_hook = (hooknum(c.hook), c.priority);
-        if k.hook != Some(want_hook) {
-            problems.push(format!(
-                "chain {}: hook/priority {:?} (hooknum, priority), want {:?}",
-                c.name, k.hook, want_hook
-            ));
-        }
-        if k.kind != kind_name(c.kind) {
-            problems.push(format!(
-                "chain {}: type {:?}, want {:?}",
-                c.name,
-                k.kind,
-                kind_name(c.kind)
-            ));
-        }
-        if k.policy != Some(wire::NF_ACCEPT) {
-            problems.push(format!(
-                "chain {}: policy {:?}, want accept",
-                c.name, k.policy
-            ));
-        }
-        let have: Vec<&KRule> = krules.iter().filter(|r| r.chain == c.name).collect();
-        let mut pos = 0;
-        for (i, r) in c.rules.iter().enumerate() {
-            let want = expr::lower_rule(r);
-            let found = have[pos..]
-                .iter()
-                .position(|k| k.comment == r.comment && k.exprs == want);
-            match found {
-                Some(off) => {
-                    for extra in &have[pos..pos + off] {
-                        problems.push(format!(
-                            "chain {}: extra rule handle {} ({:?}) before rule {}",
-                            c.name,
-                            extra.handle,
-                            extra.comment,
-                            i + 1
-                        ));
-                    }
-                    pos += off + 1;
-                }
-                None => {
-                    // A rule with the same comment is the planned rule, changed: report it
-                    // once as different (not also as extra) and continue after it.
-                    let same = have[pos..].iter().position(|k| k.comment == r.comment);
-                    match same.map(|o| (o, have[pos + o])) {
-                        Some((o, k)) => {
-                            for extra in &have[pos..pos + o] {
-                                problems.push(format!(
-                                    "chain {}: extra rule handle {} ({:?}) before rule {}",
-                                    c.name,
-                                    extra.handle,
-                                    extra.comment,
-                                    i + 1
-                                ));
-                            }
-                            pos += o + 1;
-                            problems.push(format!(
-                                "chain {}: rule {} ({:?}) differs: want {}, kernel has {}",
-                                c.name,
-                                i + 1,
-                                r.comment,
-                                exprs_text(&want),
-                                exprs_text(&k.exprs)
-                            ));
-                        }
-                        None => problems.push(format!(
-                            "chain {}: rule {} ({:?}) missing",
-                            c.name,
-                            i + 1,
-                            r.comment
-                        )),
-                    }
-                }
-            }
-        }
-        for extra in &have[pos.min(have.len())..] {
-            problems.push(format!(
-                "chain {}: extra rule handle {} ({:?}) at the end",
-                c.name, extra.handle, extra.comment
-            ));
-        }
+        problems.extend(chain_problems(c, kc));
+        let have: Vec<&KRule> = k.rules.iter().filter(|r| r.chain == c.name).collect();
+        problems.extend(rule_problems(c, &have));
     }
-    for k in &kchains {
-        if !table.chains.iter().any(|c| c.name == k.name) {
-            problems.push(format!("extra chain {}", k.name));
+    for kc in &k.chains {
+        if !table.chains.iter().any(|c| c.name == kc.name) {
+            problems.push(format!("extra chain {}", kc.name));
         }
     }
     Ok(problems)
+}
+
+/// The table itself: dormant, another layout's comment, objects we never create.
+fn table_problems(name: &str, k: &KState) -> Vec<String> {
+    let mut problems = Vec::new();
+    if k.table.flags & wire::NFT_TABLE_F_DORMANT != 0 {
+        problems.push(format!("{} is dormant (no rule runs)", table_obj(name)));
+    }
+    if k.table.comment != owner_comment() {
+        problems.push(format!(
+            "{} has comment {:?}, want {:?} (programmed by another release's layout)",
+            table_obj(name),
+            k.table.comment,
+            owner_comment()
+        ));
+    }
+    for o in &k.others {
+        problems.push(format!("extra {o} in {}", table_obj(name)));
+    }
+    problems
+}
+
+/// A chain's hook, priority, type and policy.
+fn chain_problems(c: &crate::plan::Chain, k: &KChain) -> Vec<String> {
+    let mut problems = Vec::new();
+    let want_hook = (hooknum(c.hook), c.priority);
+    if k.hook != Some(want_hook) {
+        problems.push(format!(
+            "chain {}: hook/priority {:?} (hooknum, priority), want {:?}",
+            c.name, k.hook, want_hook
+        ));
+    }
+    if k.kind != kind_name(c.kind) {
+        problems.push(format!(
+            "chain {}: type {:?}, want {:?}",
+            c.name,
+            k.kind,
+            kind_name(c.kind)
+        ));
+    }
+    if k.policy != Some(wire::NF_ACCEPT) {
+        problems.push(format!(
+            "chain {}: policy {:?}, want accept",
+            c.name, k.policy
+        ));
+    }
+    problems
+}
+
+/// A chain's rules against the kernel's (`have`, in kernel order): each planned rule is found
+/// in order by comment and expressions; one with the same comment but other expressions is
+/// the planned rule, changed.
+fn rule_problems(c: &crate::plan::Chain, have: &[&KRule]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let extras = |problems: &mut Vec<String>, skipped: &[&KRule], before: usize| {
+        for extra in skipped {
+            problems.push(format!(
+                "chain {}: extra rule handle {} ({:?}) before rule {before}",
+                c.name, extra.handle, extra.comment
+            ));
+        }
+    };
+    let mut pos = 0;
+    for (i, r) in c.rules.iter().enumerate() {
+        let want = expr::lower_rule(r);
+        let rest = &have[pos..];
+        if let Some(off) = rest
+            .iter()
+            .position(|k| k.comment == r.comment && k.exprs == want)
+        {
+            extras(&mut problems, &rest[..off], i + 1);
+            pos += off + 1;
+        } else if let Some(off) = rest.iter().position(|k| k.comment == r.comment) {
+            // Reported once as different (not also as extra); matching continues after it.
+            extras(&mut problems, &rest[..off], i + 1);
+            problems.push(format!(
+                "chain {}: rule {} ({:?}) differs: want {}, kernel has {}",
+                c.name,
+                i + 1,
+                r.comment,
+                exprs_text(&want),
+                exprs_text(&rest[off].exprs)
+            ));
+            pos += off + 1;
+        } else {
+            problems.push(format!(
+                "chain {}: rule {} ({:?}) missing",
+                c.name,
+                i + 1,
+                r.comment
+            ));
+        }
+    }
+    for extra in &have[pos.min(have.len())..] {
+        problems.push(format!(
+            "chain {}: extra rule handle {} ({:?}) at the end",
+            c.name, extra.handle, extra.comment
+        ));
+    }
+    problems
 }
 
 /// Canonical `nft -f` text of the table, laid out like `nft list table inet NAME`.
