@@ -9,6 +9,7 @@
 //! - `apply`: Plan -> kernel: apply (with undo), remove (collects every error), verify (drift).
 //! - `netns`: the only place that calls `setns`.
 //! - `cni`: the CNI protocol frame (env, config, result passthrough, errors, commands).
+//! - `host`: the `tproxy-cni-host` command: the same policy on a host or any netns, no CNI.
 //! - `sidecar`: the in-pod transparent proxy.
 //! - `logging`: the one log backend and timestamp format of all binaries.
 //! - `install`: the node installer (binary copy, conflist patching, watch).
@@ -22,6 +23,7 @@ pub mod annotations;
 pub mod apply;
 pub mod cni;
 pub mod consts;
+pub mod host;
 pub mod install;
 pub mod logging;
 pub mod netaddr;

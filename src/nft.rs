@@ -805,6 +805,39 @@ fn rule_problems(c: &crate::plan::Chain, have: &[&KRule]) -> Vec<String> {
     problems
 }
 
+/// One rule of our table as the kernel lists it, with what its `counter` saw (if it has one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStatus {
+    pub chain: String,
+    pub handle: u64,
+    pub comment: String,
+    /// `(packets, bytes)`.
+    pub counter: Option<(u64, u64)>,
+}
+
+/// Our table's rules in kernel order (chain by chain), for a status display; `None` when the
+/// table is absent.
+pub fn rule_status(name: &str) -> Result<Option<Vec<RuleStatus>>, NftError> {
+    check_name("table", name)?;
+    let Some(k) = read_state(name)? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        k.rules
+            .into_iter()
+            .map(|r| RuleStatus {
+                counter: r.exprs.iter().find_map(|e| match e {
+                    Expr::Counter(c) => Some((c.packets, c.bytes)),
+                    _ => None,
+                }),
+                chain: r.chain,
+                handle: r.handle,
+                comment: r.comment,
+            })
+            .collect(),
+    ))
+}
+
 /// Canonical `nft -f` text of the table, laid out like `nft list table inet NAME`.
 pub fn render(table: &Table) -> String {
     render::render(table)
@@ -1031,7 +1064,25 @@ mod tests {
             expr::Expr::decode(&e),
             expr::lower_action(&A::Redirect { port: 1 })[1]
         );
+        // As the kernel dumps a counter that saw traffic: BYTES, PACKETS, then a PAD (3) for
+        // 64-bit alignment. Read with its values; equal to a fresh one (values are state).
+        let mut d = Vec::new();
+        wire::put_attr(&mut d, 1, &1500u64.to_be_bytes());
+        wire::put_attr(&mut d, 2, &3u64.to_be_bytes());
+        wire::put_attr(&mut d, 3, &[]);
+        let mut e = Vec::new();
+        wire::put_attr(&mut e, wire::NFTA_EXPR_NAME, b"counter\0");
+        wire::put_nested(&mut e, wire::NFTA_EXPR_DATA, &d);
+        let got = expr::Expr::decode(&e);
+        let expr::Expr::Counter(c) = got else {
+            panic!("not a counter: {got:?}")
+        };
+        assert_eq!((c.packets, c.bytes), (3, 1500));
+        assert_eq!(got, expr::lower_action(&A::Counter)[0]);
         // Unknown expressions never compare equal to ours; truncated input does not panic.
+        let mut e = Vec::new();
+        wire::put_attr(&mut e, wire::NFTA_EXPR_NAME, b"quota\0");
+        assert!(matches!(expr::Expr::decode(&e), expr::Expr::Other { .. }));
         let mut e = Vec::new();
         wire::put_attr(&mut e, wire::NFTA_EXPR_NAME, b"counter\0");
         assert!(matches!(expr::Expr::decode(&e), expr::Expr::Other { .. }));

@@ -132,6 +132,10 @@ pub enum Action {
     },
     /// `reject with tcp reset`
     RejectTcpReset,
+    /// `counter`: packets and bytes that reached this point of the rule (state, not
+    /// configuration: CHECK ignores the values). Only the host CLI's plans carry it, so a user
+    /// sees traffic being intercepted; pod plans stay as lean as before.
+    Counter,
     Accept,
     Return,
 }

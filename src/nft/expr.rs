@@ -68,6 +68,8 @@ const NFTA_TPROXY_REG_PORT: u16 = 3;
 const NFTA_REDIR_REG_PROTO_MIN: u16 = 1;
 const NFTA_REDIR_REG_PROTO_MAX: u16 = 2;
 const NFTA_REDIR_FLAGS: u16 = 3;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
 const NFTA_REJECT_TYPE: u16 = 1;
 const NFTA_REJECT_ICMP_CODE: u16 = 2;
 
@@ -128,9 +130,25 @@ pub enum Expr {
         kind: u32,
         code: u8,
     },
+    /// A `counter` statement; its values are read back, never compared (see [`Counts`]).
+    Counter(Counts),
     Other {
         name: String,
     },
+}
+
+/// What a `counter` has seen. Any two compare equal: counters are state, not configuration,
+/// so a rule with a counter matches its plan whatever traffic it counted.
+#[derive(Debug, Clone, Copy, Default, Eq)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl PartialEq for Counts {
+    fn eq(&self, _: &Counts) -> bool {
+        true
+    }
 }
 
 fn cmp_eq(data: Vec<u8>) -> Expr {
@@ -345,6 +363,7 @@ pub fn lower_action(a: &Action) -> Vec<Expr> {
             code: wire::NF_ACCEPT as i32,
         }],
         Action::Return => vec![Expr::Verdict { code: NFT_RETURN }],
+        Action::Counter => vec![Expr::Counter(Counts::default())],
     }
 }
 
@@ -372,6 +391,7 @@ impl Expr {
             Expr::Tproxy { .. } => "tproxy",
             Expr::Redir { .. } => "redir",
             Expr::Reject { .. } => "reject",
+            Expr::Counter(_) => "counter",
             Expr::Other { name } => name,
         }
     }
@@ -461,6 +481,11 @@ impl Expr {
             Expr::Reject { kind, code } => {
                 be(&mut d, NFTA_REJECT_TYPE, *kind);
                 put_attr(&mut d, NFTA_REJECT_ICMP_CODE, &[*code]);
+            }
+            // libnftnl sends both values (zero for a new rule), bytes first.
+            Expr::Counter(c) => {
+                put_attr(&mut d, NFTA_COUNTER_BYTES, &c.bytes.to_be_bytes());
+                put_attr(&mut d, NFTA_COUNTER_PACKETS, &c.packets.to_be_bytes());
             }
             Expr::Other { .. } => {}
         }
@@ -596,6 +621,18 @@ impl Expr {
                     .and_then(|c| c.first().copied())
                     .unwrap_or(0),
             }),
+            "counter" => {
+                let be64 = |t: u16| {
+                    find(d, t)
+                        .and_then(|v| v.get(..8))
+                        .and_then(|v| v.try_into().ok())
+                        .map(u64::from_be_bytes)
+                };
+                match (be64(NFTA_COUNTER_PACKETS), be64(NFTA_COUNTER_BYTES)) {
+                    (Some(packets), Some(bytes)) => Some(Expr::Counter(Counts { packets, bytes })),
+                    _ => None,
+                }
+            }
             _ => None,
         };
         e.unwrap_or_else(other)
@@ -664,6 +701,7 @@ impl fmt::Display for Expr {
                 write!(f, "[redir proto_min {reg_min:?} flags {flags:#x}]")
             }
             Expr::Reject { kind, code } => write!(f, "[reject type {kind} code {code}]"),
+            Expr::Counter(c) => write!(f, "[counter pkts {} bytes {}]", c.packets, c.bytes),
             Expr::Other { name } => write!(f, "[{name} (not one of ours)]"),
         }
     }

@@ -150,7 +150,7 @@ fn parse_list(conflist: &Value) -> Result<List<'_>, RunError> {
 }
 
 /// Compares dotted versions numerically ("0.10.0" > "0.4.0"); unparsable parts count as 0.
-fn version_at_least(have: &str, want: &str) -> bool {
+pub fn version_at_least(have: &str, want: &str) -> bool {
     let parse = |s: &str| -> Vec<u64> {
         s.split('.')
             .map(|p| p.trim().parse::<u64>().unwrap_or(0))
@@ -488,55 +488,4 @@ pub fn load(path: &Path) -> Result<Value, RunError> {
     }
     list.insert("plugins".into(), Value::Array(vec![v]));
     Ok(Value::Object(list))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn stdin_filters_capabilities_and_chains() {
-        let conf = json!({"type": "x", "capabilities": {"a": true, "b": false}, "runtimeConfig": {"z": 1}});
-        let mut rc = Map::new();
-        rc.insert("a".into(), json!({"k": "v"}));
-        rc.insert("b".into(), json!(1));
-        rc.insert("c".into(), json!(2));
-        let prev = json!({"cniVersion": "1.0.0", "ips": []});
-        let Value::Object(conf) = conf else { panic!() };
-        let out = plugin_stdin(&conf, &json!("net"), "1.0.0", &rc, Some(&prev));
-        assert_eq!(out["runtimeConfig"], json!({"a": {"k": "v"}}));
-        assert_eq!(out["prevResult"], prev);
-        assert_eq!(out["name"], "net");
-        let out = plugin_stdin(&conf, &json!("net"), "1.0.0", &Map::new(), None);
-        assert_eq!(out["runtimeConfig"], json!({"z": 1}));
-        assert!(out.get("prevResult").is_none());
-    }
-
-    #[test]
-    fn versions_compare_numerically() {
-        assert!(version_at_least("0.4.0", "0.4.0"));
-        assert!(version_at_least("1.0.0", "0.4.0"));
-        assert!(version_at_least("0.10.0", "0.4.0"));
-        assert!(!version_at_least("0.3.1", "0.4.0"));
-        assert!(!version_at_least("1.0.0", "1.1.0"));
-    }
-
-    #[test]
-    fn rejects_bad_lists_without_panicking() {
-        let inv = Invocation::default();
-        for bad in [
-            json!(1),
-            json!({}),
-            json!({"name": "n", "plugins": []}),
-            json!({"name": "n", "plugins": [{"type": "../x"}]}),
-            json!({"name": "n", "plugins": [1]}),
-            json!({"name": "n", "cniVersion": 1, "plugins": [{"type": "x"}]}),
-        ] {
-            assert!(
-                matches!(add(&bad, &inv), Err(RunError::Conflist(_))),
-                "{bad}"
-            );
-        }
-    }
 }
