@@ -272,3 +272,40 @@ fn other_tables_are_untouched_and_bad_input_changes_nothing() {
     );
     assert_nothing_left(&t.pod);
 }
+
+/// The systemd example applies at start and removes at stop, with one set of options, and the
+/// commands it runs are ones the binary takes (no root needed).
+#[test]
+fn systemd_unit_applies_at_start_and_removes_at_stop() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/install/systemd/tproxy-cni-host.service"
+    ))
+    .expect("unit file");
+    let line = |key: &str| -> String {
+        let found: Vec<&str> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .collect();
+        assert_eq!(found.len(), 1, "{key} once in the unit");
+        found[0].to_string()
+    };
+    assert_eq!(line("Type"), "oneshot");
+    assert_eq!(line("RemainAfterExit"), "yes");
+    let opts = "$TPROXY_CNI_HOST_OPTS";
+    assert_eq!(
+        line("ExecStart"),
+        format!("/usr/local/bin/tproxy-cni-host apply {opts}")
+    );
+    assert_eq!(
+        line("ExecStop"),
+        format!("/usr/local/bin/tproxy-cni-host remove {opts}")
+    );
+    for cmd in ["apply", "remove"] {
+        let out = Command::new(BIN)
+            .args([cmd, "--exclude-inbound-ports", "22", "--help"])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(0), "{cmd} takes the unit's options");
+    }
+}
