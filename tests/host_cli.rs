@@ -143,6 +143,24 @@ fn apply_twice_is_the_same_and_check_reports_drift_by_exit_status() {
         "redirect mode dials from ::6"
     );
     host_ok(&t.pod, &check, 0);
+    // The same namespace named by a process in it (--pid).
+    let mut sleeper = Command::new("ip")
+        .args(["netns", "exec", &t.pod.name, "sleep", "30"])
+        .spawn()
+        .expect("spawn a process in the netns");
+    let pid = sleeper.id().to_string();
+    let ino = |p: &str| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let t0 = std::time::Instant::now();
+    while ino(&format!("/proc/{pid}/ns/net")).ok() != ino(&t.pod.path().to_string_lossy()).ok()
+        && t0.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let by_pid: Vec<&str> = check.iter().copied().chain(["--pid", &pid]).collect();
+    let out = Command::new(BIN).args(&by_pid).output().expect("run");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     // Other options are drift (101), not an error.
     let out = host_ok(&t.pod, &["check", "--mode", "redirect"], 101);
     assert!(out.contains("drift:"), "{out}");
