@@ -13,14 +13,14 @@ use tproxy_cni::cni::error::CniError;
 use tproxy_cni::consts::POD_ANNOTATIONS_CAPABILITY;
 
 use super::{unique, Netns};
-pub use cnirun::RunError as PluginError;
+pub use cnirun::RunError;
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 /// The CNI error object a failed plugin printed (panics, naming the failure, when it printed
 /// none).
-pub fn cni(e: &PluginError) -> &CniError {
+pub fn cni(e: &RunError) -> &CniError {
     e.plugin_error()
         .unwrap_or_else(|| panic!("no CNI error object on stdout: {e}"))
 }
@@ -140,7 +140,7 @@ impl Node {
         id: &str,
         annotations: &Value,
         prev: Option<&Value>,
-    ) -> Result<Value, PluginError> {
+    ) -> Result<Value, RunError> {
         let list = json!({
             "cniVersion": self.conflist["cniVersion"],
             "name": self.conflist["name"],
@@ -152,7 +152,7 @@ impl Node {
 
     /// Creates a pod sandbox and runs ADD through the whole chain. On failure the chain is
     /// rolled back with DEL (as the runtime does) and the error returned.
-    pub fn add_pod(&self, annotations: &[(&str, &str)]) -> Result<Pod, PluginError> {
+    pub fn add_pod(&self, annotations: &[(&str, &str)]) -> Result<Pod, RunError> {
         let ns = Netns::new("pod");
         let ann: Map<String, Value> = annotations
             .iter()
@@ -181,18 +181,18 @@ impl Node {
     }
 
     /// DEL through the chain in reverse order, each plugin given the cached ADD result.
-    pub fn del_pod(&self, pod: &Pod) -> Result<(), PluginError> {
+    pub fn del_pod(&self, pod: &Pod) -> Result<(), RunError> {
         self.del_pod_at(pod, &pod.ns.path().to_string_lossy())
     }
 
-    pub fn del_pod_at(&self, pod: &Pod, netns: &str) -> Result<(), PluginError> {
+    pub fn del_pod_at(&self, pod: &Pod, netns: &str) -> Result<(), RunError> {
         let prev = (!pod.result.is_null()).then_some(&pod.result);
         let inv = self.invocation(netns, &pod.id, &pod.annotations);
         self.on_node(|| cnirun::del(&self.conflist, &inv, prev))
     }
 
     /// CHECK through the chain, in order, with the cached result.
-    pub fn check_pod(&self, pod: &Pod) -> Result<(), PluginError> {
+    pub fn check_pod(&self, pod: &Pod) -> Result<(), RunError> {
         let inv = self.invocation(&pod.ns.path().to_string_lossy(), &pod.id, &pod.annotations);
         self.on_node(|| cnirun::check(&self.conflist, &inv, &pod.result))
     }
@@ -200,7 +200,7 @@ impl Node {
     /// CHECK of our plugin alone. With several pods on one bridge the reference bridge
     /// plugin's own CHECK fails on its changing MAC (the bridge takes its lowest port's), so
     /// multi-pod tests check only what is ours.
-    pub fn check_ours(&self, pod: &Pod) -> Result<(), PluginError> {
+    pub fn check_ours(&self, pod: &Pod) -> Result<(), RunError> {
         let path = pod.ns.path().to_string_lossy().into_owned();
         self.exec(
             &self.ours(),
