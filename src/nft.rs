@@ -1079,6 +1079,12 @@ mod tests {
         };
         assert_eq!((c.packets, c.bytes), (3, 1500));
         assert_eq!(got, expr::lower_action(&A::Counter)[0]);
+        // What we send for it is what `nft --debug=mnl add rule ... counter` sends: the name
+        // and an empty NFTA_EXPR_DATA.
+        let mut want = Vec::new();
+        wire::put_attr(&mut want, wire::NFTA_EXPR_NAME, b"counter\0");
+        wire::put_nested(&mut want, wire::NFTA_EXPR_DATA, &[]);
+        assert_eq!(expr::lower_action(&A::Counter)[0].encode(), want);
         // Unknown expressions never compare equal to ours; truncated input does not panic.
         let mut e = Vec::new();
         wire::put_attr(&mut e, wire::NFTA_EXPR_NAME, b"quota\0");

@@ -482,12 +482,9 @@ impl Expr {
                 be(&mut d, NFTA_REJECT_TYPE, *kind);
                 put_attr(&mut d, NFTA_REJECT_ICMP_CODE, &[*code]);
             }
-            // libnftnl sends both values (zero for a new rule), bytes first.
-            Expr::Counter(c) => {
-                put_attr(&mut d, NFTA_COUNTER_BYTES, &c.bytes.to_be_bytes());
-                put_attr(&mut d, NFTA_COUNTER_PACKETS, &c.packets.to_be_bytes());
-            }
-            Expr::Other { .. } => {}
+            // nft 1.0.x sends a new `counter` with empty data (measured with --debug=mnl); the
+            // kernel starts it at zero and dumps NFTA_COUNTER_BYTES and _PACKETS back.
+            Expr::Counter(_) | Expr::Other { .. } => {}
         }
         let mut out = Vec::new();
         let mut name = self.name().as_bytes().to_vec();
