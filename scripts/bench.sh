@@ -123,7 +123,8 @@ for ns in "$C" "$P"; do ip -n "$ns" link set lo up; ip -n "$ns" link set eth0 up
 # Client and proxies share one kernel here, so they draw ephemeral ports from the same hashed
 # sequence for the same (10.77.0.1 -> 10.77.0.2:8080) triple: a proxy's upstream socket, bound to
 # the client's address, can systematically pick a port a live client connection uses (the tuple
-# clash of DESIGN.md pitfall 12), which a remote client hits only by chance. For the figures the
+# clash of docs/ARCHITECTURE.md, pitfall 12), which a remote client hits only by chance. For the
+# figures the
 # client uses ports no proxy dials from (HAProxy and nginx: the pod's ephemeral range, set to
 # 50000-65535; the sidecar: its --upstream-ports, 1024-32767 by default); the clash probes
 # measure the clash on purpose with a client in either range. wrk closes first on
@@ -146,7 +147,7 @@ sed "s|@RUN@|$RUN/nginx-proxy|g" scripts/bench/nginx-proxy.conf >"$RUN/nginx-pro
 #  bypass: such SYNs that open a new flow and after mangle (tproxy) and dstnat (redirect) still
 #          go to the app port unmarked, i.e. reach the app without the proxy. Must stay 0;
 #  clash: unmarked SYNs that conntrack already knows: the client reused a tuple the proxy's
-#         upstream leg holds (pitfall 12): not a bypass, a stalled connect;
+#         upstream leg holds (docs/ARCHITECTURE.md, pitfall 12): not a bypass, a stalled connect;
 #  app_leg: SYNs the proxy sends to the app over lo (proof that the proxy carried the traffic).
 # HAProxy and nginx cannot set SO_MARK on their upstream sockets: their packets in the original
 # direction (the proxy->app leg) get the mark by uid here, in a route chain so they are rerouted.

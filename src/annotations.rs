@@ -161,8 +161,6 @@ pub const OUR_KEYS: &[&str] = &[
 ];
 
 const ISTIO_MODE: &str = "sidecar.istio.io/interceptionMode";
-const ISTIO: &str = "traffic.sidecar.istio.io/";
-const KUMA: &str = "traffic.kuma.io/";
 
 /// A mark another mesh's injector leaves on a pod it manages: `key` present (with `value`, when
 /// one is given) means that mesh intercepts the pod's traffic itself.
@@ -423,16 +421,6 @@ impl PodPolicy {
     }
 }
 
-/// True when any annotation concerns us (ours, Istio's traffic keys, Kuma's traffic keys).
-pub fn mentions_us(ann: &BTreeMap<String, String>) -> bool {
-    ann.keys().any(|k| {
-        k.starts_with(ANNOTATION_PREFIX)
-            || k == ISTIO_MODE
-            || k.starts_with(ISTIO)
-            || k.starts_with(KUMA)
-    })
-}
-
 /// An included entry that an excluded one covers entirely: the include could never match, so
 /// the pair is a mistake. (An exclude inside a wider include is fine: "9000-9100 but not 9090".)
 fn first_covered(inc: &[PortRange], ex: &[PortRange]) -> Option<(PortRange, PortRange)> {
@@ -627,7 +615,6 @@ mod tests {
         assert_eq!(p.inbound_ports, Selector::All);
         assert!(!p.outbound.enabled());
         assert_eq!(p.proxy_uid, 1337);
-        assert!(!mentions_us(&ann(&[("unrelated.io/x", "y")])));
     }
 
     #[test]

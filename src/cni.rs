@@ -14,10 +14,10 @@ use std::io::Write;
 use serde_json::{json, Value};
 
 use crate::annotations::PodPolicy;
-use crate::netaddr::Family;
+use crate::apply::{self, Kernel};
 use crate::netns::{self, NetnsError};
-use crate::plan::{self, FwmarkRule, LocalRoute, Plan, Routing};
-use crate::{nft, routing};
+use crate::plan::{self, Plan};
+use crate::routing;
 use conf::{NetConf, SUPPORTED_VERSIONS};
 use env::{CniEnv, Env};
 use error::{code, CniError};
@@ -77,7 +77,7 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     let conf = match NetConf::parse(stdin) {
         Ok(c) => c,
         // A table name ADD always refuses cannot name a table of ours: nothing to remove, and a
-        // failing DEL would keep the primary plugin from freeing the pod's IP (pitfall 9).
+        // failing DEL would keep the primary plugin from freeing the pod's IP (docs/ARCHITECTURE.md, pitfall 9).
         Err(_) if cni.command == "DEL" && conf::peek_bad_table_name(stdin).is_some() => {
             return Ok(None);
         }
@@ -92,7 +92,8 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         }),
         "CHECK" => check(&cni, &conf).map(|()| None),
         // All our state lives in pod netns that the runtime owns: nothing node-wide to report
-        // or collect, and failing these would mark the whole network not ready (pitfall 10).
+        // or collect, and failing these would mark the whole network not ready
+        // (docs/ARCHITECTURE.md, pitfall 10).
         _ => Ok(None),
     };
     if let Err(e) = &res {
@@ -148,8 +149,8 @@ fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         log::debug!("{}: mode none, nothing to program", cni.pod());
     } else {
         let path = std::path::Path::new(&cni.netns);
-        netns::run_in(path, || apply_plan(&plan))??;
-        log::info!("{}: programmed {}", cni.pod(), summary(&plan));
+        netns::run_in(path, || apply::apply(&Kernel, &Kernel, &plan))??;
+        log::info!("{}: programmed {}", cni.pod(), apply::summary(&plan));
     }
     // Chained plugins hand prevResult on unchanged; only the version is the config's.
     let mut out = prev.clone();
@@ -159,126 +160,28 @@ fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     Ok(out)
 }
 
-/// Table first (one atomic batch), then routing; if routing fails, the table goes too.
-/// Both steps also remove what is ours but not in the plan: tables with our owner comment
-/// under another name, tagged rules and routes of another mode or another release's numbers.
-fn apply_plan(plan: &Plan) -> Result<(), CniError> {
-    if let Some(t) = &plan.table {
-        nft::apply(t)?;
-        if let Err(e) = nft::delete_owned_except(Some(&t.name)) {
-            undo_table(&t.name, "removing stale tables failed");
-            return Err(e.into());
-        }
-    }
-    if let Err(e) = routing::apply(&plan.routing) {
-        if let Some(t) = &plan.table {
-            undo_table(&t.name, "routing failed");
-        }
-        return Err(e.into());
-    }
-    Ok(())
-}
-
-fn undo_table(name: &str, why: &str) {
-    if let Err(undo) = nft::delete(name) {
-        log::warn!("removing table {name} after {why}: {undo}");
-    }
-}
-
-fn summary(plan: &Plan) -> String {
-    let rules: usize = plan
-        .table
-        .iter()
-        .flat_map(|t| &t.chains)
-        .map(|c| c.rules.len())
-        .sum();
-    format!(
-        "table {} ({rules} rules), {} policy rules, {} routes, {} lo addresses",
-        plan.table.as_ref().map(|t| t.name.as_str()).unwrap_or("-"),
-        plan.routing.rules.len(),
-        plan.routing.local_routes.len(),
-        plan.routing.lo_addresses.len()
-    )
-}
-
-/// What DEL removes by exact identity besides everything carrying our owner tags (see
-/// `routing`): this configuration's rules and routes and the previous release's untagged
-/// default rule, for both families, and the lo addresses the pod's plan adds. Independent of
-/// the annotations, which DEL may not receive.
-fn owned_routing(conf: &NetConf, plan: Option<&Plan>) -> Routing {
-    let p = &conf.plan;
-    let mut r = Routing::default();
-    for family in [Family::V4, Family::V6] {
-        r.rules.push(FwmarkRule {
-            family,
-            mark: p.mark,
-            mask: p.mark,
-            table: p.route_table,
-            priority: p.rule_priority,
-        });
-        r.local_routes.push(LocalRoute {
-            family,
-            table: p.route_table,
-        });
-    }
-    // The previous release's default rule (untagged, whole-mark): pods it programmed are
-    // cleaned by this release's DEL too.
-    for family in [Family::V4, Family::V6] {
-        r.rules.push(FwmarkRule {
-            family,
-            mark: crate::consts::LEGACY_MARK,
-            mask: u32::MAX,
-            table: crate::consts::ROUTE_TABLE,
-            priority: crate::consts::RULE_PRIORITY,
-        });
-    }
-    if let Some(plan) = plan {
-        r.lo_addresses = plan.routing.lo_addresses.clone();
-    }
-    r
-}
-
 fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     if cni.netns.is_empty() {
         log::debug!("{}: DEL without netns, nothing to remove", cni.pod());
         return Ok(());
     }
-    // Bad annotations must not block DEL (pitfall 9): fall back to what we own regardless.
-    // DEL needs only what the plan adds to lo; the node's addresses do not matter.
-    let plan = match plan_with(conf, &[]) {
-        Ok(p) => Some(p),
+    // Bad annotations must not block DEL (docs/ARCHITECTURE.md, pitfall 9): fall back to what
+    // we own regardless. DEL needs only what the plan adds to lo; the node's addresses do not
+    // matter.
+    let lo = match plan_with(conf, &[]) {
+        Ok(p) => p.routing.lo_addresses,
         Err(e) => {
             log::warn!("{}: DEL ignores {e}", cni.pod());
-            None
+            Vec::new()
         }
     };
-    let owned = owned_routing(conf, plan.as_ref());
-    let table = conf.plan.table_name.clone();
-    let res = netns::run_in(
-        std::path::Path::new(&cni.netns),
-        || -> Result<(), CniError> {
-            // Teardown removes all it can and reports every failure.
-            let mut errs: Vec<String> = Vec::new();
-            match nft::delete(&table) {
-                // A name we refuse is a table we never created: nothing to remove.
-                Ok(_) | Err(nft::NftError::Invalid { .. }) => {}
-                Err(e) => errs.push(format!("nftables: {e}")),
-            }
-            if let Err(e) = nft::delete_owned_except(None) {
-                errs.push(format!("nftables: {e}"));
-            }
-            if let Err(e) = routing::delete(&owned) {
-                errs.push(format!("policy routing: {e}"));
-            }
-            if errs.is_empty() {
-                Ok(())
-            } else {
-                Err(CniError::new(code::KERNEL, errs.join("; ")))
-            }
-        },
-    );
+    let owned = apply::owned_routing(&conf.plan, &lo);
+    let table = conf.plan.table_name.as_str();
+    let res = netns::run_in(std::path::Path::new(&cni.netns), || {
+        apply::remove(&Kernel, &Kernel, table, &owned)
+    });
     match res {
-        Ok(r) => r,
+        Ok(r) => Ok(r?),
         Err(NetnsError::Gone(_)) => Ok(()),
         // ADD refuses such a path (a FIFO, a plain file), so nothing of ours can be in it.
         Err(NetnsError::NotNamespace { .. }) => Ok(()),
@@ -303,41 +206,14 @@ fn check(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     }
     require_prev(conf)?;
     let plan = plan_for(conf)?;
-    let table_name = conf.plan.table_name.clone();
-    let diffs = netns::run_in(
-        std::path::Path::new(&cni.netns),
-        || -> Result<Vec<String>, CniError> {
-            // A read failure is an error (100); only a difference is drift (101).
-            let mut d = Vec::new();
-            match &plan.table {
-                Some(t) => d.extend(nft::check(t)?),
-                None => {
-                    if nft::exists(&table_name)? {
-                        d.push(format!(
-                            "table inet {table_name} present but the pod's mode is none"
-                        ));
-                    }
-                }
-            }
-            for other in nft::owned_tables()? {
-                if other != table_name {
-                    d.push(format!("extra table inet {other} of ours"));
-                }
-            }
-            d.extend(routing::check(&plan.routing)?);
-            Ok(d)
-        },
-    )??;
-    if diffs.is_empty() {
+    let table = conf.plan.table_name.as_str();
+    // A read failure is an error (100); only a difference is drift (101).
+    let drift = netns::run_in(std::path::Path::new(&cni.netns), || {
+        apply::verify(&Kernel, &Kernel, &plan, table)
+    })??;
+    if drift.is_empty() {
         Ok(())
     } else {
-        Err(CniError::new(
-            code::CHECK_MISMATCH,
-            format!(
-                "{}: kernel state differs from the plan: {}",
-                cni.pod(),
-                diffs.join("; ")
-            ),
-        ))
+        Err(CniError::drift(&cni.pod(), &drift))
     }
 }

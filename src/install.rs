@@ -27,6 +27,9 @@
 
 pub mod cli;
 pub mod conflist;
+// `renameat2(RENAME_EXCHANGE)` through a raw syscall: the libc wrapper is missing on musl,
+// which the image links. One `unsafe` block, with its SAFETY note.
+#[allow(unsafe_code)]
 pub mod files;
 
 use serde_json::{Map, Value};

@@ -1,4 +1,4 @@
-//! One `log` backend and one timestamp format for all three binaries.
+//! One `log` backend and one timestamp format for all binaries.
 //!
 //! Each line is `TIMESTAMP LEVEL program[pid]: message`, written with a single `write` so
 //! concurrent writers do not interleave, to stderr (what `kubectl logs` and runtimes capture)

@@ -1,6 +1,7 @@
 //! The only place that calls `setns`: runs a closure on a short-lived thread inside a netns.
 //!
-//! Pitfall 7: a thread that entered another netns must never run unrelated code afterwards, so
+//! docs/ARCHITECTURE.md, pitfall 7: a thread that entered another netns must never run
+//! unrelated code afterwards, so
 //! each call gets a fresh scoped thread that exits when the closure returns.
 //!
 //! The path comes from the runtime (`CNI_NETNS`) and is opened without ever blocking: first

@@ -2,7 +2,8 @@
 //! delete/exists; a canonical `nft -f` text render for golden tests. No `nft` binary at run time.
 //!
 //! Every call opens its own NETLINK_NETFILTER socket, so it acts on the netns of the calling
-//! thread (callers enter the pod netns on a short-lived thread first, pitfall 7).
+//! thread (callers enter the pod netns on a short-lived thread first, docs/ARCHITECTURE.md,
+//! pitfall 7).
 //!
 //! - `wire`: netlink framing and the socket. Hand-written, not `netlink-packet-netfilter`,
 //!   which lacks the ct/tproxy/reject/redir expressions (see its module comment).
@@ -12,7 +13,8 @@
 //!
 //! Cost (measured here): a batch into an absent table takes ~0.3 ms. Any call that deletes
 //! base chains (replace, `delete`) pays ~11 ms when its socket closes, because the kernel
-//! waits for the deferred destruction of the hooks (pitfall 6) - `nft` itself pays the same.
+//! waits for the deferred destruction of the hooks (docs/ARCHITECTURE.md, pitfall 6) - `nft`
+//! itself pays the same.
 
 mod expr;
 mod render;
@@ -318,7 +320,8 @@ fn build_batch(t: &Table, delete_first: bool) -> Batch {
                 c.name,
                 table_obj(&tn)
             );
-            // APPEND: without it the kernel inserts each rule at the head (pitfall 5).
+            // APPEND: without it the kernel inserts each rule at the head (docs/ARCHITECTURE.md,
+            // pitfall 5).
             b.add(
                 wire::NFT_MSG_NEWRULE,
                 wire::NLM_F_CREATE | wire::NLM_F_APPEND,
@@ -486,7 +489,7 @@ pub fn delete_owned_except(keep: Option<&str>) -> Result<Vec<String>, NftError> 
 }
 
 /// Creates our inet table with exactly `table`'s content, or atomically replaces it, in one
-/// batch. The delete is only in the batch when the table exists (pitfall 6).
+/// batch. The delete is only in the batch when the table exists (docs/ARCHITECTURE.md, pitfall 6).
 pub fn apply(table: &Table) -> Result<(), NftError> {
     check_table(table)?;
     let s = open()?;
@@ -681,127 +684,158 @@ fn exprs_text(v: &[Expr]) -> String {
 /// reordered rule shows up as missing plus extra.
 pub fn check(table: &Table) -> Result<Vec<String>, NftError> {
     check_table(table)?;
-    let Some(KState {
-        table: ktab,
-        chains: kchains,
-        rules: krules,
-        others,
-    }) = read_state(&table.name)?
-    else {
+    let Some(k) = read_state(&table.name)? else {
         return Ok(vec![format!("{} absent", table_obj(&table.name))]);
     };
-    let mut problems = Vec::new();
-    if ktab.flags & wire::NFT_TABLE_F_DORMANT != 0 {
-        problems.push(format!(
-            "{} is dormant (no rule runs)",
-            table_obj(&table.name)
-        ));
-    }
-    if ktab.comment != owner_comment() {
-        problems.push(format!(
-            "{} has comment {:?}, want {:?} (programmed by another release's layout)",
-            table_obj(&table.name),
-            ktab.comment,
-            owner_comment()
-        ));
-    }
-    for o in others {
-        problems.push(format!("extra {o} in {}", table_obj(&table.name)));
-    }
+    let mut problems = table_problems(&table.name, &k);
     for c in &table.chains {
-        let Some(k) = kchains.iter().find(|k| k.name == c.name) else {
+        let Some(kc) = k.chains.iter().find(|kc| kc.name == c.name) else {
             problems.push(format!("chain {} missing", c.name));
             continue;
         };
-        let want_hook = (hooknum(c.hook), c.priority);
-        if k.hook != Some(want_hook) {
-            problems.push(format!(
-                "chain {}: hook/priority {:?} (hooknum, priority), want {:?}",
-                c.name, k.hook, want_hook
-            ));
-        }
-        if k.kind != kind_name(c.kind) {
-            problems.push(format!(
-                "chain {}: type {:?}, want {:?}",
-                c.name,
-                k.kind,
-                kind_name(c.kind)
-            ));
-        }
-        if k.policy != Some(wire::NF_ACCEPT) {
-            problems.push(format!(
-                "chain {}: policy {:?}, want accept",
-                c.name, k.policy
-            ));
-        }
-        let have: Vec<&KRule> = krules.iter().filter(|r| r.chain == c.name).collect();
-        let mut pos = 0;
-        for (i, r) in c.rules.iter().enumerate() {
-            let want = expr::lower_rule(r);
-            let found = have[pos..]
-                .iter()
-                .position(|k| k.comment == r.comment && k.exprs == want);
-            match found {
-                Some(off) => {
-                    for extra in &have[pos..pos + off] {
-                        problems.push(format!(
-                            "chain {}: extra rule handle {} ({:?}) before rule {}",
-                            c.name,
-                            extra.handle,
-                            extra.comment,
-                            i + 1
-                        ));
-                    }
-                    pos += off + 1;
-                }
-                None => {
-                    // A rule with the same comment is the planned rule, changed: report it
-                    // once as different (not also as extra) and continue after it.
-                    let same = have[pos..].iter().position(|k| k.comment == r.comment);
-                    match same.map(|o| (o, have[pos + o])) {
-                        Some((o, k)) => {
-                            for extra in &have[pos..pos + o] {
-                                problems.push(format!(
-                                    "chain {}: extra rule handle {} ({:?}) before rule {}",
-                                    c.name,
-                                    extra.handle,
-                                    extra.comment,
-                                    i + 1
-                                ));
-                            }
-                            pos += o + 1;
-                            problems.push(format!(
-                                "chain {}: rule {} ({:?}) differs: want {}, kernel has {}",
-                                c.name,
-                                i + 1,
-                                r.comment,
-                                exprs_text(&want),
-                                exprs_text(&k.exprs)
-                            ));
-                        }
-                        None => problems.push(format!(
-                            "chain {}: rule {} ({:?}) missing",
-                            c.name,
-                            i + 1,
-                            r.comment
-                        )),
-                    }
-                }
-            }
-        }
-        for extra in &have[pos.min(have.len())..] {
-            problems.push(format!(
-                "chain {}: extra rule handle {} ({:?}) at the end",
-                c.name, extra.handle, extra.comment
-            ));
-        }
+        problems.extend(chain_problems(c, kc));
+        let have: Vec<&KRule> = k.rules.iter().filter(|r| r.chain == c.name).collect();
+        problems.extend(rule_problems(c, &have));
     }
-    for k in &kchains {
-        if !table.chains.iter().any(|c| c.name == k.name) {
-            problems.push(format!("extra chain {}", k.name));
+    for kc in &k.chains {
+        if !table.chains.iter().any(|c| c.name == kc.name) {
+            problems.push(format!("extra chain {}", kc.name));
         }
     }
     Ok(problems)
+}
+
+/// The table itself: dormant, another layout's comment, objects we never create.
+fn table_problems(name: &str, k: &KState) -> Vec<String> {
+    let mut problems = Vec::new();
+    if k.table.flags & wire::NFT_TABLE_F_DORMANT != 0 {
+        problems.push(format!("{} is dormant (no rule runs)", table_obj(name)));
+    }
+    if k.table.comment != owner_comment() {
+        problems.push(format!(
+            "{} has comment {:?}, want {:?} (programmed by another release's layout)",
+            table_obj(name),
+            k.table.comment,
+            owner_comment()
+        ));
+    }
+    for o in &k.others {
+        problems.push(format!("extra {o} in {}", table_obj(name)));
+    }
+    problems
+}
+
+/// A chain's hook, priority, type and policy.
+fn chain_problems(c: &crate::plan::Chain, k: &KChain) -> Vec<String> {
+    let mut problems = Vec::new();
+    let want_hook = (hooknum(c.hook), c.priority);
+    if k.hook != Some(want_hook) {
+        problems.push(format!(
+            "chain {}: hook/priority {:?} (hooknum, priority), want {:?}",
+            c.name, k.hook, want_hook
+        ));
+    }
+    if k.kind != kind_name(c.kind) {
+        problems.push(format!(
+            "chain {}: type {:?}, want {:?}",
+            c.name,
+            k.kind,
+            kind_name(c.kind)
+        ));
+    }
+    if k.policy != Some(wire::NF_ACCEPT) {
+        problems.push(format!(
+            "chain {}: policy {:?}, want accept",
+            c.name, k.policy
+        ));
+    }
+    problems
+}
+
+/// A chain's rules against the kernel's (`have`, in kernel order): each planned rule is found
+/// in order by comment and expressions; one with the same comment but other expressions is
+/// the planned rule, changed.
+fn rule_problems(c: &crate::plan::Chain, have: &[&KRule]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let extras = |problems: &mut Vec<String>, skipped: &[&KRule], before: usize| {
+        for extra in skipped {
+            problems.push(format!(
+                "chain {}: extra rule handle {} ({:?}) before rule {before}",
+                c.name, extra.handle, extra.comment
+            ));
+        }
+    };
+    let mut pos = 0;
+    for (i, r) in c.rules.iter().enumerate() {
+        let want = expr::lower_rule(r);
+        let rest = &have[pos..];
+        if let Some(off) = rest
+            .iter()
+            .position(|k| k.comment == r.comment && k.exprs == want)
+        {
+            extras(&mut problems, &rest[..off], i + 1);
+            pos += off + 1;
+        } else if let Some(off) = rest.iter().position(|k| k.comment == r.comment) {
+            // Reported once as different (not also as extra); matching continues after it.
+            extras(&mut problems, &rest[..off], i + 1);
+            problems.push(format!(
+                "chain {}: rule {} ({:?}) differs: want {}, kernel has {}",
+                c.name,
+                i + 1,
+                r.comment,
+                exprs_text(&want),
+                exprs_text(&rest[off].exprs)
+            ));
+            pos += off + 1;
+        } else {
+            problems.push(format!(
+                "chain {}: rule {} ({:?}) missing",
+                c.name,
+                i + 1,
+                r.comment
+            ));
+        }
+    }
+    for extra in &have[pos.min(have.len())..] {
+        problems.push(format!(
+            "chain {}: extra rule handle {} ({:?}) at the end",
+            c.name, extra.handle, extra.comment
+        ));
+    }
+    problems
+}
+
+/// One rule of our table as the kernel lists it, with what its `counter` saw (if it has one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleStatus {
+    pub chain: String,
+    pub handle: u64,
+    pub comment: String,
+    /// `(packets, bytes)`.
+    pub counter: Option<(u64, u64)>,
+}
+
+/// Our table's rules in kernel order (chain by chain), for a status display; `None` when the
+/// table is absent.
+pub fn rule_status(name: &str) -> Result<Option<Vec<RuleStatus>>, NftError> {
+    check_name("table", name)?;
+    let Some(k) = read_state(name)? else {
+        return Ok(None);
+    };
+    Ok(Some(
+        k.rules
+            .into_iter()
+            .map(|r| RuleStatus {
+                counter: r.exprs.iter().find_map(|e| match e {
+                    Expr::Counter(c) => Some((c.packets, c.bytes)),
+                    _ => None,
+                }),
+                chain: r.chain,
+                handle: r.handle,
+                comment: r.comment,
+            })
+            .collect(),
+    ))
 }
 
 /// Canonical `nft -f` text of the table, laid out like `nft list table inet NAME`.
@@ -935,7 +969,8 @@ mod tests {
         pub static LOSE_REPLIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
-    /// Pitfall 14: when the replies of a committed batch cannot be read, apply() removes the
+    /// docs/ARCHITECTURE.md, pitfall 14: when the replies of a committed batch cannot be read,
+    /// apply() removes the
     /// table before reporting the error, for a fresh table and for a replaced one. Root only
     /// (skipped otherwise); it works in a netns of its own.
     #[test]
@@ -955,9 +990,7 @@ mod tests {
         };
         assert!(ip(&["netns", "add", &name]));
         let path = format!("/var/run/netns/{name}");
-        let res = std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let res = crate::netns::run_in(std::path::Path::new(&path), || {
             let t = tproxy_table();
             let mut out = Vec::new();
             for replace in [false, true] {
@@ -972,8 +1005,7 @@ mod tests {
                 ));
             }
             out
-        })
-        .join();
+        });
         ip(&["netns", "del", &name]);
         assert_eq!(
             res.expect("netns thread"),
@@ -1032,7 +1064,31 @@ mod tests {
             expr::Expr::decode(&e),
             expr::lower_action(&A::Redirect { port: 1 })[1]
         );
+        // As the kernel dumps a counter that saw traffic: BYTES, PACKETS, then a PAD (3) for
+        // 64-bit alignment. Read with its values; equal to a fresh one (values are state).
+        let mut d = Vec::new();
+        wire::put_attr(&mut d, 1, &1500u64.to_be_bytes());
+        wire::put_attr(&mut d, 2, &3u64.to_be_bytes());
+        wire::put_attr(&mut d, 3, &[]);
+        let mut e = Vec::new();
+        wire::put_attr(&mut e, wire::NFTA_EXPR_NAME, b"counter\0");
+        wire::put_nested(&mut e, wire::NFTA_EXPR_DATA, &d);
+        let got = expr::Expr::decode(&e);
+        let expr::Expr::Counter(c) = got else {
+            panic!("not a counter: {got:?}")
+        };
+        assert_eq!((c.packets, c.bytes), (3, 1500));
+        assert_eq!(got, expr::lower_action(&A::Counter)[0]);
+        // What we send for it is what `nft --debug=mnl add rule ... counter` sends: the name
+        // and an empty NFTA_EXPR_DATA.
+        let mut want = Vec::new();
+        wire::put_attr(&mut want, wire::NFTA_EXPR_NAME, b"counter\0");
+        wire::put_nested(&mut want, wire::NFTA_EXPR_DATA, &[]);
+        assert_eq!(expr::lower_action(&A::Counter)[0].encode(), want);
         // Unknown expressions never compare equal to ours; truncated input does not panic.
+        let mut e = Vec::new();
+        wire::put_attr(&mut e, wire::NFTA_EXPR_NAME, b"quota\0");
+        assert!(matches!(expr::Expr::decode(&e), expr::Expr::Other { .. }));
         let mut e = Vec::new();
         wire::put_attr(&mut e, wire::NFTA_EXPR_NAME, b"counter\0");
         assert!(matches!(expr::Expr::decode(&e), expr::Expr::Other { .. }));
@@ -1058,14 +1114,16 @@ mod tests {
         let (buf, objects, acked) = build_batch(&t, false).finish();
         // BEGIN: len 20, type 0x10, flags REQUEST, nfgenmsg {AF_UNSPEC, v0, res_id 10 (be)}.
         assert_eq!(hex(&buf[..20]), "140000001000010001000000000000000000000a");
-        // table + 2 chains + 11 rules, only the last acknowledged (pitfall 14); no delete when
+        // table + 2 chains + 11 rules, only the last acknowledged (docs/ARCHITECTURE.md,
+        // pitfall 14); no delete when
         // the table is absent.
         assert_eq!(objects.len(), 14);
         assert_eq!(acked, 1);
         assert!(objects[0].1.starts_with("add table inet tproxy_cni"));
         let (_, objects, _) = build_batch(&t, true).finish();
         assert_eq!(objects[0].1, "delete table inet tproxy_cni");
-        // Every rule message appends (pitfall 5); only the last one asks for an ACK.
+        // Every rule message appends (docs/ARCHITECTURE.md, pitfall 5); only the last one asks
+        // for an ACK.
         let mut off = 20;
         let mut rules = 0;
         while off + 16 <= buf.len() {

@@ -132,6 +132,10 @@ pub enum Action {
     },
     /// `reject with tcp reset`
     RejectTcpReset,
+    /// `counter`: packets and bytes that reached this point of the rule (state, not
+    /// configuration: CHECK ignores the values). Only the host CLI's plans carry it, so a user
+    /// sees traffic being intercepted; pod plans stay as lean as before.
+    Counter,
     Accept,
     Return,
 }
@@ -265,148 +269,22 @@ pub fn build(
     pod_ips: &[std::net::IpAddr],
     node_ips: &[std::net::IpAddr],
 ) -> Plan {
-    use crate::annotations::{FailMode, Mode};
-    // The bits set in the configured mark are ours: we match and set only them, so marks
-    // others put on the same packets (Istio, kube-proxy, Calico, Cilium) survive.
-    let m = MarkBits::ours(cfg.mark);
+    use crate::annotations::Mode;
     let fams = families(pod_ips);
-    let mut chains = Vec::new();
-    let mut routing = Routing::default();
-
-    let excluded: Vec<Rule> = policy
-        .exclude_inbound_ports
-        .iter()
-        .map(|p| {
-            rule(
-                vec![Match::L4ProtoTcp, Match::TcpDport(*p)],
-                vec![Action::Accept],
-                "excluded inbound port",
-            )
-        })
-        .collect();
-
-    match policy.mode {
+    let (mut chains, routing) = match policy.mode {
         Mode::None => return Plan::empty(),
-        Mode::Tproxy => {
-            let mut rules = vec![
-                // Pitfall 2: tag only the proxy->app leg; tagging the client->proxy leg
-                // would send the SYN-ACK to lo and black-hole it.
-                rule(
-                    vec![Match::IifName("lo".into()), Match::Mark(m)],
-                    vec![Action::SetCtMark(m)],
-                    "proxy to app leg: replies must return to the proxy",
-                ),
-                rule(
-                    vec![Match::IifName("lo".into())],
-                    vec![Action::Accept],
-                    "loopback is never intercepted",
-                ),
-                // Pitfall 1: without this, fail-closed would reset the pod's own outbound flows.
-                rule(
-                    vec![Match::CtDirectionReply],
-                    vec![Action::Accept],
-                    "replies to the pod's own connections",
-                ),
-            ];
-            rules.extend(node_rules(node_ips, &fams));
-            rules.extend(excluded);
-            let selectors = capture_selectors(policy);
-            for sel in &selectors {
-                rules.push(rule(
-                    sel.clone(),
-                    vec![
-                        Action::Tproxy {
-                            port: cfg.inbound_port,
-                        },
-                        Action::SetMark(m),
-                        Action::Accept,
-                    ],
-                    "inbound to the sidecar (tproxy)",
-                ));
-            }
-            if policy.fail == FailMode::Closed {
-                for sel in &selectors {
-                    let mut mm = sel.clone();
-                    mm.push(Match::CtStateNew);
-                    rules.push(rule(
-                        mm,
-                        vec![Action::RejectTcpReset],
-                        "fail-closed: no sidecar listening",
-                    ));
-                }
-            }
-            chains.push(Chain {
-                name: "prerouting".into(),
-                kind: ChainKind::Filter,
-                hook: Hook::Prerouting,
-                priority: PRIO_MANGLE,
-                rules,
-            });
-            chains.push(Chain {
-                name: "output".into(),
-                kind: ChainKind::Route,
-                hook: Hook::Output,
-                priority: PRIO_MANGLE,
-                // Only our bit goes from the ct mark to the packet: copying the whole ct mark
-                // would overwrite the packet mark bits of others.
-                rules: vec![rule(
-                    vec![Match::CtMark(m)],
-                    vec![Action::SetMark(m)],
-                    "app replies on the proxy leg go back to the proxy",
-                )],
-            });
-            for f in &fams {
-                routing.rules.push(FwmarkRule {
-                    family: *f,
-                    mark: m.value,
-                    mask: m.mask,
-                    table: cfg.route_table,
-                    priority: cfg.rule_priority,
-                });
-                routing.local_routes.push(LocalRoute {
-                    family: *f,
-                    table: cfg.route_table,
-                });
-            }
-        }
-        Mode::Redirect => {
-            let mut rules = vec![rule(
-                vec![Match::IifName("lo".into())],
-                vec![Action::Accept],
-                "loopback is never intercepted",
-            )];
-            rules.extend(node_rules(node_ips, &fams));
-            rules.extend(excluded);
-            for sel in capture_selectors(policy) {
-                rules.push(rule(
-                    sel,
-                    vec![Action::Redirect {
-                        port: cfg.inbound_port,
-                    }],
-                    "inbound to the sidecar (redirect)",
-                ));
-            }
-            chains.push(Chain {
-                name: "prerouting_nat".into(),
-                kind: ChainKind::Nat,
-                hook: Hook::Prerouting,
-                priority: PRIO_DSTNAT,
-                rules,
-            });
-            if fams.contains(&Family::V6) {
-                // ::6 is not a loopback address in IPv6 as 127.0.0.6 is in IPv4: add it to lo
-                // so the sidecar can dial from it and the app's replies come back.
-                if let Some(c) = Cidr::new(crate::consts::REDIRECT_SOURCE_V6.into(), 128) {
-                    routing.lo_addresses.push(c);
-                }
-            }
-        }
-    }
-
+        Mode::Tproxy => (
+            tproxy_chains(cfg, policy, &fams, node_ips),
+            tproxy_routing(cfg, &fams),
+        ),
+        Mode::Redirect => (
+            vec![redirect_chain(cfg, policy, &fams, node_ips)],
+            redirect_routing(&fams),
+        ),
+    };
     if policy.outbound.enabled() {
         chains.push(outbound_chain(cfg, policy));
     }
-
     Plan {
         table: Some(Table {
             name: cfg.table_name.clone(),
@@ -414,6 +292,171 @@ pub fn build(
         }),
         routing,
     }
+}
+
+/// Inbound rules common to both modes, after the mode's own head rules: the node's addresses
+/// and the excluded ports are accepted before any capture.
+fn bypass_rules(
+    policy: &crate::annotations::PodPolicy,
+    fams: &[Family],
+    node_ips: &[std::net::IpAddr],
+) -> Vec<Rule> {
+    let mut rules = node_rules(node_ips, fams);
+    rules.extend(policy.exclude_inbound_ports.iter().map(|p| {
+        rule(
+            vec![Match::L4ProtoTcp, Match::TcpDport(*p)],
+            vec![Action::Accept],
+            "excluded inbound port",
+        )
+    }));
+    rules
+}
+
+/// Tproxy mode: the mangle prerouting chain that sends inbound TCP to the sidecar and the
+/// route output chain that sends the app's replies on the proxy leg back to it.
+fn tproxy_chains(
+    cfg: &PlanConfig,
+    policy: &crate::annotations::PodPolicy,
+    fams: &[Family],
+    node_ips: &[std::net::IpAddr],
+) -> Vec<Chain> {
+    use crate::annotations::FailMode;
+    // The bits set in the configured mark are ours: we match and set only them, so marks
+    // others put on the same packets (Istio, kube-proxy, Calico, Cilium) survive.
+    let m = MarkBits::ours(cfg.mark);
+    let mut rules = vec![
+        // docs/ARCHITECTURE.md, pitfall 2: tag only the proxy->app leg; tagging the
+        // client->proxy leg would send the SYN-ACK to lo and black-hole it.
+        rule(
+            vec![Match::IifName("lo".into()), Match::Mark(m)],
+            vec![Action::SetCtMark(m)],
+            "proxy to app leg: replies must return to the proxy",
+        ),
+        rule(
+            vec![Match::IifName("lo".into())],
+            vec![Action::Accept],
+            "loopback is never intercepted",
+        ),
+        // docs/ARCHITECTURE.md, pitfall 1: without this, fail-closed would reset the pod's
+        // own outbound flows.
+        rule(
+            vec![Match::CtDirectionReply],
+            vec![Action::Accept],
+            "replies to the pod's own connections",
+        ),
+    ];
+    rules.extend(bypass_rules(policy, fams, node_ips));
+    let selectors = capture_selectors(policy);
+    for sel in &selectors {
+        rules.push(rule(
+            sel.clone(),
+            vec![
+                Action::Tproxy {
+                    port: cfg.inbound_port,
+                },
+                Action::SetMark(m),
+                Action::Accept,
+            ],
+            "inbound to the sidecar (tproxy)",
+        ));
+    }
+    if policy.fail == FailMode::Closed {
+        for sel in &selectors {
+            let mut mm = sel.clone();
+            mm.push(Match::CtStateNew);
+            rules.push(rule(
+                mm,
+                vec![Action::RejectTcpReset],
+                "fail-closed: no sidecar listening",
+            ));
+        }
+    }
+    vec![
+        Chain {
+            name: "prerouting".into(),
+            kind: ChainKind::Filter,
+            hook: Hook::Prerouting,
+            priority: PRIO_MANGLE,
+            rules,
+        },
+        Chain {
+            name: "output".into(),
+            kind: ChainKind::Route,
+            hook: Hook::Output,
+            priority: PRIO_MANGLE,
+            // Only our bit goes from the ct mark to the packet: copying the whole ct mark
+            // would overwrite the packet mark bits of others.
+            rules: vec![rule(
+                vec![Match::CtMark(m)],
+                vec![Action::SetMark(m)],
+                "app replies on the proxy leg go back to the proxy",
+            )],
+        },
+    ]
+}
+
+/// Tproxy mode's return path: marked packets are delivered locally, one rule and route per
+/// family the pod has.
+fn tproxy_routing(cfg: &PlanConfig, fams: &[Family]) -> Routing {
+    let m = MarkBits::ours(cfg.mark);
+    let mut routing = Routing::default();
+    for f in fams {
+        routing.rules.push(FwmarkRule {
+            family: *f,
+            mark: m.value,
+            mask: m.mask,
+            table: cfg.route_table,
+            priority: cfg.rule_priority,
+        });
+        routing.local_routes.push(LocalRoute {
+            family: *f,
+            table: cfg.route_table,
+        });
+    }
+    routing
+}
+
+/// Redirect mode: the NAT prerouting chain redirecting inbound TCP to the sidecar.
+fn redirect_chain(
+    cfg: &PlanConfig,
+    policy: &crate::annotations::PodPolicy,
+    fams: &[Family],
+    node_ips: &[std::net::IpAddr],
+) -> Chain {
+    let mut rules = vec![rule(
+        vec![Match::IifName("lo".into())],
+        vec![Action::Accept],
+        "loopback is never intercepted",
+    )];
+    rules.extend(bypass_rules(policy, fams, node_ips));
+    for sel in capture_selectors(policy) {
+        rules.push(rule(
+            sel,
+            vec![Action::Redirect {
+                port: cfg.inbound_port,
+            }],
+            "inbound to the sidecar (redirect)",
+        ));
+    }
+    Chain {
+        name: "prerouting_nat".into(),
+        kind: ChainKind::Nat,
+        hook: Hook::Prerouting,
+        priority: PRIO_DSTNAT,
+        rules,
+    }
+}
+
+/// Redirect mode's routing: ::6 is not a loopback address in IPv6 as 127.0.0.6 is in IPv4, so
+/// IPv6 pods get it on lo, where the sidecar dials from it and the app's replies come back.
+fn redirect_routing(fams: &[Family]) -> Routing {
+    let mut routing = Routing::default();
+    if fams.contains(&Family::V6) {
+        if let Some(c) = Cidr::new(crate::consts::REDIRECT_SOURCE_V6.into(), 128) {
+            routing.lo_addresses.push(c);
+        }
+    }
+    routing
 }
 
 /// NAT output chain sending the pod's egress to the sidecar's outbound port.

@@ -8,7 +8,8 @@
 //! identities `delete` is given (objects of releases from before the tag).
 //!
 //! Synchronous netlink over one `netlink-sys` socket, no async runtime: the plugin runs a few
-//! requests per pod, and a runtime's threads must never meet `setns` (pitfall 7). Call these
+//! requests per pod, and a runtime's threads must never meet `setns` (docs/ARCHITECTURE.md,
+//! pitfall 7). Call these
 //! from a thread already inside the pod netns (see `netns`).
 
 use std::io;
@@ -43,13 +44,6 @@ pub enum RoutingError {
     Decode { what: String, detail: String },
 }
 
-/// What `apply` did, so a failed ADD can undo exactly that.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Applied {
-    /// Families skipped because the kernel has no IPv6 (EAFNOSUPPORT).
-    pub skipped: Vec<Family>,
-}
-
 fn family(f: Family) -> AddressFamily {
     match f {
         Family::V4 => AddressFamily::Inet,
@@ -81,7 +75,8 @@ fn rule_msg(r: &FwmarkRule) -> RuleMessage {
 fn untagged_rule_msg(r: &FwmarkRule) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = family(r.family);
-    // Pitfall 4: without an explicit action the kernel accepts the rule and every lookup fails.
+    // docs/ARCHITECTURE.md, pitfall 4: without an explicit action the kernel accepts the rule
+    // and every lookup fails.
     m.header.action = RuleAction::ToTable;
     m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
     m.attributes = vec![
@@ -106,7 +101,8 @@ fn route_msg(r: &LocalRoute, lo: u32) -> RouteMessage {
     m.header.destination_prefix_length = 0;
     m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
     m.header.protocol = RouteProtocol::from(RT_PROTOCOL);
-    // Pitfall 4: a `local` route must be host-scoped or the kernel refuses it.
+    // docs/ARCHITECTURE.md, pitfall 4: a `local` route must be host-scoped or the kernel
+    // refuses it.
     m.header.scope = RouteScope::Host;
     m.header.kind = RouteType::Local;
     m.attributes = vec![RouteAttribute::Table(r.table), RouteAttribute::Oif(lo)];
@@ -390,17 +386,19 @@ fn sweep(nl: &mut Rtnl, f: Family, keep: &Routing, lo: u32) -> Result<(), Routin
 /// Makes the kernel's routing objects of ours equal to the plan: creates every rule, route
 /// and address of the plan (existing identical ones are fine), then removes tagged rules and
 /// routes the plan does not want (another mode's, or another release's numbers). On error,
-/// removes what the plan wanted before returning it.
-pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
+/// removes what the plan wanted before returning it. A kernel without IPv6 (EAFNOSUPPORT)
+/// gets the IPv4 half only.
+pub fn apply(r: &Routing) -> Result<(), RoutingError> {
     let mut nl = Rtnl::open()?;
     let lo = lo_index()?;
-    let mut applied = Applied::default();
     if r.rules.is_empty() && r.local_routes.is_empty() && r.lo_addresses.is_empty() {
         for f in [Family::V4, Family::V6] {
             sweep(&mut nl, f, r, lo)?;
         }
-        return Ok(applied);
+        return Ok(());
     }
+    // Families skipped because the kernel has no IPv6.
+    let mut skipped: Vec<Family> = Vec::new();
     // Local routes and addresses live on lo, and the kernel refuses IPv6 ones (ENETDOWN) while
     // lo is down. Runtimes bring lo up with the loopback plugin, but not always before us;
     // setting the flag is idempotent and every pod needs lo up anyway.
@@ -412,7 +410,7 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
     let res = (|| {
         drop_untagged_copies(&mut nl, r)?;
         for route in &r.local_routes {
-            if applied.skipped.contains(&route.family) {
+            if skipped.contains(&route.family) {
                 continue;
             }
             match nl.create(
@@ -421,13 +419,13 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
             ) {
                 Err(e) if route.family == Family::V6 && is_no_family(&e) => {
                     log::info!("IPv6 is not available in this netns; skipping IPv6 routing");
-                    applied.skipped.push(Family::V6);
+                    skipped.push(Family::V6);
                 }
                 other => other?,
             }
         }
         for rule in &r.rules {
-            if applied.skipped.contains(&rule.family) {
+            if skipped.contains(&rule.family) {
                 continue;
             }
             match nl.create(
@@ -435,7 +433,7 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
                 &describe_rule(rule),
             ) {
                 Err(e) if rule.family == Family::V6 && is_no_family(&e) => {
-                    applied.skipped.push(Family::V6);
+                    skipped.push(Family::V6);
                 }
                 other => other?,
             }
@@ -447,16 +445,16 @@ pub fn apply(r: &Routing) -> Result<Applied, RoutingError> {
             )?;
         }
         for f in [Family::V4, Family::V6] {
-            if !applied.skipped.contains(&f) {
+            if !skipped.contains(&f) {
                 sweep(&mut nl, f, r, lo)?;
             }
         }
         Ok(())
     })();
     match res {
-        Ok(()) => Ok(applied),
+        Ok(()) => Ok(()),
         Err(e) => {
-            if let Err(undo) = delete_with(&mut nl, r) {
+            for undo in delete_with(&mut nl, r) {
                 log::warn!("undoing partial routing after error: {undo}");
             }
             Err(e)
@@ -492,33 +490,33 @@ fn drop_untagged_copies(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> 
 /// Removes every tagged rule and route of ours, whatever its mark, table or priority, plus
 /// the objects of `r` by their exact identity (also untagged ones, as releases before the tag
 /// made them) and its lo addresses; absent ones are not errors. Keeps going after a failure
-/// and reports the first one (teardown removes all it can).
-pub fn delete(r: &Routing) -> Result<(), RoutingError> {
-    let mut nl = Rtnl::open()?;
-    let mut first = delete_with(&mut nl, r).err();
+/// and returns every failure it met (teardown removes all it can).
+pub fn delete(r: &Routing) -> Result<(), Vec<RoutingError>> {
+    let mut nl = Rtnl::open().map_err(|e| vec![e])?;
+    let mut errs = delete_with(&mut nl, r);
     match lo_index() {
         Ok(lo) => {
             for f in [Family::V4, Family::V6] {
                 if let Err(e) = sweep(&mut nl, f, &Routing::default(), lo) {
-                    first.get_or_insert(e);
+                    errs.push(e);
                 }
             }
         }
-        Err(e) => {
-            first.get_or_insert(e);
-        }
+        Err(e) => errs.push(e),
     }
-    match first {
-        None => Ok(()),
-        Some(e) => Err(e),
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
     }
 }
 
-fn delete_with(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
-    let mut first: Option<RoutingError> = None;
+/// Removes `r`'s objects by identity; returns every failure.
+fn delete_with(nl: &mut Rtnl, r: &Routing) -> Vec<RoutingError> {
+    let mut errs: Vec<RoutingError> = Vec::new();
     let mut keep = |res: Result<bool, RoutingError>| {
         if let Err(e) = res {
-            first.get_or_insert(e);
+            errs.push(e);
         }
     };
     // Rules first: once the rule is gone, nothing can be routed by a half-removed table.
@@ -555,10 +553,7 @@ fn delete_with(nl: &mut Rtnl, r: &Routing) -> Result<(), RoutingError> {
         }
         Err(e) => keep(Err(e)),
     }
-    match first {
-        None => Ok(()),
-        Some(e) => Err(e),
-    }
+    errs
 }
 
 /// Compares the kernel's rules, routes and lo addresses with the plan: one line per missing,

@@ -5,7 +5,8 @@
 //! - `addr`: address-role newtypes (`ClientAddr`, `OrigDst`, `UpstreamLocal`, ...).
 //! - `sockopt`: every raw socket option, pipe and splice call; the only `unsafe`.
 //! - `caps`: why CAP_NET_RAW is missing (bounding vs effective set), for the start-up error.
-//! - `ports`: upstream source-port choice that never recreates a client's tuple (pitfall 12).
+//! - `ports`: upstream source-port choice that never recreates a client's tuple
+//!   (docs/ARCHITECTURE.md, pitfall 12).
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
 //! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
@@ -27,6 +28,9 @@ pub mod ports;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod relay;
+// Raw setsockopt/getsockopt, pipe2, splice and rlimit calls neither std nor nix wrap (for
+// IP_TRANSPARENT, SO_MARK, TCP_INFO, ...): each `unsafe` block has its SAFETY note.
+#[allow(unsafe_code)]
 pub mod sockopt;
 pub mod xff;
 
@@ -105,8 +109,8 @@ pub fn resolve_mode(
             Mode::Redirect => diverted(InboundMode::Redirect),
             // Nothing is diverted to us; serve redirect, which needs no extra privilege.
             Mode::None => {
-                eprintln!(
-                    "tproxy-sidecar: pod annotations say mode none: the plugin diverts nothing; \
+                log::warn!(
+                    "pod annotations say mode none: the plugin diverts nothing; \
                      serving redirect mode"
                 );
                 Resolved {
@@ -144,7 +148,7 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
         }
         Err((_, e)) => {
             // Redirect mode works without the mark as long as the plugin exempts our uid.
-            eprintln!("tproxy-sidecar: SO_MARK unavailable ({e}); relying on the uid exemption");
+            log::warn!("SO_MARK unavailable ({e}); relying on the uid exemption");
             None
         }
     };
@@ -152,8 +156,8 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
         Ok(n) => {
             let slots = connection_budget(cfg.max_connections, n);
             if slots < cfg.max_connections {
-                eprintln!(
-                    "tproxy-sidecar: open-file limit {n} fits {slots} connections \
+                log::warn!(
+                    "open-file limit {n} fits {slots} connections \
                      ({FDS_PER_CONNECTION} descriptors each, {FD_RESERVE} kept for the admin \
                      port and housekeeping); serving at most {slots}, not --max-connections {}",
                     cfg.max_connections
@@ -162,7 +166,7 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
             slots
         }
         Err(e) => {
-            eprintln!("tproxy-sidecar: cannot read or raise the open-file limit: {e}");
+            log::warn!("cannot read or raise the open-file limit: {e}");
             cfg.max_connections
         }
     };
@@ -222,7 +226,7 @@ fn bind_pair(port: u16, transparent: bool) -> Result<Vec<TcpListener>, SidecarEr
                         Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
                     ) =>
             {
-                eprintln!("tproxy-sidecar: no IPv6 here ({e}); listening on IPv4 only");
+                log::info!("no IPv6 here ({e}); listening on IPv4 only");
             }
             Err(source) => return Err(SidecarError::Bind { addr, source }),
         }
@@ -282,8 +286,8 @@ async fn serve(
     let max = slots;
     let permits = Arc::new(Semaphore::new(max));
     let drain_timeout = cfg.drain_timeout;
-    eprintln!(
-        "tproxy-sidecar: {} mode; inbound :{}, outbound {}, admin {}, mark {}",
+    log::info!(
+        "{} mode; inbound :{}, outbound {}, admin {}, mark {}",
         mode.as_str(),
         cfg.inbound_port,
         cfg.outbound_port.map_or("off".into(), |p| format!(":{p}")),
@@ -310,7 +314,7 @@ async fn serve(
     health.ready.store(true, Ordering::Relaxed);
 
     wait_for_signal().await?;
-    eprintln!("tproxy-sidecar: draining (up to {drain_timeout:?})");
+    log::info!("draining (up to {drain_timeout:?})");
     health.draining.store(true, Ordering::Relaxed);
     // Stop accepting: each accept loop returns and drops (closes) its listener.
     let _ = stop_tx.send(true);
@@ -323,7 +327,7 @@ async fn serve(
         .await
         .is_err()
     {
-        eprintln!("tproxy-sidecar: drain deadline reached; cutting remaining connections");
+        log::warn!("drain deadline reached; cutting remaining connections");
         let _ = hard_tx.send(true);
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
@@ -332,7 +336,7 @@ async fn serve(
     if let Some(t) = admin_task {
         let _ = t.await;
     }
-    eprintln!("tproxy-sidecar: stopped");
+    log::info!("stopped");
     Ok(())
 }
 

@@ -3,10 +3,10 @@
 
 mod common;
 
+use common::chain::cnirun::{self, Invocation, RunError};
 use serde_json::{json, Map, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use tproxy_cni::cnirun::{self, Invocation, RunError};
 
 /// A fake plugin: records stdin and the CNI_* environment in `log`, numbered by call order,
 /// prints a result naming itself on ADD, and fails with a CNI error when its name starts "fail".
@@ -411,7 +411,8 @@ fn real_bridge_host_local() {
     cnirun::check(&conflist, &inv, &result).unwrap();
     cnirun::del(&conflist, &inv, Some(&result)).unwrap();
     assert!(!ns.try_sh("ip link show dev eth0").status.success());
-    // DEL twice is fine for the reference plugins (and must be for ours, pitfall 9).
+    // DEL twice is fine for the reference plugins (and must be for ours, docs/ARCHITECTURE.md,
+    // pitfall 9).
     cnirun::del(&conflist, &inv, Some(&result)).unwrap();
     drop(cleanup_bridge);
 }
@@ -421,5 +422,53 @@ struct Bridge(String);
 impl Drop for Bridge {
     fn drop(&mut self) {
         let _ = common::try_sh(&format!("ip link del {}", self.0));
+    }
+}
+
+// The emulator's pure parts (no plugin runs). Here, not in cnirun.rs: that file is also
+// included by tests/common/chain.rs, which would repeat its unit tests in every test binary.
+#[test]
+fn stdin_filters_capabilities_and_chains() {
+    let conf =
+        json!({"type": "x", "capabilities": {"a": true, "b": false}, "runtimeConfig": {"z": 1}});
+    let mut rc = Map::new();
+    rc.insert("a".into(), json!({"k": "v"}));
+    rc.insert("b".into(), json!(1));
+    rc.insert("c".into(), json!(2));
+    let prev = json!({"cniVersion": "1.0.0", "ips": []});
+    let Value::Object(conf) = conf else { panic!() };
+    let out = cnirun::plugin_stdin(&conf, &json!("net"), "1.0.0", &rc, Some(&prev));
+    assert_eq!(out["runtimeConfig"], json!({"a": {"k": "v"}}));
+    assert_eq!(out["prevResult"], prev);
+    assert_eq!(out["name"], "net");
+    let out = cnirun::plugin_stdin(&conf, &json!("net"), "1.0.0", &Map::new(), None);
+    assert_eq!(out["runtimeConfig"], json!({"z": 1}));
+    assert!(out.get("prevResult").is_none());
+}
+
+#[test]
+fn versions_compare_numerically() {
+    assert!(cnirun::version_at_least("0.4.0", "0.4.0"));
+    assert!(cnirun::version_at_least("1.0.0", "0.4.0"));
+    assert!(cnirun::version_at_least("0.10.0", "0.4.0"));
+    assert!(!cnirun::version_at_least("0.3.1", "0.4.0"));
+    assert!(!cnirun::version_at_least("1.0.0", "1.1.0"));
+}
+
+#[test]
+fn rejects_bad_lists_without_panicking() {
+    let inv = Invocation::default();
+    for bad in [
+        json!(1),
+        json!({}),
+        json!({"name": "n", "plugins": []}),
+        json!({"name": "n", "plugins": [{"type": "../x"}]}),
+        json!({"name": "n", "plugins": [1]}),
+        json!({"name": "n", "cniVersion": 1, "plugins": [{"type": "x"}]}),
+    ] {
+        assert!(
+            matches!(cnirun::add(&bad, &inv), Err(RunError::Conflist(_))),
+            "{bad}"
+        );
     }
 }

@@ -4,13 +4,13 @@
 
 mod common;
 
+use common::chain::cnirun::{self, Invocation};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tproxy_cni::cnirun::{self, Invocation};
 use tproxy_cni::consts::{POD_ANNOTATIONS_CAPABILITY, TABLE_NAME};
 
 /// Links the reference plugins into `bin`, as a node's single CNI bin dir holds them all.

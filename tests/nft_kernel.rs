@@ -3,22 +3,13 @@
 mod common;
 
 use common::Netns;
-use nix::sched::{setns, CloneFlags};
-use std::fs::File;
 use tproxy_cni::netaddr::{Family, PortRange};
 use tproxy_cni::nft;
 use tproxy_cni::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Rule, Table};
 
 /// Runs `f` on a fresh thread inside `ns` (the test thread never changes netns).
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let fd = File::open(&path).expect("open netns");
-        setns(&fd, CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
+fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    tproxy_cni::netns::run_in(&ns.path(), f).expect("enter the test netns")
 }
 
 fn rule(matches: Vec<Match>, actions: Vec<Action>, comment: &str) -> Rule {
@@ -514,7 +505,8 @@ fn golden_files_are_nft_listings() {
     }
 }
 
-/// Pitfall 14: a batch of thousands of rules applies (one ACK, buffers sized for the batch),
+/// docs/ARCHITECTURE.md, pitfall 14: a batch of thousands of rules applies (one ACK, buffers
+/// sized for the batch),
 /// CHECK reads it all back, and a kernel refusal deep in a big batch is still reported with
 /// the rule it concerns and leaves nothing.
 #[test]

@@ -6,7 +6,7 @@ mod common;
 
 use std::os::unix::fs::OpenOptionsExt;
 
-use common::chain::Node;
+use common::chain::{cni, Node};
 use common::Netns;
 use serde_json::{json, Value};
 
@@ -139,16 +139,9 @@ fn a_table_name_the_kernel_refuses_is_a_config_error_and_del_succeeds() {
             Ok(_) => panic!("tableName {name:?} must be refused"),
             Err(e) => e,
         };
-        assert_eq!(e.plugin, "tproxy-cni");
-        assert_eq!(e.json()["code"], 7, "{}", e.stdout);
-        assert!(
-            e.json()["msg"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("tableName"),
-            "{}",
-            e.stdout
-        );
+        assert_eq!(e.plugin(), Some("tproxy-cni"), "{e}");
+        assert_eq!(cni(&e).code, 7, "{e}");
+        assert!(cni(&e).msg.contains("tableName"), "{}", e);
         // DEL in a real pod netns (add_pod already ran the chain's DEL on failure; run ours
         // alone again with the netns present).
         let ns = Netns::new("pod");
@@ -198,15 +191,8 @@ fn a_fifo_or_another_namespace_kind_as_cni_netns() {
             h.join().expect("exec thread")
         });
         let e = res.expect_err("ADD");
-        assert_eq!(e.json()["code"], 100, "{path}: {}", e.stdout);
-        assert!(
-            e.json()["msg"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("CNI_NETNS"),
-            "{path}: {}",
-            e.stdout
-        );
+        assert_eq!(cni(&e).code, 100, "{path}: {e}");
+        assert!(cni(&e).msg.contains("CNI_NETNS"), "{path}: {}", e);
         node.exec(&node.ours(), "DEL", &path, "x", &ann, Some(&prev))
             .unwrap_or_else(|e| panic!("DEL {path}: {e:?}"));
         assert!(t.elapsed().as_secs() < 10, "{path}: {:?}", t.elapsed());

@@ -4,7 +4,7 @@
 mod common;
 mod sidecar_support;
 
-use common::chain::Node;
+use common::chain::{cni, Node};
 use common::Netns;
 use nftables::schema::{NfListObject, NfObject, Nftables};
 use serde_json::{json, Value};
@@ -176,13 +176,9 @@ fn tproxy_pod_add_check_del() {
     let e = node
         .check_pod(&pod)
         .expect_err("CHECK must notice the deleted rule");
-    assert_eq!(e.plugin, "tproxy-cni");
-    assert_eq!(e.json()["code"], 101, "{}", e.stdout);
-    assert!(
-        e.json()["msg"].as_str().unwrap().contains("prerouting"),
-        "{}",
-        e.stdout
-    );
+    assert_eq!(e.plugin(), Some("tproxy-cni"), "{e}");
+    assert_eq!(cni(&e).code, 101, "{e}");
+    assert!(cni(&e).msg.contains("prerouting"), "{}", e);
     // ADD again repairs (idempotent, atomic replace) and CHECK is happy again.
     node.exec(
         &node.ours(),
@@ -203,11 +199,7 @@ fn tproxy_pod_add_check_del() {
     let e = node
         .check_pod(&pod)
         .expect_err("CHECK must notice the missing IPv6 rule");
-    assert!(
-        e.json()["msg"].as_str().unwrap().contains("ipv6 rule"),
-        "{}",
-        e.stdout
-    );
+    assert!(cni(&e).msg.contains("ipv6 rule"), "{}", e);
 
     // A foreign table survives our DEL; DEL twice succeeds; nothing of ours remains.
     pod.ns.sh("nft add table inet other_mesh");
@@ -280,10 +272,9 @@ fn bad_annotations_fail_add_and_leave_nothing() {
             Ok(_) => panic!("{k}={v} must fail"),
             Err(e) => e,
         };
-        assert_eq!(e.plugin, "tproxy-cni");
-        let j = e.json();
-        assert_eq!(j["code"], 7, "{}", e.stdout);
-        let msg = j["msg"].as_str().unwrap();
+        assert_eq!(e.plugin(), Some("tproxy-cni"), "{e}");
+        assert_eq!(cni(&e).code, 7, "{e}");
+        let msg = cni(&e).msg.as_str();
         assert!(msg.contains(k) && msg.contains(v), "{msg}");
     }
     // Each failed pod was rolled back; check a fresh one directly with the plugin alone.
@@ -299,10 +290,7 @@ fn bad_annotations_fail_add_and_leave_nothing() {
             Some(&prev),
         )
         .expect_err("bad fail-mode");
-    assert!(e.json()["msg"]
-        .as_str()
-        .unwrap()
-        .contains("tproxy-cni.io/fail-mode"));
+    assert!(cni(&e).msg.contains("tproxy-cni.io/fail-mode"));
     assert_clean(&ns);
 }
 
@@ -323,7 +311,7 @@ fn add_into_something_that_is_not_a_netns_fails_cleanly() {
             Some(&prev),
         )
         .expect_err("ADD into a plain file");
-    assert_eq!(e.json()["code"], 100, "{}", e.stdout);
+    assert_eq!(cni(&e).code, 100, "{e}");
     // DEL on the same path, and on a path that never existed, succeeds.
     node.exec(
         &node.ours(),
@@ -492,15 +480,15 @@ fn largest_allowed_policies_apply_check_and_delete() {
         let ann: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let pod = node
             .add_pod(&ann)
-            .unwrap_or_else(|e| panic!("{what}: ADD failed: {}", e.stdout));
+            .unwrap_or_else(|e| panic!("{what}: ADD failed: {}", e));
         let t = our_table(&pod.ns).unwrap_or_else(|| panic!("{what}: no table"));
         let c = chains(&t);
         let pre = c.iter().find(|c| c.0 == "prerouting").expect("prerouting");
         assert_eq!(pre.4, prerouting_rules, "{what}");
         node.check_ours(&pod)
-            .unwrap_or_else(|e| panic!("{what}: CHECK failed: {}", e.stdout));
+            .unwrap_or_else(|e| panic!("{what}: CHECK failed: {}", e));
         node.del_pod(&pod)
-            .unwrap_or_else(|e| panic!("{what}: DEL failed: {}", e.stdout));
+            .unwrap_or_else(|e| panic!("{what}: DEL failed: {}", e));
         assert_clean(&pod.ns);
     }
 }
@@ -564,11 +552,7 @@ fn check_err_with(node: &Node, pod: &common::chain::Pod, ann: &Value) -> (u64, S
             Some(&pod.result),
         )
         .expect_err("CHECK must report the difference");
-    let j = e.json();
-    (
-        j["code"].as_u64().unwrap_or(0),
-        j["msg"].as_str().unwrap_or_default().to_string(),
-    )
+    (u64::from(cni(&e).code), cni(&e).msg.clone())
 }
 
 /// Issue 9.2: CHECK fails with 101 naming the difference for a dormant table, an extra set
@@ -623,7 +607,7 @@ fn check_is_strict_and_readd_converges() {
         // A re-ADD repairs each of them (the duplicate rule goes too).
         readd(&pod);
         node.check_ours(&pod)
-            .unwrap_or_else(|e| panic!("{what}: CHECK after re-ADD: {}", e.stdout));
+            .unwrap_or_else(|e| panic!("{what}: CHECK after re-ADD: {}", e));
     }
 
     // A read failure is not drift: without CAP_NET_ADMIN every nf_tables request is refused.
@@ -649,7 +633,7 @@ fn check_is_strict_and_readd_converges() {
         );
     }
     node.check_ours(&pod)
-        .unwrap_or_else(|e| panic!("CHECK after tproxy -> redirect: {}", e.stdout));
+        .unwrap_or_else(|e| panic!("CHECK after tproxy -> redirect: {}", e));
     // And CHECK with the old mode's plan now reports what is missing.
     let (code, msg) = check_err_with(&node, &pod, &json!({"tproxy-cni.io/mode": "tproxy"}));
     assert_eq!(code, 101, "{msg}");
@@ -795,7 +779,7 @@ fn every_golden_plan_adds_checks_and_deletes() {
         let ann = &case["annotations"];
         let run = |cmd: &str| {
             node.exec(&ours, cmd, &path, name, ann, Some(&prev))
-                .unwrap_or_else(|e| panic!("{name}: {cmd}: {}", e.stdout))
+                .unwrap_or_else(|e| panic!("{name}: {cmd}: {}", e))
         };
         run("ADD");
         run("CHECK");
@@ -1023,14 +1007,10 @@ fn unusable_table_name_fails_add_and_del_succeeds() {
         let e = node
             .exec(&ours, "ADD", &path, "badname", &ann, Some(&prev))
             .expect_err("ADD with an unusable table name");
-        assert!(
-            e.json()["msg"].as_str().unwrap().contains(name),
-            "{}",
-            e.stdout
-        );
+        assert!(cni(&e).msg.contains(name), "{}", e);
         assert_eq!(ns.sh("nft list tables"), "");
         assert!(our_rules(&ns, "-4").is_empty());
         node.exec(&ours, "DEL", &path, "badname", &ann, Some(&prev))
-            .unwrap_or_else(|e| panic!("DEL with tableName {name:?}: {}", e.stdout));
+            .unwrap_or_else(|e| panic!("DEL with tableName {name:?}: {}", e));
     }
 }

@@ -187,7 +187,7 @@ fn del_succeeds_when_the_netns_is_gone_or_empty() {
         assert_eq!(o.code, 0, "netns {netns:?}: {} {}", o.stdout, o.stderr);
         assert!(o.stdout.is_empty());
     }
-    // DEL with annotations that no longer parse still succeeds (pitfall 9).
+    // DEL with annotations that no longer parse still succeeds (docs/ARCHITECTURE.md, pitfall 9).
     let bad = conf("1.0.0", json!({"tproxy-cni.io/mode": "bogus"}), None);
     assert_eq!(plugin("DEL", "/var/run/netns/long-gone-pod", &bad).code, 0);
 }

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use tproxy_cni::sidecar::{self, config};
 
 fn main() -> ExitCode {
+    // One log format for every binary (src/logging.rs): stderr, which kubectl logs shows.
+    tproxy_cni::logging::init("tproxy-sidecar", log::LevelFilter::Info, None);
     let args: Vec<String> = std::env::args_os()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())
@@ -22,13 +24,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("tproxy-sidecar: {e} (see --help)");
+            log::error!("{e} (see --help)");
             ExitCode::from(2)
         }
         Ok(config::Parsed::Run(cfg)) => match sidecar::run(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("tproxy-sidecar: {e}");
+                log::error!("{e}");
                 ExitCode::FAILURE
             }
         },

@@ -86,6 +86,7 @@ pub fn peek_version(stdin: &[u8]) -> Option<String> {
 }
 
 impl NetConf {
+    /// Reads the plugin's stdin: every key checked, errors naming the key and value.
     pub fn parse(stdin: &[u8]) -> Result<NetConf, CniError> {
         let root: Value = serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(
@@ -99,174 +100,18 @@ impl NetConf {
                 "network config on stdin must be a JSON object",
             )
         })?;
-
-        let cni_version = match obj.get("cniVersion") {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "\"cniVersion\": must be a string, got {}",
-                    echo_json(other)
-                )))
-            }
-            None => return Err(invalid("\"cniVersion\" is missing")),
-        };
-        if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
-            return Err(CniError::new(
-                code::INCOMPATIBLE_VERSION,
-                format!(
-                    "\"cniVersion\": {} is not supported (supported: {})",
-                    echo(&cni_version),
-                    SUPPORTED_VERSIONS.join(", ")
-                ),
-            ));
-        }
-        let name = match obj.get("name") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "\"name\": must be a non-empty string, got {}",
-                    echo_json(other)
-                )))
-            }
-            None => return Err(invalid("\"name\" is missing")),
-        };
-
-        let d = PlanConfig::default();
-        let table_name = opt_str(obj, "tableName")?.unwrap_or(d.table_name);
-        if let Err(why) = check_table_name(&table_name) {
-            return Err(invalid(format!(
-                "\"tableName\": {} {why}",
-                echo(&table_name)
-            )));
-        }
-        let inbound_port = opt_port(obj, "inboundPort")?.unwrap_or(d.inbound_port);
-        let outbound_port = opt_port(obj, "outboundPort")?.unwrap_or(d.outbound_port);
-        let admin_port = opt_port(obj, "adminPort")?.unwrap_or(consts::ADMIN_PORT);
-        if inbound_port == outbound_port {
-            return Err(invalid(format!(
-                "\"outboundPort\": {outbound_port} must differ from \"inboundPort\""
-            )));
-        }
-        let mark = opt_u32(obj, "mark")?.unwrap_or(d.mark);
-        if mark == 0 {
-            return Err(invalid(
-                "\"mark\": must be non-zero (0 is every unmarked packet)",
-            ));
-        }
-        let route_table = opt_u32(obj, "routeTable")?.unwrap_or(d.route_table);
-        // 0 = unspec, 253 default, 254 main, 255 local: never ours to fill.
-        if matches!(route_table, 0 | 253 | 254 | 255) {
-            return Err(invalid(format!(
-                "\"routeTable\": {route_table} is reserved (0, 253, 254, 255); pick another id"
-            )));
-        }
-        let rule_priority = opt_u32(obj, "rulePriority")?.unwrap_or(d.rule_priority);
-        if rule_priority == 0 || rule_priority >= 32766 {
-            return Err(invalid(format!(
-                "\"rulePriority\": {rule_priority} must be between 1 and 32765 (before the main table)"
-            )));
-        }
-        let proxy_uid = opt_u32(obj, "proxyUid")?.unwrap_or(consts::PROXY_UID);
-        let proxy_gid = opt_u32(obj, "proxyGid")?;
-        let fail = match obj.get("failClosed") {
-            None | Some(Value::Null) => FailMode::Open,
-            Some(Value::Bool(true)) => FailMode::Closed,
-            Some(Value::Bool(false)) => FailMode::Open,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "\"failClosed\": must be true or false, got {}",
-                    echo_json(other)
-                )))
-            }
-        };
-        let mode = match opt_str(obj, "defaultMode")? {
-            None => Mode::None,
-            Some(s) => Mode::parse(&s).ok_or_else(|| {
-                invalid(format!(
-                    "\"defaultMode\": {} must be tproxy, redirect or none",
-                    echo(&s)
-                ))
-            })?,
-        };
-        let mut exclude_inbound_ports: Vec<PortRange> = vec![
-            PortRange::single(inbound_port),
-            PortRange::single(outbound_port),
-            PortRange::single(admin_port),
-        ];
-        match obj.get("excludeInboundPorts") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(items)) => {
-                for it in items {
-                    let r = match it {
-                        Value::Number(n) => n.to_string().parse::<PortRange>(),
-                        Value::String(s) => s.parse::<PortRange>(),
-                        other => Err(crate::netaddr::ParseError::BadPort(echo_json(other))),
-                    };
-                    exclude_inbound_ports.push(r.map_err(|_| {
-                        invalid(format!(
-                            "\"excludeInboundPorts\": {} is not a port (1-65535) or \"lo-hi\" range",
-                            echo_json(it)
-                        ))
-                    })?);
-                }
-            }
-            Some(other) => {
-                return Err(invalid(format!(
-                    "\"excludeInboundPorts\": must be a list of ports or \"lo-hi\" ranges, got {}",
-                    echo_json(other)
-                )))
-            }
-        }
-
-        let log_level = match opt_str(obj, "logLevel")? {
-            None => log::LevelFilter::Info,
-            Some(s) => match s.to_ascii_lowercase().as_str() {
-                "off" => log::LevelFilter::Off,
-                "error" => log::LevelFilter::Error,
-                "warn" | "warning" => log::LevelFilter::Warn,
-                "info" => log::LevelFilter::Info,
-                "debug" => log::LevelFilter::Debug,
-                "trace" => log::LevelFilter::Trace,
-                _ => {
-                    return Err(invalid(format!(
-                        "\"logLevel\": {} must be off, error, warn, info, debug or trace",
-                        echo(&s)
-                    )))
-                }
-            },
-        };
+        let (cni_version, name) = parse_header(obj)?;
+        let (plan, admin_port) = parse_plan_config(obj)?;
+        let defaults = parse_defaults(obj, &plan, admin_port)?;
+        let log_level = parse_log_level(obj)?;
         let log_file = opt_str(obj, "logFile")?;
-
         let annotations = parse_annotations(obj)?;
-        let prev_result = match obj.get("prevResult") {
-            None | Some(Value::Null) => None,
-            Some(v @ Value::Object(_)) => Some(v.clone()),
-            Some(other) => {
-                return Err(invalid(format!(
-                    "\"prevResult\": must be an object, got {}",
-                    echo_json(other)
-                )))
-            }
-        };
-
+        let prev_result = parse_prev_result(obj)?;
         Ok(NetConf {
             cni_version,
             name,
-            plan: PlanConfig {
-                table_name,
-                inbound_port,
-                outbound_port,
-                mark,
-                route_table,
-                rule_priority,
-            },
-            defaults: Defaults {
-                mode,
-                fail,
-                proxy_uid,
-                proxy_gid,
-                exclude_inbound_ports,
-            },
+            plan,
+            defaults,
             annotations,
             prev_result,
             log_level,
@@ -308,6 +153,192 @@ impl NetConf {
         }
         Ok(out)
     }
+}
+
+/// `cniVersion` (one we speak) and `name`.
+fn parse_header(obj: &Map<String, Value>) -> Result<(String, String), CniError> {
+    let cni_version = match obj.get("cniVersion") {
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(invalid(format!(
+                "\"cniVersion\": must be a string, got {}",
+                echo_json(other)
+            )))
+        }
+        None => return Err(invalid("\"cniVersion\" is missing")),
+    };
+    if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "\"cniVersion\": {} is not supported (supported: {})",
+                echo(&cni_version),
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    let name = match obj.get("name") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(other) => {
+            return Err(invalid(format!(
+                "\"name\": must be a non-empty string, got {}",
+                echo_json(other)
+            )))
+        }
+        None => return Err(invalid("\"name\" is missing")),
+    };
+    Ok((cni_version, name))
+}
+
+/// The numbers of the plan (table, ports, mark, route table, rule priority) and the admin
+/// port, each checked.
+pub fn parse_plan_config(obj: &Map<String, Value>) -> Result<(PlanConfig, u16), CniError> {
+    let d = PlanConfig::default();
+    let table_name = opt_str(obj, "tableName")?.unwrap_or(d.table_name);
+    if let Err(why) = check_table_name(&table_name) {
+        return Err(invalid(format!(
+            "\"tableName\": {} {why}",
+            echo(&table_name)
+        )));
+    }
+    let inbound_port = opt_port(obj, "inboundPort")?.unwrap_or(d.inbound_port);
+    let outbound_port = opt_port(obj, "outboundPort")?.unwrap_or(d.outbound_port);
+    let admin_port = opt_port(obj, "adminPort")?.unwrap_or(consts::ADMIN_PORT);
+    if inbound_port == outbound_port {
+        return Err(invalid(format!(
+            "\"outboundPort\": {outbound_port} must differ from \"inboundPort\""
+        )));
+    }
+    let mark = opt_u32(obj, "mark")?.unwrap_or(d.mark);
+    if mark == 0 {
+        return Err(invalid(
+            "\"mark\": must be non-zero (0 is every unmarked packet)",
+        ));
+    }
+    let route_table = opt_u32(obj, "routeTable")?.unwrap_or(d.route_table);
+    // 0 = unspec, 253 default, 254 main, 255 local: never ours to fill.
+    if matches!(route_table, 0 | 253 | 254 | 255) {
+        return Err(invalid(format!(
+            "\"routeTable\": {route_table} is reserved (0, 253, 254, 255); pick another id"
+        )));
+    }
+    let rule_priority = opt_u32(obj, "rulePriority")?.unwrap_or(d.rule_priority);
+    if rule_priority == 0 || rule_priority >= 32766 {
+        return Err(invalid(format!(
+            "\"rulePriority\": {rule_priority} must be between 1 and 32765 (before the main table)"
+        )));
+    }
+    Ok((
+        PlanConfig {
+            table_name,
+            inbound_port,
+            outbound_port,
+            mark,
+            route_table,
+            rule_priority,
+        },
+        admin_port,
+    ))
+}
+
+/// What a pod without annotations gets: mode, fail mode, proxy ids, excluded inbound ports
+/// (the sidecar's own ports always among them).
+pub fn parse_defaults(
+    obj: &Map<String, Value>,
+    plan: &PlanConfig,
+    admin_port: u16,
+) -> Result<Defaults, CniError> {
+    let proxy_uid = opt_u32(obj, "proxyUid")?.unwrap_or(consts::PROXY_UID);
+    let proxy_gid = opt_u32(obj, "proxyGid")?;
+    let fail = match obj.get("failClosed") {
+        None | Some(Value::Null) => FailMode::Open,
+        Some(Value::Bool(true)) => FailMode::Closed,
+        Some(Value::Bool(false)) => FailMode::Open,
+        Some(other) => {
+            return Err(invalid(format!(
+                "\"failClosed\": must be true or false, got {}",
+                echo_json(other)
+            )))
+        }
+    };
+    let mode = match opt_str(obj, "defaultMode")? {
+        None => Mode::None,
+        Some(s) => Mode::parse(&s).ok_or_else(|| {
+            invalid(format!(
+                "\"defaultMode\": {} must be tproxy, redirect or none",
+                echo(&s)
+            ))
+        })?,
+    };
+    let mut exclude_inbound_ports: Vec<PortRange> = vec![
+        PortRange::single(plan.inbound_port),
+        PortRange::single(plan.outbound_port),
+        PortRange::single(admin_port),
+    ];
+    match obj.get("excludeInboundPorts") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for it in items {
+                let r = match it {
+                    Value::Number(n) => n.to_string().parse::<PortRange>(),
+                    Value::String(s) => s.parse::<PortRange>(),
+                    other => Err(crate::netaddr::ParseError::BadPort(echo_json(other))),
+                };
+                exclude_inbound_ports.push(r.map_err(|_| {
+                    invalid(format!(
+                        "\"excludeInboundPorts\": {} is not a port (1-65535) or \"lo-hi\" range",
+                        echo_json(it)
+                    ))
+                })?);
+            }
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "\"excludeInboundPorts\": must be a list of ports or \"lo-hi\" ranges, got {}",
+                echo_json(other)
+            )))
+        }
+    }
+    Ok(Defaults {
+        mode,
+        fail,
+        proxy_uid,
+        proxy_gid,
+        exclude_inbound_ports,
+    })
+}
+
+fn parse_log_level(obj: &Map<String, Value>) -> Result<log::LevelFilter, CniError> {
+    Ok(match opt_str(obj, "logLevel")? {
+        None => log::LevelFilter::Info,
+        Some(s) => match s.to_ascii_lowercase().as_str() {
+            "off" => log::LevelFilter::Off,
+            "error" => log::LevelFilter::Error,
+            "warn" | "warning" => log::LevelFilter::Warn,
+            "info" => log::LevelFilter::Info,
+            "debug" => log::LevelFilter::Debug,
+            "trace" => log::LevelFilter::Trace,
+            _ => {
+                return Err(invalid(format!(
+                    "\"logLevel\": {} must be off, error, warn, info, debug or trace",
+                    echo(&s)
+                )))
+            }
+        },
+    })
+}
+
+fn parse_prev_result(obj: &Map<String, Value>) -> Result<Option<Value>, CniError> {
+    Ok(match obj.get("prevResult") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::Object(_)) => Some(v.clone()),
+        Some(other) => {
+            return Err(invalid(format!(
+                "\"prevResult\": must be an object, got {}",
+                echo_json(other)
+            )))
+        }
+    })
 }
 
 fn parse_annotations(obj: &Map<String, Value>) -> Result<BTreeMap<String, String>, CniError> {

@@ -6,12 +6,8 @@ use serde_json::{json, Value};
 pub mod code {
     /// Incompatible CNI version.
     pub const INCOMPATIBLE_VERSION: u32 = 1;
-    /// Unsupported field / operation for this version (CHECK before 0.4.0).
-    pub const UNSUPPORTED_FIELD: u32 = 2;
     /// Invalid necessary environment variables.
     pub const INVALID_ENV: u32 = 4;
-    /// I/O failure.
-    pub const IO: u32 = 5;
     /// Failed to decode content (stdin is not JSON).
     pub const DECODE: u32 = 6;
     /// Invalid network config (also: invalid pod annotations, missing prevResult).
@@ -63,6 +59,16 @@ impl CniError {
         self.details = details.into();
         self
     }
+    /// Reads the spec's error object back (what a plugin printed); `None` when `v` is not one.
+    pub fn from_json(v: &Value) -> Option<CniError> {
+        let o = v.as_object()?;
+        let text = |k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        Some(CniError {
+            code: u32::try_from(o.get("code")?.as_u64()?).ok()?,
+            msg: text("msg"),
+            details: text("details"),
+        })
+    }
     /// The spec's error object (`cniVersion`, `code`, `msg`, `details`).
     pub fn to_json(&self, cni_version: &str) -> Value {
         let mut v = json!({ "cniVersion": cni_version, "code": self.code, "msg": self.msg });
@@ -98,6 +104,26 @@ impl From<crate::netns::NetnsError> for CniError {
 impl From<crate::routing::RoutingError> for CniError {
     fn from(e: crate::routing::RoutingError) -> Self {
         CniError::new(code::KERNEL, format!("policy routing: {e}"))
+    }
+}
+
+impl From<crate::apply::Error> for CniError {
+    fn from(e: crate::apply::Error) -> Self {
+        CniError::new(code::KERNEL, e.to_string())
+    }
+}
+
+impl CniError {
+    /// CHECK's answer when the kernel differs from the plan: every difference, code 101.
+    pub fn drift(pod: &str, drift: &[crate::apply::Drift]) -> CniError {
+        let lines: Vec<String> = drift.iter().map(ToString::to_string).collect();
+        CniError::new(
+            code::CHECK_MISMATCH,
+            format!(
+                "{pod}: kernel state differs from the plan: {}",
+                lines.join("; ")
+            ),
+        )
     }
 }
 

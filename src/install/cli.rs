@@ -76,37 +76,120 @@ fn default_binary() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The flags as given (defaults filled in), before they are checked together.
+struct Flags {
+    conf_dir: PathBuf,
+    bin_dir: PathBuf,
+    binaries: Vec<PathBuf>,
+    settings_file: Option<PathBuf>,
+    settings_json: Option<String>,
+    keep_on_exit: bool,
+    runtime: Runtime,
+    default_network: Option<String>,
+    health_dir: Option<PathBuf>,
+    resync: Duration,
+    level: LevelFilter,
+    mode: Mode,
+    probe: Option<String>,
+    max_age: Duration,
+}
+
+impl Default for Flags {
+    fn default() -> Self {
+        Flags {
+            conf_dir: PathBuf::from("/host/etc/cni/net.d"),
+            bin_dir: PathBuf::from("/host/opt/cni/bin"),
+            binaries: Vec::new(),
+            settings_file: None,
+            settings_json: None,
+            keep_on_exit: true,
+            runtime: Runtime::Containerd,
+            default_network: None,
+            health_dir: Some(PathBuf::from("/run/tproxy-cni")),
+            resync: Duration::from_secs(10),
+            level: LevelFilter::Info,
+            mode: Mode::Daemon,
+            probe: None,
+            max_age: Duration::from_secs(60),
+        }
+    }
+}
+
+const VALUE_FLAGS: [&str; 12] = [
+    "--runtime",
+    "--default-network",
+    "--conf-dir",
+    "--bin-dir",
+    "--binary",
+    "--settings",
+    "--settings-json",
+    "--health-dir",
+    "--resync",
+    "--max-age",
+    "--probe",
+    "--log-level",
+];
+
 /// Parses the arguments after the program name.
 pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
-    let mut conf_dir = PathBuf::from("/host/etc/cni/net.d");
-    let mut bin_dir = PathBuf::from("/host/opt/cni/bin");
-    let mut binaries = Vec::new();
-    let mut settings_file: Option<PathBuf> = None;
-    let mut settings_json: Option<String> = None;
-    let mut keep_on_exit = true;
-    let mut runtime = Runtime::Containerd;
-    let mut default_network: Option<String> = None;
-    let mut health_dir = Some(PathBuf::from("/run/tproxy-cni"));
-    let mut resync = Duration::from_secs(10);
-    let mut level = LevelFilter::Info;
-    let mut mode = Mode::Daemon;
-    let mut probe: Option<String> = None;
-    let mut max_age = Duration::from_secs(60);
+    let Some(f) = read_flags(args)? else {
+        return Ok(Command::Help);
+    };
+    if let Some(what) = f.probe {
+        let health_dir = f
+            .health_dir
+            .ok_or_else(|| usage("--probe needs a --health-dir"))?;
+        return Ok(Command::Probe {
+            health_dir,
+            what,
+            max_age: f.max_age,
+        });
+    }
+    let settings = read_settings(f.settings_json, f.settings_file)?;
+    if f.default_network.is_some() && f.runtime != Runtime::Crio {
+        return Err(usage(
+            "--default-network is CRI-O's cni_default_network: use it with --runtime crio",
+        ));
+    }
+    let binaries = if f.binaries.is_empty() {
+        default_binary()
+    } else {
+        f.binaries
+    };
+    Ok(Command::Run {
+        opts: Options {
+            conf_dir: f.conf_dir,
+            bin_dir: f.bin_dir,
+            binaries,
+            settings,
+            keep_on_exit: f.keep_on_exit,
+            runtime: f.runtime,
+            default_network: f.default_network,
+            health_dir: f.health_dir,
+            resync: f.resync,
+        },
+        mode: f.mode,
+        level: f.level,
+    })
+}
 
+/// Every flag into `Flags`; `None` for `--help`.
+fn read_flags(args: Vec<String>) -> Result<Option<Flags>, InstallError> {
+    let mut f = Flags::default();
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
         // Flags without a value first.
         match flag.as_str() {
-            "-h" | "--help" => return Ok(Command::Help),
+            "-h" | "--help" => return Ok(None),
             "--keep-on-exit" | "--remove-on-exit" => {
-                keep_on_exit = flag == "--keep-on-exit";
+                f.keep_on_exit = flag == "--keep-on-exit";
                 continue;
             }
             "--once" | "--uninstall" => {
-                if mode != Mode::Daemon {
+                if f.mode != Mode::Daemon {
                     return Err(usage("--once and --uninstall exclude each other"));
                 }
-                mode = if flag == "--once" {
+                f.mode = if flag == "--once" {
                     Mode::Once
                 } else {
                     Mode::Uninstall
@@ -115,20 +198,6 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
             }
             _ => {}
         }
-        const VALUE_FLAGS: [&str; 12] = [
-            "--runtime",
-            "--default-network",
-            "--conf-dir",
-            "--bin-dir",
-            "--binary",
-            "--settings",
-            "--settings-json",
-            "--health-dir",
-            "--resync",
-            "--max-age",
-            "--probe",
-            "--log-level",
-        ];
         let bare = flag.split_once('=').map_or(flag.as_str(), |(n, _)| n);
         if !VALUE_FLAGS.contains(&bare) {
             return Err(usage(format!("unknown flag {bare}")));
@@ -143,47 +212,49 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
                 (flag, v)
             }
         };
-        match name.as_str() {
-            "--conf-dir" => conf_dir = value.into(),
-            "--bin-dir" => bin_dir = value.into(),
-            "--binary" => binaries.push(PathBuf::from(value)),
-            "--settings" => settings_file = Some(value.into()),
-            "--settings-json" => settings_json = Some(value),
-            "--health-dir" => health_dir = (!value.is_empty()).then(|| value.into()),
-            "--resync" => resync = secs(&name, &value)?,
-            "--max-age" => max_age = secs(&name, &value)?,
-            "--probe" => probe = Some(value),
-            "--runtime" => {
-                runtime = match value.as_str() {
-                    "containerd" => Runtime::Containerd,
-                    "crio" | "cri-o" => Runtime::Crio,
-                    _ => {
-                        return Err(usage(format!(
-                            "--runtime takes containerd or crio, got {value:?}"
-                        )))
-                    }
+        set_value(&mut f, &name, value)?;
+    }
+    Ok(Some(f))
+}
+
+/// One `--flag value`.
+fn set_value(f: &mut Flags, name: &str, value: String) -> Result<(), InstallError> {
+    match name {
+        "--conf-dir" => f.conf_dir = value.into(),
+        "--bin-dir" => f.bin_dir = value.into(),
+        "--binary" => f.binaries.push(PathBuf::from(value)),
+        "--settings" => f.settings_file = Some(value.into()),
+        "--settings-json" => f.settings_json = Some(value),
+        "--health-dir" => f.health_dir = (!value.is_empty()).then(|| value.into()),
+        "--resync" => f.resync = secs(name, &value)?,
+        "--max-age" => f.max_age = secs(name, &value)?,
+        "--probe" => f.probe = Some(value),
+        "--runtime" => {
+            f.runtime = match value.as_str() {
+                "containerd" => Runtime::Containerd,
+                "crio" | "cri-o" => Runtime::Crio,
+                _ => {
+                    return Err(usage(format!(
+                        "--runtime takes containerd or crio, got {value:?}"
+                    )))
                 }
             }
-            "--default-network" if value.is_empty() => default_network = None,
-            "--default-network" => default_network = Some(value),
-            "--log-level" => {
-                level = value
-                    .parse()
-                    .map_err(|_| usage(format!("--log-level: unknown level {value:?}")))?
-            }
-            _ => return Err(usage(format!("unknown flag {name}"))),
         }
+        "--default-network" if value.is_empty() => f.default_network = None,
+        "--default-network" => f.default_network = Some(value),
+        "--log-level" => {
+            f.level = value
+                .parse()
+                .map_err(|_| usage(format!("--log-level: unknown level {value:?}")))?
+        }
+        _ => return Err(usage(format!("unknown flag {name}"))),
     }
+    Ok(())
+}
 
-    if let Some(what) = probe {
-        let health_dir = health_dir.ok_or_else(|| usage("--probe needs a --health-dir"))?;
-        return Ok(Command::Probe {
-            health_dir,
-            what,
-            max_age,
-        });
-    }
-    let settings = match (settings_json, settings_file) {
+/// Our entry's settings: inline JSON wins over the file; an absent or blank file is none.
+fn read_settings(json: Option<String>, file: Option<PathBuf>) -> Result<Value, InstallError> {
+    Ok(match (json, file) {
         (Some(j), _) => serde_json::from_str(&j)
             .map_err(|e| usage(format!("--settings-json is not JSON: {e}")))?,
         (None, Some(path)) => match std::fs::read(&path) {
@@ -195,29 +266,6 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
             Err(e) => return Err(usage(format!("--settings {}: {e}", path.display()))),
         },
         (None, None) => Value::Null,
-    };
-    if default_network.is_some() && runtime != Runtime::Crio {
-        return Err(usage(
-            "--default-network is CRI-O's cni_default_network: use it with --runtime crio",
-        ));
-    }
-    if binaries.is_empty() {
-        binaries = default_binary();
-    }
-    Ok(Command::Run {
-        opts: Options {
-            conf_dir,
-            bin_dir,
-            binaries,
-            settings,
-            keep_on_exit,
-            runtime,
-            default_network,
-            health_dir,
-            resync,
-        },
-        mode,
-        level,
     })
 }
 

@@ -36,6 +36,43 @@ const CT_STATE_NEW_BIT: u32 = 8;
 const IP_CT_DIR_REPLY: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 
+// Expression attributes (linux/netfilter/nf_tables.h, `enum nft_*_attributes`).
+const NFTA_META_DREG: u16 = 1;
+const NFTA_META_KEY: u16 = 2;
+const NFTA_META_SREG: u16 = 3;
+const NFTA_CT_DREG: u16 = 1;
+const NFTA_CT_KEY: u16 = 2;
+const NFTA_CT_DIRECTION: u16 = 3;
+const NFTA_CT_SREG: u16 = 4;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
+const NFTA_PAYLOAD_SREG: u16 = 5;
+const NFTA_BITWISE_SREG: u16 = 1;
+const NFTA_BITWISE_DREG: u16 = 2;
+const NFTA_BITWISE_LEN: u16 = 3;
+const NFTA_BITWISE_MASK: u16 = 4;
+const NFTA_BITWISE_XOR: u16 = 5;
+const NFTA_BITWISE_OP: u16 = 6;
+const NFTA_CMP_SREG: u16 = 1;
+const NFTA_CMP_OP: u16 = 2;
+const NFTA_CMP_DATA: u16 = 3;
+const NFTA_IMMEDIATE_DREG: u16 = 1;
+const NFTA_IMMEDIATE_DATA: u16 = 2;
+/// A verdict naming a chain is a jump or goto: never one of ours.
+const NFTA_VERDICT_CHAIN: u16 = 2;
+const NFTA_TPROXY_FAMILY: u16 = 1;
+const NFTA_TPROXY_REG_ADDR: u16 = 2;
+const NFTA_TPROXY_REG_PORT: u16 = 3;
+const NFTA_REDIR_REG_PROTO_MIN: u16 = 1;
+const NFTA_REDIR_REG_PROTO_MAX: u16 = 2;
+const NFTA_REDIR_FLAGS: u16 = 3;
+const NFTA_COUNTER_BYTES: u16 = 1;
+const NFTA_COUNTER_PACKETS: u16 = 2;
+const NFTA_REJECT_TYPE: u16 = 1;
+const NFTA_REJECT_ICMP_CODE: u16 = 2;
+
 /// One expression. `Other` stands for anything we never emit (seen only when reading back).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
@@ -93,9 +130,25 @@ pub enum Expr {
         kind: u32,
         code: u8,
     },
+    /// A `counter` statement; its values are read back, never compared (see [`Counts`]).
+    Counter(Counts),
     Other {
         name: String,
     },
+}
+
+/// What a `counter` has seen. Any two compare equal: counters are state, not configuration,
+/// so a rule with a counter matches its plan whatever traffic it counted.
+#[derive(Debug, Clone, Copy, Default, Eq)]
+pub struct Counts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl PartialEq for Counts {
+    fn eq(&self, _: &Counts) -> bool {
+        true
+    }
 }
 
 fn cmp_eq(data: Vec<u8>) -> Expr {
@@ -310,6 +363,7 @@ pub fn lower_action(a: &Action) -> Vec<Expr> {
             code: wire::NF_ACCEPT as i32,
         }],
         Action::Return => vec![Expr::Verdict { code: NFT_RETURN }],
+        Action::Counter => vec![Expr::Counter(Counts::default())],
     }
 }
 
@@ -337,6 +391,7 @@ impl Expr {
             Expr::Tproxy { .. } => "tproxy",
             Expr::Redir { .. } => "redir",
             Expr::Reject { .. } => "reject",
+            Expr::Counter(_) => "counter",
             Expr::Other { name } => name,
         }
     }
@@ -348,20 +403,20 @@ impl Expr {
         let be = |d: &mut Vec<u8>, t: u16, v: u32| put_attr(d, t, &v.to_be_bytes());
         match self {
             Expr::MetaLoad { key, dreg } => {
-                be(&mut d, 2, *key);
-                be(&mut d, 1, *dreg);
+                be(&mut d, NFTA_META_KEY, *key);
+                be(&mut d, NFTA_META_DREG, *dreg);
             }
             Expr::MetaSet { key, sreg } => {
-                be(&mut d, 2, *key);
-                be(&mut d, 3, *sreg);
+                be(&mut d, NFTA_META_KEY, *key);
+                be(&mut d, NFTA_META_SREG, *sreg);
             }
             Expr::CtLoad { key, dreg } => {
-                be(&mut d, 2, *key);
-                be(&mut d, 1, *dreg);
+                be(&mut d, NFTA_CT_KEY, *key);
+                be(&mut d, NFTA_CT_DREG, *dreg);
             }
             Expr::CtSet { key, sreg } => {
-                be(&mut d, 2, *key);
-                be(&mut d, 4, *sreg);
+                be(&mut d, NFTA_CT_KEY, *key);
+                be(&mut d, NFTA_CT_SREG, *sreg);
             }
             Expr::Payload {
                 base,
@@ -369,10 +424,10 @@ impl Expr {
                 len,
                 dreg,
             } => {
-                be(&mut d, 1, *dreg);
-                be(&mut d, 2, *base);
-                be(&mut d, 3, *offset);
-                be(&mut d, 4, *len);
+                be(&mut d, NFTA_PAYLOAD_DREG, *dreg);
+                be(&mut d, NFTA_PAYLOAD_BASE, *base);
+                be(&mut d, NFTA_PAYLOAD_OFFSET, *offset);
+                be(&mut d, NFTA_PAYLOAD_LEN, *len);
             }
             Expr::Bitwise {
                 sreg,
@@ -381,53 +436,55 @@ impl Expr {
                 mask,
                 xor,
             } => {
-                be(&mut d, 1, *sreg);
-                be(&mut d, 2, *dreg);
-                be(&mut d, 3, *len);
-                put_nested(&mut d, 4, &data_value(mask));
-                put_nested(&mut d, 5, &data_value(xor));
+                be(&mut d, NFTA_BITWISE_SREG, *sreg);
+                be(&mut d, NFTA_BITWISE_DREG, *dreg);
+                be(&mut d, NFTA_BITWISE_LEN, *len);
+                put_nested(&mut d, NFTA_BITWISE_MASK, &data_value(mask));
+                put_nested(&mut d, NFTA_BITWISE_XOR, &data_value(xor));
             }
             Expr::Cmp { sreg, op, data } => {
-                be(&mut d, 1, *sreg);
-                be(&mut d, 2, *op);
-                put_nested(&mut d, 3, &data_value(data));
+                be(&mut d, NFTA_CMP_SREG, *sreg);
+                be(&mut d, NFTA_CMP_OP, *op);
+                put_nested(&mut d, NFTA_CMP_DATA, &data_value(data));
             }
             Expr::Immediate { dreg, data } => {
-                be(&mut d, 1, *dreg);
-                put_nested(&mut d, 2, &data_value(data));
+                be(&mut d, NFTA_IMMEDIATE_DREG, *dreg);
+                put_nested(&mut d, NFTA_IMMEDIATE_DATA, &data_value(data));
             }
             Expr::Verdict { code } => {
-                be(&mut d, 1, REG_VERDICT);
+                be(&mut d, NFTA_IMMEDIATE_DREG, REG_VERDICT);
                 let mut v = Vec::new();
                 put_attr(&mut v, wire::NFTA_VERDICT_CODE, &code.to_be_bytes());
                 let mut dv = Vec::new();
                 put_nested(&mut dv, wire::NFTA_DATA_VERDICT, &v);
-                put_nested(&mut d, 2, &dv);
+                put_nested(&mut d, NFTA_IMMEDIATE_DATA, &dv);
             }
             Expr::Tproxy {
                 family,
                 reg_addr,
                 reg_port,
             } => {
-                be(&mut d, 1, *family);
+                be(&mut d, NFTA_TPROXY_FAMILY, *family);
                 if let Some(r) = reg_addr {
-                    be(&mut d, 2, *r);
+                    be(&mut d, NFTA_TPROXY_REG_ADDR, *r);
                 }
                 if let Some(r) = reg_port {
-                    be(&mut d, 3, *r);
+                    be(&mut d, NFTA_TPROXY_REG_PORT, *r);
                 }
             }
             Expr::Redir { reg_min, flags } => {
                 if let Some(r) = reg_min {
-                    be(&mut d, 1, *r);
+                    be(&mut d, NFTA_REDIR_REG_PROTO_MIN, *r);
                 }
-                be(&mut d, 3, *flags);
+                be(&mut d, NFTA_REDIR_FLAGS, *flags);
             }
             Expr::Reject { kind, code } => {
-                be(&mut d, 1, *kind);
-                put_attr(&mut d, 2, &[*code]);
+                be(&mut d, NFTA_REJECT_TYPE, *kind);
+                put_attr(&mut d, NFTA_REJECT_ICMP_CODE, &[*code]);
             }
-            Expr::Other { .. } => {}
+            // nft 1.0.x sends a new `counter` with empty data (measured with --debug=mnl); the
+            // kernel starts it at zero and dumps NFTA_COUNTER_BYTES and _PACKETS back.
+            Expr::Counter(_) | Expr::Other { .. } => {}
         }
         let mut out = Vec::new();
         let mut name = self.name().as_bytes().to_vec();
@@ -453,22 +510,38 @@ impl Expr {
         };
         let other = || Expr::Other { name: name.clone() };
         let e = match name.as_str() {
-            "meta" | "ct" => match (u(2), u(1), u(if name == "ct" { 4 } else { 3 })) {
+            // Same numbers for meta and ct keys and dregs; the sreg differs, and ct's 3 is
+            // its direction.
+            "meta" | "ct" => match (
+                u(NFTA_META_KEY),
+                u(NFTA_META_DREG),
+                u(if name == "ct" {
+                    NFTA_CT_SREG
+                } else {
+                    NFTA_META_SREG
+                }),
+            ) {
                 (Some(key), Some(dreg), None) if name == "meta" => {
                     Some(Expr::MetaLoad { key, dreg })
                 }
-                (Some(key), Some(dreg), None) if find(d, 3).is_none() => {
+                (Some(key), Some(dreg), None) if find(d, NFTA_CT_DIRECTION).is_none() => {
                     Some(Expr::CtLoad { key, dreg })
                 }
                 (Some(key), None, Some(sreg)) if name == "meta" => {
                     Some(Expr::MetaSet { key, sreg })
                 }
-                (Some(key), None, Some(sreg)) if find(d, 3).is_none() => {
+                (Some(key), None, Some(sreg)) if find(d, NFTA_CT_DIRECTION).is_none() => {
                     Some(Expr::CtSet { key, sreg })
                 }
                 _ => None,
             },
-            "payload" => match (u(1), u(2), u(3), u(4), u(5)) {
+            "payload" => match (
+                u(NFTA_PAYLOAD_DREG),
+                u(NFTA_PAYLOAD_BASE),
+                u(NFTA_PAYLOAD_OFFSET),
+                u(NFTA_PAYLOAD_LEN),
+                u(NFTA_PAYLOAD_SREG),
+            ) {
                 (Some(dreg), Some(base), Some(offset), Some(len), None) => Some(Expr::Payload {
                     base,
                     offset,
@@ -477,7 +550,14 @@ impl Expr {
                 }),
                 _ => None,
             },
-            "bitwise" => match (u(1), u(2), u(3), u(6).unwrap_or(0), val(4), val(5)) {
+            "bitwise" => match (
+                u(NFTA_BITWISE_SREG),
+                u(NFTA_BITWISE_DREG),
+                u(NFTA_BITWISE_LEN),
+                u(NFTA_BITWISE_OP).unwrap_or(0),
+                val(NFTA_BITWISE_MASK),
+                val(NFTA_BITWISE_XOR),
+            ) {
                 (Some(sreg), Some(dreg), Some(len), 0, Some(mask), Some(xor)) => {
                     Some(Expr::Bitwise {
                         sreg,
@@ -489,18 +569,18 @@ impl Expr {
                 }
                 _ => None,
             },
-            "cmp" => match (u(1), u(2), val(3)) {
+            "cmp" => match (u(NFTA_CMP_SREG), u(NFTA_CMP_OP), val(NFTA_CMP_DATA)) {
                 (Some(sreg), Some(op), Some(data)) => Some(Expr::Cmp { sreg, op, data }),
                 _ => None,
             },
             "immediate" => {
-                let dreg = u(1);
-                let data = find(d, 2);
+                let dreg = u(NFTA_IMMEDIATE_DREG);
+                let data = find(d, NFTA_IMMEDIATE_DATA);
                 match (dreg, data) {
                     (Some(0), Some(data)) => find(data, wire::NFTA_DATA_VERDICT)
                         .and_then(|v| {
-                            if find(v, 2).is_some() {
-                                return None; // jump/goto: never ours
+                            if find(v, NFTA_VERDICT_CHAIN).is_some() {
+                                return None;
                             }
                             find(v, wire::NFTA_VERDICT_CODE).and_then(be32)
                         })
@@ -514,28 +594,42 @@ impl Expr {
                     _ => None,
                 }
             }
-            "tproxy" => u(1).map(|family| Expr::Tproxy {
+            "tproxy" => u(NFTA_TPROXY_FAMILY).map(|family| Expr::Tproxy {
                 family,
-                reg_addr: u(2),
-                reg_port: u(3),
+                reg_addr: u(NFTA_TPROXY_REG_ADDR),
+                reg_port: u(NFTA_TPROXY_REG_PORT),
             }),
             "redir" => {
                 // The kernel fills PROTO_MAX with PROTO_MIN and dumps both; equal means absent.
-                let (min, max) = (u(1), u(2));
+                let (min, max) = (u(NFTA_REDIR_REG_PROTO_MIN), u(NFTA_REDIR_REG_PROTO_MAX));
                 if max.is_some() && max != min {
                     None
                 } else {
                     Some(Expr::Redir {
                         reg_min: min,
-                        flags: u(3).unwrap_or(0),
+                        flags: u(NFTA_REDIR_FLAGS).unwrap_or(0),
                     })
                 }
             }
             // The kernel dumps the ICMP code only for ICMP reject types; nft sends 0 for RST.
-            "reject" => u(1).map(|kind| Expr::Reject {
+            "reject" => u(NFTA_REJECT_TYPE).map(|kind| Expr::Reject {
                 kind,
-                code: find(d, 2).and_then(|c| c.first().copied()).unwrap_or(0),
+                code: find(d, NFTA_REJECT_ICMP_CODE)
+                    .and_then(|c| c.first().copied())
+                    .unwrap_or(0),
             }),
+            "counter" => {
+                let be64 = |t: u16| {
+                    find(d, t)
+                        .and_then(|v| v.get(..8))
+                        .and_then(|v| v.try_into().ok())
+                        .map(u64::from_be_bytes)
+                };
+                match (be64(NFTA_COUNTER_PACKETS), be64(NFTA_COUNTER_BYTES)) {
+                    (Some(packets), Some(bytes)) => Some(Expr::Counter(Counts { packets, bytes })),
+                    _ => None,
+                }
+            }
             _ => None,
         };
         e.unwrap_or_else(other)
@@ -604,6 +698,7 @@ impl fmt::Display for Expr {
                 write!(f, "[redir proto_min {reg_min:?} flags {flags:#x}]")
             }
             Expr::Reject { kind, code } => write!(f, "[reject type {kind} code {code}]"),
+            Expr::Counter(c) => write!(f, "[counter pkts {} bytes {}]", c.packets, c.bytes),
             Expr::Other { name } => write!(f, "[{name} (not one of ours)]"),
         }
     }

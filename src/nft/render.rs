@@ -128,6 +128,7 @@ fn action(a: &Action) -> String {
         Action::RejectTcpReset => "reject with tcp reset".into(),
         Action::Accept => "accept".into(),
         Action::Return => "return".into(),
+        Action::Counter => "counter".into(),
     }
 }
 

@@ -248,19 +248,19 @@ impl Checker {
             let v = read();
             if st.last.as_ref() != Some(&v) {
                 match &v {
-                    Verdict::Missing(what) => eprintln!(
-                        "tproxy-sidecar: not ready: {what} in this pod's network namespace, so \
+                    Verdict::Missing(what) => log::warn!(
+                        "not ready: {what} in this pod's network namespace, so \
                          nothing is intercepted ({} mode). Likely cause: the pod started before \
                          tproxy-cni was chained into the node's CNI configuration; recreate the \
                          pod once the installer runs on its node",
                         self.mode.as_str()
                     ),
                     Verdict::Programmed if st.last.is_some() => {
-                        eprintln!("tproxy-sidecar: interception rules found; ready")
+                        log::info!("interception rules found; ready")
                     }
                     Verdict::Programmed => {}
-                    Verdict::Unverifiable(why) => eprintln!(
-                        "tproxy-sidecar: cannot verify the interception rules ({why}); \
+                    Verdict::Unverifiable(why) => log::warn!(
+                        "cannot verify the interception rules ({why}); \
                          readiness does not depend on them"
                     ),
                 }

@@ -1,4 +1,4 @@
-//! Upstream source-port choice for tproxy mode (DESIGN.md pitfall 12).
+//! Upstream source-port choice for tproxy mode (docs/ARCHITECTURE.md, pitfall 12).
 //!
 //! The upstream leg `client_ip:p -> orig_dst` lives in the same netns, conntrack table and
 //! socket table as the client's own inbound legs `client_ip:c -> orig_dst`. If `p` equals a

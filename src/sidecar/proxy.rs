@@ -105,7 +105,7 @@ impl Shared {
             } else {
                 String::new()
             };
-            eprintln!("tproxy-sidecar: {what}{more}");
+            log::warn!("{what}{more}");
         }
     }
 }
@@ -350,8 +350,8 @@ async fn serve(
         // every occurrence (NR).
         static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            eprintln!(
-                "tproxy-sidecar: outbound loop from {}: run the sidecar as the proxy uid (1337) \
+            log::warn!(
+                "outbound loop from {}: run the sidecar as the proxy uid (1337) \
              that the plugin exempts from outbound capture",
                 c.client
             );

@@ -1,5 +1,6 @@
 //! The data path: bytes move socket -> pipe -> socket with `splice(2)`, never through user
-//! space (DESIGN.md §5: about half the CPU of a read/write copy loop).
+//! space (docs/ARCHITECTURE.md, "Choices of dependency": about half the CPU of a read/write
+//! copy loop).
 //!
 //! Each direction starts by copying through a small per-thread buffer: most request/response
 //! traffic is a few KiB, and a short `recv` reliably means "drained" (a short splice does not:

@@ -1,32 +1,28 @@
 //! A node made of network namespaces, with the reference bridge + host-local plugins as the
-//! cluster network and tproxy-cni chained after them, run the way libcni runs a conflist.
+//! cluster network and tproxy-cni chained after them, run by the one libcni emulator (the
+//! `tproxy-cni-run` binary's `cnirun` module, included here) from inside the node's netns.
 #![allow(dead_code)]
 
-use std::io::Write;
+#[path = "../../src/bin/tproxy-cni-run/cnirun.rs"]
+pub mod cnirun;
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use serde_json::{json, Map, Value};
+use tproxy_cni::cni::error::CniError;
+use tproxy_cni::consts::POD_ANNOTATIONS_CAPABILITY;
 
 use super::{unique, Netns};
+pub use cnirun::RunError;
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
-/// A failed plugin: which one, its exit status and what it printed.
-#[derive(Debug)]
-pub struct PluginError {
-    pub plugin: String,
-    pub status: i32,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl PluginError {
-    /// The CNI error object the plugin printed.
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout).unwrap_or(Value::Null)
-    }
+/// The CNI error object a failed plugin printed (panics, naming the failure, when it printed
+/// none).
+pub fn cni(e: &RunError) -> &CniError {
+    e.plugin_error()
+        .unwrap_or_else(|| panic!("no CNI error object on stdout: {e}"))
 }
 
 pub struct Node {
@@ -52,11 +48,19 @@ impl Pod {
     }
 }
 
-fn plugin_path(kind: &str) -> PathBuf {
-    if kind == "tproxy-cni" {
-        PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni"))
-    } else {
-        PathBuf::from(REFERENCE_PLUGINS).join(kind)
+/// Where plugins are found: ours next to the test's build of it, then the reference ones.
+fn cni_path() -> Vec<PathBuf> {
+    let ours = PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni"));
+    let dir = ours.parent().map(PathBuf::from).unwrap_or_default();
+    vec![dir, PathBuf::from(REFERENCE_PLUGINS)]
+}
+
+fn command(cmd: &str) -> &'static str {
+    match cmd {
+        "ADD" => "ADD",
+        "CHECK" => "CHECK",
+        "DEL" => "DEL",
+        other => panic!("unsupported command {other}"),
     }
 }
 
@@ -103,7 +107,31 @@ impl Node {
             .unwrap_or_default()
     }
 
-    /// Runs one plugin as libcni would: env + stdin, inside the node's netns.
+    /// What the runtime knows about one attachment besides the conflist.
+    fn invocation(&self, pod_netns: &str, id: &str, annotations: &Value) -> cnirun::Invocation {
+        let mut runtime_config = Map::new();
+        runtime_config.insert(POD_ANNOTATIONS_CAPABILITY.into(), annotations.clone());
+        cnirun::Invocation {
+            container_id: id.into(),
+            netns: pod_netns.into(),
+            ifname: "eth0".into(),
+            cni_args: vec![
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAMESPACE".into(), "default".into()),
+                ("K8S_POD_NAME".into(), id.into()),
+            ],
+            runtime_config,
+            cni_path: cni_path(),
+        }
+    }
+
+    /// Runs `f` in the node's netns, where the runtime runs plugins: the plugin processes
+    /// inherit the netns of the thread that spawns them.
+    fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        tproxy_cni::netns::run_in(&self.ns.path(), f).expect("enter the node's netns")
+    }
+
+    /// Runs one plugin by itself as libcni would, with `prev` as its `prevResult`.
     pub fn exec(
         &self,
         plugin: &Value,
@@ -112,66 +140,19 @@ impl Node {
         id: &str,
         annotations: &Value,
         prev: Option<&Value>,
-    ) -> Result<Value, PluginError> {
-        let kind = plugin["type"].as_str().unwrap_or_default().to_string();
-        let mut conf: Map<String, Value> = plugin.as_object().cloned().unwrap_or_default();
-        conf.insert("name".into(), self.conflist["name"].clone());
-        conf.insert("cniVersion".into(), self.conflist["cniVersion"].clone());
-        if let Some(p) = prev {
-            conf.insert("prevResult".into(), p.clone());
-        }
-        // libcni passes a runtimeConfig key only to plugins declaring that capability.
-        if plugin["capabilities"]["io.kubernetes.cri.pod-annotations"] == json!(true) {
-            conf.insert(
-                "runtimeConfig".into(),
-                json!({"io.kubernetes.cri.pod-annotations": annotations}),
-            );
-        }
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns.name])
-            .arg(plugin_path(&kind))
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_COMMAND", cmd)
-            .env("CNI_CONTAINERID", id)
-            .env("CNI_NETNS", pod_netns)
-            .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={id}"),
-            )
-            .env("CNI_PATH", REFERENCE_PLUGINS)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn plugin");
-        let stdin = Value::Object(conf).to_string();
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("stdin");
-        let out = child.wait_with_output().expect("wait plugin");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            return Err(PluginError {
-                plugin: kind,
-                status: out.status.code().unwrap_or(-1),
-                stdout,
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
-        if stdout.trim().is_empty() {
-            return Ok(Value::Null);
-        }
-        Ok(serde_json::from_str(&stdout).expect("plugin stdout is JSON"))
+    ) -> Result<Value, RunError> {
+        let list = json!({
+            "cniVersion": self.conflist["cniVersion"],
+            "name": self.conflist["name"],
+            "plugins": [plugin],
+        });
+        let inv = self.invocation(pod_netns, id, annotations);
+        self.on_node(|| cnirun::one(&list, 0, command(cmd), &inv, prev))
     }
 
     /// Creates a pod sandbox and runs ADD through the whole chain. On failure the chain is
     /// rolled back with DEL (as the runtime does) and the error returned.
-    pub fn add_pod(&self, annotations: &[(&str, &str)]) -> Result<Pod, PluginError> {
+    pub fn add_pod(&self, annotations: &[(&str, &str)]) -> Result<Pod, RunError> {
         let ns = Netns::new("pod");
         let ann: Map<String, Value> = annotations
             .iter()
@@ -179,63 +160,47 @@ impl Node {
             .collect();
         let ann = Value::Object(ann);
         let id = ns.name.clone();
-        let path = ns.path().to_string_lossy().into_owned();
-        let mut prev: Option<Value> = None;
-        for p in self.plugins() {
-            match self.exec(&p, "ADD", &path, &id, &ann, prev.as_ref()) {
-                Ok(r) => prev = Some(r),
-                Err(e) => {
-                    let pod = Pod {
-                        ns,
-                        id,
-                        annotations: ann,
-                        result: Value::Null,
-                    };
-                    let _ = self.del_pod(&pod);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(Pod {
+        let inv = self.invocation(&ns.path().to_string_lossy(), &id, &ann);
+        let res = self.on_node(|| cnirun::add(&self.conflist, &inv));
+        let mut pod = Pod {
             ns,
             id,
             annotations: ann,
-            result: prev.unwrap_or(Value::Null),
-        })
+            result: Value::Null,
+        };
+        match res {
+            Ok(r) => {
+                pod.result = r;
+                Ok(pod)
+            }
+            Err(e) => {
+                let _ = self.del_pod(&pod);
+                Err(e)
+            }
+        }
     }
 
     /// DEL through the chain in reverse order, each plugin given the cached ADD result.
-    pub fn del_pod(&self, pod: &Pod) -> Result<(), PluginError> {
+    pub fn del_pod(&self, pod: &Pod) -> Result<(), RunError> {
         self.del_pod_at(pod, &pod.ns.path().to_string_lossy())
     }
 
-    pub fn del_pod_at(&self, pod: &Pod, netns: &str) -> Result<(), PluginError> {
+    pub fn del_pod_at(&self, pod: &Pod, netns: &str) -> Result<(), RunError> {
         let prev = (!pod.result.is_null()).then_some(&pod.result);
-        for p in self.plugins().iter().rev() {
-            self.exec(p, "DEL", netns, &pod.id, &pod.annotations, prev)?;
-        }
-        Ok(())
+        let inv = self.invocation(netns, &pod.id, &pod.annotations);
+        self.on_node(|| cnirun::del(&self.conflist, &inv, prev))
     }
 
     /// CHECK through the chain, in order, with the cached result.
-    pub fn check_pod(&self, pod: &Pod) -> Result<(), PluginError> {
-        for p in self.plugins() {
-            self.exec(
-                &p,
-                "CHECK",
-                &pod.ns.path().to_string_lossy(),
-                &pod.id,
-                &pod.annotations,
-                Some(&pod.result),
-            )?;
-        }
-        Ok(())
+    pub fn check_pod(&self, pod: &Pod) -> Result<(), RunError> {
+        let inv = self.invocation(&pod.ns.path().to_string_lossy(), &pod.id, &pod.annotations);
+        self.on_node(|| cnirun::check(&self.conflist, &inv, &pod.result))
     }
 
     /// CHECK of our plugin alone. With several pods on one bridge the reference bridge
     /// plugin's own CHECK fails on its changing MAC (the bridge takes its lowest port's), so
     /// multi-pod tests check only what is ours.
-    pub fn check_ours(&self, pod: &Pod) -> Result<(), PluginError> {
+    pub fn check_ours(&self, pod: &Pod) -> Result<(), RunError> {
         let path = pod.ns.path().to_string_lossy().into_owned();
         self.exec(
             &self.ours(),

@@ -29,17 +29,12 @@ pub fn sa(ip: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip.parse().expect("test address"), port)
 }
 
-/// Runs `f` on a fresh thread that entered netns `ns` (never on a shared thread: DESIGN.md
-/// pitfall 7). Sockets created inside stay bound to that netns and may be used anywhere.
+/// Runs `f` on a fresh thread that entered netns `ns` (never on a shared thread:
+/// docs/ARCHITECTURE.md, pitfall 7). Sockets created inside stay bound to that netns and may
+/// be used anywhere.
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = File::open(&path).expect("open netns");
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("netns thread")
+    tproxy_cni::netns::run_in(std::path::Path::new(&path), f).expect("enter the test netns")
 }
 
 /// Like `in_ns` but returns the join handle (for concurrent clients).
@@ -47,12 +42,8 @@ pub fn spawn_in_ns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = File::open(&path).expect("open netns");
-        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
+    let ns = ns.to_string();
+    std::thread::spawn(move || in_ns(&ns, f))
 }
 
 /// Client netns <-> pod netns over a veth, IPv4 and IPv6.
@@ -102,7 +93,8 @@ pub struct Rules {
     pub outbound: bool,
 }
 
-/// Programs DESIGN.md §3 in the pod netns with `nft` + `ip rule/route`, replacing earlier rules.
+/// Programs the recipe of docs/ARCHITECTURE.md, "The inbound TPROXY recipe", in the pod netns
+/// with `nft` + `ip rule/route`, replacing earlier rules.
 /// The one place to swap for the real chain (`tests/common/chain.rs`) once it exists.
 pub fn program_rules(pod: &Netns, r: &Rules) {
     let _ = pod.try_sh("nft delete table inet tproxy_cni");
@@ -563,7 +555,7 @@ pub fn short_request(
                 None,
             )?;
             // Reusing a port whose previous connection lingers on the *sidecar* side is the
-            // point (pitfalls 11 and 12).
+            // point (docs/ARCHITECTURE.md, pitfalls 11 and 12).
             sock.set_reuse_address(true)?;
             sock.bind(&SocketAddr::new(client_ip.parse().map_err(io::Error::other)?, p).into())?;
             sock.connect_timeout(&dst.into(), Duration::from_secs(5))?;
@@ -579,7 +571,8 @@ pub fn short_request(
 
 /// 10,000 short `Connection: close` requests from 8 threads (plus a warm-up of the fixed
 /// ports), a third from kernel-chosen ports and two thirds from a fixed set of explicit odd and
-/// even ports reused all the time (DESIGN.md pitfalls 11 and 12). Asserts: none failed, every
+/// even ports reused all the time (docs/ARCHITECTURE.md, pitfalls 11 and 12). Asserts: none
+/// failed, every
 /// one is in the access log and reached the app through the proxy, no upstream used a client
 /// port, slowest upstream connect < 100 ms, no round trip near a SYN retransmit (1 s).
 /// The sidecar must run with `--upstream-ports` `CHURN_UPSTREAM_PORTS` or

@@ -5,14 +5,20 @@
 //! - ADD runs plugins in order and hands each one the previous plugin's result as `prevResult`;
 //! - CHECK runs them in order with the cached ADD result (only for cniVersion >= 0.4.0);
 //! - DEL runs them in **reverse** order, each with the cached ADD result (>= 0.4.0; older lists
-//!   get no `prevResult`), and stops at the first failure, exactly like libcni (DESIGN pitfall 9);
+//!   get no `prevResult`), and stops at the first failure, exactly like libcni
+//!   (docs/ARCHITECTURE.md, pitfall 9);
 //! - `runtimeConfig` only carries the keys a plugin declares in `capabilities` with `true`;
 //! - STATUS and GC (1.1.0 lists) get empty container id, netns and ifname.
+//!
+//! Used by the `tproxy-cni-run` binary and, through `#[path]`, by the tests'
+//! `tests/common/chain.rs`; each uses a part the other does not, hence the `allow`.
+#![allow(dead_code)]
 
 use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use tproxy_cni::cni::error::CniError;
 
 /// Everything a runtime knows about one attachment besides the conflist itself.
 #[derive(Debug, Clone, Default)]
@@ -27,24 +33,6 @@ pub struct Invocation {
     pub runtime_config: Map<String, Value>,
     /// Directories searched for plugin binaries (by `type`), and passed on as `CNI_PATH`.
     pub cni_path: Vec<PathBuf>,
-}
-
-/// The error object a plugin prints on stdout when it fails (CNI spec "Error" section).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PluginError {
-    pub code: u64,
-    pub msg: String,
-    pub details: String,
-}
-
-impl std::fmt::Display for PluginError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "code {}: {}", self.code, self.msg)?;
-        if !self.details.is_empty() {
-            write!(f, " ({})", self.details)?;
-        }
-        Ok(())
-    }
 }
 
 /// Why a conflist run failed; names the plugin (by index and `type`) whenever one is involved.
@@ -81,7 +69,7 @@ pub enum RunError {
         command: &'static str,
         exit_code: Option<i32>,
         /// The parsed CNI error, when the plugin printed one (boxed to keep `Result`s small).
-        error: Option<Box<PluginError>>,
+        error: Option<Box<CniError>>,
         stdout: String,
         stderr: String,
     },
@@ -106,7 +94,7 @@ impl RunError {
         }
     }
     /// The CNI error the failing plugin printed, if any.
-    pub fn plugin_error(&self) -> Option<&PluginError> {
+    pub fn plugin_error(&self) -> Option<&CniError> {
         match self {
             RunError::Plugin { error, .. } => error.as_deref(),
             _ => None,
@@ -162,7 +150,7 @@ fn parse_list(conflist: &Value) -> Result<List<'_>, RunError> {
 }
 
 /// Compares dotted versions numerically ("0.10.0" > "0.4.0"); unparsable parts count as 0.
-fn version_at_least(have: &str, want: &str) -> bool {
+pub fn version_at_least(have: &str, want: &str) -> bool {
     let parse = |s: &str| -> Vec<u64> {
         s.split('.')
             .map(|p| p.trim().parse::<u64>().unwrap_or(0))
@@ -287,18 +275,8 @@ fn exec(index: usize, ty: &str, stdin: &Value, env: &CallEnv<'_>) -> Result<Vec<
     }
     let error = serde_json::from_slice::<Value>(&out.stdout)
         .ok()
-        .and_then(|v| {
-            let o = v.as_object()?;
-            Some(Box::new(PluginError {
-                code: o.get("code")?.as_u64()?,
-                msg: o.get("msg").and_then(Value::as_str).unwrap_or("").into(),
-                details: o
-                    .get("details")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .into(),
-            }))
-        });
+        .and_then(|v| CniError::from_json(&v))
+        .map(Box::new);
     Err(RunError::Plugin {
         index,
         plugin: ty.to_string(),
@@ -397,6 +375,45 @@ pub fn del(
     Ok(())
 }
 
+/// One plugin of the list by itself (`index` into `plugins`), with the given `prevResult`, as
+/// a runtime would call it in the middle of a chain; its result (`Null` when it printed
+/// nothing). Tests use it to drive one plugin of a chain against a chosen `prevResult`.
+pub fn one(
+    conflist: &Value,
+    index: usize,
+    command: &'static str,
+    inv: &Invocation,
+    prev_result: Option<&Value>,
+) -> Result<Value, RunError> {
+    let list = parse_list(conflist)?;
+    let (conf, ty) = list
+        .plugins
+        .get(index)
+        .ok_or_else(|| RunError::Conflist(format!("no plugins[{index}]")))?;
+    let stdin = plugin_stdin(
+        conf,
+        list.name,
+        &list.version,
+        &inv.runtime_config,
+        prev_result,
+    );
+    let env = CallEnv {
+        command,
+        inv,
+        attachment: true,
+    };
+    let stdout = exec(index, ty, &stdin, &env)?;
+    if stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    serde_json::from_slice(&stdout).map_err(|e| RunError::BadResult {
+        index,
+        plugin: ty.clone(),
+        command,
+        reason: e.to_string(),
+    })
+}
+
 /// STATUS (1.1.0): every plugin in order, no attachment, no runtimeConfig.
 pub fn status(conflist: &Value, cni_path: &[PathBuf]) -> Result<(), RunError> {
     each_plugin_without_attachment(conflist, cni_path, "STATUS", None)
@@ -471,55 +488,4 @@ pub fn load(path: &Path) -> Result<Value, RunError> {
     }
     list.insert("plugins".into(), Value::Array(vec![v]));
     Ok(Value::Object(list))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn stdin_filters_capabilities_and_chains() {
-        let conf = json!({"type": "x", "capabilities": {"a": true, "b": false}, "runtimeConfig": {"z": 1}});
-        let mut rc = Map::new();
-        rc.insert("a".into(), json!({"k": "v"}));
-        rc.insert("b".into(), json!(1));
-        rc.insert("c".into(), json!(2));
-        let prev = json!({"cniVersion": "1.0.0", "ips": []});
-        let Value::Object(conf) = conf else { panic!() };
-        let out = plugin_stdin(&conf, &json!("net"), "1.0.0", &rc, Some(&prev));
-        assert_eq!(out["runtimeConfig"], json!({"a": {"k": "v"}}));
-        assert_eq!(out["prevResult"], prev);
-        assert_eq!(out["name"], "net");
-        let out = plugin_stdin(&conf, &json!("net"), "1.0.0", &Map::new(), None);
-        assert_eq!(out["runtimeConfig"], json!({"z": 1}));
-        assert!(out.get("prevResult").is_none());
-    }
-
-    #[test]
-    fn versions_compare_numerically() {
-        assert!(version_at_least("0.4.0", "0.4.0"));
-        assert!(version_at_least("1.0.0", "0.4.0"));
-        assert!(version_at_least("0.10.0", "0.4.0"));
-        assert!(!version_at_least("0.3.1", "0.4.0"));
-        assert!(!version_at_least("1.0.0", "1.1.0"));
-    }
-
-    #[test]
-    fn rejects_bad_lists_without_panicking() {
-        let inv = Invocation::default();
-        for bad in [
-            json!(1),
-            json!({}),
-            json!({"name": "n", "plugins": []}),
-            json!({"name": "n", "plugins": [{"type": "../x"}]}),
-            json!({"name": "n", "plugins": [1]}),
-            json!({"name": "n", "cniVersion": 1, "plugins": [{"type": "x"}]}),
-        ] {
-            assert!(
-                matches!(add(&bad, &inv), Err(RunError::Conflist(_))),
-                "{bad}"
-            );
-        }
-    }
 }

@@ -1,9 +1,13 @@
 //! tproxy-cni-run: runs a CNI conflist like a container runtime would (ADD/CHECK/DEL/STATUS/GC), for the demo and shell tests.
 
+// The emulator lives beside this binary, outside the library's API; tests/common/chain.rs
+// includes the same file, so there is one libcni emulator.
+mod cnirun;
+
 use anyhow::{bail, Context, Result};
+use cnirun::Invocation;
 use serde_json::{Map, Value};
 use std::path::PathBuf;
-use tproxy_cni::cnirun::{self, Invocation};
 use tproxy_cni::consts::POD_ANNOTATIONS_CAPABILITY;
 
 const USAGE: &str = "\
