@@ -131,7 +131,7 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
     // pitfall 19): make it effective before anything needs it. Raised here, on the main thread
     // before the runtime exists, so every thread created later inherits it.
     if let Err(e) = sockopt::raise_effective(caps::CAP_NET_RAW) {
-        eprintln!("tproxy-sidecar: cannot read or raise the capability sets: {e}");
+        log::warn!("cannot read or raise the capability sets: {e}");
     }
     // Fail early, with the fix in the message, instead of failing every connection later.
     let mark = match sockopt::probe(cfg.mark, mode == InboundMode::Tproxy) {

@@ -56,11 +56,20 @@ impl Netns {
     }
     /// Runs a shell command inside the namespace; panics on failure.
     pub fn sh(&self, cmd: &str) -> String {
-        sh(&format!("ip netns exec {} {cmd}", self.name))
+        sh(&self.inside(cmd))
     }
     /// Runs a shell command inside the namespace; returns the raw output.
     pub fn try_sh(&self, cmd: &str) -> Output {
-        try_sh(&format!("ip netns exec {} {cmd}", self.name))
+        try_sh(&self.inside(cmd))
+    }
+    /// The whole command line (lists, pipes and all) in a shell inside the namespace: a bare
+    /// `ip netns exec NS a && b` would run `b` in the host's netns.
+    fn inside(&self, cmd: &str) -> String {
+        format!(
+            "ip netns exec {} bash -c '{}'",
+            self.name,
+            cmd.replace('\'', "'\\''")
+        )
     }
 }
 
