@@ -116,8 +116,9 @@ fn plan_with(conf: &NetConf, node_ips: &[std::net::IpAddr]) -> Result<Plan, CniE
 /// netns, before entering the pod's.
 fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
     let bare = plan_with(conf, &[])?;
-    if bare.is_empty() {
-        // Mode none: nothing to program, no need to read the node.
+    if bare.is_empty() || !conf.node_bypass {
+        // Mode none: nothing to program, no need to read the node; or the conflist turned the
+        // node-address bypass off.
         return Ok(bare);
     }
     let mut node = routing::node_addresses()?;

@@ -991,6 +991,39 @@ fn node_traffic_reaches_the_app_directly() {
     assert_clean(&server.ns);
 }
 
+/// `nodeBypass: false` in the conflist: no rule for the node's addresses, so a connection from
+/// the node is taken by the sidecar like any other (and CHECK agrees with that plan).
+#[test]
+fn node_bypass_off_intercepts_the_node_too() {
+    use sidecar_support::{in_ns, sa, Sidecar, DEAD_PORT};
+    use std::net::TcpStream;
+    use std::time::Duration;
+    require_root!();
+    let node = Node::new(json!({"nodeBypass": false}));
+    let _client = node.add_pod(&[]).expect("client ADD");
+    let server = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("server ADD");
+    node.check_ours(&server).expect("CHECK after ADD");
+    let listing = server.ns.sh("nft list table inet tproxy_cni");
+    assert!(!listing.contains("from the node"), "{listing}");
+    let _sc = Sidecar::start(&server.ns.name, &["--mode", "tproxy"]);
+    let dst = sa(&server.ip(4).unwrap(), DEAD_PORT);
+    let from_node = in_ns(&node.ns.name, move || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(3))
+    });
+    let taken = match &from_node {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        taken,
+        "the node's connection is taken by the sidecar: {from_node:?}"
+    );
+    node.del_pod(&server).expect("DEL");
+    assert_clean(&server.ns);
+}
+
 /// Issue 9.3 (DEL side): a `tableName` the config accepts but nftables cannot take fails ADD
 /// with nothing left, and DEL succeeds (a table we refuse to create cannot exist).
 #[test]

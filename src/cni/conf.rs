@@ -29,6 +29,10 @@ pub struct NetConf {
     pub prev_result: Option<Value>,
     pub log_level: log::LevelFilter,
     pub log_file: Option<String>,
+    /// `nodeBypass` (default true): connections from the node's own addresses reach the app
+    /// directly, so kubelet probes test the app and not the proxy (docs/install.md, "Kubelet
+    /// probes and the node's own traffic").
+    pub node_bypass: bool,
 }
 
 fn invalid(msg: impl Into<String>) -> CniError {
@@ -105,6 +109,7 @@ impl NetConf {
         let defaults = parse_defaults(obj, &plan, admin_port)?;
         let log_level = parse_log_level(obj)?;
         let log_file = opt_str(obj, "logFile")?;
+        let node_bypass = opt_bool(obj, "nodeBypass")?.unwrap_or(true);
         let annotations = parse_annotations(obj)?;
         let prev_result = parse_prev_result(obj)?;
         Ok(NetConf {
@@ -116,6 +121,7 @@ impl NetConf {
             prev_result,
             log_level,
             log_file,
+            node_bypass,
         })
     }
 
@@ -392,6 +398,17 @@ fn opt_str(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, CniErr
     }
 }
 
+fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, CniError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(invalid(format!(
+            "\"{key}\": must be true or false, got {}",
+            echo_json(other)
+        ))),
+    }
+}
+
 fn opt_u32(obj: &Map<String, Value>, key: &str) -> Result<Option<u32>, CniError> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -511,6 +528,7 @@ mod tests {
                 code::INVALID_CONFIG,
             ),
             (r#","failClosed":"yes""#, "failClosed", code::INVALID_CONFIG),
+            (r#","nodeBypass":1"#, "nodeBypass", code::INVALID_CONFIG),
             (
                 r#","defaultMode":"magic""#,
                 "defaultMode",
