@@ -21,14 +21,6 @@ fn link_reference_plugins(bin: &Path) {
     }
 }
 
-/// Removes the test bridge from the host netns even when an assertion fails.
-struct Bridge(String);
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = common::try_sh(&format!("ip link del {}", self.0));
-    }
-}
-
 #[test]
 fn installed_conflist_runs_and_pod_gets_rules() {
     require_root!();
@@ -44,7 +36,12 @@ fn installed_conflist_runs_and_pod_gets_rules() {
     // A node's bin dir holds the primary's plugins too; the installer checks they are there.
     link_reference_plugins(&bin);
     let br = common::unique("tpbr");
-    let _bridge = Bridge(br.clone());
+    // The node is a netns of its own: the bridge and the host ends of the veths live there, never
+    // in the host's root netns (deleting the netns removes them, also when an assertion fails).
+    let node = common::Netns::new("tpnode");
+    let in_node = |f: &(dyn Fn() -> Result<Value, String> + Sync)| {
+        tproxy_cni::netns::run_in(&node.path(), f).expect("enter the node netns")
+    };
     let octet = 100 + (std::process::id() % 100);
     let primary = json!({
         "cniVersion": "1.0.0",
@@ -118,11 +115,15 @@ fn installed_conflist_runs_and_pod_gets_rules() {
         cni_path: vec![bin.clone()],
     };
     let table = format!("nft list table inet {TABLE_NAME}");
-    let result = match cnirun::add(&list, &inv) {
+    let result = match in_node(&|| cnirun::add(&list, &inv).map_err(|e| e.to_string())) {
         Ok(r) => r,
         Err(e) => {
             // Free the IP and the veth before failing, as a runtime would.
-            let _ = cnirun::del(&list, &inv, None);
+            let _ = in_node(&|| {
+                cnirun::del(&list, &inv, None)
+                    .map(|()| Value::Null)
+                    .map_err(|e| e.to_string())
+            });
             panic!("chained ADD failed: {e}");
         }
     };
@@ -135,8 +136,16 @@ fn installed_conflist_runs_and_pod_gets_rules() {
     );
     let listed = ns.try_sh(&table);
     let ok = listed.status.success();
-    let check = cnirun::check(&list, &inv, &result);
-    let del = cnirun::del(&list, &inv, Some(&result));
+    let check = in_node(&|| {
+        cnirun::check(&list, &inv, &result)
+            .map(|()| Value::Null)
+            .map_err(|e| e.to_string())
+    });
+    let del = in_node(&|| {
+        cnirun::del(&list, &inv, Some(&result))
+            .map(|()| Value::Null)
+            .map_err(|e| e.to_string())
+    });
     assert!(
         ok,
         "table {TABLE_NAME} missing after ADD: {}",
@@ -158,12 +167,22 @@ fn installed_conflist_runs_and_pod_gets_rules() {
         runtime_config: Map::new(),
         ..inv
     };
-    let result = cnirun::add(&list, &inv).unwrap_or_else(|e| {
-        let _ = cnirun::del(&list, &inv, None);
-        panic!("chained ADD without annotation failed: {e}")
-    });
+    let result =
+        in_node(&|| cnirun::add(&list, &inv).map_err(|e| e.to_string())).unwrap_or_else(|e| {
+            let _ = in_node(&|| {
+                cnirun::del(&list, &inv, None)
+                    .map(|()| Value::Null)
+                    .map_err(|e| e.to_string())
+            });
+            panic!("chained ADD without annotation failed: {e}")
+        });
     let listed = plain.try_sh(&table).status.success();
-    cnirun::del(&list, &inv, Some(&result)).unwrap();
+    in_node(&|| {
+        cnirun::del(&list, &inv, Some(&result))
+            .map(|()| Value::Null)
+            .map_err(|e| e.to_string())
+    })
+    .unwrap();
     assert!(!listed, "unannotated pod got table {TABLE_NAME}");
 }
 
