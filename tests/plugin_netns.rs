@@ -939,9 +939,7 @@ fn del_cleans_a_pod_of_the_previous_release() {
 /// Before, the sidecar completed every handshake and the probe saw a live app.
 #[test]
 fn node_traffic_reaches_the_app_directly() {
-    use sidecar_support::{in_ns, sa, Sidecar, DEAD_PORT};
-    use std::net::TcpStream;
-    use std::time::Duration;
+    use sidecar_support::{sa, Sidecar, DEAD_PORT};
     require_root!();
     let node = Node::new(json!({}));
     // The bridge (the node's address on the pod network) exists once a pod was added.
@@ -953,37 +951,16 @@ fn node_traffic_reaches_the_app_directly() {
     let _sc = Sidecar::start(&server.ns.name, &["--mode", "tproxy"]);
     for fam in [4, 6] {
         let dst = sa(&server.ip(fam).unwrap(), DEAD_PORT);
-        // A fresh bridge port may still be settling IPv6 neighbours: retry a timeout.
-        let from_node = in_ns(&node.ns.name, move || {
-            let mut r = TcpStream::connect_timeout(&dst, Duration::from_secs(2));
-            for _ in 0..3 {
-                match &r {
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                        r = TcpStream::connect_timeout(&dst, Duration::from_secs(2))
-                    }
-                    _ => break,
-                }
-            }
-            r
-        });
-        let e = from_node.expect_err("a probe from the node must see the app down");
+        let e = connect_from(&node.ns.name, dst)
+            .expect_err("a probe from the node must see the app down");
         assert_eq!(
             e.kind(),
             std::io::ErrorKind::ConnectionRefused,
             "IPv{fam}: {e}"
         );
-        let from_pod = in_ns(&client.ns.name, move || {
-            TcpStream::connect_timeout(&dst, Duration::from_secs(3))
-        });
-        // The sidecar completes the handshake, then resets when it cannot dial the app
-        // (the reset may already be there when connect returns); the app's own answer would
-        // be a refusal.
-        let taken = match &from_pod {
-            Ok(_) => true,
-            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-        };
+        let from_pod = connect_from(&client.ns.name, dst);
         assert!(
-            taken,
+            taken_by_sidecar(&from_pod),
             "IPv{fam}: another pod's connection is still taken by the sidecar: {from_pod:?}"
         );
     }
@@ -991,13 +968,39 @@ fn node_traffic_reaches_the_app_directly() {
     assert_clean(&server.ns);
 }
 
+/// A TCP connect from netns `ns`. A fresh bridge port may still be settling IPv6 neighbours:
+/// a timeout is retried.
+fn connect_from(ns: &str, dst: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    use std::time::Duration;
+    sidecar_support::in_ns(ns, move || {
+        let mut r = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2));
+        for _ in 0..3 {
+            match &r {
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    r = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+                }
+                _ => break,
+            }
+        }
+        r
+    })
+}
+
+/// With the app down, the sidecar completes the handshake, then resets when it cannot dial the
+/// app (the reset may already be there when connect returns); the app's own answer would be a
+/// refusal.
+fn taken_by_sidecar(r: &std::io::Result<std::net::TcpStream>) -> bool {
+    match r {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
 /// `nodeBypass: false` in the conflist: no rule for the node's addresses, so a connection from
 /// the node is taken by the sidecar like any other (and CHECK agrees with that plan).
 #[test]
 fn node_bypass_off_intercepts_the_node_too() {
-    use sidecar_support::{in_ns, sa, Sidecar, DEAD_PORT};
-    use std::net::TcpStream;
-    use std::time::Duration;
+    use sidecar_support::{sa, Sidecar, DEAD_PORT};
     require_root!();
     let node = Node::new(json!({"nodeBypass": false}));
     let _client = node.add_pod(&[]).expect("client ADD");
@@ -1008,16 +1011,9 @@ fn node_bypass_off_intercepts_the_node_too() {
     let listing = server.ns.sh("nft list table inet tproxy_cni");
     assert!(!listing.contains("from the node"), "{listing}");
     let _sc = Sidecar::start(&server.ns.name, &["--mode", "tproxy"]);
-    let dst = sa(&server.ip(4).unwrap(), DEAD_PORT);
-    let from_node = in_ns(&node.ns.name, move || {
-        TcpStream::connect_timeout(&dst, Duration::from_secs(3))
-    });
-    let taken = match &from_node {
-        Ok(_) => true,
-        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
-    };
+    let from_node = connect_from(&node.ns.name, sa(&server.ip(4).unwrap(), DEAD_PORT));
     assert!(
-        taken,
+        taken_by_sidecar(&from_node),
         "the node's connection is taken by the sidecar: {from_node:?}"
     );
     node.del_pod(&server).expect("DEL");
