@@ -598,20 +598,21 @@ fn istio_topology(value: &str) -> Result<IstioTopology, PolicyError> {
     let serde_yaml::Value::Mapping(gt) = gt else {
         return Err(err(key, value, "gatewayTopology must be a mapping"));
     };
-    let num_trusted_proxies =
-        match gt.get("numTrustedProxies") {
-            None | Some(serde_yaml::Value::Null) => None,
-            Some(v) => match v.as_u64() {
-                Some(n) if n <= u64::from(MAX_TRUSTED_HOPS) => Some(n as u32),
-                _ => return Err(err(
+    let num_trusted_proxies = match gt.get("numTrustedProxies") {
+        None | Some(serde_yaml::Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= u64::from(MAX_TRUSTED_HOPS) => Some(n as u32),
+            _ => {
+                return Err(err(
                     key,
                     value,
                     format!(
                         "gatewayTopology.numTrustedProxies must be a number 0-{MAX_TRUSTED_HOPS}"
                     ),
-                )),
-            },
-        };
+                ))
+            }
+        },
+    };
     let proxy_protocol = match gt.get("proxyProtocol") {
         None | Some(serde_yaml::Value::Null) => false,
         Some(serde_yaml::Value::Mapping(_)) => true,
