@@ -956,3 +956,69 @@ fn chain_refuses_bad_north_south_annotations_with_code_7() {
         );
     }
 }
+
+#[test]
+fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let client = node.add_pod(&[]).expect("client pod ADD");
+    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
+    let ann = [
+        ("tproxy-cni.io/mode", "redirect"),
+        ("tproxy-cni.io/proxy-protocol-ports", "8080,9000"),
+        (
+            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
+            trusted.as_str(),
+        ),
+        ("tproxy-cni.io/xff-ports", "8080"),
+        ("tproxy-cni.io/proxy-protocol-out", "9000:v2"),
+    ];
+    let server = node.add_pod(&ann).expect("server pod ADD");
+    wait_node_v6(&node);
+    start_head_app(&server.ns.name, HTTP_PORT);
+    let _echo = App::start(&server.ns.name, &[], &[ECHO_PORT]);
+    let sc = k8s_sidecar(&server.ns.name, &ann, &[]);
+    let (s4, s6) = (ip(&server, 4), ip(&server, 6));
+
+    // PROXY in + XFF: the app's peer is 127.0.0.6 / ::6, the client arrives in XFF.
+    for (dst, src, redirect_src) in [
+        (sa(&s4, HTTP_PORT), "203.0.113.50", "127.0.0.6"),
+        (sa(&s6, HTTP_PORT), "2001:db8::50", "::6"),
+    ] {
+        let mut req = encode_v1(sa(src, 4444), dst);
+        req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let r = exchange(&node.ns.name, dst, req, 1).expect("PROXY + XFF");
+        let v = body_json(&r[0]);
+        assert_eq!(v["peer"], redirect_src);
+        assert_eq!(xff_of(&v), (src.to_string(), src.to_string()));
+    }
+    // PROXY in, PROXY out v2: the app (an echo) receives a header naming the client.
+    let dst = sa(&s4, ECHO_PORT);
+    let mut pre = encode_v2(sa("198.51.100.20", 4321), dst);
+    pre.extend_from_slice(b"payload");
+    let (got, _) = outcome(&node.ns.name, dst, pre, true);
+    let got = got.expect("echo");
+    match tproxy_cni::sidecar::proxy_protocol::parse(&got, &Default::default()) {
+        tproxy_cni::sidecar::proxy_protocol::Parse::Header(h) => {
+            assert_eq!(h.client(), Some(sa("198.51.100.20", 4321)));
+            assert_eq!(&got[h.header_len..], b"payload");
+        }
+        other => panic!("{other:?}: {got:?}"),
+    }
+    // Without a PROXY header from an untrusted client: PROXY out carries the TCP peer.
+    let (got, _) = outcome(&client.ns.name, dst, b"x".to_vec(), true);
+    let got = got.expect("echo");
+    match tproxy_cni::sidecar::proxy_protocol::parse(&got, &Default::default()) {
+        tproxy_cni::sidecar::proxy_protocol::Parse::Header(h) => {
+            assert_eq!(h.client().map(|a| a.ip().to_string()), Some(ip(&client, 4)));
+        }
+        other => panic!("{other:?}: {got:?}"),
+    }
+    let log = sc.sc.wait_log(4, Duration::from_secs(5));
+    assert_eq!(log_ip(&log[0], "downstream_remote_address"), "203.0.113.50");
+    assert_eq!(
+        log_field(&log[0], "client_address_source"),
+        "proxy_protocol"
+    );
+    assert_eq!(log_field(&log[0], "mode"), "redirect");
+}
