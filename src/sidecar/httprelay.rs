@@ -152,18 +152,12 @@ pub(crate) async fn read_more(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<us
     const CHUNK: usize = 16 * 1024;
     loop {
         s.readable().await?;
-        let old = buf.len();
-        buf.resize(old + CHUNK, 0);
-        match s.try_read(&mut buf[old..]) {
-            Ok(n) => {
-                buf.truncate(old + n);
-                return Ok(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(old),
-            Err(e) => {
-                buf.truncate(old);
-                return Err(e);
-            }
+        // Into spare capacity: no zero-filling per read.
+        buf.reserve(CHUNK);
+        match s.try_read_buf(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
 }
