@@ -1022,3 +1022,68 @@ fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
     );
     assert_eq!(log_field(&log[0], "mode"), "redirect");
 }
+
+/// Envoy's rule for N trusted hops (its `x-forwarded-for` documentation): the Nth entry from
+/// the right of the incoming XFF; N = 0 or too few entries: the peer.
+fn envoy_trusted_client(incoming: &[&str], n: usize, peer: &str) -> String {
+    if n == 0 || incoming.len() < n {
+        peer.to_string()
+    } else {
+        incoming[incoming.len() - n].to_string()
+    }
+}
+
+#[test]
+fn chain_xff_table_for_0_1_2_trusted_proxies_v4_v6() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let client = node.add_pod(&[]).expect("client pod ADD");
+    let incoming_sets: [&[&str]; 4] = [
+        &[],
+        &["203.0.113.1"],
+        &["203.0.113.1", "2001:db8::2"],
+        &["198.51.100.1", "203.0.113.1", "203.0.113.2"],
+    ];
+    for n in 0..=2usize {
+        let hops = n.to_string();
+        let ann = [
+            ("tproxy-cni.io/mode", "tproxy"),
+            ("tproxy-cni.io/xff-ports", "8080"),
+            ("tproxy-cni.io/xff-num-trusted-proxies", hops.as_str()),
+        ];
+        let server = node.add_pod(&ann).expect("server pod ADD");
+        start_head_app(&server.ns.name, HTTP_PORT);
+        let _sc = k8s_sidecar(&server.ns.name, &ann, &[]);
+        for fam in [4u8, 6] {
+            let peer = ip(&client, fam);
+            let dst = sa(&ip(&server, fam), HTTP_PORT);
+            // All four cases on one keep-alive connection.
+            let mut reqs = Vec::new();
+            for set in incoming_sets {
+                let xff = if set.is_empty() {
+                    String::new()
+                } else {
+                    format!("X-Forwarded-For: {}\r\n", set.join(", "))
+                };
+                reqs.extend_from_slice(
+                    format!("GET / HTTP/1.1\r\nHost: a\r\n{xff}\r\n").as_bytes(),
+                );
+            }
+            let resps = exchange(&client.ns.name, dst, reqs, 4).expect("table");
+            assert_eq!(resps.len(), 4);
+            for (set, r) in incoming_sets.iter().zip(&resps) {
+                let (xff, ext) = xff_of(&body_json(r));
+                let mut want_xff: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+                want_xff.push(peer.clone());
+                assert_eq!(xff, want_xff.join(", "), "N={n} {set:?}");
+                // Pod peers are internal: no external address without an XFF.
+                let want_ext = if set.is_empty() {
+                    String::new()
+                } else {
+                    envoy_trusted_client(set, n, &peer)
+                };
+                assert_eq!(ext, want_ext, "N={n} {set:?} IPv{fam}");
+            }
+        }
+    }
+}

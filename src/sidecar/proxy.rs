@@ -571,9 +571,11 @@ async fn serve(
                 };
                 shared.metrics.count(NsCounter::HttpRequests, result);
             }
-            c.details = Some(match o.denied {
-                Some(d) => format!("rbac_{}", d.label()),
-                None => format!("http_{why}"),
+            // The relay's own failure reasons already read `http_...`; head errors do not.
+            c.details = Some(match (o.denied, status) {
+                (Some(d), _) => format!("rbac_{}", d.label()),
+                (None, 0) => why.to_string(),
+                (None, _) => format!("http_{why}"),
             });
         }
         if let Some(d) = o.denied {
