@@ -254,38 +254,45 @@ async fn requests(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, early: Vec<
             st.tunnel = None;
         }
         sh.changed.notify_waiters();
-        if write_all(up, &rw.head).await.is_err() {
-            return ReqEnd::Failed(Side::Up, None);
-        }
         buf.drain(..head.head_len);
         reader.reset();
-
+        // The rewritten head goes out with the body bytes already here, in one send.
         let mut body = Body::new(head.framing, c.limits.max_head);
-        while !body.is_done() {
-            if buf.is_empty() {
-                match read_more(down, &mut buf).await {
-                    Ok(0) => {
-                        // The client gave up mid-body: the app sees the same.
-                        return match sockopt::shutdown_write(up) {
-                            Ok(()) => ReqEnd::Eof,
-                            Err(_) => ReqEnd::Failed(Side::Up, None),
-                        };
-                    }
-                    Ok(n) => {
-                        sh.from_down.fetch_add(n as u64, Relaxed);
-                        sh.touch();
-                    }
-                    Err(_) => return ReqEnd::Failed(Side::Down, None),
-                }
-            }
+        let mut out = rw.head;
+        loop {
             let n = match body.feed(&buf) {
                 Ok(n) => n,
                 Err(_) => return ReqEnd::Failed(Side::Down, Some("http_malformed_body")),
             };
-            if write_all(up, &buf[..n]).await.is_err() {
-                return ReqEnd::Failed(Side::Up, None);
+            if out.is_empty() {
+                if n > 0 && write_all(up, &buf[..n]).await.is_err() {
+                    return ReqEnd::Failed(Side::Up, None);
+                }
+            } else {
+                out.extend_from_slice(&buf[..n]);
+                if write_all(up, &out).await.is_err() {
+                    return ReqEnd::Failed(Side::Up, None);
+                }
+                out = Vec::new();
             }
             buf.drain(..n);
+            if body.is_done() {
+                break;
+            }
+            match read_more(down, &mut buf).await {
+                Ok(0) => {
+                    // The client gave up mid-body: the app sees the same.
+                    return match sockopt::shutdown_write(up) {
+                        Ok(()) => ReqEnd::Eof,
+                        Err(_) => ReqEnd::Failed(Side::Up, None),
+                    };
+                }
+                Ok(n) => {
+                    sh.from_down.fetch_add(n as u64, Relaxed);
+                    sh.touch();
+                }
+                Err(_) => return ReqEnd::Failed(Side::Down, None),
+            }
         }
 
         if leaves_http {
@@ -345,13 +352,14 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
             // A response nobody asked for: the app does not speak HTTP/1.1 as we understand it.
             return RespEnd::Failed(Side::Up, Some("http_unsolicited_response"));
         }
-        if write_all(down, &buf[..head.head_len]).await.is_err() {
-            return RespEnd::Failed(Side::Down, None);
-        }
-        sh.to_down.fetch_add(head.head_len as u64, Relaxed);
-        buf.drain(..head.head_len);
         reader.reset();
+        let hl = head.head_len;
         if head.interim {
+            if write_all(down, &buf[..hl]).await.is_err() {
+                return RespEnd::Failed(Side::Down, None);
+            }
+            sh.to_down.fetch_add(hl as u64, Relaxed);
+            buf.drain(..hl);
             continue;
         }
         let sent = {
@@ -366,6 +374,7 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
                 }
                 sh.lock().tunnel = Some(true);
                 sh.changed.notify_waiters();
+                // The head and whatever followed it.
                 if write_all(down, &buf).await.is_err() {
                     return RespEnd::Failed(Side::Down, None);
                 }
@@ -381,30 +390,38 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
                     sh.lock().tunnel = Some(false);
                     sh.changed.notify_waiters();
                 }
-                while !body.is_done() {
-                    if buf.is_empty() {
-                        match read_more(up, &mut buf).await {
-                            Ok(0) => {
-                                return match sockopt::shutdown_write(down) {
-                                    Ok(()) => RespEnd::Eof,
-                                    Err(_) => RespEnd::Failed(Side::Down, None),
-                                }
-                            }
-                            Ok(_) => sh.touch(),
-                            Err(_) => return RespEnd::Failed(Side::Up, None),
-                        }
-                    }
-                    let n = match body.feed(&buf) {
+                // The head goes out with the body bytes already here: one send per response
+                // in the common case.
+                let mut held = hl;
+                loop {
+                    let n = match body.feed(&buf[held..]) {
                         Ok(n) => n,
                         Err(_) => {
                             return RespEnd::Failed(Side::Up, Some("http_malformed_response"))
                         }
                     };
-                    if write_all(down, &buf[..n]).await.is_err() {
-                        return RespEnd::Failed(Side::Down, None);
+                    let out = held + n;
+                    held = 0;
+                    if out > 0 {
+                        if write_all(down, &buf[..out]).await.is_err() {
+                            return RespEnd::Failed(Side::Down, None);
+                        }
+                        sh.to_down.fetch_add(out as u64, Relaxed);
+                        buf.drain(..out);
                     }
-                    sh.to_down.fetch_add(n as u64, Relaxed);
-                    buf.drain(..n);
+                    if body.is_done() {
+                        break;
+                    }
+                    match read_more(up, &mut buf).await {
+                        Ok(0) => {
+                            return match sockopt::shutdown_write(down) {
+                                Ok(()) => RespEnd::Eof,
+                                Err(_) => RespEnd::Failed(Side::Down, None),
+                            }
+                        }
+                        Ok(_) => sh.touch(),
+                        Err(_) => return RespEnd::Failed(Side::Up, None),
+                    }
                 }
                 sh.lock().outstanding -= 1;
                 sh.changed.notify_waiters();
