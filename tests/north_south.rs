@@ -414,6 +414,10 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
     assert_eq!(m("untrusted"), 2);
     assert_eq!((m("not_proxy"), m("timeout"), m("truncated")), (1, 1, 1));
     assert!(app.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 9);
+    // The plugin's CHECK agrees with the rules it made for the PROXY port; DEL removes them.
+    node.check_ours(&server).expect("CHECK");
+    node.del_pod(&server).expect("DEL");
+    assert!(!server.ns.sh("nft list tables").contains("tproxy"));
 }
 
 #[test]

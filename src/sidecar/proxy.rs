@@ -803,6 +803,27 @@ mod tests {
     }
 
     #[test]
+    fn usable_source_refuses_addresses_a_client_cannot_have() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let v4 = ip("10.0.0.2");
+        let v6 = ip("fd00::2");
+        assert!(usable_source(ip("203.0.113.7"), v4));
+        assert!(usable_source(ip("2001:db8::7"), v6));
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "2001:db8::7",
+        ] {
+            assert!(!usable_source(ip(bad), v4), "{bad}");
+        }
+        for bad in ["::", "::1", "ff02::1", "203.0.113.7"] {
+            assert!(!usable_source(ip(bad), v6), "{bad}");
+        }
+    }
+
+    #[test]
     fn per_source_cap_counts_live_connections() {
         let s = Arc::new(Sources::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
