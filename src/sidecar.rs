@@ -394,6 +394,44 @@ mod tests {
     }
 
     #[test]
+    fn north_south_from_annotations_and_flags() {
+        use crate::annotations::XffTrust;
+        // auto: the pod's annotations, a flag given overrides its own key only.
+        let c = cfg(&["--annotations-file", "/x", "--xff-num-trusted-proxies", "2"]);
+        let text =
+            "tproxy-cni.io/xff-ports=\"8080\"\ntproxy-cni.io/xff-num-trusted-proxies=\"1\"\n\
+                    tproxy-cni.io/deny-client-cidrs=\"203.0.113.0/24\"\n";
+        let (r, ns) = resolve(&c, |_| Ok(text.to_string())).unwrap();
+        assert_eq!(r.mode, InboundMode::Tproxy);
+        assert!(ns.xff_on(8080));
+        assert_eq!(ns.xff_trust, XffTrust::Hops(2), "the flag wins");
+        assert_eq!(ns.deny_client.len(), 1);
+        // A flag that makes the pod's annotations inconsistent is refused, naming the key.
+        let c = cfg(&[
+            "--annotations-file",
+            "/x",
+            "--xff-trusted-cidrs",
+            "10.0.0.0/8",
+        ]);
+        let e = resolve(&c, |_| Ok(text.to_string())).unwrap_err();
+        assert!(e.to_string().contains("xff-trusted-cidrs"), "{e}");
+        // Fixed mode: the flags alone.
+        let c = cfg(&[
+            "--mode",
+            "tproxy",
+            "--xff-ports",
+            "80",
+            "--allow-peer-cidrs",
+            "10.0.0.0/8",
+        ]);
+        let (_, ns) = resolve(&c, |_| panic!("not read")).unwrap();
+        assert!(ns.xff_on(80));
+        assert_eq!(ns.allow_peer.len(), 1);
+        let (_, ns) = resolve(&cfg(&[]), |_| panic!()).unwrap();
+        assert_eq!(ns, NorthSouth::default());
+    }
+
+    #[test]
     fn auto_mode_follows_annotations() {
         let c = cfg(&["--mode", "auto", "--annotations-file", "/x"]);
         let m = |text: &'static str| resolve_mode(&c, move |_| Ok(text.to_string()));

@@ -285,9 +285,13 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
             }
         }
     }
-    check_north_south(&north_south, |k| {
-        vals.get(k).map(|(_, s)| s.clone()).unwrap_or_default()
-    })?;
+    // In auto mode with an annotations file the flags complete the pod's annotations, so they
+    // are checked together with them at start (`sidecar::resolve`); otherwise alone, here.
+    if !(mode == ModeFlag::Auto && annotations_file.is_some()) {
+        check_north_south(&north_south, |k| {
+            vals.get(k).map(|(_, s)| s.clone()).unwrap_or_default()
+        })?;
+    }
     let max_request_head = count("max-request-headers-kb", 8192)? * 1024;
     let mut ports_seen = vec![inbound_port];
     for p in [outbound_port, admin_port].into_iter().flatten() {
