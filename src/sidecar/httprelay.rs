@@ -489,12 +489,14 @@ pub async fn relay_http(
                     }
                     // Answer once the responses to earlier requests are through (or the app
                     // closed); a failure on the way ends the connection as a failure.
-                    tokio::select! {
-                        _ = sh.wait_for(|st| st.outstanding == 0) => {}
-                        r = &mut resp, if resp_done.is_none() => {
-                            if let RespEnd::Failed(side, why) = r {
-                                details = why;
-                                break fail(down, up, side, false);
+                    if resp_done.is_none() {
+                        tokio::select! {
+                            _ = sh.wait_for(|st| st.outstanding == 0) => {}
+                            r = &mut resp => {
+                                if let RespEnd::Failed(side, why) = r {
+                                    details = why;
+                                    break fail(down, up, side, false);
+                                }
                             }
                         }
                     }
@@ -534,8 +536,17 @@ pub async fn relay_http(
                     details = why;
                     break fail(down, up, side, false);
                 }
-                other => resp_done = Some(other),
+                other => {
+                    // The app is done: a request waiting for its answer to an upgrade goes on
+                    // as HTTP (and sees the client's close).
+                    sh.lock().tunnel.get_or_insert(false);
+                    sh.changed.notify_waiters();
+                    resp_done = Some(other);
+                }
             },
+            // A reset on either socket while the directions wait elsewhere (pitfall 16).
+            _ = failed(down) => break fail(down, up, Side::Down, false),
+            _ = failed(up) => break fail(down, up, Side::Up, false),
             _ = &mut idle_watch => {
                 sockopt::reset_on_close(down);
                 sockopt::reset_on_close(up);
@@ -568,6 +579,19 @@ pub async fn relay_http(
         first_client,
         answered,
         denied,
+    }
+}
+
+/// Resolves when the kernel reports an error on `s` (a reset arrived): each direction reads
+/// only one socket, so a reset on the other would otherwise wait for the next write
+/// (docs/ARCHITECTURE.md, pitfall 16).
+async fn failed(s: &TcpStream) {
+    loop {
+        match s.ready(tokio::io::Interest::ERROR).await {
+            Ok(r) if r.is_error() => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
     }
 }
 
@@ -792,6 +816,55 @@ mod tests {
             assert_eq!(o.answered.map(|a| a.0), Some(status));
             assert_eq!(o.requests, 1);
         }
+    }
+
+    #[tokio::test]
+    async fn app_closing_instead_of_answering_an_upgrade_does_not_hang() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        app.shutdown().await.unwrap();
+        drop(app);
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back))
+            .await
+            .expect("client sees the close")
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("relay ends")
+            .unwrap();
+        assert_eq!(o.requests, 1);
+    }
+
+    #[tokio::test]
+    async fn client_reset_while_the_app_is_silent_resets_the_app() {
+        // An upgrade request: the client side is not read until the app answers, so only the
+        // error watch can see the client's reset.
+        let (client, mut app, h) = setup(Acl::default(), 8192).await;
+        let mut client = client;
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        sockopt::reset_on_close(&client);
+        drop(client);
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest))
+            .await
+            .expect("the app hears of it");
+        assert!(r.is_err(), "a reset, not a clean close: {r:?}");
+        let o = h.await.unwrap();
+        assert_eq!(o.end, EndReason::DownstreamTermination);
     }
 
     #[tokio::test]
