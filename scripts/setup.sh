@@ -4,7 +4,8 @@
 set -euo pipefail
 
 need=(nft:nftables ip:iproute2 /usr/lib/cni/bridge:containernetworking-plugins
-      curl:curl python3:python3 setpriv:util-linux ps:procps haproxy:haproxy)
+      curl:curl python3:python3 setpriv:util-linux ps:procps haproxy:haproxy
+      setcap:libcap2-bin)
 missing=()
 for pair in "${need[@]}"; do
   probe=${pair%%:*} pkg=${pair#*:}
