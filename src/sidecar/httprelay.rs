@@ -46,6 +46,8 @@ pub struct HttpConn<'a> {
     pub acl: &'a Acl,
     pub limits: http1::Limits,
     pub idle: Duration,
+    /// Where forwarded requests are counted as they go (`None` in unit tests).
+    pub metrics: Option<&'a super::metrics::Metrics>,
 }
 
 /// How the HTTP relay ended.
@@ -246,6 +248,9 @@ async fn requests(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, early: Vec<
             let mut st = sh.lock();
             st.first.get_or_insert(rw.effective);
             st.requests += 1;
+            if let Some(m) = c.metrics {
+                m.count(super::metrics::NsCounter::HttpRequests, "forwarded");
+            }
             st.awaiting_head.push_back(Sent {
                 to: head.response_to(&buf),
                 leaves_http,
@@ -650,6 +655,7 @@ mod tests {
                     ..Default::default()
                 },
                 idle: Duration::from_secs(10),
+                metrics: None,
             };
             relay_http(&down, &up, Vec::new(), conn, rx).await
         });

@@ -551,6 +551,7 @@ async fn serve(
                 ..Default::default()
             },
             idle: shared.cfg.idle_timeout,
+            metrics: Some(&shared.metrics),
         };
         let o = httprelay::relay_http(down, &up, early, conn, shared.hard_stop.clone()).await;
         c.http_requests = Some(o.requests);
@@ -581,9 +582,6 @@ async fn serve(
         if let Some(d) = o.denied {
             shared.metrics.count(NsCounter::RbacDenied, d.label());
         }
-        shared
-            .metrics
-            .count_n(NsCounter::HttpRequests, "forwarded", o.requests);
         return ((o.from_downstream, o.to_downstream), o.end);
     }
     let pre = early.len() as u64;
