@@ -278,7 +278,7 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
         &node.ns.name,
         &format!(
             "listen v1_4\n  mode tcp\n  bind {NODE_V4}:10080\n  server s {s4}:{PP_PORT} send-proxy\n\
-             listen v2_4\n  mode tcp\n  bind {NODE_V4}:10081\n  server s {s4}:{PP_PORT} send-proxy-v2\n\
+             listen v2_4\n  mode tcp\n  bind {NODE_V4}:10081\n  server s {s4}:{PP_PORT} send-proxy-v2 proxy-v2-options crc32c\n\
              listen v1_6\n  mode tcp\n  bind [{NODE_V6}]:10082\n  server s [{s6}]:{PP_PORT} send-proxy\n\
              listen v2_6\n  mode tcp\n  bind [{NODE_V6}]:10083\n  server s [{s6}]:{PP_PORT} send-proxy-v2\n"
         ),
@@ -383,7 +383,24 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
         "nothing reaches the app"
     );
 
-    let log = sc.sc.wait_log(before + 5, Duration::from_secs(5));
+    // Oversized: a v2 length past the 4 KiB limit, a v1 line past 107 bytes: refused at once.
+    let mut big = tproxy_cni::sidecar::proxy_protocol::V2_SIGNATURE.to_vec();
+    big.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+    let (r, t) = outcome(&node.ns.name, sa(&s4, PP_PORT), big, false);
+    assert_eq!(
+        r.expect_err("v2 too long").kind(),
+        ErrorKind::ConnectionReset
+    );
+    assert!(t < Duration::from_millis(300), "{t:?}");
+    // (UNKNOWN allows any printable bytes up to CRLF, so only the length can end it.)
+    let long = format!("PROXY UNKNOWN {}", "x".repeat(120)).into_bytes();
+    let (r, _) = outcome(&node.ns.name, sa(&s4, PP_PORT), long, false);
+    assert_eq!(
+        r.expect_err("v1 too long").kind(),
+        ErrorKind::ConnectionReset
+    );
+
+    let log = sc.sc.wait_log(before + 7, Duration::from_secs(5));
     let flags: Vec<(String, String)> = log[before..]
         .iter()
         .map(|e| {
@@ -413,6 +430,12 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
     assert_eq!(m("local"), 1);
     assert_eq!(m("untrusted"), 2);
     assert_eq!((m("not_proxy"), m("timeout"), m("truncated")), (1, 1, 1));
+    assert_eq!(m("v2_too_long"), 1);
+    assert_eq!(
+        m("v1_too_long") + m("v1_bad_address"),
+        1,
+        "the long v1 line"
+    );
     assert!(app.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 9);
     // The plugin's CHECK agrees with the rules it made for the PROXY port; DEL removes them.
     node.check_ours(&server).expect("CHECK");
