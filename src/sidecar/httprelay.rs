@@ -874,6 +874,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tls_and_http2_clients_are_answered_not_relayed() {
+        for (hello, status) in [
+            (&b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..], "400"),
+            (&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], "505"),
+        ] {
+            let (mut client, _app, h) = setup(Acl::default(), 8192).await;
+            client.write_all(hello).await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert!(
+                text(&back).starts_with(&format!("HTTP/1.1 {status} ")),
+                "{}",
+                text(&back)
+            );
+            assert_eq!(h.await.unwrap().requests, 0);
+        }
+    }
+
+    #[tokio::test]
     async fn denied_client_gets_403() {
         let acl = Acl {
             deny_client: vec!["203.0.113.0/24".parse().unwrap()],
