@@ -403,6 +403,7 @@ if [[ -z ${BENCH_SKIP_PLUGIN:-} ]]; then
     cargo bench --quiet --bench plugin -- "${PLUGIN_ARGS[@]}" || log "plugin benchmark failed"
 fi
 
+[[ -n ${BENCH_SKIP_NORTHSOUTH:-} ]] || ./scripts/bench/northsouth.sh $([[ $QUICK == 1 ]] && echo --quick) | tee "$RUN/northsouth.md" || log "north-south rows failed"
 stamp=$(date +%Y%m%d-%H%M%S)
 cp "$RESULTS" "$OUT/results-$stamp.tsv"
 [[ -e $PLUGIN_TSV ]] && cp "$PLUGIN_TSV" "$OUT/plugin-$stamp.tsv"

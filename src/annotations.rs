@@ -97,6 +97,80 @@ pub struct PodPolicy {
     pub outbound: OutboundPolicy,
     pub proxy_uid: u32,
     pub proxy_gid: Option<u32>,
+    /// PROXY protocol, X-Forwarded-For and IP access control (read by the sidecar; the plugin
+    /// uses only `proxy_protocol_ports`, for the node-address bypass).
+    pub north_south: NorthSouth,
+}
+
+/// Which PROXY protocol version the sidecar sends to the app on a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PpVersion {
+    V1,
+    V2,
+}
+
+/// How far `X-Forwarded-For` is trusted on the XFF ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XffTrust {
+    /// Istio's `numTrustedProxies` (Envoy's `xff_num_trusted_hops`); 0 = the TCP peer.
+    Hops(u32),
+    /// Envoy's `xff_trusted_cidrs`.
+    Cidrs(Vec<Cidr>),
+}
+
+/// North-south settings: where the real client comes from and who may connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NorthSouth {
+    /// Inbound ports on which a trusted source must start with a PROXY protocol header.
+    pub proxy_protocol_ports: Selector<PortRange>,
+    /// Sources whose PROXY header is required and believed; others are never parsed.
+    pub proxy_protocol_trusted: Vec<Cidr>,
+    /// Ports on which the app is sent a PROXY header carrying the effective client.
+    pub proxy_protocol_out: Vec<(PortRange, PpVersion)>,
+    /// HTTP/1.1 ports whose requests get `X-Forwarded-For` / `x-envoy-external-address`.
+    pub xff_ports: Vec<PortRange>,
+    pub xff_trust: XffTrust,
+    /// `ipBlocks` (TCP peer) and `remoteIpBlocks` (effective client) allow/deny lists.
+    pub allow_peer: Vec<Cidr>,
+    pub deny_peer: Vec<Cidr>,
+    pub allow_client: Vec<Cidr>,
+    pub deny_client: Vec<Cidr>,
+}
+
+impl Default for NorthSouth {
+    fn default() -> Self {
+        NorthSouth {
+            proxy_protocol_ports: Selector::List(Vec::new()),
+            proxy_protocol_trusted: Vec::new(),
+            proxy_protocol_out: Vec::new(),
+            xff_ports: Vec::new(),
+            xff_trust: XffTrust::Hops(0),
+            allow_peer: Vec::new(),
+            deny_peer: Vec::new(),
+            allow_client: Vec::new(),
+            deny_client: Vec::new(),
+        }
+    }
+}
+
+impl NorthSouth {
+    /// Whether PROXY protocol is expected on `port`.
+    pub fn proxy_protocol_on(&self, port: u16) -> bool {
+        match &self.proxy_protocol_ports {
+            Selector::All => true,
+            Selector::List(l) => l.iter().any(|r| r.contains(port)),
+        }
+    }
+    /// The PROXY header version to send to the app on `port`, if any.
+    pub fn proxy_protocol_out_on(&self, port: u16) -> Option<PpVersion> {
+        self.proxy_protocol_out
+            .iter()
+            .find(|(r, _)| r.contains(port))
+            .map(|(_, v)| *v)
+    }
+    pub fn xff_on(&self, port: u16) -> bool {
+        self.xff_ports.iter().any(|r| r.contains(port))
+    }
 }
 
 /// Values used when no annotation says otherwise (from the conflist entry).
@@ -158,7 +232,42 @@ pub const OUR_KEYS: &[&str] = &[
     "fail-mode",
     "proxy-uid",
     "proxy-gid",
+    "proxy-protocol-ports",
+    "proxy-protocol-trusted-cidrs",
+    "proxy-protocol-out",
+    "xff-ports",
+    "xff-num-trusted-proxies",
+    "xff-trusted-cidrs",
+    "allow-peer-cidrs",
+    "deny-peer-cidrs",
+    "allow-client-cidrs",
+    "deny-client-cidrs",
 ];
+
+/// The north-south keys of [`OUR_KEYS`] (the sidecar has a flag of the same name for each).
+pub const NORTH_SOUTH_KEYS: &[&str] = &[
+    "proxy-protocol-ports",
+    "proxy-protocol-trusted-cidrs",
+    "proxy-protocol-out",
+    "xff-ports",
+    "xff-num-trusted-proxies",
+    "xff-trusted-cidrs",
+    "allow-peer-cidrs",
+    "deny-peer-cidrs",
+    "allow-client-cidrs",
+    "deny-client-cidrs",
+];
+
+/// Istio's per-pod proxy configuration (a YAML or JSON `ProxyConfig`); we read
+/// `gatewayTopology.numTrustedProxies` and `gatewayTopology.proxyProtocol` from it.
+pub const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
+
+/// Most `numTrustedProxies` / `xff-num-trusted-proxies` accepted.
+pub const MAX_TRUSTED_HOPS: u32 = 64;
+
+/// Longest `proxy.istio.io/config` value parsed (a pod should not make the plugin parse
+/// megabytes of YAML).
+pub const MAX_PROXY_CONFIG: usize = 64 * 1024;
 
 const ISTIO_MODE: &str = "sidecar.istio.io/interceptionMode";
 
@@ -404,6 +513,40 @@ impl PodPolicy {
             None => defaults.proxy_gid,
         };
 
+        let north_south = NorthSouth::from_annotations(ann)?;
+        let covered = |key: &str, ranges: &[PortRange]| -> Result<(), PolicyError> {
+            let value = ann.get(key).map(String::as_str).unwrap_or("");
+            for r in ranges {
+                if let Some(e) = exclude_inbound_ports.iter().find(|e| e.overlaps(r)) {
+                    return Err(err(
+                        key,
+                        value,
+                        format!("{r} overlaps the excluded inbound port(s) {e}: the sidecar never sees it"),
+                    ));
+                }
+                if let Selector::List(inc) = &inbound_ports {
+                    if !inc.iter().any(|i| i.lo <= r.lo && r.hi <= i.hi) {
+                        return Err(err(
+                            key,
+                            value,
+                            format!("{r} is not within the captured inbound ports"),
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        };
+        if let Selector::List(l) = &north_south.proxy_protocol_ports {
+            covered("tproxy-cni.io/proxy-protocol-ports", l)?;
+        }
+        covered("tproxy-cni.io/xff-ports", &north_south.xff_ports)?;
+        let out: Vec<PortRange> = north_south
+            .proxy_protocol_out
+            .iter()
+            .map(|(r, _)| *r)
+            .collect();
+        covered("tproxy-cni.io/proxy-protocol-out", &out)?;
+
         Ok(PodPolicy {
             mode,
             fail,
@@ -417,7 +560,219 @@ impl PodPolicy {
             },
             proxy_uid,
             proxy_gid,
+            north_south,
         })
+    }
+}
+
+/// What Istio's `proxy.istio.io/config` says about the gateway topology.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct IstioTopology {
+    num_trusted_proxies: Option<u32>,
+    proxy_protocol: bool,
+}
+
+fn istio_topology(value: &str) -> Result<IstioTopology, PolicyError> {
+    let key = ISTIO_PROXY_CONFIG;
+    if value.len() > MAX_PROXY_CONFIG {
+        return Err(err(
+            key,
+            value,
+            format!("longer than {MAX_PROXY_CONFIG} bytes"),
+        ));
+    }
+    if value.trim().is_empty() {
+        return Ok(IstioTopology::default());
+    }
+    // JSON is YAML: one parser reads both spellings Istio accepts.
+    let doc: serde_yaml::Value = serde_yaml::from_str(value)
+        .map_err(|e| err(key, value, format!("not YAML or JSON: {e}")))?;
+    let serde_yaml::Value::Mapping(m) = &doc else {
+        return Err(err(key, value, "expected a mapping (a ProxyConfig)"));
+    };
+    let Some(gt) = m.get("gatewayTopology") else {
+        return Ok(IstioTopology::default());
+    };
+    let serde_yaml::Value::Mapping(gt) = gt else {
+        return Err(err(key, value, "gatewayTopology must be a mapping"));
+    };
+    let num_trusted_proxies = match gt.get("numTrustedProxies") {
+        None | Some(serde_yaml::Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if n <= u64::from(MAX_TRUSTED_HOPS) => Some(n as u32),
+            _ => {
+                return Err(err(
+                    key,
+                    value,
+                    format!(
+                        "gatewayTopology.numTrustedProxies must be a number 0-{MAX_TRUSTED_HOPS}"
+                    ),
+                ))
+            }
+        },
+    };
+    let proxy_protocol = match gt.get("proxyProtocol") {
+        None | Some(serde_yaml::Value::Null) => false,
+        Some(serde_yaml::Value::Mapping(_)) => true,
+        Some(_) => {
+            return Err(err(
+                key,
+                value,
+                "gatewayTopology.proxyProtocol must be a mapping (e.g. {})",
+            ))
+        }
+    };
+    Ok(IstioTopology {
+        num_trusted_proxies,
+        proxy_protocol,
+    })
+}
+
+fn pp_out_list(key: &str, value: &str) -> Result<Vec<(PortRange, PpVersion)>, PolicyError> {
+    items(key, value)?
+        .into_iter()
+        .map(|item| {
+            let (p, v) = item.rsplit_once(':').ok_or_else(|| {
+                err(
+                    key,
+                    value,
+                    format!("{} is not PORT:v1 or PORT:v2", echo(item)),
+                )
+            })?;
+            let version = match v.trim().to_ascii_lowercase().as_str() {
+                "v1" | "1" => PpVersion::V1,
+                "v2" | "2" => PpVersion::V2,
+                _ => {
+                    return Err(err(
+                        key,
+                        value,
+                        format!("{} is not PORT:v1 or PORT:v2", echo(item)),
+                    ))
+                }
+            };
+            let range = p
+                .trim()
+                .parse::<PortRange>()
+                .map_err(|e| err(key, value, reason(&e)))?;
+            Ok((range, version))
+        })
+        .collect()
+}
+
+impl NorthSouth {
+    /// Reads the north-south keys (ours, then Istio's `proxy.istio.io/config`). Checks the keys
+    /// among themselves; [`PodPolicy::from_annotations`] also checks them against the captured
+    /// ports. The sidecar calls this with its flags under the same key names.
+    pub fn from_annotations(ann: &BTreeMap<String, String>) -> Result<NorthSouth, PolicyError> {
+        let k = |name: &str| format!("{ANNOTATION_PREFIX}{name}");
+        let get = |name: &str| {
+            let key = k(name);
+            ann.get(&key).map(|v| (key, v.as_str()))
+        };
+        let istio = match ann.get(ISTIO_PROXY_CONFIG) {
+            Some(v) => istio_topology(v)?,
+            None => IstioTopology::default(),
+        };
+        let mut ns = NorthSouth::default();
+
+        let pp_ports = get("proxy-protocol-ports");
+        let pp_trusted = get("proxy-protocol-trusted-cidrs");
+        match &pp_ports {
+            Some((key, v)) => ns.proxy_protocol_ports = port_selector(key, v)?,
+            // Istio's gateway: every listener expects the header (from everyone, unless our
+            // trusted-CIDR key narrows it).
+            None if istio.proxy_protocol => ns.proxy_protocol_ports = Selector::All,
+            None => {}
+        }
+        match &pp_trusted {
+            Some((key, v)) => ns.proxy_protocol_trusted = cidr_list(key, v)?,
+            None if istio.proxy_protocol => {
+                ns.proxy_protocol_trusted = ["0.0.0.0/0", "::/0"]
+                    .iter()
+                    .filter_map(|c| c.parse().ok())
+                    .collect()
+            }
+            None => {}
+        }
+        let pp_on = !ns.proxy_protocol_ports.is_nothing();
+        if pp_on && ns.proxy_protocol_trusted.is_empty() {
+            let (key, v) = pp_ports.clone().unwrap_or_default();
+            return Err(err(
+                &key,
+                v,
+                format!(
+                    "needs {} (the balancers' addresses; 0.0.0.0/0,::/0 requires the header from everyone)",
+                    k("proxy-protocol-trusted-cidrs")
+                ),
+            ));
+        }
+        if !pp_on && !ns.proxy_protocol_trusted.is_empty() {
+            let (key, v) = pp_trusted.clone().unwrap_or_default();
+            return Err(err(
+                &key,
+                v,
+                format!("has no effect without {}", k("proxy-protocol-ports")),
+            ));
+        }
+        if let Some((key, v)) = get("proxy-protocol-out") {
+            ns.proxy_protocol_out = pp_out_list(&key, v)?;
+        }
+
+        if let Some((key, v)) = get("xff-ports") {
+            ns.xff_ports = port_list(&key, v)?;
+        }
+        let hops = get("xff-num-trusted-proxies");
+        let cidrs = get("xff-trusted-cidrs");
+        ns.xff_trust = match (&hops, &cidrs) {
+            (Some(_), Some((key, v))) => {
+                return Err(err(
+                    key,
+                    v,
+                    format!(
+                        "use either this or {}, not both",
+                        k("xff-num-trusted-proxies")
+                    ),
+                ))
+            }
+            (Some((key, v)), None) => {
+                let t = v.trim();
+                match t.parse::<u32>() {
+                    Ok(n) if n <= MAX_TRUSTED_HOPS && t.bytes().all(|b| b.is_ascii_digit()) => {
+                        XffTrust::Hops(n)
+                    }
+                    _ => {
+                        return Err(err(
+                            key,
+                            v,
+                            format!("expected a number 0-{MAX_TRUSTED_HOPS}"),
+                        ))
+                    }
+                }
+            }
+            (None, Some((key, v))) => XffTrust::Cidrs(cidr_list(key, v)?),
+            (None, None) => XffTrust::Hops(istio.num_trusted_proxies.unwrap_or(0)),
+        };
+        if ns.xff_ports.is_empty() {
+            if let Some((key, v)) = hops.as_ref().or(cidrs.as_ref()) {
+                return Err(err(
+                    key,
+                    v,
+                    format!("has no effect without {}", k("xff-ports")),
+                ));
+            }
+        }
+
+        for (name, list) in [
+            ("allow-peer-cidrs", &mut ns.allow_peer),
+            ("deny-peer-cidrs", &mut ns.deny_peer),
+            ("allow-client-cidrs", &mut ns.allow_client),
+            ("deny-client-cidrs", &mut ns.deny_client),
+        ] {
+            if let Some((key, v)) = get(name) {
+                *list = cidr_list(&key, v)?;
+            }
+        }
+        Ok(ns)
     }
 }
 
@@ -950,6 +1305,194 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(e.key, "tproxy-cni.io/modee");
+    }
+
+    #[test]
+    fn north_south_keys() {
+        let p = policy(&[
+            ("tproxy-cni.io/mode", "tproxy"),
+            ("tproxy-cni.io/proxy-protocol-ports", "8443, 9000-9010"),
+            (
+                "tproxy-cni.io/proxy-protocol-trusted-cidrs",
+                "10.0.0.0/8,fd00::/8",
+            ),
+            ("tproxy-cni.io/proxy-protocol-out", "9000:v1,9001-9002:V2"),
+            ("tproxy-cni.io/xff-ports", "8080"),
+            ("tproxy-cni.io/xff-num-trusted-proxies", "2"),
+            ("tproxy-cni.io/allow-peer-cidrs", "10.0.0.0/8"),
+            ("tproxy-cni.io/deny-peer-cidrs", "10.9.0.0/16"),
+            ("tproxy-cni.io/allow-client-cidrs", "0.0.0.0/0,::/0"),
+            (
+                "tproxy-cni.io/deny-client-cidrs",
+                "203.0.113.0/24,2001:db8::/32",
+            ),
+        ])
+        .unwrap();
+        let ns = &p.north_south;
+        assert!(ns.proxy_protocol_on(8443) && ns.proxy_protocol_on(9005));
+        assert!(!ns.proxy_protocol_on(8080));
+        assert_eq!(ns.proxy_protocol_trusted.len(), 2);
+        assert_eq!(ns.proxy_protocol_out_on(9000), Some(PpVersion::V1));
+        assert_eq!(ns.proxy_protocol_out_on(9002), Some(PpVersion::V2));
+        assert_eq!(ns.proxy_protocol_out_on(8443), None);
+        assert!(ns.xff_on(8080) && !ns.xff_on(8443));
+        assert_eq!(ns.xff_trust, XffTrust::Hops(2));
+        assert_eq!(ns.deny_client.len(), 2);
+        assert_eq!(ns.deny_peer, vec!["10.9.0.0/16".parse().unwrap()]);
+        let p = policy(&[
+            ("tproxy-cni.io/xff-ports", "8080"),
+            ("tproxy-cni.io/xff-trusted-cidrs", "10.0.0.0/8"),
+        ])
+        .unwrap();
+        assert_eq!(
+            p.north_south.xff_trust,
+            XffTrust::Cidrs(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+        assert_eq!(policy(&[]).unwrap().north_south, NorthSouth::default());
+    }
+
+    #[test]
+    fn north_south_bad_values_name_their_key() {
+        let cases: &[&[(&str, &str)]] = &[
+            &[("tproxy-cni.io/proxy-protocol-ports", "80,x")],
+            // Ports without trusted sources, trusted sources without ports.
+            &[("tproxy-cni.io/proxy-protocol-ports", "8443")],
+            &[("tproxy-cni.io/proxy-protocol-trusted-cidrs", "10.0.0.0/8")],
+            &[
+                ("tproxy-cni.io/proxy-protocol-ports", "8443"),
+                ("tproxy-cni.io/proxy-protocol-trusted-cidrs", "10.0.0.1/8"),
+            ],
+            // Not captured: an excluded port, the sidecar's own port, outside the include list.
+            &[
+                ("tproxy-cni.io/proxy-protocol-ports", "9000-9100"),
+                ("tproxy-cni.io/proxy-protocol-trusted-cidrs", "10.0.0.0/8"),
+                ("tproxy-cni.io/exclude-inbound-ports", "9050"),
+            ],
+            &[
+                ("tproxy-cni.io/proxy-protocol-ports", "15006"),
+                ("tproxy-cni.io/proxy-protocol-trusted-cidrs", "10.0.0.0/8"),
+            ],
+            &[
+                ("tproxy-cni.io/proxy-protocol-ports", "8443"),
+                ("tproxy-cni.io/proxy-protocol-trusted-cidrs", "10.0.0.0/8"),
+                ("tproxy-cni.io/inbound-ports", "80"),
+            ],
+            &[("tproxy-cni.io/proxy-protocol-out", "9000")],
+            &[("tproxy-cni.io/proxy-protocol-out", "9000:v3")],
+            &[("tproxy-cni.io/proxy-protocol-out", "x:v1")],
+            &[("tproxy-cni.io/proxy-protocol-out", "15021:v1")],
+            &[("tproxy-cni.io/xff-ports", "http")],
+            &[("tproxy-cni.io/xff-ports", "15001")],
+            &[
+                ("tproxy-cni.io/xff-ports", "80"),
+                ("tproxy-cni.io/xff-num-trusted-proxies", "-1"),
+            ],
+            &[
+                ("tproxy-cni.io/xff-ports", "80"),
+                ("tproxy-cni.io/xff-num-trusted-proxies", "65"),
+            ],
+            &[("tproxy-cni.io/xff-num-trusted-proxies", "1")],
+            &[
+                ("tproxy-cni.io/xff-ports", "80"),
+                ("tproxy-cni.io/xff-num-trusted-proxies", "1"),
+                ("tproxy-cni.io/xff-trusted-cidrs", "10.0.0.0/8"),
+            ],
+            &[("tproxy-cni.io/allow-peer-cidrs", "10.0.0.300")],
+            &[("tproxy-cni.io/deny-peer-cidrs", "*")],
+            &[("tproxy-cni.io/allow-client-cidrs", "fd00::/129")],
+            &[("tproxy-cni.io/deny-client-cidrs", "a,,b")],
+            &[("proxy.istio.io/config", "gatewayTopology: [1, 2")],
+            &[("proxy.istio.io/config", "- a list")],
+            &[(
+                "proxy.istio.io/config",
+                "gatewayTopology:\n  numTrustedProxies: many\n",
+            )],
+            &[(
+                "proxy.istio.io/config",
+                "{\"gatewayTopology\": {\"numTrustedProxies\": -2}}",
+            )],
+            &[(
+                "proxy.istio.io/config",
+                "gatewayTopology:\n  proxyProtocol: true\n",
+            )],
+        ];
+        for case in cases {
+            let e = policy(case).expect_err(&format!("{case:?} should fail"));
+            // The last key of each case is the offending one, except where a missing partner
+            // is reported on the key that is present.
+            assert!(
+                case.iter().any(|(k, _)| *k == e.key),
+                "{case:?}: error names {:?}: {e}",
+                e.key
+            );
+            assert!(e.to_string().contains(&e.key), "{e}");
+        }
+        // The error for a key that needs a partner names the partner too.
+        let e = policy(&[("tproxy-cni.io/proxy-protocol-ports", "8443")]).unwrap_err();
+        assert!(e.reason.contains("proxy-protocol-trusted-cidrs"), "{e}");
+        let e = policy(&[
+            ("tproxy-cni.io/xff-ports", "80"),
+            ("tproxy-cni.io/xff-num-trusted-proxies", "1"),
+            ("tproxy-cni.io/xff-trusted-cidrs", "10.0.0.0/8"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.key, "tproxy-cni.io/xff-trusted-cidrs");
+        let big = format!("a: \"{}\"", "x".repeat(MAX_PROXY_CONFIG));
+        let e = policy(&[("proxy.istio.io/config", &big)]).unwrap_err();
+        assert_eq!(e.key, "proxy.istio.io/config");
+    }
+
+    #[test]
+    fn istio_proxy_config_gateway_topology() {
+        let yaml =
+            "concurrency: 2\ngatewayTopology:\n  numTrustedProxies: 2\n  proxyProtocol: {}\n";
+        let p = policy(&[
+            ("sidecar.istio.io/interceptionMode", "TPROXY"),
+            ("proxy.istio.io/config", yaml),
+            ("tproxy-cni.io/xff-ports", "8080"),
+        ])
+        .unwrap();
+        let ns = &p.north_south;
+        assert_eq!(ns.xff_trust, XffTrust::Hops(2));
+        assert_eq!(ns.proxy_protocol_ports, Selector::All);
+        // Istio's gateway requires the header from every source.
+        for ip in ["198.51.100.7", "2001:db8::7"] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert!(ns.proxy_protocol_trusted.iter().any(|c| c.contains(&ip)));
+        }
+        // JSON spelling; our keys win over Istio's.
+        let json = r#"{"gatewayTopology": {"numTrustedProxies": 3, "proxyProtocol": {}}}"#;
+        let p = policy(&[
+            ("proxy.istio.io/config", json),
+            ("tproxy-cni.io/xff-ports", "8080"),
+            ("tproxy-cni.io/xff-num-trusted-proxies", "1"),
+            ("tproxy-cni.io/proxy-protocol-trusted-cidrs", "10.1.0.0/16"),
+        ])
+        .unwrap();
+        assert_eq!(p.north_south.xff_trust, XffTrust::Hops(1));
+        assert_eq!(
+            p.north_south.proxy_protocol_trusted,
+            vec!["10.1.0.0/16".parse().unwrap()]
+        );
+        // Other ProxyConfig fields, and an empty topology, change nothing.
+        let p = policy(&[(
+            "proxy.istio.io/config",
+            "holdApplicationUntilProxyStarts: true\n",
+        )])
+        .unwrap();
+        assert_eq!(p.north_south, NorthSouth::default());
+        // Another mesh's pod: Istio's config belongs to that mesh and is ignored.
+        let p = policy(&[
+            ("sidecar.istio.io/status", "{}"),
+            ("proxy.istio.io/config", yaml),
+        ])
+        .unwrap();
+        assert_eq!(p.north_south, NorthSouth::default());
+        let p = policy(&[
+            ("sidecar.istio.io/status", "{}"),
+            ("proxy.istio.io/config", "not: [valid"),
+        ]);
+        assert!(p.is_ok(), "another mesh's config is not ours to check");
     }
 
     #[test]

@@ -294,6 +294,35 @@ pub fn build(
     }
 }
 
+/// Capture matches for the PROXY-protocol ports that go before the node bypass: a balancer
+/// or ingress on the node's own network (hostNetwork, or kube-proxy SNAT to a node address)
+/// sends its PROXY header from a node address, and that header must reach the sidecar.
+/// The annotation code guarantees these ports are captured and not excluded. With every port
+/// a PROXY-protocol port (Istio's `gatewayTopology.proxyProtocol`), the general capture rules
+/// do it, and [`node_bypass`] emits nothing.
+fn proxy_protocol_selectors(policy: &crate::annotations::PodPolicy) -> Vec<Vec<Match>> {
+    use crate::annotations::Selector;
+    match &policy.north_south.proxy_protocol_ports {
+        Selector::All => Vec::new(),
+        Selector::List(ports) => ports
+            .iter()
+            .map(|p| vec![Match::L4ProtoTcp, Match::TcpDport(*p)])
+            .collect(),
+    }
+}
+
+/// The node-address bypass, unless every inbound port expects PROXY protocol.
+fn node_bypass(
+    policy: &crate::annotations::PodPolicy,
+    node_ips: &[std::net::IpAddr],
+    fams: &[Family],
+) -> Vec<Rule> {
+    match policy.north_south.proxy_protocol_ports {
+        crate::annotations::Selector::All => Vec::new(),
+        crate::annotations::Selector::List(_) => node_rules(node_ips, fams),
+    }
+}
+
 /// Inbound rules common to both modes, after the mode's own head rules: the node's addresses
 /// and the excluded ports are accepted before any capture.
 fn bypass_rules(
@@ -301,7 +330,7 @@ fn bypass_rules(
     fams: &[Family],
     node_ips: &[std::net::IpAddr],
 ) -> Vec<Rule> {
-    let mut rules = node_rules(node_ips, fams);
+    let mut rules = node_bypass(policy, node_ips, fams);
     rules.extend(policy.exclude_inbound_ports.iter().map(|p| {
         rule(
             vec![Match::L4ProtoTcp, Match::TcpDport(*p)],
@@ -345,6 +374,20 @@ fn tproxy_chains(
             "replies to the pod's own connections",
         ),
     ];
+    // PROXY-protocol ports are captured before the node bypass (see `node_bypass`).
+    for sel in proxy_protocol_selectors(policy) {
+        rules.push(rule(
+            sel,
+            vec![
+                Action::Tproxy {
+                    port: cfg.inbound_port,
+                },
+                Action::SetMark(m),
+                Action::Accept,
+            ],
+            "PROXY protocol port: captured from the node too",
+        ));
+    }
     rules.extend(bypass_rules(policy, fams, node_ips));
     let selectors = capture_selectors(policy);
     for sel in &selectors {
@@ -428,6 +471,15 @@ fn redirect_chain(
         vec![Action::Accept],
         "loopback is never intercepted",
     )];
+    for sel in proxy_protocol_selectors(policy) {
+        rules.push(rule(
+            sel,
+            vec![Action::Redirect {
+                port: cfg.inbound_port,
+            }],
+            "PROXY protocol port: captured from the node too",
+        ));
+    }
     rules.extend(bypass_rules(policy, fams, node_ips));
     for sel in capture_selectors(policy) {
         rules.push(rule(
@@ -726,6 +778,55 @@ mod tests {
             ]
         );
         assert_eq!(pre.rules[3].actions, vec![Action::Accept]);
+    }
+
+    #[test]
+    fn proxy_protocol_ports_are_captured_from_the_node_too() {
+        let node: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap()];
+        let pod: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap()];
+        for (mode, chain_name) in [("tproxy", "prerouting"), ("redirect", "prerouting_nat")] {
+            let ann: BTreeMap<String, String> = [
+                ("tproxy-cni.io/mode", mode),
+                ("tproxy-cni.io/proxy-protocol-ports", "8443,9000-9001"),
+                ("tproxy-cni.io/proxy-protocol-trusted-cidrs", "10.0.0.0/8"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+            let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).unwrap();
+            let p = build(&PlanConfig::default(), &policy, &pod, &node);
+            let pre = chain(&p, chain_name);
+            let pos = |pred: &dyn Fn(&Rule) -> bool| pre.rules.iter().position(pred);
+            let node_at = pos(&|r| r.comment.starts_with("from the node")).expect(mode);
+            for port in [PortRange::single(8443), PortRange { lo: 9000, hi: 9001 }] {
+                let at = pos(&|r| {
+                    r.matches == vec![Match::L4ProtoTcp, Match::TcpDport(port)]
+                        && matches!(
+                            r.actions[0],
+                            Action::Tproxy { .. } | Action::Redirect { .. }
+                        )
+                })
+                .expect("PROXY port captured");
+                assert!(at < node_at, "{mode}: {port} before the node bypass");
+            }
+        }
+        // Istio's gatewayTopology.proxyProtocol: every port expects the header; no bypass.
+        let ann: BTreeMap<String, String> = [
+            ("tproxy-cni.io/mode", "tproxy"),
+            (
+                "proxy.istio.io/config",
+                "gatewayTopology:\n  proxyProtocol: {}\n",
+            ),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).unwrap();
+        let p = build(&PlanConfig::default(), &policy, &pod, &node);
+        assert!(chain(&p, "prerouting")
+            .rules
+            .iter()
+            .all(|r| !r.comment.starts_with("from the node")));
     }
 
     #[test]

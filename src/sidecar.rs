@@ -9,6 +9,8 @@
 //!   (docs/ARCHITECTURE.md, pitfall 12).
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
 //! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation.
+//! - `proxy_protocol`, `xff`, `http1`, `acl`: north-south building blocks (pure);
+//!   `httprelay`: the HTTP/1.1 relay of the XFF ports that uses them.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
 //!
 //! Runtime: one current-thread tokio runtime. Every connection is a task of a few hundred
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod caps;
 pub mod config;
 pub mod http1;
+pub mod httprelay;
 pub mod metrics;
 pub mod netcheck;
 pub mod ports;
@@ -44,7 +47,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::annotations::{self, Defaults, Mode, PodPolicy};
+use crate::annotations::{self, Defaults, Mode, NorthSouth, PodPolicy};
 use config::{Config, InboundMode, ModeFlag};
 use proxy::{Role, Shared};
 
@@ -84,48 +87,71 @@ pub fn resolve_mode(
     cfg: &Config,
     read: impl Fn(&Path) -> io::Result<String>,
 ) -> Result<Resolved, SidecarError> {
+    resolve(cfg, read).map(|(r, _)| r)
+}
+
+/// The inbound mode and the north-south settings. In `auto` mode with an annotations file
+/// both come from the pod's annotations (north-south flags given explicitly override the
+/// annotation of the same name); otherwise the north-south settings come from the flags.
+pub fn resolve(
+    cfg: &Config,
+    read: impl Fn(&Path) -> io::Result<String>,
+) -> Result<(Resolved, NorthSouth), SidecarError> {
     let diverted = |mode| Resolved {
         mode,
         diverted: true,
     };
+    let from_flags = || {
+        NorthSouth::from_annotations(&config::north_south_annotations(&cfg.north_south)).map_err(
+            |e| SidecarError::Annotations {
+                path: "(flags)".into(),
+                reason: e.to_string(),
+            },
+        )
+    };
     let ModeFlag::Fixed(m) = cfg.mode else {
         let Some(path) = &cfg.annotations_file else {
-            return Ok(diverted(InboundMode::Tproxy));
+            return Ok((diverted(InboundMode::Tproxy), from_flags()?));
         };
         let bad = |reason: String| SidecarError::Annotations {
             path: path.display().to_string(),
             reason,
         };
         let text = read(path).map_err(|e| bad(e.to_string()))?;
-        let ann = annotations::parse_downward_api(&text).map_err(|e| bad(e.to_string()))?;
+        let mut ann = annotations::parse_downward_api(&text).map_err(|e| bad(e.to_string()))?;
+        ann.extend(config::north_south_annotations(&cfg.north_south));
         let defaults = Defaults {
             mode: Mode::Tproxy,
             ..Defaults::default()
         };
         let policy =
             PodPolicy::from_annotations(&ann, &defaults).map_err(|e| bad(e.to_string()))?;
-        return Ok(match policy.mode {
-            Mode::Tproxy => diverted(InboundMode::Tproxy),
-            Mode::Redirect => diverted(InboundMode::Redirect),
-            // Nothing is diverted to us; serve redirect, which needs no extra privilege.
-            Mode::None => {
-                log::warn!(
-                    "pod annotations say mode none: the plugin diverts nothing; \
+        let ns = policy.north_south.clone();
+        return Ok((
+            match policy.mode {
+                Mode::Tproxy => diverted(InboundMode::Tproxy),
+                Mode::Redirect => diverted(InboundMode::Redirect),
+                // Nothing is diverted to us; serve redirect, which needs no extra privilege.
+                Mode::None => {
+                    log::warn!(
+                        "pod annotations say mode none: the plugin diverts nothing; \
                      serving redirect mode"
-                );
-                Resolved {
-                    mode: InboundMode::Redirect,
-                    diverted: false,
+                    );
+                    Resolved {
+                        mode: InboundMode::Redirect,
+                        diverted: false,
+                    }
                 }
-            }
-        });
+            },
+            ns,
+        ));
     };
-    Ok(diverted(m))
+    Ok((diverted(m), from_flags()?))
 }
 
 /// Runs the sidecar until SIGTERM/SIGINT and the drain that follows.
 pub fn run(cfg: Config) -> Result<(), SidecarError> {
-    let Resolved { mode, diverted } = resolve_mode(&cfg, |p| std::fs::read_to_string(p))?;
+    let (Resolved { mode, diverted }, north_south) = resolve(&cfg, |p| std::fs::read_to_string(p))?;
 
     // The image ships NET_RAW as a permitted-only file capability (docs/ARCHITECTURE.md,
     // pitfall 19): make it effective before anything needs it. Raised here, on the main thread
@@ -180,7 +206,16 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
     // Checked with the configured mark even when SO_MARK is unavailable to us: it is the mark
     // the plugin was told to route.
     let checker = diverted.then(|| netcheck::Checker::new(mode, cfg.mark));
-    rt.block_on(serve(cfg, mode, mark, log, ports, slots, checker))
+    rt.block_on(serve(
+        cfg,
+        mode,
+        mark,
+        log,
+        ports,
+        slots,
+        checker,
+        north_south,
+    ))
 }
 
 /// Descriptors each relayed connection may hold: two sockets and two splice pipes.
@@ -234,6 +269,7 @@ fn bind_pair(port: u16, transparent: bool) -> Result<Vec<TcpListener>, SidecarEr
     Ok(out)
 }
 
+#[allow(clippy::too_many_arguments)] // one call site, in `run`
 async fn serve(
     cfg: Config,
     mode: InboundMode,
@@ -242,6 +278,7 @@ async fn serve(
     ports: ports::PortBook,
     slots: usize,
     checker: Option<netcheck::Checker>,
+    north_south: NorthSouth,
 ) -> Result<(), SidecarError> {
     // Said at start (the log line names the likely cause); `/ready` asks again.
     if let Some(c) = &checker {
@@ -306,6 +343,7 @@ async fn serve(
         outbound_ports: Arc::default(),
         sources: Arc::default(),
         error_log: std::sync::Mutex::new(proxy::RateLimit::new(Duration::from_secs(10))),
+        ns: proxy::NorthSouthRt::new(north_south),
     });
     let accept_tasks: Vec<_> = listeners
         .into_iter()
@@ -371,6 +409,44 @@ mod tests {
         assert_eq!(connection_budget(4096, 256), 32);
         assert_eq!(connection_budget(10, 256), 10);
         assert_eq!(connection_budget(4096, 10), 1);
+    }
+
+    #[test]
+    fn north_south_from_annotations_and_flags() {
+        use crate::annotations::XffTrust;
+        // auto: the pod's annotations, a flag given overrides its own key only.
+        let c = cfg(&["--annotations-file", "/x", "--xff-num-trusted-proxies", "2"]);
+        let text =
+            "tproxy-cni.io/xff-ports=\"8080\"\ntproxy-cni.io/xff-num-trusted-proxies=\"1\"\n\
+                    tproxy-cni.io/deny-client-cidrs=\"203.0.113.0/24\"\n";
+        let (r, ns) = resolve(&c, |_| Ok(text.to_string())).unwrap();
+        assert_eq!(r.mode, InboundMode::Tproxy);
+        assert!(ns.xff_on(8080));
+        assert_eq!(ns.xff_trust, XffTrust::Hops(2), "the flag wins");
+        assert_eq!(ns.deny_client.len(), 1);
+        // A flag that makes the pod's annotations inconsistent is refused, naming the key.
+        let c = cfg(&[
+            "--annotations-file",
+            "/x",
+            "--xff-trusted-cidrs",
+            "10.0.0.0/8",
+        ]);
+        let e = resolve(&c, |_| Ok(text.to_string())).unwrap_err();
+        assert!(e.to_string().contains("xff-trusted-cidrs"), "{e}");
+        // Fixed mode: the flags alone.
+        let c = cfg(&[
+            "--mode",
+            "tproxy",
+            "--xff-ports",
+            "80",
+            "--allow-peer-cidrs",
+            "10.0.0.0/8",
+        ]);
+        let (_, ns) = resolve(&c, |_| panic!("not read")).unwrap();
+        assert!(ns.xff_on(80));
+        assert_eq!(ns.allow_peer.len(), 1);
+        let (_, ns) = resolve(&cfg(&[]), |_| panic!()).unwrap();
+        assert_eq!(ns, NorthSouth::default());
     }
 
     #[test]

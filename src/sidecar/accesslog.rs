@@ -35,6 +35,12 @@ pub enum EndReason {
     /// `RL`: the client's IP already held `--max-connections-per-source` (Envoy's "rate
     /// limited" flag).
     SourceLimited,
+    /// `RBAC`: refused by the IP access control (a reset, or a 403 on an XFF port).
+    Rbac,
+    /// `DPE`: the downstream broke its protocol: a trusted source's PROXY header missing,
+    /// malformed, oversized or late; an HTTP request answered 400/431/505 on an XFF port
+    /// (Envoy's "downstream protocol error"). `response_code_details` says which.
+    ProtocolError,
 }
 
 impl EndReason {
@@ -50,6 +56,8 @@ impl EndReason {
             EndReason::NoRoute => "NR",
             EndReason::Overloaded => "OM",
             EndReason::SourceLimited => "RL",
+            EndReason::Rbac => "RBAC",
+            EndReason::ProtocolError => "DPE",
         }
     }
 }
@@ -58,7 +66,14 @@ impl EndReason {
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
     pub start_time: String,
+    /// The client as Envoy reports it: the address a trusted PROXY header or X-Forwarded-For
+    /// gave (the first request's, on an XFF port), else the TCP peer.
     pub downstream_remote_address: String,
+    /// The TCP peer (Envoy's `DOWNSTREAM_DIRECT_REMOTE_ADDRESS`).
+    pub downstream_direct_remote_address: String,
+    /// How `downstream_remote_address` was found: `peer`, `proxy_protocol`,
+    /// `proxy_protocol_local` (v2 LOCAL: the peer), `xff`, `peer_malformed_xff` (ours).
+    pub client_address_source: &'static str,
     pub downstream_local_address: String,
     /// `null` when no upstream socket was bound.
     pub upstream_local_address: Option<String>,
@@ -72,6 +87,13 @@ pub struct Entry {
     /// Milliseconds the upstream connect took (not an Envoy field; stalls show up here).
     pub upstream_connect_ms: Option<f64>,
     pub response_flags: &'static str,
+    /// The status of an answer the sidecar itself gave (400, 403, 431, 505); `null` otherwise.
+    pub response_code: Option<u16>,
+    /// Why the sidecar refused or answered, e.g. `proxy_protocol_timeout`, `rbac_peer_denied`,
+    /// `http_head_too_large` (Envoy's `RESPONSE_CODE_DETAILS`); `null` when nothing was refused.
+    pub response_code_details: Option<String>,
+    /// HTTP requests seen on an XFF port; `null` on byte-relay ports (ours).
+    pub http_requests: Option<u64>,
     /// `tproxy`, `redirect` or `outbound`.
     pub mode: &'static str,
 }
@@ -118,6 +140,8 @@ mod tests {
         let e = Entry {
             start_time: rfc3339(std::time::UNIX_EPOCH),
             downstream_remote_address: "10.0.0.1:40000".into(),
+            downstream_direct_remote_address: "10.0.0.1:40000".into(),
+            client_address_source: "peer",
             downstream_local_address: "10.0.0.2:80".into(),
             upstream_local_address: Some("10.0.0.1:20001".into()),
             upstream_host: Some("10.0.0.2:80".into()),
@@ -126,12 +150,17 @@ mod tests {
             duration: 3,
             upstream_connect_ms: Some(0.25),
             response_flags: EndReason::Normal.flag(),
+            response_code: None,
+            response_code_details: None,
+            http_requests: None,
             mode: "tproxy",
         };
         let v: serde_json::Value = serde_json::to_value(&e).unwrap();
         for k in [
             "start_time",
             "downstream_remote_address",
+            "downstream_direct_remote_address",
+            "client_address_source",
             "downstream_local_address",
             "upstream_local_address",
             "upstream_host",
@@ -139,6 +168,8 @@ mod tests {
             "bytes_sent",
             "duration",
             "response_flags",
+            "response_code",
+            "response_code_details",
             "mode",
         ] {
             assert!(v.get(k).is_some(), "{k}");

@@ -65,6 +65,14 @@ pub struct Config {
     pub port_linger: Duration,
     pub pipe_size: usize,
     pub access_log: AccessLogTarget,
+    /// North-south flags given explicitly (flag or environment), by flag name, e.g.
+    /// `xff-ports`. Checked here by the plugin's annotation code; in `auto` mode they override
+    /// the pod's annotation of the same name (`tproxy-cni.io/<flag>`).
+    pub north_south: BTreeMap<String, String>,
+    /// How long a trusted source may take to send its PROXY protocol header.
+    pub proxy_protocol_timeout: Duration,
+    /// Bound on an HTTP request head on the XFF ports (431 beyond it).
+    pub max_request_head: usize,
 }
 
 /// What the command line asked for.
@@ -113,6 +121,18 @@ const SPECS: &[Spec] = &[
     Spec { flag: "port-linger", default: "120s", help: "how long a closed client port stays excluded from upstream use (conntrack TIME_WAIT)" },
     Spec { flag: "pipe-size", default: "65536", help: "splice pipe capacity per direction, bytes (kernel rounds to pages)" },
     Spec { flag: "access-log", default: "-", help: "access log: - (stdout), off, or a file path (appended)" },
+    Spec { flag: "proxy-protocol-ports", default: "", help: "inbound ports where trusted sources must send a PROXY protocol v1/v2 header (annotation tproxy-cni.io/proxy-protocol-ports)" },
+    Spec { flag: "proxy-protocol-trusted-cidrs", default: "", help: "sources whose PROXY header is required and believed; others are never parsed" },
+    Spec { flag: "proxy-protocol-out", default: "", help: "send the app a PROXY header with the effective client: PORT:v1|v2,..." },
+    Spec { flag: "proxy-protocol-timeout", default: "3s", help: "a trusted source's PROXY header must be complete within this time, or the connection is reset" },
+    Spec { flag: "xff-ports", default: "", help: "HTTP/1.1 ports whose requests get X-Forwarded-For and x-envoy-external-address" },
+    Spec { flag: "xff-num-trusted-proxies", default: "", help: "trusted proxy hops in X-Forwarded-For (Istio's numTrustedProxies; default 0)" },
+    Spec { flag: "xff-trusted-cidrs", default: "", help: "alternative to the hop count: X-Forwarded-For entries in these CIDRs are proxies" },
+    Spec { flag: "max-request-headers-kb", default: "60", help: "request head limit on the XFF ports, KiB (Envoy's default); larger heads get 431" },
+    Spec { flag: "allow-peer-cidrs", default: "", help: "only TCP peers in these CIDRs may connect (Istio ipBlocks, ALLOW)" },
+    Spec { flag: "deny-peer-cidrs", default: "", help: "TCP peers in these CIDRs are reset (Istio ipBlocks, DENY)" },
+    Spec { flag: "allow-client-cidrs", default: "", help: "only effective clients (PROXY protocol / XFF) in these CIDRs pass (Istio remoteIpBlocks, ALLOW)" },
+    Spec { flag: "deny-client-cidrs", default: "", help: "effective clients in these CIDRs are refused: reset, or 403 on XFF ports (Istio remoteIpBlocks, DENY)" },
 ];
 
 const ENV_PREFIX: &str = "TPROXY_SIDECAR_";
@@ -257,6 +277,23 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
         "off" | "none" => AccessLogTarget::Off,
         p => AccessLogTarget::File(PathBuf::from(p)),
     };
+    // North-south flags: checked by the plugin's own annotation code, under the same names.
+    let mut north_south = BTreeMap::new();
+    for key in crate::annotations::NORTH_SOUTH_KEYS {
+        if let Some((v, src)) = vals.get(key) {
+            if !src.ends_with(" default") {
+                north_south.insert(key.to_string(), v.clone());
+            }
+        }
+    }
+    // In auto mode with an annotations file the flags complete the pod's annotations, so they
+    // are checked together with them at start (`sidecar::resolve`); otherwise alone, here.
+    if !(mode == ModeFlag::Auto && annotations_file.is_some()) {
+        check_north_south(&north_south, |k| {
+            vals.get(k).map(|(_, s)| s.clone()).unwrap_or_default()
+        })?;
+    }
+    let max_request_head = count("max-request-headers-kb", 8192)? * 1024;
     let mut ports_seen = vec![inbound_port];
     for p in [outbound_port, admin_port].into_iter().flatten() {
         if ports_seen.contains(&p) {
@@ -287,7 +324,39 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
         port_linger: dur("port-linger")?,
         pipe_size: count("pipe-size", 1 << 24)?,
         access_log,
+        north_south,
+        proxy_protocol_timeout: dur("proxy-protocol-timeout")?,
+        max_request_head,
     })))
+}
+
+/// The annotation map the north-south flags stand for (`tproxy-cni.io/<flag>`).
+pub fn north_south_annotations(flags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    flags
+        .iter()
+        .map(|(k, v)| (format!("{}{k}", consts::ANNOTATION_PREFIX), v.clone()))
+        .collect()
+}
+
+/// Parses the north-south flags; an error names the flag (or variable) it came from.
+fn check_north_south(
+    flags: &BTreeMap<String, String>,
+    source_of: impl Fn(&str) -> String,
+) -> Result<(), ConfigError> {
+    crate::annotations::NorthSouth::from_annotations(&north_south_annotations(flags))
+        .map(|_| ())
+        .map_err(|e| {
+            let flag = e
+                .key
+                .strip_prefix(consts::ANNOTATION_PREFIX)
+                .unwrap_or(&e.key)
+                .to_string();
+            ConfigError::Bad {
+                source_name: source_of(&flag),
+                value: e.value.clone(),
+                reason: e.reason.replace(consts::ANNOTATION_PREFIX, "--"),
+            }
+        })
 }
 
 const DURATION_HELP: &str = "expected a duration such as 250ms, 5s, 2m, 1h (bare number = seconds)";
@@ -402,6 +471,44 @@ mod tests {
             Some(8)
         );
         assert!(run(&["--inbound-port", "99999"], &[]).is_err());
+    }
+
+    #[test]
+    fn north_south_flags_use_the_annotation_code() {
+        let c = run(
+            &["--xff-ports", "8080", "--xff-num-trusted-proxies=2"],
+            &[("TPROXY_SIDECAR_DENY_CLIENT_CIDRS", "203.0.113.0/24")],
+        )
+        .unwrap();
+        assert_eq!(c.north_south.len(), 3);
+        let ns = crate::annotations::NorthSouth::from_annotations(&north_south_annotations(
+            &c.north_south,
+        ))
+        .unwrap();
+        assert!(ns.xff_on(8080));
+        assert_eq!(ns.xff_trust, crate::annotations::XffTrust::Hops(2));
+        assert_eq!(ns.deny_client.len(), 1);
+        assert_eq!(c.max_request_head, 60 * 1024);
+        assert_eq!(c.proxy_protocol_timeout, Duration::from_secs(3));
+        assert!(run(&[], &[]).unwrap().north_south.is_empty());
+        let e = run(&["--xff-num-trusted-proxies", "1"], &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("--xff-num-trusted-proxies")
+                && e.to_string().contains("--xff-ports"),
+            "{e}"
+        );
+        let e = run(&[], &[("TPROXY_SIDECAR_ALLOW_PEER_CIDRS", "10.0.0.1/8")]).unwrap_err();
+        assert!(
+            e.to_string().contains("TPROXY_SIDECAR_ALLOW_PEER_CIDRS"),
+            "{e}"
+        );
+        let e = run(&["--proxy-protocol-ports", "443"], &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("--proxy-protocol-trusted-cidrs"),
+            "{e}"
+        );
+        assert!(run(&["--proxy-protocol-timeout", "soon"], &[]).is_err());
+        assert!(run(&["--max-request-headers-kb", "0"], &[]).is_err());
     }
 
     #[test]

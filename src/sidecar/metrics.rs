@@ -66,7 +66,43 @@ pub struct Metrics {
     /// The data listeners, for their accept queues. Weak: a listener closes when its accept
     /// loop drops it (drain), whatever the metrics hold.
     listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Weak<tokio::net::TcpListener>)>>,
+    /// North-south counters by (family, label value); labels come from fixed sets
+    /// (`proxy_protocol::Error::label`, `acl::Denied::label`, HTTP statuses), never from input.
+    labeled: std::sync::Mutex<std::collections::BTreeMap<(NsCounter, &'static str), u64>>,
 }
+
+/// The labelled north-south counter families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NsCounter {
+    /// PROXY protocol on the configured ports, by `result`: `proxy`, `local`, `untrusted`
+    /// (source not trusted: bytes passed untouched), or why the header was refused.
+    ProxyProtocol,
+    /// Connections or requests refused by the IP access control, by `reason`.
+    RbacDenied,
+    /// HTTP requests on the XFF ports, by `result`: `forwarded`, or the status we answered.
+    HttpRequests,
+}
+
+const NS_COUNTERS: [(NsCounter, &str, &str, &str); 3] = [
+    (
+        NsCounter::ProxyProtocol,
+        "tproxy_sidecar_proxy_protocol_total",
+        "result",
+        "Connections on PROXY protocol ports: header accepted (proxy, local), source not trusted (untrusted: bytes passed untouched), or refused and reset (the reason).",
+    ),
+    (
+        NsCounter::RbacDenied,
+        "tproxy_sidecar_rbac_denied_total",
+        "reason",
+        "Connections reset or HTTP requests answered 403 by the IP access control.",
+    ),
+    (
+        NsCounter::HttpRequests,
+        "tproxy_sidecar_http_requests_total",
+        "result",
+        "HTTP requests on X-Forwarded-For ports: forwarded, or the status the sidecar answered.",
+    ),
+];
 
 /// Slots held by one served connection; given back on drop.
 #[derive(Debug)]
@@ -132,6 +168,22 @@ impl Metrics {
     }
     pub fn per_source_rejected(&self) {
         self.per_source_rejected.fetch_add(1, Relaxed);
+    }
+    /// Counts one event of a north-south family.
+    pub fn count(&self, c: NsCounter, label: &'static str) {
+        self.count_n(c, label, 1);
+    }
+    /// Counts `n` events of a north-south family.
+    pub fn count_n(&self, c: NsCounter, label: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        *self
+            .labeled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((c, label))
+            .or_insert(0) += n;
     }
     /// Every slot is taken: a new connection would wait (readiness says 503, admin.rs).
     pub fn saturated(&self) -> bool {
@@ -263,6 +315,15 @@ impl Metrics {
                 );
             }
         }
+        {
+            let labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
+            for (c, name, label, help) in NS_COUNTERS {
+                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+                for ((_, value), n) in labeled.range((c, "")..).take_while(|((k, _), _)| *k == c) {
+                    let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
+                }
+            }
+        }
         let name = "tproxy_sidecar_upstream_connect_seconds";
         let _ = writeln!(
             s,
@@ -312,6 +373,37 @@ mod tests {
         assert!(t.contains(
             "tproxy_sidecar_upstream_connect_seconds_bucket{direction=\"inbound\",le=\"+Inf\"} 2"
         ));
+    }
+
+    #[test]
+    fn north_south_counters() {
+        let m = Metrics::default();
+        m.count(NsCounter::ProxyProtocol, "proxy");
+        m.count(NsCounter::ProxyProtocol, "proxy");
+        m.count(NsCounter::ProxyProtocol, "timeout");
+        m.count(NsCounter::RbacDenied, "peer_denied");
+        m.count(NsCounter::HttpRequests, "431");
+        let t = m.render();
+        assert!(
+            t.contains("tproxy_sidecar_proxy_protocol_total{result=\"proxy\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tproxy_sidecar_proxy_protocol_total{result=\"timeout\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tproxy_sidecar_rbac_denied_total{reason=\"peer_denied\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("tproxy_sidecar_http_requests_total{result=\"431\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE tproxy_sidecar_http_requests_total counter"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -11,12 +11,17 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::accesslog::{rfc3339, AccessLog, EndReason, Entry};
+use super::acl::{Acl, Denied};
 use super::addr::{unmap, ClientAddr, DownstreamLocal, OrigDst, UpstreamLocal};
 use super::config::{Config, InboundMode};
-use super::metrics::{Direction, Metrics};
+use super::httprelay::{self, HttpConn};
+use super::metrics::{Direction, Metrics, NsCounter};
 use super::ports::PortBook;
+use super::proxy_protocol as pp;
 use super::relay;
 use super::sockopt::{self, UpstreamOpts};
+use super::xff::{self, Trust};
+use crate::annotations::{NorthSouth, PpVersion, XffTrust};
 use crate::consts::{REDIRECT_SOURCE_V4, REDIRECT_SOURCE_V6};
 
 /// What a listener does with its connections.
@@ -61,6 +66,32 @@ pub struct Shared {
     pub sources: Arc<Sources>,
     /// Rate limit of the "out of descriptors" / accept-error lines on stderr.
     pub error_log: Mutex<RateLimit>,
+    /// PROXY protocol, X-Forwarded-For and access control.
+    pub ns: NorthSouthRt,
+}
+
+/// The north-south settings in the shapes the data path uses.
+#[derive(Debug)]
+pub struct NorthSouthRt {
+    pub cfg: NorthSouth,
+    pub acl: Acl,
+    pub trust: Trust,
+}
+
+impl NorthSouthRt {
+    pub fn new(cfg: NorthSouth) -> NorthSouthRt {
+        let acl = Acl {
+            allow_peer: cfg.allow_peer.clone(),
+            deny_peer: cfg.deny_peer.clone(),
+            allow_client: cfg.allow_client.clone(),
+            deny_client: cfg.deny_client.clone(),
+        };
+        let trust = match &cfg.xff_trust {
+            XffTrust::Hops(n) => Trust::Hops(*n),
+            XffTrust::Cidrs(c) => Trust::Cidrs(c.clone()),
+        };
+        NorthSouthRt { cfg, acl, trust }
+    }
 }
 
 /// Prints at most one line per period and counts what it held back, so a condition that
@@ -269,6 +300,13 @@ struct Conn {
     orig: Option<OrigDst>,
     upstream_local: Option<UpstreamLocal>,
     connect_ms: Option<f64>,
+    /// The client a trusted PROXY header or X-Forwarded-For named (`None`: the TCP peer).
+    effective: Option<SocketAddr>,
+    /// How the effective client was found (access log `client_address_source`).
+    source: &'static str,
+    response_code: Option<u16>,
+    details: Option<String>,
+    http_requests: Option<u64>,
 }
 
 async fn handle(
@@ -294,6 +332,11 @@ async fn handle(
         orig: None,
         upstream_local: None,
         connect_ms: None,
+        effective: None,
+        source: "peer",
+        response_code: None,
+        details: None,
+        http_requests: None,
     };
     let (outcome_bytes, end) = match admit {
         Admission::Served { .. } => serve(&shared, &down, role, &mut c).await,
@@ -307,7 +350,12 @@ async fn handle(
         .conn_closed(dir, outcome_bytes.0, outcome_bytes.1);
     shared.log.write(&Entry {
         start_time: rfc3339(c.start),
-        downstream_remote_address: c.client.to_string(),
+        downstream_remote_address: c
+            .effective
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| c.client.to_string()),
+        downstream_direct_remote_address: c.client.to_string(),
+        client_address_source: c.source,
         // Like Envoy with the original destination restored: with REDIRECT the socket's own
         // address is the sidecar's port, but the client connected to the original destination.
         downstream_local_address: match c.orig {
@@ -322,6 +370,9 @@ async fn handle(
         // Microsecond resolution: more digits are float noise, not information.
         upstream_connect_ms: c.connect_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
         response_flags: end.flag(),
+        response_code: c.response_code,
+        response_code_details: c.details.take(),
+        http_requests: c.http_requests,
         mode: role.log_mode(),
     });
 }
@@ -370,6 +421,65 @@ async fn serve(
     };
     c.orig = Some(orig);
 
+    // North-south (inbound only): access control on the peer, the PROXY header, the client.
+    let mut early = Vec::new();
+    let mut pp_dst = None;
+    let xff_port = matches!(role, Role::Inbound(_)) && shared.ns.cfg.xff_on(orig.port());
+    if let Role::Inbound(_) = role {
+        let ns = &shared.ns;
+        let peer_ip = c.client.ip();
+        if let Err(d) = ns.acl.check_peer(peer_ip) {
+            return ((0, 0), deny(shared, down, c, d));
+        }
+        if ns.cfg.proxy_protocol_on(orig.port()) {
+            if ns
+                .cfg
+                .proxy_protocol_trusted
+                .iter()
+                .any(|n| n.contains(&peer_ip))
+            {
+                match read_proxy_header(down, shared.cfg.proxy_protocol_timeout).await {
+                    Ok((h, rest)) => {
+                        early = rest;
+                        match h.addrs {
+                            Some(a) => {
+                                c.effective = Some(unmap(a.src));
+                                pp_dst = Some(unmap(a.dst));
+                                c.source = "proxy_protocol";
+                                shared.metrics.count(NsCounter::ProxyProtocol, "proxy");
+                            }
+                            None => {
+                                // v2 LOCAL (a balancer's health check), v1 UNKNOWN: the peer.
+                                c.source = "proxy_protocol_local";
+                                shared.metrics.count(NsCounter::ProxyProtocol, "local");
+                            }
+                        }
+                    }
+                    Err((why, got)) => {
+                        shared.metrics.count(NsCounter::ProxyProtocol, why);
+                        c.details = Some(format!("proxy_protocol_{why}"));
+                        shared.log_error(format_args!(
+                            "PROXY protocol from {}: {why}; connection reset",
+                            c.client
+                        ));
+                        sockopt::reset_on_close(down);
+                        return ((got, 0), EndReason::ProtocolError);
+                    }
+                }
+            } else {
+                // Never parsed: the bytes reach the app untouched.
+                shared.metrics.count(NsCounter::ProxyProtocol, "untrusted");
+            }
+        }
+        // On XFF ports the client is decided per request (403 there).
+        if !xff_port {
+            let client = c.effective.map(|a| a.ip()).unwrap_or(peer_ip);
+            if let Err(d) = ns.acl.check_client(client) {
+                return ((early.len() as u64, 0), deny(shared, down, c, d));
+            }
+        }
+    }
+
     // In tproxy mode the client's port is recorded for as long as the connection lives (and
     // the linger time after), so no upstream of ours reuses its tuple (ports.rs).
     let _guard = match role {
@@ -378,11 +488,14 @@ async fn serve(
     };
 
     let t = Instant::now();
-    let dialed = tokio::time::timeout(
-        shared.cfg.connect_timeout,
-        dial(shared, role, c.client, orig),
-    )
-    .await;
+    // The app sees the client a trusted PROXY header named as its TCP peer (tproxy mode), when
+    // that address can be a source for this destination; else the TCP peer.
+    let source = match c.effective {
+        Some(e) if usable_source(e.ip(), orig.0.ip()) => ClientAddr(e),
+        _ => c.client,
+    };
+    let dialed =
+        tokio::time::timeout(shared.cfg.connect_timeout, dial(shared, role, source, orig)).await;
     let dir = role.direction();
     // `_own_port` keeps an outbound upstream's port registered for loop detection until the
     // relay is over.
@@ -413,6 +526,69 @@ async fn serve(
             return ((0, 0), end);
         }
     };
+    if let Role::Inbound(_) = role {
+        if let Some(v) = shared.ns.cfg.proxy_protocol_out_on(orig.port()) {
+            let src = c.effective.unwrap_or(c.client.0);
+            let dst = pp_dst.unwrap_or(orig.0);
+            let hdr = match v {
+                PpVersion::V1 => pp::encode_v1(src, dst),
+                PpVersion::V2 => pp::encode_v2(src, dst),
+            };
+            if httprelay::write_all(&up, &hdr).await.is_err() {
+                sockopt::reset_on_close(down);
+                return ((early.len() as u64, 0), EndReason::UpstreamTermination);
+            }
+        }
+    }
+    if xff_port {
+        let peer = c.effective.map(|a| a.ip()).unwrap_or(c.client.ip());
+        let conn = HttpConn {
+            peer: xff::peer_ip(SocketAddr::new(peer, 0)),
+            trust: &shared.ns.trust,
+            acl: &shared.ns.acl,
+            limits: crate::sidecar::http1::Limits {
+                max_head: shared.cfg.max_request_head,
+                ..Default::default()
+            },
+            idle: shared.cfg.idle_timeout,
+            metrics: Some(&shared.metrics),
+        };
+        let o = httprelay::relay_http(down, &up, early, conn, shared.hard_stop.clone()).await;
+        c.http_requests = Some(o.requests);
+        if let Some(first) = o.first_client {
+            if let xff::Source::Xff { .. } | xff::Source::PeerMalformedXff = first.source {
+                c.effective = Some(SocketAddr::new(first.client, 0));
+                c.source = first.source.label();
+            }
+        }
+        if let Some((status, why)) = o.answered {
+            if status != 0 {
+                c.response_code = Some(status);
+                let result = match status {
+                    400 => "400",
+                    403 => "403",
+                    431 => "431",
+                    _ => "505",
+                };
+                shared.metrics.count(NsCounter::HttpRequests, result);
+            }
+            // The relay's own failure reasons already read `http_...`; head errors do not.
+            c.details = Some(match (o.denied, status) {
+                (Some(d), _) => format!("rbac_{}", d.label()),
+                (None, 0) => why.to_string(),
+                (None, _) => format!("http_{why}"),
+            });
+        }
+        if let Some(d) = o.denied {
+            shared.metrics.count(NsCounter::RbacDenied, d.label());
+        }
+        return ((o.from_downstream, o.to_downstream), o.end);
+    }
+    let pre = early.len() as u64;
+    if !early.is_empty() && httprelay::write_all(&up, &early).await.is_err() {
+        sockopt::reset_on_close(down);
+        return ((pre, 0), EndReason::UpstreamTermination);
+    }
     let o = relay::relay(
         down,
         &up,
@@ -425,7 +601,60 @@ async fn serve(
         shared.metrics.fd_exhausted();
         shared.log_error(format_args!("relay pipe: out of file descriptors"));
     }
-    ((o.from_downstream, o.to_downstream), o.end)
+    ((pre + o.from_downstream, o.to_downstream), o.end)
+}
+
+/// Refuses a connection by the access control: reset, counted, logged with `RBAC`.
+fn deny(shared: &Shared, down: &TcpStream, c: &mut Conn, d: Denied) -> EndReason {
+    shared.metrics.count(NsCounter::RbacDenied, d.label());
+    c.details = Some(format!("rbac_{}", d.label()));
+    sockopt::reset_on_close(down);
+    EndReason::Rbac
+}
+
+/// Reads a PROXY protocol header within `timeout`. Returns the header and the bytes read after
+/// it (they belong to the app), or why not and how many bytes were read.
+async fn read_proxy_header(
+    down: &TcpStream,
+    timeout: Duration,
+) -> Result<(pp::Header, Vec<u8>), (&'static str, u64)> {
+    let limits = pp::Limits::default();
+    let mut buf = Vec::with_capacity(512);
+    let read = async {
+        loop {
+            // `parse` never asks for more than the header limit, so `buf` stays bounded.
+            match pp::parse(&buf, &limits) {
+                pp::Parse::Header(h) => {
+                    let rest = buf[h.header_len..].to_vec();
+                    return Ok((h, rest));
+                }
+                pp::Parse::Error(e) => return Err(e.label()),
+                pp::Parse::NeedMore { .. } => {}
+            }
+            match httprelay::read_more(down, &mut buf).await {
+                Ok(0) => return Err("truncated"),
+                Ok(_) => {}
+                Err(_) => return Err("read_error"),
+            }
+        }
+    };
+    let r = tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err("timeout"));
+    r.map_err(|why| (why, buf.len() as u64))
+}
+
+/// Whether the app can be dialled from `client` to reach `dst`: same family, and an address
+/// a remote client can have (a header naming loopback, multicast or "any" is not believed as
+/// a source; the TCP peer is used instead).
+fn usable_source(client: IpAddr, dst: IpAddr) -> bool {
+    let ok = match client {
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
+    };
+    ok && client.is_ipv4() == dst.is_ipv4()
 }
 
 fn is_own_port(cfg: &Config, port: u16) -> bool {
@@ -569,6 +798,27 @@ mod tests {
         }
         assert_eq!(rl.allow(t0 + Duration::from_secs(10)), Some(200));
         assert_eq!(rl.allow(t0 + Duration::from_secs(11)), None);
+    }
+
+    #[test]
+    fn usable_source_refuses_addresses_a_client_cannot_have() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let v4 = ip("10.0.0.2");
+        let v6 = ip("fd00::2");
+        assert!(usable_source(ip("203.0.113.7"), v4));
+        assert!(usable_source(ip("2001:db8::7"), v6));
+        for bad in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "2001:db8::7",
+        ] {
+            assert!(!usable_source(ip(bad), v4), "{bad}");
+        }
+        for bad in ["::", "::1", "ff02::1", "203.0.113.7"] {
+            assert!(!usable_source(ip(bad), v6), "{bad}");
+        }
     }
 
     #[test]
