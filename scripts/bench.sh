@@ -4,6 +4,7 @@
 #
 #   sudo ./scripts/bench.sh            # full run, < 15 min
 #   sudo ./scripts/bench.sh --quick    # < 2 min (after the first build); asserts correctness
+#   --churn-seconds N                  # length of each churn cell (default 60, quick 5)
 #
 # It installs wrk, haproxy and nginx, builds the release binaries, makes a client netns and a pod
 # netns joined by a veth (10.77.0.1 <-> 10.77.0.2, addresses only inside those namespaces), and
@@ -15,33 +16,43 @@
 #
 # Knobs for development (environment): BENCH_ROWS="direct haproxy" runs a subset;
 # BENCH_SKIP_PLUGIN=1 skips the plugin benchmark; BENCH_SKIP_BUILD=1 uses the built binaries;
+# BENCH_SKIP_MAIN=1 / BENCH_SKIP_CHURN=1 skip the main rows / the churn cells;
+# BENCH_CHURN_ROWS="direct sidecar-tproxy", BENCH_CHURN_RATE=2000, BENCH_CHURN_TS="1 0" and
+# BENCH_CHURN_CLOSE="client app" choose the churn cells;
 # BENCH_RULES=nft applies the pod's ruleset with `nft -f` instead of the plugin (only to develop
 # the harness while the plugin is unfinished: real figures come from the plugin's own rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "bench: $*" >&2; exit 1; }
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
-QUICK=0
-for arg in "$@"; do
-  case $arg in
+QUICK=0 CHURN_S=
+while (($#)); do
+  case $1 in
     --quick) QUICK=1 ;;
+    --churn-seconds) CHURN_S=${2:-}; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
+  shift
 done
+[[ -z $CHURN_S || $CHURN_S =~ ^[1-9][0-9]*$ ]] || die "--churn-seconds wants a positive number"
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, nftables); run with sudo"
 
 if ((QUICK)); then
-  REPS=2 DUR=2 DUR1=1 BULK_MIB=256 PLUGIN_ARGS=(--quick)
+  REPS=2 DUR=2 DUR1=1 BULK_MIB=256 PLUGIN_ARGS=(--quick) CHURN_S=${CHURN_S:-5}
 else
-  REPS=5 DUR=5 DUR1=3 BULK_MIB=1024 PLUGIN_ARGS=()
+  REPS=5 DUR=5 DUR1=3 BULK_MIB=1024 PLUGIN_ARGS=() CHURN_S=${CHURN_S:-60}
 fi
 HOLD_N=1000 PROBE_N=200 PROBE_S=5
 ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect haproxy nginx})
+[[ -z ${BENCH_SKIP_MAIN:-} ]] || ROWS=()
+CHURN_ROWS=(${BENCH_CHURN_ROWS:-direct sidecar-tproxy})
+[[ -z ${BENCH_SKIP_CHURN:-} ]] || CHURN_ROWS=()
+CHURN_RATE=${BENCH_CHURN_RATE:-2000}
 
 # Fixed numbers, the same as src/consts.rs (the harness reads no Rust).
 MARK=0x1000 INBOUND_PORT=15006 APP_PORT=8080
@@ -89,10 +100,11 @@ log "installing what is missing (wrk, haproxy, nginx)"
 if [[ -z ${BENCH_SKIP_BUILD:-} ]]; then
   log "building release binaries"
   cargo build --release --bins --quiet
+  cargo build --release --example churn --quiet
   # The plugin benchmark's own binary too, so the timed part below compiles nothing.
   [[ -n ${BENCH_SKIP_PLUGIN:-} ]] || cargo bench --no-run --quiet --bench plugin 2>/dev/null
 fi
-for b in tproxy-cni tproxy-sidecar; do [[ -x $BIN/$b ]] || die "$BIN/$b missing"; done
+for b in tproxy-cni tproxy-sidecar examples/churn; do [[ -x $BIN/$b ]] || die "$BIN/$b missing"; done
 mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"  # the proxies hold 2 fds per connection
 
@@ -388,6 +400,84 @@ for rep in $(seq "$REPS"); do
     stop_row "$row"
   done
 done
+
+# ---------------------------------------------------------------------------------- churn
+# Issue 12: one client IP -> one app port, one request per connection, at CHURN_RATE new
+# connections/s for CHURN_S seconds (open loop: a stall shows as a slow connect, not as a lower
+# rate), with the client closing first (keep-alive request, the client closes once it has the
+# response) and the app closing first (`Connection: close`), TCP timestamps on and off in the
+# pod netns. The client takes the ports of the Linux default ephemeral range in turn (explicit
+# bind: once most of the range is in TIME_WAIT, the kernel's own port search makes every
+# connect() slow and the client would be the limit), and reuses its TIME_WAIT ports when
+# timestamps allow it (tcp_tw_reuse=1). One thing no server can change: with timestamps off and
+# the client closing first, the client's own TIME_WAIT (60 s, not reusable without timestamps)
+# caps it at its port count / 60 s, so that cell runs at 90 % of that cap and `direct` shows it
+# holds.
+# Every cell starts clean: TIME_WAIT sockets (ss -K) and conntrack entries of the previous cell
+# are dropped, so no cell inherits another's tuples.
+CHURN_CLIENT_PORTS="32768 60999"
+churn_clean() {
+  in_p ss -K -H state time-wait >/dev/null 2>&1 || true
+  in_c ss -K -H state time-wait >/dev/null 2>&1 || true
+  in_p conntrack -F >/dev/null 2>&1 || true
+}
+# nstat counters of the pod netns that explain failures; printed as name=delta.
+CHURN_NSTAT="TcpExtTW TcpExtTWRecycled TcpExtTCPTimeWaitOverflow TcpExtListenOverflows TcpExtListenDrops TcpAttemptFails TcpEstabResets TcpExtTCPAbortOnData TcpExtTCPAbortOnClose TcpOutRsts TcpExtTCPChallengeACK TcpExtPAWSEstab TcpExtTWKilled"
+run_churn_cell() {
+  local row=$1 ts=$2 close=$3 rate=$CHURN_RATE lo hi cap cell
+  cell="churn|$row|ts$ts|$close"
+  read -r lo hi <<<"$CHURN_CLIENT_PORTS"
+  cap=$(((hi - lo + 1) * 9 / 10 / 60))
+  if [[ $ts == 0 && $close == client ]] && ((rate > cap)); then rate=$cap; fi
+  in_p sysctl -qw net.ipv4.tcp_timestamps="$ts"
+  churn_clean
+  start_row "$row"
+  reset_counters
+  in_p env NSTAT_HISTORY="$RUN/nstat.hist" nstat -n >/dev/null
+  log "churn: $row, timestamps $ts, $close closes first, $rate/s for ${CHURN_S}s"
+  local conntrack_max=0 tw_max=0 t
+  (
+    while sleep 1; do
+      printf '%s %s\n' "$(in_p conntrack -C 2>/dev/null || echo 0)" \
+        "$(in_p ss -Htan state time-wait 2>/dev/null | wc -l)"
+    done
+  ) >"$RUN/churn.gauge" &
+  local gauge=$!
+  in_c "$BIN/examples/churn" --target "$POD_IP:$APP_PORT" --rate "$rate" --seconds "$CHURN_S" \
+    --close "$close" --ports "$lo-$hi" >"$RUN/churn.out" 2>&1 || true
+  kill "$gauge" 2>/dev/null || true
+  wait "$gauge" 2>/dev/null || true
+  read -r conntrack_max tw_max < <(awk '$1 > c {c = $1} $2 > w {w = $2} END {print c + 0, w + 0}' "$RUN/churn.gauge")
+  cat "$RUN/churn.out" >&2
+  local line k v
+  line=$(head -n1 "$RUN/churn.out")
+  [[ $line == started=* ]] || die "churn client failed: $(cat "$RUN/churn.out")"
+  rec "$cell" rate_asked "$rate"
+  for kv in $line; do k=${kv%%=*} v=${kv#*=}; rec "$cell" "$k" "$v"; done
+  rec "$cell" fail_seconds "$(grep -c "^second [0-9]*: [1-9]" "$RUN/churn.out" || true)"
+  rec "$cell" conntrack_max "$conntrack_max"
+  rec "$cell" tw_max "$tw_max"
+  in_p env NSTAT_HISTORY="$RUN/nstat.hist" nstat -sz >"$RUN/nstat.out"
+  for t in $CHURN_NSTAT; do
+    rec "$cell" "nstat_$t" "$(awk -v t="$t" '$1 == t {print $2}' "$RUN/nstat.out")"
+  done
+  rec "$cell" client_syn "$(counter client_syn)"
+  rec "$cell" clash_syn "$(counter clash)"
+  rec "$cell" app_leg_syn "$(counter app_leg)"
+  [[ $row == direct ]] || rec "$cell" bypassed "$(counter bypass)"
+  stop_row "$row"
+}
+if ((${#CHURN_ROWS[@]})); then
+  rep=1
+  in_c sysctl -qw net.ipv4.ip_local_port_range="$CHURN_CLIENT_PORTS"
+  for ts in ${BENCH_CHURN_TS:-1 0}; do
+    for close in ${BENCH_CHURN_CLOSE:-client app}; do
+      for row in "${CHURN_ROWS[@]}"; do run_churn_cell "$row" "$ts" "$close"; done
+    done
+  done
+  in_p sysctl -qw net.ipv4.tcp_timestamps=1
+  in_c sysctl -qw net.ipv4.ip_local_port_range="$CLIENT_PORTS"
+fi
 
 PLUGIN_TSV=$RUN/plugin.tsv
 if [[ -z ${BENCH_SKIP_PLUGIN:-} ]]; then

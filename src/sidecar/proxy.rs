@@ -425,6 +425,20 @@ async fn serve(
         shared.metrics.fd_exhausted();
         shared.log_error(format_args!("relay pipe: out of file descriptors"));
     }
+    // We sent the first FIN to the app, so our upstream socket now holds its tuple in
+    // TIME_WAIT. Without TCP timestamps no connect() may take it over for 60 s: the port book
+    // must not offer it (ports.rs).
+    if role == Role::Inbound(InboundMode::Tproxy)
+        && o.end == EndReason::Normal
+        && o.upstream_fin_first
+        && sockopt::has_timestamps(&up) != Some(true)
+    {
+        if let Some(local) = c.upstream_local {
+            shared
+                .ports
+                .upstream_time_wait(c.client.ip(), orig.0, local.0.port());
+        }
+    }
     ((o.from_downstream, o.to_downstream), o.end)
 }
 
@@ -468,6 +482,11 @@ async fn dial(
                             Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL)
                         ) =>
                     {
+                        // EADDRNOTAVAIL: a socket of ours (maybe of a previous process) holds
+                        // this very tuple in TIME_WAIT; no need to try it again before it ends.
+                        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                            shared.ports.upstream_time_wait(client.ip(), orig.0, port);
+                        }
                         last_err = e
                     }
                     Err(e) => return Err(e),

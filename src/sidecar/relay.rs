@@ -21,7 +21,7 @@
 //! kill), the kernel then closes both legs with a reset instead of a FIN, and neither peer can
 //! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
@@ -39,7 +39,15 @@ pub struct Outcome {
     /// Upstream -> downstream.
     pub to_downstream: u64,
     pub end: EndReason,
+    /// The downstream's FIN came before the upstream's, so we sent the first FIN on the
+    /// upstream leg: after an orderly end our upstream socket holds its tuple in TIME_WAIT.
+    pub upstream_fin_first: bool,
 }
+
+/// Which direction saw its EOF first (`EOF_NONE` until one did).
+const EOF_NONE: u8 = 0;
+const EOF_DOWNSTREAM: u8 = 1;
+const EOF_UPSTREAM: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -69,6 +77,7 @@ pub async fn relay(
     let last = Activity {
         t0,
         ms: AtomicU64::new(0),
+        first_eof: AtomicU8::new(EOF_NONE),
     };
 
     let both = async {
@@ -153,6 +162,7 @@ pub async fn relay(
         from_downstream: sent_up.load(Relaxed),
         to_downstream: sent_down.load(Relaxed),
         end,
+        upstream_fin_first: last.first_eof.load(Relaxed) == EOF_DOWNSTREAM,
     }
 }
 
@@ -238,6 +248,16 @@ async fn pump(
     moved: &AtomicU64,
     last: &Activity,
 ) -> Result<(), Side> {
+    let eof = || {
+        let me = if src_side == Side::Downstream {
+            EOF_DOWNSTREAM
+        } else {
+            EOF_UPSTREAM
+        };
+        let _ = last
+            .first_eof
+            .compare_exchange(EOF_NONE, me, Relaxed, Relaxed);
+    };
     // Copy phase.
     loop {
         src.readable().await.map_err(|_| src_side)?;
@@ -248,6 +268,7 @@ async fn pump(
         match step {
             Copied::Again => continue,
             Copied::Eof => {
+                eof();
                 sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
                 return Ok(());
             }
@@ -287,6 +308,7 @@ async fn pump(
             .await
             .map_err(|_| src_side)?;
         if n == 0 {
+            eof();
             sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
             return Ok(());
         }
@@ -305,8 +327,10 @@ async fn pump(
     }
 }
 
-/// When bytes last moved, as milliseconds since the relay started.
+/// When bytes last moved, as milliseconds since the relay started, and which direction saw its
+/// EOF first.
 struct Activity {
+    first_eof: AtomicU8,
     t0: Instant,
     ms: AtomicU64,
 }
@@ -366,6 +390,21 @@ mod tests {
         let o = h.await.unwrap();
         assert_eq!((o.from_downstream, o.to_downstream), (300_000, 5));
         assert_eq!(o.end, EndReason::Normal);
+        assert!(o.upstream_fin_first, "the client's FIN came first");
+    }
+
+    #[tokio::test]
+    async fn app_closing_first_is_not_an_upstream_fin_first() {
+        let (mut client, mut app, h) = setup(Duration::from_secs(5)).await;
+        app.write_all(b"bye").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        client.shutdown().await.unwrap();
+        let o = h.await.unwrap();
+        assert_eq!(o.end, EndReason::Normal);
+        assert!(!o.upstream_fin_first, "the app's FIN came first");
     }
 
     #[tokio::test]

@@ -196,6 +196,12 @@ pub fn splice<A: AsFd, B: AsFd>(from: A, to: B, len: usize) -> io::Result<usize>
 /// listener, `TCP_INFO` reports the queue length in `tcpi_unacked` and the backlog in
 /// `tcpi_sacked` (what `ss -lnt` shows as Recv-Q / Send-Q).
 pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
+    let info = tcp_info(l)?;
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// `tcp_info` of a TCP socket.
+fn tcp_info<S: AsFd>(s: &S) -> io::Result<libc::tcp_info> {
     // SAFETY: `tcp_info` is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -203,7 +209,7 @@ pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
     // bytes and `len` tells the kernel so; it writes at most that much and updates `len`.
     let rc = unsafe {
         libc::getsockopt(
-            l.as_fd().as_raw_fd(),
+            s.as_fd().as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&mut info as *mut libc::tcp_info).cast(),
@@ -213,7 +219,18 @@ pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((info.tcpi_unacked, info.tcpi_sacked))
+    Ok(info)
+}
+
+/// `TCPI_OPT_TIMESTAMPS` of `linux/tcp.h` (not in the libc crate).
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+
+/// Whether the connection negotiated TCP timestamps (`None`: the kernel would not say). Without
+/// them a tuple in TIME_WAIT cannot be connected from again for 60 s (ports.rs).
+pub fn has_timestamps<S: AsFd>(s: &S) -> Option<bool> {
+    tcp_info(s)
+        .ok()
+        .map(|i| i.tcpi_options & TCPI_OPT_TIMESTAMPS != 0)
 }
 
 /// True for "out of file descriptors" (per process or system-wide).
