@@ -1179,3 +1179,40 @@ fn client_closing_first_without_timestamps_moves_to_free_upstream_ports() {
     let bad: Vec<_> = log.iter().filter(|e| e["response_flags"] != "-").collect();
     assert!(bad.is_empty(), "{bad:?}");
 }
+
+/// Issue 12: `--workers 3` runs three accept loops on `SO_REUSEPORT` listeners. The kernel
+/// holds three listeners per family on the port, every connection (spread by flow hash, so a
+/// worker that did not serve would leave about a third of them hanging) reaches the app from
+/// the client's address, and SIGTERM still drains and stops every worker.
+#[test]
+fn workers_share_the_listening_port_and_all_serve() {
+    require_root!();
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
+    let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy", "--workers", "3"]);
+    let listeners = t.pod.sh("ss -Hltn sport = :15006");
+    assert_eq!(listeners.lines().count(), 6, "3 per family:\n{listeners}");
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{}/task", sc.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        3,
+        "one thread per worker"
+    );
+    for (client, pod) in [(CLIENT_V4, POD_V4), (CLIENT_V6, POD_V6)] {
+        for _ in 0..30 {
+            let r = get_ip(&t.client.name, sa(pod, HTTP_PORT)).expect("served");
+            assert_eq!(r.origin, client);
+            assert_ne!(r.port, r.local_port, "through the sidecar");
+        }
+    }
+    assert_eq!(sc.wait_log(60, Duration::from_secs(5)).len(), 60);
+    sc.term();
+    assert!(
+        sc.wait_exit(Duration::from_secs(10)).success(),
+        "{}",
+        sc.stderr()
+    );
+    assert!(sc.stderr().contains("3 workers"), "{}", sc.stderr());
+}

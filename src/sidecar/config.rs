@@ -65,6 +65,9 @@ pub struct Config {
     pub port_linger: Duration,
     pub pipe_size: usize,
     pub access_log: AccessLogTarget,
+    /// Accept loops, each a single-threaded runtime on its own `SO_REUSEPORT` listeners;
+    /// `None`: as many as the CPUs the process may use (cgroup quota, affinity).
+    pub workers: Option<usize>,
 }
 
 /// What the command line asked for.
@@ -113,6 +116,7 @@ const SPECS: &[Spec] = &[
     Spec { flag: "port-linger", default: "120s", help: "how long a closed client port stays excluded from upstream use (conntrack TIME_WAIT)" },
     Spec { flag: "pipe-size", default: "65536", help: "splice pipe capacity per direction, bytes (kernel rounds to pages)" },
     Spec { flag: "access-log", default: "-", help: "access log: - (stdout), off, or a file path (appended)" },
+    Spec { flag: "workers", default: "auto", help: "single-threaded accept loops on SO_REUSEPORT listeners; auto = the CPUs the cgroup quota and affinity allow (1 when unknown)" },
 ];
 
 const ENV_PREFIX: &str = "TPROXY_SIDECAR_";
@@ -286,8 +290,15 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
         port_linger: dur("port-linger")?,
         pipe_size: count("pipe-size", 1 << 24)?,
         access_log,
+        workers: match get("workers").0.trim() {
+            "auto" => None,
+            _ => Some(count("workers", MAX_WORKERS)?),
+        },
     })))
 }
+
+/// More loops than this only adds threads: the kernel spreads connections over at most the CPUs.
+pub const MAX_WORKERS: usize = 64;
 
 const DURATION_HELP: &str = "expected a duration such as 250ms, 5s, 2m, 1h (bare number = seconds)";
 
@@ -401,6 +412,12 @@ mod tests {
             Some(8)
         );
         assert!(run(&["--inbound-port", "99999"], &[]).is_err());
+        assert_eq!(run(&[], &[]).unwrap().workers, None);
+        assert_eq!(run(&["--workers", "2"], &[]).unwrap().workers, Some(2));
+        for bad in ["0", "65", "two", ""] {
+            let e = run(&["--workers", bad], &[]).unwrap_err();
+            assert!(e.to_string().contains("--workers"), "{e}");
+        }
     }
 
     #[test]

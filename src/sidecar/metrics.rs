@@ -341,7 +341,8 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let std_l =
-                super::super::sockopt::listener("127.0.0.1:0".parse().unwrap(), false, 16).unwrap();
+                super::super::sockopt::listener("127.0.0.1:0".parse().unwrap(), false, false, 16)
+                    .unwrap();
             let l = std::sync::Arc::new(tokio::net::TcpListener::from_std(std_l).unwrap());
             m.add_listener("inbound", &l);
             let a = l.local_addr().unwrap();

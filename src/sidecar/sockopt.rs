@@ -60,15 +60,21 @@ pub fn probe(mark: u32, transparent: bool) -> Result<(), (Missing, io::Error)> {
 
 /// A listening socket: `SO_REUSEADDR` (restarts while old connections linger), IPv6 listeners
 /// `IPV6_V6ONLY` (the IPv4 listener is a separate socket, so each family's original
-/// destination comes back in its own family), optional transparency for TPROXY.
+/// destination comes back in its own family), optional transparency for TPROXY, and
+/// `SO_REUSEPORT` when several workers each listen on the same port (the kernel spreads new
+/// connections over them by flow hash; the TPROXY listener lookup honours the group too).
 pub fn listener(
     addr: SocketAddr,
     transparent: bool,
+    reuse_port: bool,
     backlog: i32,
 ) -> io::Result<std::net::TcpListener> {
     let v6 = addr.is_ipv6();
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if v6 {
         sock.set_only_v6(true)?;
     }
