@@ -47,8 +47,9 @@ if ((QUICK)); then
 else
   REPS=5 DUR=5 DUR1=3 BULK_MIB=1024 PLUGIN_ARGS=() CHURN_S=${CHURN_S:-60}
 fi
+REPS=${BENCH_REPS:-$REPS}
 HOLD_N=1000 PROBE_N=200 PROBE_S=5
-ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect haproxy nginx})
+ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect sidecar-w2 sidecar-1cpu haproxy haproxy-istio nginx})
 [[ -z ${BENCH_SKIP_MAIN:-} ]] || ROWS=()
 CHURN_ROWS=(${BENCH_CHURN_ROWS:-direct sidecar-tproxy})
 [[ -z ${BENCH_SKIP_CHURN:-} ]] || CHURN_ROWS=()
@@ -58,6 +59,9 @@ CHURN_RATE=${BENCH_CHURN_RATE:-2000}
 MARK=0x1000 INBOUND_PORT=15006 APP_PORT=8080
 CLIENT_IP=10.77.0.1 POD_IP=10.77.0.2
 SIDECAR_UID=1337 HAPROXY_UID=1338 NGINX_UID=1339
+# The haproxy-istio row: Istio's mark and routing table, and a uid of its own (not marked by
+# the tpbench peers_mark chain, which serves the rows on the plugin's rules).
+ISTIO_MARK=1337 ISTIO_TABLE=133 ISTIO_UID=1340
 
 TGT=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TGT/release
@@ -166,8 +170,8 @@ table inet tpbench {
     iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn counter name client_syn
   }
   chain after_capture { type filter hook prerouting priority -90; policy accept;
-    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark != $MARK ct state new counter name bypass
-    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark != $MARK ct state != new counter name clash
+    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark 0 ct state new counter name bypass
+    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark 0 ct state != new counter name clash
     iifname "lo" tcp dport $APP_PORT tcp flags & (syn | ack) == syn counter name app_leg
   }
   chain peers_mark { type route hook output priority mangle + 1; policy accept;
@@ -240,7 +244,7 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------- rows
-row_mode() { case $1 in direct) echo none ;; sidecar-redirect) echo redirect ;; *) echo tproxy ;; esac; }
+row_mode() { case $1 in direct | haproxy-istio) echo none ;; sidecar-redirect) echo redirect ;; *) echo tproxy ;; esac; }
 expected_ip() { [[ $1 == sidecar-redirect ]] && echo 127.0.0.6 || echo "$CLIENT_IP"; }
 
 start_row() {
@@ -249,10 +253,52 @@ start_row() {
   if [[ $mode != none ]]; then cni ADD "$mode"; CNI_MODE=$mode; fi
   case $row in
     direct) return 0 ;;
-    sidecar-*)
-      # Defaults but the access log: the peers log nothing either.
+    sidecar-fastpath)
+      # Experiment (not a default row): the established-flow fast path before the tproxy rule.
+      local h
+      h=$(in_p nft -a list chain inet tproxy_cni prerouting | awk '/tproxy to/ {print $NF; exit}')
+      in_p nft insert rule inet tproxy_cni prerouting position "$h" \
+        ct state established ct direction original tcp flags \& syn == 0 accept
       as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
         >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    sidecar-w2)
+      # As many workers as CPUs (auto: 2 here).
+      as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
+        >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    sidecar-1cpu)
+      # Confined to one CPU: auto then means one worker.
+      as_proxy "$SIDECAR_UID" taskset -c 0 "$BIN/tproxy-sidecar" --mode "$mode" \
+        --access-log off >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    sidecar-*)
+      # One worker, like the peers' one thread; defaults but the access log (the peers log
+      # nothing either).
+      as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
+        --workers 1 >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    haproxy-istio)
+      # HAProxy on the rules its users would write: Istio's TPROXY recipe (connmark return
+      # path, mark by the proxy's uid, established flows diverted by conntrack), expressed in
+      # nftables here, with its own mark and table. No plugin rules in this row.
+      in_p nft -f - <<EOF
+table inet tpbench_istio {
+  chain prerouting { type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp meta mark $ISTIO_MARK ct mark set $ISTIO_MARK accept
+    meta l4proto tcp ct state established,related meta mark set $ISTIO_MARK accept
+    meta nfproto ipv4 meta l4proto tcp ip daddr != 127.0.0.1 tproxy ip to :$INBOUND_PORT meta mark set $ISTIO_MARK accept
+  }
+  chain output { type route hook output priority mangle; policy accept;
+    meta l4proto tcp oifname "lo" meta mark $ISTIO_MARK return
+    meta nfproto ipv4 meta l4proto tcp oifname "lo" meta skuid $ISTIO_UID ip daddr != 127.0.0.1 meta mark set $ISTIO_MARK
+    meta l4proto tcp ct mark $ISTIO_MARK meta mark set ct mark
+  }
+}
+EOF
+      in_p ip rule add fwmark "$ISTIO_MARK" lookup "$ISTIO_TABLE"
+      in_p ip route add local 0.0.0.0/0 dev lo table "$ISTIO_TABLE"
+      as_proxy "$ISTIO_UID" haproxy -db -f "$RUN/haproxy.cfg" >"$RUN/haproxy.log" 2>&1 &
       ;;
     haproxy)
       as_proxy "$HAPROXY_UID" haproxy -db -f "$RUN/haproxy.cfg" >"$RUN/haproxy.log" 2>&1 &
@@ -288,14 +334,21 @@ stop_row() {
   stop_pid "$PROXY_PID"
   PROXY_PID=
   [[ $row == nginx ]] && in_p nft delete table ip tpbench_nginx
+  if [[ $row == haproxy-istio ]]; then
+    in_p nft delete table inet tpbench_istio
+    in_p ip rule del fwmark "$ISTIO_MARK" lookup "$ISTIO_TABLE"
+    in_p ip route flush table "$ISTIO_TABLE"
+  fi
   if [[ -n $CNI_MODE ]]; then cni DEL "$CNI_MODE"; CNI_MODE=; fi
 }
 
 # The proxy's processes: the pid and its children (nginx's worker).
 proxy_pids() { [[ -z $PROXY_PID ]] || { echo "$PROXY_PID"; pgrep -P "$PROXY_PID" || true; }; }
+# The app's processes (nginx master and worker).
+app_pids() { echo "$APP_PID"; pgrep -P "$APP_PID" || true; }
 cpu_ticks() {
   local t=0 p v
-  for p in $(proxy_pids); do
+  for p in $(proxy_pids) ${1:+$(app_pids)}; do
     v=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)
     t=$((t + v))
   done
@@ -317,7 +370,10 @@ rec() { printf '%s\t%s\t%s\t%s\n' "$rep" "$1" "$2" "$3" >>"$RESULTS"; }
 to_ms='function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /m$/) return v*60000; if (v ~ /s$/) return v*1000; return v }'
 run_wrk() {
   local row=$1 prefix=$2; shift 2
+  local c0 c1
+  c0=$(cpu_ticks app)
   in_c wrk "$@" --latency "http://$POD_IP:$APP_PORT/" >"$RUN/wrk.out" 2>&1 || true
+  c1=$(cpu_ticks app)
   local rps p50 p99 max errs
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$RUN/wrk.out")
   p50=$(awk "$to_ms"' $1 == "50%" {print ms($2)}' "$RUN/wrk.out")
@@ -331,6 +387,12 @@ run_wrk() {
   rec "$row" "${prefix}_p99_ms" "$p99"
   rec "$row" "${prefix}_max_ms" "$max"
   rec "$row" "${prefix}_errors" "${errs:-0}"
+  # CPU of the proxy and the app per request (the kernel's receive work on lo and veth runs in
+  # the sender's context, so this holds most of the per-request kernel cost of the pod).
+  local reqs
+  reqs=$(awk '/requests in/ {print $1}' "$RUN/wrk.out")
+  [[ -z $reqs || $reqs == 0 ]] || rec "$row" "${prefix}_cpu_us" \
+    "$(awk -v d=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN {printf "%.2f", d / hz * 1e6 / n}')"
 }
 
 measure_row() {
