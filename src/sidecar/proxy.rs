@@ -570,7 +570,11 @@ async fn connect_from(
     let stream = TcpSocket::from_std_stream(std_stream)
         .connect(orig.0)
         .await?;
-    let local = stream.local_addr().map(unmap)?;
+    // An explicitly bound port (tproxy mode) is the local address already: no getsockname.
+    let local = match src {
+        Some(a) if a.port() != 0 && !a.ip().is_unspecified() => unmap(a),
+        _ => stream.local_addr().map(unmap)?,
+    };
     Ok((stream, UpstreamLocal(local), guard))
 }
 

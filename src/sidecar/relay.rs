@@ -16,8 +16,9 @@
 //! pitfall 16). So the relay also waits for `EPOLLERR` on both sockets, whatever the
 //! directions are doing, and ends at the first one.
 //!
-//! Both legs carry `SO_LINGER` 0 for as long as the relay runs, and get the normal linger back
-//! only once both directions ended with a FIN: if the process dies mid-transfer (SIGKILL, OOM
+//! Both legs carry `SO_LINGER` 0 for as long as the relay runs (the caller arms it as soon as
+//! each socket exists, so no extra call is made here), and get the normal linger back only
+//! once both directions ended with a FIN: if the process dies mid-transfer (SIGKILL, OOM
 //! kill), the kernel then closes both legs with a reset instead of a FIN, and neither peer can
 //! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
@@ -58,7 +59,8 @@ enum Side {
 }
 
 /// Relays until both directions reached EOF, one side failed, the connection idled for
-/// `idle`, or `stop` turned true (drain deadline).
+/// `idle`, or `stop` turned true (drain deadline). Both sockets must already carry `SO_LINGER`
+/// 0 (`sockopt::reset_on_close`).
 pub async fn relay(
     down: &TcpStream,
     up: &TcpStream,
@@ -68,9 +70,6 @@ pub async fn relay(
 ) -> Outcome {
     // Atomics rather than Cells only so the future stays `Send` for `tokio::spawn`; everything
     // runs on one task, so the orderings are moot.
-    // Until an orderly end, closing (or dying) resets both legs.
-    sockopt::reset_on_close(down);
-    sockopt::reset_on_close(up);
     let sent_up = AtomicU64::new(0);
     let sent_down = AtomicU64::new(0);
     let t0 = Instant::now();
@@ -254,9 +253,12 @@ async fn pump(
         } else {
             EOF_UPSTREAM
         };
-        let _ = last
-            .first_eof
-            .compare_exchange(EOF_NONE, me, Relaxed, Relaxed);
+        // The first EOF passes a half-close on. At the second, both directions are over: the
+        // relay ends and closing the socket (normal linger) sends the FIN, so the shutdown
+        // call is saved.
+        last.first_eof
+            .compare_exchange(EOF_NONE, me, Relaxed, Relaxed)
+            .is_ok()
     };
     // Copy phase.
     loop {
@@ -268,8 +270,9 @@ async fn pump(
         match step {
             Copied::Again => continue,
             Copied::Eof => {
-                eof();
-                sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+                if eof() {
+                    sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+                }
                 return Ok(());
             }
             Copied::Data { n, unsent, full } => {
@@ -308,8 +311,9 @@ async fn pump(
             .await
             .map_err(|_| src_side)?;
         if n == 0 {
-            eof();
-            sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+            if eof() {
+                sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+            }
             return Ok(());
         }
         last.touch();
@@ -363,6 +367,9 @@ mod tests {
     async fn setup(idle: Duration) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
         let (client, down) = pair().await;
         let (up, app) = pair().await;
+        // As the sidecar does when it gets each socket.
+        sockopt::reset_on_close(&down);
+        sockopt::reset_on_close(&up);
         let (tx, rx) = watch::channel(false);
         let h = tokio::spawn(async move {
             let _keep = tx;
@@ -565,6 +572,8 @@ mod tests {
         // orderly end (the e2e test kills the process; this checks the socket state).
         let (client, down) = pair().await;
         let (up, app) = pair().await;
+        sockopt::reset_on_close(&down);
+        sockopt::reset_on_close(&up);
         let (tx, rx) = watch::channel(false);
         let down = std::sync::Arc::new(down);
         let up = std::sync::Arc::new(up);
@@ -583,6 +592,9 @@ mod tests {
         assert_eq!(ended(h).await.end, EndReason::Normal);
         assert_eq!(linger(&down), None);
         assert_eq!(linger(&up), None);
+        // The second FIN is sent by closing (the relay saves that shutdown), as the sidecar
+        // does when the connection's task ends.
+        drop((down, up));
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).await.unwrap(), 0);
         assert_eq!(app.read(&mut b).await.unwrap(), 0);

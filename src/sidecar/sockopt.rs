@@ -101,10 +101,12 @@ pub struct UpstreamOpts {
     pub reuse_addr: bool,
 }
 
-/// A fresh non-blocking TCP socket for an upstream connection.
+/// A fresh non-blocking TCP socket for an upstream connection (`SOCK_NONBLOCK` at creation:
+/// no fcntl calls), armed with `SO_LINGER` 0 from the start: until the relay ends in order,
+/// closing it (or dying) resets the app (relay.rs).
 pub fn upstream_socket(o: UpstreamOpts) -> io::Result<Socket> {
     let domain = if o.v6 { Domain::IPV6 } else { Domain::IPV4 };
-    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if o.transparent {
         set_transparent(&sock, o.v6)?;
     }
@@ -115,7 +117,7 @@ pub fn upstream_socket(o: UpstreamOpts) -> io::Result<Socket> {
         sock.set_reuse_address(true)?;
     }
     sock.set_nodelay(true)?;
-    sock.set_nonblocking(true)?;
+    sock.set_linger(Some(Duration::ZERO))?;
     Ok(sock)
 }
 
