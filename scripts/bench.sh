@@ -18,7 +18,10 @@
 # BENCH_SKIP_PLUGIN=1 skips the plugin benchmark; BENCH_SKIP_BUILD=1 uses the built binaries;
 # BENCH_SKIP_MAIN=1 / BENCH_SKIP_CHURN=1 skip the main rows / the churn cells;
 # BENCH_CHURN_ROWS="direct sidecar-tproxy", BENCH_CHURN_RATE=2000, BENCH_CHURN_TS="1 0" and
-# BENCH_CHURN_CLOSE="client app" choose the churn cells;
+# BENCH_CHURN_CLOSE="client app" choose the churn cells; BENCH_REPS=N overrides the repetitions;
+# BENCH_PROFILE=1 adds, in the last repetition of sidecar-tproxy, haproxy and haproxy-istio,
+# `strace -c` (syscalls per request) and `perf record` (kernel vs user share, top symbols) of the
+# proxy under keep-alive and Connection: close load, kept in ${CARGO_TARGET_DIR:-target}/bench/;
 # BENCH_RULES=nft applies the pod's ruleset with `nft -f` instead of the plugin (only to develop
 # the harness while the plugin is unfinished: real figures come from the plugin's own rules).
 set -euo pipefail
@@ -441,6 +444,34 @@ measure_row() {
         "$(awk '{print $2}' "$RUN/hold.ready" 2>/dev/null || echo "$PROBE_N")"
     done
     ip netns exec "$C" sysctl -qw net.ipv4.ip_local_port_range="$CLIENT_PORTS"
+  fi
+  # Profiles (BENCH_PROFILE=1), last repetition only: the proxy under each load, traced and
+  # sampled in separate runs (strace slows it down; the counts per request are what matter).
+  if [[ -n ${BENCH_PROFILE:-} && $rep == "$REPS" ]] && [[ $row =~ ^(sidecar-tproxy|haproxy|haproxy-istio)$ ]]; then
+    local kind hdr pids reqs calls
+    pids=$(proxy_pids | paste -sd,)
+    for kind in ka close; do
+      hdr=(); [[ $kind == close ]] && hdr=(-H "Connection: close")
+      strace -c -f -qq -o "$RUN/strace.txt" -p "$pids" &
+      local sp=$!
+      sleep 0.5
+      in_c wrk -t1 -c50 -d2s "${hdr[@]}" "http://$POD_IP:$APP_PORT/" >"$RUN/wrk-prof.out" 2>&1 || true
+      kill -INT "$sp" 2>/dev/null || true
+      wait "$sp" 2>/dev/null || true
+      reqs=$(awk '/requests in/ {print $1}' "$RUN/wrk-prof.out")
+      calls=$(awk '$NF == "total" {print $(NF-2) ~ /^[0-9]+$/ ? $(NF-2) : $(NF-1)}' "$RUN/strace.txt")
+      cp "$RUN/strace.txt" "$OUT/strace-$row-$kind-$$.txt"
+      [[ -z $reqs || -z $calls ]] || rec "$row" "${kind}_syscalls_per_req" \
+        "$(awk -v c="$calls" -v n="$reqs" 'BEGIN {printf "%.2f", c / n}')"
+      perf record -q -g -o "$RUN/perf.data" -p "$pids" -- sleep 2 >/dev/null 2>&1 &
+      sp=$!
+      in_c wrk -t1 -c50 -d2s "${hdr[@]}" "http://$POD_IP:$APP_PORT/" >/dev/null 2>&1 || true
+      wait "$sp" 2>/dev/null || true
+      perf report -q -i "$RUN/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null |
+        grep -v '^$' | head -8 >"$OUT/perf-$row-$kind-$$.txt" || true
+      perf report -q -i "$RUN/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null |
+        grep -v '^$' | head -25 >>"$OUT/perf-$row-$kind-$$.txt" || true
+    done
   fi
   # 6. Counters over the whole row.
   rec "$row" client_syn "$(counter client_syn)"
