@@ -4,6 +4,7 @@
 #
 #   sudo ./scripts/bench.sh            # full run, < 15 min
 #   sudo ./scripts/bench.sh --quick    # < 2 min (after the first build); asserts correctness
+#   --churn-seconds N                  # length of each churn cell (default 60, quick 5)
 #
 # It installs wrk, haproxy and nginx, builds the release binaries, makes a client netns and a pod
 # netns joined by a veth (10.77.0.1 <-> 10.77.0.2, addresses only inside those namespaces), and
@@ -15,38 +16,55 @@
 #
 # Knobs for development (environment): BENCH_ROWS="direct haproxy" runs a subset;
 # BENCH_SKIP_PLUGIN=1 skips the plugin benchmark; BENCH_SKIP_BUILD=1 uses the built binaries;
+# BENCH_SKIP_MAIN=1 / BENCH_SKIP_CHURN=1 skip the main rows / the churn cells;
+# BENCH_CHURN_ROWS="direct sidecar-tproxy", BENCH_CHURN_RATE=2000, BENCH_CHURN_TS="1 0" and
+# BENCH_CHURN_CLOSE="client app" choose the churn cells; BENCH_REPS=N overrides the repetitions;
+# BENCH_PROFILE=1 adds, in the last repetition of sidecar-tproxy, haproxy and haproxy-istio,
+# `strace -c` (syscalls per request) and `perf record` (kernel vs user share, top symbols) of the
+# proxy under keep-alive and Connection: close load, kept in ${CARGO_TARGET_DIR:-target}/bench/;
 # BENCH_RULES=nft applies the pod's ruleset with `nft -f` instead of the plugin (only to develop
 # the harness while the plugin is unfinished: real figures come from the plugin's own rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "bench: $*" >&2; exit 1; }
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
-QUICK=0
-for arg in "$@"; do
-  case $arg in
+QUICK=0 CHURN_S=
+while (($#)); do
+  case $1 in
     --quick) QUICK=1 ;;
+    --churn-seconds) CHURN_S=${2:-}; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
   esac
+  shift
 done
+[[ -z $CHURN_S || $CHURN_S =~ ^[1-9][0-9]*$ ]] || die "--churn-seconds wants a positive number"
 [[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, nftables); run with sudo"
 
 if ((QUICK)); then
-  REPS=2 DUR=2 DUR1=1 BULK_MIB=256 PLUGIN_ARGS=(--quick)
+  REPS=2 DUR=2 DUR1=1 BULK_MIB=256 PLUGIN_ARGS=(--quick) CHURN_S=${CHURN_S:-5}
 else
-  REPS=5 DUR=5 DUR1=3 BULK_MIB=1024 PLUGIN_ARGS=()
+  REPS=5 DUR=5 DUR1=3 BULK_MIB=1024 PLUGIN_ARGS=() CHURN_S=${CHURN_S:-60}
 fi
+REPS=${BENCH_REPS:-$REPS}
 HOLD_N=1000 PROBE_N=200 PROBE_S=5
-ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect haproxy nginx})
+ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect sidecar-w2 sidecar-1cpu haproxy haproxy-istio nginx})
+[[ -z ${BENCH_SKIP_MAIN:-} ]] || ROWS=()
+CHURN_ROWS=(${BENCH_CHURN_ROWS:-direct sidecar-tproxy})
+[[ -z ${BENCH_SKIP_CHURN:-} ]] || CHURN_ROWS=()
+CHURN_RATE=${BENCH_CHURN_RATE:-2000}
 
 # Fixed numbers, the same as src/consts.rs (the harness reads no Rust).
 MARK=0x1000 INBOUND_PORT=15006 APP_PORT=8080
 CLIENT_IP=10.77.0.1 POD_IP=10.77.0.2
 SIDECAR_UID=1337 HAPROXY_UID=1338 NGINX_UID=1339
+# The haproxy-istio row: Istio's mark and routing table, and a uid of its own (not marked by
+# the tpbench peers_mark chain, which serves the rows on the plugin's rules).
+ISTIO_MARK=1337 ISTIO_TABLE=133 ISTIO_UID=1340
 
 TGT=${CARGO_TARGET_DIR:-$ROOT/target}
 BIN=$TGT/release
@@ -89,10 +107,11 @@ log "installing what is missing (wrk, haproxy, nginx)"
 if [[ -z ${BENCH_SKIP_BUILD:-} ]]; then
   log "building release binaries"
   cargo build --release --bins --quiet
+  cargo build --release --example churn --quiet
   # The plugin benchmark's own binary too, so the timed part below compiles nothing.
   [[ -n ${BENCH_SKIP_PLUGIN:-} ]] || cargo bench --no-run --quiet --bench plugin 2>/dev/null
 fi
-for b in tproxy-cni tproxy-sidecar; do [[ -x $BIN/$b ]] || die "$BIN/$b missing"; done
+for b in tproxy-cni tproxy-sidecar examples/churn; do [[ -x $BIN/$b ]] || die "$BIN/$b missing"; done
 mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"  # the proxies hold 2 fds per connection
 
@@ -161,8 +180,8 @@ table inet tpbench {
     iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn counter name client_syn
   }
   chain after_capture { type filter hook prerouting priority -90; policy accept;
-    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark != $MARK ct state new counter name bypass
-    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark != $MARK ct state != new counter name clash
+    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark 0 ct state new counter name bypass
+    iifname "eth0" tcp dport $APP_PORT tcp flags & (syn | ack) == syn meta mark 0 ct state != new counter name clash
     iifname "lo" tcp dport $APP_PORT tcp flags & (syn | ack) == syn counter name app_leg
   }
   chain peers_mark { type route hook output priority mangle + 1; policy accept;
@@ -235,7 +254,7 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------- rows
-row_mode() { case $1 in direct) echo none ;; sidecar-redirect) echo redirect ;; *) echo tproxy ;; esac; }
+row_mode() { case $1 in direct | haproxy-istio) echo none ;; sidecar-redirect) echo redirect ;; *) echo tproxy ;; esac; }
 expected_ip() { [[ $1 == sidecar-redirect ]] && echo 127.0.0.6 || echo "$CLIENT_IP"; }
 
 start_row() {
@@ -244,10 +263,52 @@ start_row() {
   if [[ $mode != none ]]; then cni ADD "$mode"; CNI_MODE=$mode; fi
   case $row in
     direct) return 0 ;;
-    sidecar-*)
-      # Defaults but the access log: the peers log nothing either.
+    sidecar-fastpath)
+      # Experiment (not a default row): the established-flow fast path before the tproxy rule.
+      local h
+      h=$(in_p nft -a list chain inet tproxy_cni prerouting | awk '/tproxy to/ {print $NF; exit}')
+      in_p nft insert rule inet tproxy_cni prerouting position "$h" \
+        ct state established ct direction original tcp flags \& syn == 0 accept
       as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
         >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    sidecar-w2)
+      # As many workers as CPUs (auto: 2 here).
+      as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
+        >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    sidecar-1cpu)
+      # Confined to one CPU: auto then means one worker.
+      as_proxy "$SIDECAR_UID" taskset -c 0 "$BIN/tproxy-sidecar" --mode "$mode" \
+        --access-log off >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    sidecar-*)
+      # One worker, like the peers' one thread; defaults but the access log (the peers log
+      # nothing either).
+      as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
+        --workers 1 >"$RUN/sidecar.log" 2>&1 &
+      ;;
+    haproxy-istio)
+      # HAProxy on the rules its users would write: Istio's TPROXY recipe (connmark return
+      # path, mark by the proxy's uid, established flows diverted by conntrack), expressed in
+      # nftables here, with its own mark and table. No plugin rules in this row.
+      in_p nft -f - <<EOF
+table inet tpbench_istio {
+  chain prerouting { type filter hook prerouting priority mangle; policy accept;
+    meta l4proto tcp meta mark $ISTIO_MARK ct mark set $ISTIO_MARK accept
+    meta l4proto tcp ct state established,related meta mark set $ISTIO_MARK accept
+    meta nfproto ipv4 meta l4proto tcp ip daddr != 127.0.0.1 tproxy ip to :$INBOUND_PORT meta mark set $ISTIO_MARK accept
+  }
+  chain output { type route hook output priority mangle; policy accept;
+    meta l4proto tcp oifname "lo" meta mark $ISTIO_MARK return
+    meta nfproto ipv4 meta l4proto tcp oifname "lo" meta skuid $ISTIO_UID ip daddr != 127.0.0.1 meta mark set $ISTIO_MARK
+    meta l4proto tcp ct mark $ISTIO_MARK meta mark set ct mark
+  }
+}
+EOF
+      in_p ip rule add fwmark "$ISTIO_MARK" lookup "$ISTIO_TABLE"
+      in_p ip route add local 0.0.0.0/0 dev lo table "$ISTIO_TABLE"
+      as_proxy "$ISTIO_UID" haproxy -db -f "$RUN/haproxy.cfg" >"$RUN/haproxy.log" 2>&1 &
       ;;
     haproxy)
       as_proxy "$HAPROXY_UID" haproxy -db -f "$RUN/haproxy.cfg" >"$RUN/haproxy.log" 2>&1 &
@@ -283,14 +344,21 @@ stop_row() {
   stop_pid "$PROXY_PID"
   PROXY_PID=
   [[ $row == nginx ]] && in_p nft delete table ip tpbench_nginx
+  if [[ $row == haproxy-istio ]]; then
+    in_p nft delete table inet tpbench_istio
+    in_p ip rule del fwmark "$ISTIO_MARK" lookup "$ISTIO_TABLE"
+    in_p ip route flush table "$ISTIO_TABLE"
+  fi
   if [[ -n $CNI_MODE ]]; then cni DEL "$CNI_MODE"; CNI_MODE=; fi
 }
 
 # The proxy's processes: the pid and its children (nginx's worker).
 proxy_pids() { [[ -z $PROXY_PID ]] || { echo "$PROXY_PID"; pgrep -P "$PROXY_PID" || true; }; }
+# The app's processes (nginx master and worker).
+app_pids() { echo "$APP_PID"; pgrep -P "$APP_PID" || true; }
 cpu_ticks() {
   local t=0 p v
-  for p in $(proxy_pids); do
+  for p in $(proxy_pids) ${1:+$(app_pids)}; do
     v=$(awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$p/stat" 2>/dev/null || echo 0)
     t=$((t + v))
   done
@@ -312,7 +380,10 @@ rec() { printf '%s\t%s\t%s\t%s\n' "$rep" "$1" "$2" "$3" >>"$RESULTS"; }
 to_ms='function ms(v){ if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /m$/) return v*60000; if (v ~ /s$/) return v*1000; return v }'
 run_wrk() {
   local row=$1 prefix=$2; shift 2
+  local c0 c1
+  c0=$(cpu_ticks app)
   in_c wrk "$@" --latency "http://$POD_IP:$APP_PORT/" >"$RUN/wrk.out" 2>&1 || true
+  c1=$(cpu_ticks app)
   local rps p50 p99 max errs
   rps=$(awk '/^Requests\/sec:/ {print $2}' "$RUN/wrk.out")
   p50=$(awk "$to_ms"' $1 == "50%" {print ms($2)}' "$RUN/wrk.out")
@@ -326,6 +397,12 @@ run_wrk() {
   rec "$row" "${prefix}_p99_ms" "$p99"
   rec "$row" "${prefix}_max_ms" "$max"
   rec "$row" "${prefix}_errors" "${errs:-0}"
+  # CPU of the proxy and the app per request (the kernel's receive work on lo and veth runs in
+  # the sender's context, so this holds most of the per-request kernel cost of the pod).
+  local reqs
+  reqs=$(awk '/requests in/ {print $1}' "$RUN/wrk.out")
+  [[ -z $reqs || $reqs == 0 ]] || rec "$row" "${prefix}_cpu_us" \
+    "$(awk -v d=$((c1 - c0)) -v hz="$(getconf CLK_TCK)" -v n="$reqs" 'BEGIN {printf "%.2f", d / hz * 1e6 / n}')"
 }
 
 measure_row() {
@@ -375,6 +452,34 @@ measure_row() {
     done
     ip netns exec "$C" sysctl -qw net.ipv4.ip_local_port_range="$CLIENT_PORTS"
   fi
+  # Profiles (BENCH_PROFILE=1), last repetition only: the proxy under each load, traced and
+  # sampled in separate runs (strace slows it down; the counts per request are what matter).
+  if [[ -n ${BENCH_PROFILE:-} && $rep == "$REPS" ]] && [[ $row =~ ^(sidecar-tproxy|haproxy|haproxy-istio)$ ]]; then
+    local kind hdr pids reqs calls
+    pids=$(proxy_pids | paste -sd,)
+    for kind in ka close; do
+      hdr=(); [[ $kind == close ]] && hdr=(-H "Connection: close")
+      strace -c -f -qq -o "$RUN/strace.txt" -p "$pids" &
+      local sp=$!
+      sleep 0.5
+      in_c wrk -t1 -c50 -d2s "${hdr[@]}" "http://$POD_IP:$APP_PORT/" >"$RUN/wrk-prof.out" 2>&1 || true
+      kill -INT "$sp" 2>/dev/null || true
+      wait "$sp" 2>/dev/null || true
+      reqs=$(awk '/requests in/ {print $1}' "$RUN/wrk-prof.out")
+      calls=$(awk '$NF == "total" {print $(NF-2) ~ /^[0-9]+$/ ? $(NF-2) : $(NF-1)}' "$RUN/strace.txt")
+      cp "$RUN/strace.txt" "$OUT/strace-$row-$kind-$$.txt"
+      [[ -z $reqs || -z $calls ]] || rec "$row" "${kind}_syscalls_per_req" \
+        "$(awk -v c="$calls" -v n="$reqs" 'BEGIN {printf "%.2f", c / n}')"
+      perf record -q -g -o "$RUN/perf.data" -p "$pids" -- sleep 2 >/dev/null 2>&1 &
+      sp=$!
+      in_c wrk -t1 -c50 -d2s "${hdr[@]}" "http://$POD_IP:$APP_PORT/" >/dev/null 2>&1 || true
+      wait "$sp" 2>/dev/null || true
+      perf report -q -i "$RUN/perf.data" --no-children --sort dso --stdio -g none 2>/dev/null |
+        grep -v '^$' | head -8 >"$OUT/perf-$row-$kind-$$.txt" || true
+      perf report -q -i "$RUN/perf.data" --no-children --sort sym --stdio -g none 2>/dev/null |
+        grep -v '^$' | head -25 >>"$OUT/perf-$row-$kind-$$.txt" || true
+    done
+  fi
   # 6. Counters over the whole row.
   rec "$row" client_syn "$(counter client_syn)"
   rec "$row" clash_syn "$(counter clash)"
@@ -395,6 +500,84 @@ for rep in $(seq "$REPS"); do
     stop_row "$row"
   done
 done
+
+# ---------------------------------------------------------------------------------- churn
+# Issue 12: one client IP -> one app port, one request per connection, at CHURN_RATE new
+# connections/s for CHURN_S seconds (open loop: a stall shows as a slow connect, not as a lower
+# rate), with the client closing first (keep-alive request, the client closes once it has the
+# response) and the app closing first (`Connection: close`), TCP timestamps on and off in the
+# pod netns. The client takes the ports of the Linux default ephemeral range in turn (explicit
+# bind: once most of the range is in TIME_WAIT, the kernel's own port search makes every
+# connect() slow and the client would be the limit), and reuses its TIME_WAIT ports when
+# timestamps allow it (tcp_tw_reuse=1). One thing no server can change: with timestamps off and
+# the client closing first, the client's own TIME_WAIT (60 s, not reusable without timestamps)
+# caps it at its port count / 60 s, so that cell runs at 90 % of that cap and `direct` shows it
+# holds.
+# Every cell starts clean: TIME_WAIT sockets (ss -K) and conntrack entries of the previous cell
+# are dropped, so no cell inherits another's tuples.
+CHURN_CLIENT_PORTS="32768 60999"
+churn_clean() {
+  in_p ss -K -H state time-wait >/dev/null 2>&1 || true
+  in_c ss -K -H state time-wait >/dev/null 2>&1 || true
+  in_p conntrack -F >/dev/null 2>&1 || true
+}
+# nstat counters of the pod netns that explain failures; printed as name=delta.
+CHURN_NSTAT="TcpExtTW TcpExtTWRecycled TcpExtTCPTimeWaitOverflow TcpExtListenOverflows TcpExtListenDrops TcpAttemptFails TcpEstabResets TcpExtTCPAbortOnData TcpExtTCPAbortOnClose TcpOutRsts TcpExtTCPChallengeACK TcpExtPAWSEstab TcpExtTWKilled"
+run_churn_cell() {
+  local row=$1 ts=$2 close=$3 rate=$CHURN_RATE lo hi cap cell
+  cell="churn|$row|ts$ts|$close"
+  read -r lo hi <<<"$CHURN_CLIENT_PORTS"
+  cap=$(((hi - lo + 1) * 9 / 10 / 60))
+  if [[ $ts == 0 && $close == client ]] && ((rate > cap)); then rate=$cap; fi
+  in_p sysctl -qw net.ipv4.tcp_timestamps="$ts"
+  churn_clean
+  start_row "$row"
+  reset_counters
+  in_p env NSTAT_HISTORY="$RUN/nstat.hist" nstat -n >/dev/null
+  log "churn: $row, timestamps $ts, $close closes first, $rate/s for ${CHURN_S}s"
+  local conntrack_max=0 tw_max=0 t
+  (
+    while sleep 1; do
+      printf '%s %s\n' "$(in_p conntrack -C 2>/dev/null || echo 0)" \
+        "$(in_p ss -Htan state time-wait 2>/dev/null | wc -l)"
+    done
+  ) >"$RUN/churn.gauge" &
+  local gauge=$!
+  in_c "$BIN/examples/churn" --target "$POD_IP:$APP_PORT" --rate "$rate" --seconds "$CHURN_S" \
+    --close "$close" --ports "$lo-$hi" >"$RUN/churn.out" 2>&1 || true
+  kill "$gauge" 2>/dev/null || true
+  wait "$gauge" 2>/dev/null || true
+  read -r conntrack_max tw_max < <(awk '$1 > c {c = $1} $2 > w {w = $2} END {print c + 0, w + 0}' "$RUN/churn.gauge")
+  cat "$RUN/churn.out" >&2
+  local line k v
+  line=$(head -n1 "$RUN/churn.out")
+  [[ $line == started=* ]] || die "churn client failed: $(cat "$RUN/churn.out")"
+  rec "$cell" rate_asked "$rate"
+  for kv in $line; do k=${kv%%=*} v=${kv#*=}; rec "$cell" "$k" "$v"; done
+  rec "$cell" fail_seconds "$(grep -c "^second [0-9]*: [1-9]" "$RUN/churn.out" || true)"
+  rec "$cell" conntrack_max "$conntrack_max"
+  rec "$cell" tw_max "$tw_max"
+  in_p env NSTAT_HISTORY="$RUN/nstat.hist" nstat -sz >"$RUN/nstat.out"
+  for t in $CHURN_NSTAT; do
+    rec "$cell" "nstat_$t" "$(awk -v t="$t" '$1 == t {print $2}' "$RUN/nstat.out")"
+  done
+  rec "$cell" client_syn "$(counter client_syn)"
+  rec "$cell" clash_syn "$(counter clash)"
+  rec "$cell" app_leg_syn "$(counter app_leg)"
+  [[ $row == direct ]] || rec "$cell" bypassed "$(counter bypass)"
+  stop_row "$row"
+}
+if ((${#CHURN_ROWS[@]})); then
+  rep=1
+  in_c sysctl -qw net.ipv4.ip_local_port_range="$CHURN_CLIENT_PORTS"
+  for ts in ${BENCH_CHURN_TS:-1 0}; do
+    for close in ${BENCH_CHURN_CLOSE:-client app}; do
+      for row in "${CHURN_ROWS[@]}"; do run_churn_cell "$row" "$ts" "$close"; done
+    done
+  done
+  in_p sysctl -qw net.ipv4.tcp_timestamps=1
+  in_c sysctl -qw net.ipv4.ip_local_port_range="$CLIENT_PORTS"
+fi
 
 PLUGIN_TSV=$RUN/plugin.tsv
 if [[ -z ${BENCH_SKIP_PLUGIN:-} ]]; then

@@ -13,9 +13,12 @@
 //!   `httprelay`: the HTTP/1.1 relay of the XFF ports that uses them.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
 //!
-//! Runtime: one current-thread tokio runtime. Every connection is a task of a few hundred
-//! bytes plus two kernel pipes; bytes never enter user space, so one thread keeps up with the
-//! kernel and the footprint stays small.
+//! Runtime: one current-thread tokio runtime per worker (`--workers`, by default as many as the
+//! CPUs the process may use), each accepting on its own `SO_REUSEPORT` listeners; the admin
+//! port, signals and the drain live on the first. Every connection is a task of a few hundred
+//! bytes plus two kernel pipes, served by the worker that accepted it; bytes never enter user
+//! space. State that must be per process (the port book, the connection slots, the per-source
+//! counts, our outbound ports) is shared by all workers behind short locks.
 
 pub mod accesslog;
 pub mod acl;
@@ -243,17 +246,39 @@ fn current_exe() -> String {
         .unwrap_or_else(|_| "tproxy-sidecar".to_string())
 }
 
+/// The number of workers when `--workers` is `auto`: the CPUs this process may run on, which the
+/// standard library reads from the cgroup CPU quota and the affinity mask; 1 when unknown.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(config::MAX_WORKERS)
+}
+
 /// Binds `port` on 0.0.0.0 and [::]. IPv6 may be absent from the pod (disabled by sysctl): that
 /// family is then skipped; IPv4 is required.
 fn bind_pair(port: u16, transparent: bool) -> Result<Vec<TcpListener>, SidecarError> {
+    bind_pair_std(port, transparent, false)?
+        .into_iter()
+        .map(|l| TcpListener::from_std(l).map_err(SidecarError::from))
+        .collect()
+}
+
+/// `bind_pair` before a runtime exists: plain sockets, `SO_REUSEPORT` when several workers
+/// share the port.
+fn bind_pair_std(
+    port: u16,
+    transparent: bool,
+    reuse_port: bool,
+) -> Result<Vec<std::net::TcpListener>, SidecarError> {
     let mut out = Vec::new();
     for ip in [
         IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     ] {
         let addr = SocketAddr::new(ip, port);
-        match sockopt::listener(addr, transparent, 4096) {
-            Ok(l) => out.push(TcpListener::from_std(l)?),
+        match sockopt::listener(addr, transparent, reuse_port, 4096) {
+            Ok(l) => out.push(l),
             Err(e)
                 if ip.is_ipv6()
                     && matches!(
@@ -306,26 +331,31 @@ async fn serve(
             admin_stop_rx,
         )));
     }
-    let mut listeners = Vec::new();
-    for l in bind_pair(cfg.inbound_port, mode == InboundMode::Tproxy)? {
-        let l = Arc::new(l);
-        metrics.add_listener("inbound", &l);
-        listeners.push((l, Role::Inbound(mode)));
-    }
-    if let Some(p) = cfg.outbound_port {
-        for l in bind_pair(p, false)? {
-            let l = Arc::new(l);
-            metrics.add_listener("outbound", &l);
-            listeners.push((l, Role::Outbound));
+    // One set of listeners per worker, all bound before any worker starts, so a port that is
+    // taken fails the start-up rather than one worker.
+    let workers = cfg.workers.unwrap_or_else(default_workers).max(1);
+    let reuse = workers > 1;
+    let mut sets = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let mut set = Vec::new();
+        for l in bind_pair_std(cfg.inbound_port, mode == InboundMode::Tproxy, reuse)? {
+            set.push((l, Role::Inbound(mode)));
         }
+        if let Some(p) = cfg.outbound_port {
+            for l in bind_pair_std(p, false, reuse)? {
+                set.push((l, Role::Outbound));
+            }
+        }
+        sets.push(set);
     }
 
     let max = slots;
     let permits = Arc::new(Semaphore::new(max));
     let drain_timeout = cfg.drain_timeout;
     log::info!(
-        "{} mode; inbound :{}, outbound {}, admin {}, mark {}",
+        "{} mode, {workers} worker{}; inbound :{}, outbound {}, admin {}, mark {}",
         mode.as_str(),
+        if workers == 1 { "" } else { "s" },
         cfg.inbound_port,
         cfg.outbound_port.map_or("off".into(), |p| format!(":{p}")),
         cfg.admin_port.map_or("off".into(), |p| format!(":{p}")),
@@ -345,10 +375,31 @@ async fn serve(
         error_log: std::sync::Mutex::new(proxy::RateLimit::new(Duration::from_secs(10))),
         ns: proxy::NorthSouthRt::new(north_south),
     });
-    let accept_tasks: Vec<_> = listeners
-        .into_iter()
-        .map(|(l, role)| tokio::spawn(proxy::accept_loop(shared.clone(), l, role, stop_rx.clone())))
-        .collect();
+    // Workers 2..n: their own thread and runtime. Connection tasks run on the runtime that
+    // accepted them, so a worker's runtime lives until the process's drain is over (`done`).
+    let (done_tx, done_rx) = watch::channel(false);
+    let mut sets = sets.into_iter();
+    let first = sets.next().unwrap_or_default();
+    let mut threads = Vec::new();
+    for (i, set) in sets.enumerate() {
+        let (shared, stop, mut done) = (shared.clone(), stop_rx.clone(), done_rx.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let t = std::thread::Builder::new()
+            .name(format!("worker-{}", i + 1))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let tasks = spawn_accept_loops(&shared, set, &stop);
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                    let _ = done.wait_for(|v| *v).await;
+                })
+            })?;
+        threads.push(t);
+    }
+    let accept_tasks = spawn_accept_loops(&shared, first, &stop_rx);
     health.ready.store(true, Ordering::Relaxed);
 
     wait_for_signal().await?;
@@ -370,12 +421,47 @@ async fn serve(
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
     }
+    let _ = done_tx.send(true);
+    for t in threads {
+        let _ = t.join();
+    }
     let _ = admin_stop_tx.send(true);
     if let Some(t) = admin_task {
         let _ = t.await;
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Registers one worker's listeners with the current runtime and starts their accept loops.
+/// A listener the runtime cannot take is reported and skipped: the other workers serve.
+fn spawn_accept_loops(
+    shared: &Arc<Shared>,
+    set: Vec<(std::net::TcpListener, Role)>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (l, role) in set {
+        let l = match TcpListener::from_std(l) {
+            Ok(l) => Arc::new(l),
+            Err(e) => {
+                log::error!("listener: {e}");
+                continue;
+            }
+        };
+        let label = match role {
+            Role::Inbound(_) => "inbound",
+            Role::Outbound => "outbound",
+        };
+        shared.metrics.add_listener(label, &l);
+        tasks.push(tokio::spawn(proxy::accept_loop(
+            shared.clone(),
+            l,
+            role,
+            stop.clone(),
+        )));
+    }
+    tasks
 }
 
 async fn wait_for_signal() -> io::Result<()> {

@@ -1026,9 +1026,11 @@ fn per_source_cap_resets_the_excess_and_counts_it() {
         let mut s = TcpStream::connect(sa(POD_V4, ECHO_PORT)).expect("third");
         s.set_read_timeout(Some(Duration::from_secs(3)))
             .expect("timeout");
-        let _ = s.write_all(b"x");
+        // The reset may already be there when we write (an idle worker rejects at once): then
+        // the write reports it, and a read after that only sees the closed socket.
+        let w = s.write_all(b"x");
         let mut b = [0u8; 1];
-        (held, s.read(&mut b))
+        (held, w.and_then(|()| s.read(&mut b)))
     });
     assert!(
         matches!(&third, Err(e) if e.kind() == ErrorKind::ConnectionReset),
@@ -1120,4 +1122,131 @@ fn not_ready_until_the_netns_is_programmed_for_the_mode() {
         },
     );
     wait_ready_code(&t.pod.name, 200, Duration::from_secs(5));
+}
+
+/// Issue 12: the client closes first, so the sidecar sends the first FIN on the app leg and its
+/// upstream socket keeps `client_ip:p -> app` in TIME_WAIT for 60 s. With
+/// `net.ipv4.tcp_timestamps=0` in the pod a `connect()` from that explicitly bound port is
+/// refused for the whole 60 s, so once every odd port of the range was used the sidecar must
+/// skip them and dial from the even ones instead of resetting the client (before the fix: every
+/// connection after the 20th was reset). With timestamps on the tuple is taken over at once,
+/// so the sidecar stays on odd ports. Each phase uses tuples nothing used before: a tuple once
+/// taken over with timestamps keeps the peer's timestamp stamp in its later TIME_WAITs and
+/// stays reusable even without timestamps, which would hide the failure.
+#[test]
+fn client_closing_first_without_timestamps_moves_to_free_upstream_ports() {
+    require_root!();
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
+    // 20 odd and 20 even ports.
+    let sc = Sidecar::start(
+        &t.pod.name,
+        &["--mode", "tproxy", "--upstream-ports", "43001-43040"],
+    );
+    // One keep-alive request per connection; the client closes first once it has the answer,
+    // and the next connection starts only after the sidecar logged the previous one (its relay
+    // is over, so its upstream socket is in TIME_WAIT).
+    let run = |dst: SocketAddr, n: usize, logged: usize| -> Vec<Result<u16, String>> {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let r = in_ns(&t.client.name, move || -> io::Result<u16> {
+                let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3))?;
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                upstream_port_keepalive(&mut s)
+            });
+            out.push(r.map_err(|e| e.to_string()));
+            sc.wait_log(logged + i + 1, Duration::from_secs(3));
+        }
+        out
+    };
+    // TIME_WAIT sockets of upstream tuples `client:* -> pod` in the pod netns.
+    let tw_upstreams = |client: &str, pod: SocketAddr| {
+        t.pod
+            .sh(&format!(
+                "ss -HtanO state time-wait dport = :{}",
+                pod.port()
+            ))
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let ip = |s: &str| {
+                    s.rsplit_once(':')
+                        .map(|(a, _)| a.trim_matches(['[', ']']).to_string())
+                        .unwrap_or_default()
+                };
+                f.len() >= 4 && ip(f[2]) == client && ip(f[3]) == pod.ip().to_string()
+            })
+            .count()
+    };
+
+    // Timestamps off in the pod: the odd ports' tuples stay in TIME_WAIT; the even ones serve.
+    t.pod.sh("sysctl -qw net.ipv4.tcp_timestamps=0");
+    let v4 = sa(POD_V4, HTTP_PORT);
+    let without = run(v4, 36, 0);
+    let ok: Vec<u16> = without.iter().filter_map(|r| r.clone().ok()).collect();
+    assert_eq!(ok.len(), 36, "connections failed: {without:?}");
+    let even = ok.iter().filter(|p| *p % 2 == 0).count();
+    assert!(even >= 16, "even ports used: {even} of {ok:?}");
+    assert!(ok.iter().all(|p| (43001..=43040).contains(p)), "{ok:?}");
+    // The kernel agrees: the upstream tuples are in TIME_WAIT.
+    assert!(
+        tw_upstreams(CLIENT_V4, v4) >= 36,
+        "{}",
+        tw_upstreams(CLIENT_V4, v4)
+    );
+
+    // Timestamps on (the default), fresh tuples (IPv6): TIME_WAIT tuples are taken over, the
+    // sidecar stays on odd ports.
+    t.pod.sh("sysctl -qw net.ipv4.tcp_timestamps=1");
+    let v6 = sa(POD_V6, HTTP_PORT);
+    let with_ts = run(v6, 30, 36);
+    let ports: Vec<u16> = with_ts.iter().filter_map(|r| r.clone().ok()).collect();
+    assert_eq!(ports.len(), 30, "{with_ts:?}");
+    assert!(ports.iter().all(|p| p % 2 == 1), "{ports:?}");
+    assert!(
+        tw_upstreams(CLIENT_V6, v6) >= 20,
+        "the upstreams closed first: TIME_WAIT"
+    );
+
+    let log = sc.log();
+    let bad: Vec<_> = log.iter().filter(|e| e["response_flags"] != "-").collect();
+    assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// Issue 12: `--workers 3` runs three accept loops on `SO_REUSEPORT` listeners. The kernel
+/// holds three listeners per family on the port, every connection (spread by flow hash, so a
+/// worker that did not serve would leave about a third of them hanging) reaches the app from
+/// the client's address, and SIGTERM still drains and stops every worker.
+#[test]
+fn workers_share_the_listening_port_and_all_serve() {
+    require_root!();
+    let t = Topo::new();
+    program_rules(&t.pod, &Rules::default());
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
+    let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy", "--workers", "3"]);
+    let listeners = t.pod.sh("ss -Hltn sport = :15006");
+    assert_eq!(listeners.lines().count(), 6, "3 per family:\n{listeners}");
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{}/task", sc.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        3,
+        "one thread per worker"
+    );
+    for (client, pod) in [(CLIENT_V4, POD_V4), (CLIENT_V6, POD_V6)] {
+        for _ in 0..30 {
+            let r = get_ip(&t.client.name, sa(pod, HTTP_PORT)).expect("served");
+            assert_eq!(r.origin, client);
+            assert_ne!(r.port, r.local_port, "through the sidecar");
+        }
+    }
+    assert_eq!(sc.wait_log(60, Duration::from_secs(5)).len(), 60);
+    sc.term();
+    assert!(
+        sc.wait_exit(Duration::from_secs(10)).success(),
+        "{}",
+        sc.stderr()
+    );
+    assert!(sc.stderr().contains("3 workers"), "{}", sc.stderr());
 }

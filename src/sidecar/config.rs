@@ -73,6 +73,9 @@ pub struct Config {
     pub proxy_protocol_timeout: Duration,
     /// Bound on an HTTP request head on the XFF ports (431 beyond it).
     pub max_request_head: usize,
+    /// Accept loops, each a single-threaded runtime on its own `SO_REUSEPORT` listeners;
+    /// `None`: as many as the CPUs the process may use (cgroup quota, affinity).
+    pub workers: Option<usize>,
 }
 
 /// What the command line asked for.
@@ -133,6 +136,7 @@ const SPECS: &[Spec] = &[
     Spec { flag: "deny-peer-cidrs", default: "", help: "TCP peers in these CIDRs are reset (Istio ipBlocks, DENY)" },
     Spec { flag: "allow-client-cidrs", default: "", help: "only effective clients (PROXY protocol / XFF) in these CIDRs pass (Istio remoteIpBlocks, ALLOW)" },
     Spec { flag: "deny-client-cidrs", default: "", help: "effective clients in these CIDRs are refused: reset, or 403 on XFF ports (Istio remoteIpBlocks, DENY)" },
+    Spec { flag: "workers", default: "auto", help: "single-threaded accept loops on SO_REUSEPORT listeners; auto = the CPUs the cgroup quota and affinity allow (1 when unknown)" },
 ];
 
 const ENV_PREFIX: &str = "TPROXY_SIDECAR_";
@@ -327,6 +331,10 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
         north_south,
         proxy_protocol_timeout: dur("proxy-protocol-timeout")?,
         max_request_head,
+        workers: match get("workers").0.trim() {
+            "auto" => None,
+            _ => Some(count("workers", MAX_WORKERS)?),
+        },
     })))
 }
 
@@ -358,6 +366,9 @@ fn check_north_south(
             }
         })
 }
+
+/// More loops than this only adds threads: the kernel spreads connections over at most the CPUs.
+pub const MAX_WORKERS: usize = 64;
 
 const DURATION_HELP: &str = "expected a duration such as 250ms, 5s, 2m, 1h (bare number = seconds)";
 
@@ -471,6 +482,12 @@ mod tests {
             Some(8)
         );
         assert!(run(&["--inbound-port", "99999"], &[]).is_err());
+        assert_eq!(run(&[], &[]).unwrap().workers, None);
+        assert_eq!(run(&["--workers", "2"], &[]).unwrap().workers, Some(2));
+        for bad in ["0", "65", "two", ""] {
+            let e = run(&["--workers", bad], &[]).unwrap_err();
+            assert!(e.to_string().contains("--workers"), "{e}");
+        }
     }
 
     #[test]

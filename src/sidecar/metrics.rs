@@ -198,20 +198,30 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .push((label, std::sync::Arc::downgrade(l)));
     }
-    /// (label, family, queued, backlog) of every listener still open.
+    /// (label, family, queued, backlog) per listener label and family, summed over the
+    /// workers' `SO_REUSEPORT` listeners of that port (one series each, in registration order).
     fn accept_queues(&self) -> Vec<(&'static str, &'static str, u32, u32)> {
         let ls = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-        ls.iter()
-            .filter_map(|(label, w)| {
-                let l = w.upgrade()?;
-                let fam = match l.local_addr().ok()? {
-                    std::net::SocketAddr::V4(_) => "ipv4",
-                    std::net::SocketAddr::V6(_) => "ipv6",
-                };
-                let (q, max) = super::sockopt::accept_queue(&*l).ok()?;
-                Some((*label, fam, q, max))
-            })
-            .collect()
+        let mut out: Vec<(&'static str, &'static str, u32, u32)> = Vec::new();
+        for (label, w) in ls.iter() {
+            let Some(l) = w.upgrade() else { continue };
+            let fam = match l.local_addr() {
+                Ok(std::net::SocketAddr::V4(_)) => "ipv4",
+                Ok(std::net::SocketAddr::V6(_)) => "ipv6",
+                Err(_) => continue,
+            };
+            let Ok((q, max)) = super::sockopt::accept_queue(&*l) else {
+                continue;
+            };
+            match out.iter_mut().find(|e| e.0 == *label && e.1 == fam) {
+                Some(e) => {
+                    e.2 = e.2.saturating_add(q);
+                    e.3 = e.3.saturating_add(max);
+                }
+                None => out.push((*label, fam, q, max)),
+            }
+        }
+        out
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -433,7 +443,8 @@ mod tests {
             .unwrap();
         rt.block_on(async {
             let std_l =
-                super::super::sockopt::listener("127.0.0.1:0".parse().unwrap(), false, 16).unwrap();
+                super::super::sockopt::listener("127.0.0.1:0".parse().unwrap(), false, false, 16)
+                    .unwrap();
             let l = std::sync::Arc::new(tokio::net::TcpListener::from_std(std_l).unwrap());
             m.add_listener("inbound", &l);
             let a = l.local_addr().unwrap();

@@ -10,6 +10,18 @@
 //! ports seen live or within the linger time, and choose odd ports outside that set. Odd,
 //! because Linux clients' `connect()` prefers even ports: their *future* ports then do not
 //! land on our live upstreams either.
+//!
+//! The book also holds the upstream tuples our own sockets keep in TIME_WAIT. When the client
+//! closes first, the sidecar sends the first FIN on the app leg, so its upstream socket holds
+//! `client_ip:p -> dst` in TIME_WAIT for 60 s. With TCP timestamps on, a `connect()` from an
+//! explicitly bound port takes such a tuple over at once; without them (`net.ipv4.tcp_timestamps
+//! = 0` in the pod) it fails with `EADDRNOTAVAIL` for the whole 60 s (docs/ARCHITECTURE.md,
+//! pitfall 12). Odd ports alone then carry at most (odd ports in the range) / 60 s new
+//! connections per client IP and destination: 264/s with the default range. So `pick` skips
+//! tuples known to be in TIME_WAIT without trying them, and when the odd ports near the cursor
+//! are all taken it uses the even ports of the range too, which doubles that ceiling (529/s),
+//! above what one Linux client with the default ephemeral range can open without timestamps
+//! itself (its own TIME_WAIT caps it at 28,232 ports / 60 s = 470/s).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -29,8 +41,10 @@ struct Seen {
 #[derive(Debug)]
 struct Inner {
     keys: HashMap<Key, HashMap<u16, Seen>>,
-    /// Next candidate (always odd, inside the range).
-    cursor: u16,
+    /// Upstream ports whose tuple one of our sockets holds in TIME_WAIT, with the time it ends.
+    time_wait: HashMap<Key, HashMap<u16, Instant>>,
+    /// Next candidates: odd (preferred) and even ports of the range.
+    cursor: [u16; 2],
     last_sweep: Instant,
 }
 
@@ -38,9 +52,11 @@ struct Inner {
 #[derive(Debug)]
 pub struct PortBook {
     inner: Mutex<Inner>,
-    /// Odd ports of the configured range (`first..=last`, both odd).
-    first: u16,
-    last: u16,
+    /// Odd ports of the configured range (`first[0]..=last[0]`, both odd), then even ones
+    /// (`first[1]..=last[1]`; `None` when the range holds no even port).
+    first: [u16; 2],
+    last: [u16; 2],
+    has_even: bool,
     linger: Duration,
 }
 
@@ -53,6 +69,13 @@ pub struct InboundGuard {
 }
 
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// How long Linux keeps a socket in TIME_WAIT (`TCP_TIMEWAIT_LEN`, not tunable).
+pub const TIME_WAIT: Duration = Duration::from_secs(60);
+
+/// Candidates looked at per parity and pick: bounds the work of one pick when most ports are
+/// taken (ports enter TIME_WAIT in cursor order, so the cursor meets the oldest ones first).
+const SCAN: usize = 512;
 
 impl PortBook {
     /// `None` when the range holds no odd port.
@@ -70,22 +93,38 @@ impl PortBook {
         if first > last {
             return None;
         }
+        // Even ports: the range's first and last even port, if it holds any.
+        let first_even = if range.lo % 2 == 0 {
+            Some(range.lo)
+        } else {
+            range.lo.checked_add(1)
+        };
+        let last_even = if range.hi % 2 == 0 {
+            Some(range.hi)
+        } else {
+            range.hi.checked_sub(1)
+        };
+        let (first_even, last_even, has_even) = match (first_even, last_even) {
+            (Some(f), Some(l)) if f <= l => (f, l, true),
+            _ => (first, last, false),
+        };
         // Start somewhere different on every run, so a restart does not replay the ports of
         // the previous process, whose connections may still linger.
-        let span = u32::from((last - first) / 2) + 1;
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos() ^ std::process::id())
             .unwrap_or(0);
-        let cursor = first + ((seed % span) as u16) * 2;
+        let start = |lo: u16, hi: u16| lo + ((seed % (u32::from((hi - lo) / 2) + 1)) as u16) * 2;
         Some(PortBook {
             inner: Mutex::new(Inner {
                 keys: HashMap::new(),
-                cursor,
+                time_wait: HashMap::new(),
+                cursor: [start(first, last), start(first_even, last_even)],
                 last_sweep: Instant::now(),
             }),
-            first,
-            last,
+            first: [first, first_even],
+            last: [last, last_even],
+            has_even,
             linger,
         })
     }
@@ -107,6 +146,10 @@ impl PortBook {
                 ports.retain(|_, s| s.live > 0 || now.duration_since(s.last) < linger);
                 !ports.is_empty()
             });
+            g.time_wait.retain(|_, ports| {
+                ports.retain(|_, until| *until > now);
+                !ports.is_empty()
+            });
         }
         let s = g
             .keys
@@ -124,29 +167,50 @@ impl PortBook {
         }
     }
 
-    /// The next odd port for an upstream `client_ip:p -> dst` that no live or lingering inbound
-    /// connection from that client to that destination uses. `None` if every port is taken.
+    /// The next port for an upstream `client_ip:p -> dst` that no live or lingering inbound
+    /// connection from that client to that destination uses and that no socket of ours holds
+    /// in TIME_WAIT: an odd one if one of the next candidates is free, else an even one.
+    /// `None` if every candidate is taken.
     pub fn pick(&self, client_ip: IpAddr, dst: SocketAddr) -> Option<u16> {
         let now = Instant::now();
         let mut g = self.lock();
-        let span = usize::from((self.last - self.first) / 2) + 1;
-        for _ in 0..span {
-            let p = g.cursor;
-            g.cursor = if p >= self.last - 1 {
-                self.first
-            } else {
-                p + 2
-            };
-            let busy = g
-                .keys
-                .get(&(client_ip, dst))
-                .and_then(|m| m.get(&p))
-                .is_some_and(|s| s.live > 0 || now.duration_since(s.last) < self.linger);
-            if !busy {
-                return Some(p);
+        let g = &mut *g;
+        let key = (client_ip, dst);
+        let seen = g.keys.get(&key);
+        let tw = g.time_wait.get(&key);
+        let parities = if self.has_even { 2 } else { 1 };
+        for k in 0..parities {
+            let (first, last) = (self.first[k], self.last[k]);
+            let span = usize::from((last - first) / 2) + 1;
+            for _ in 0..span.min(SCAN) {
+                let p = g.cursor[k];
+                g.cursor[k] = if p >= last.saturating_sub(1) {
+                    first
+                } else {
+                    p + 2
+                };
+                let busy = seen
+                    .and_then(|m| m.get(&p))
+                    .is_some_and(|s| s.live > 0 || now.duration_since(s.last) < self.linger);
+                let waiting = tw.and_then(|m| m.get(&p)).is_some_and(|until| *until > now);
+                if !busy && !waiting {
+                    return Some(p);
+                }
             }
         }
         None
+    }
+
+    /// Records that one of our sockets holds `client_ip:port -> dst` in TIME_WAIT for the
+    /// next `TIME_WAIT` (we sent the first FIN and the connection had no TCP timestamps, or a
+    /// `connect()` from that port was refused with `EADDRNOTAVAIL`).
+    pub fn upstream_time_wait(&self, client_ip: IpAddr, dst: SocketAddr, port: u16) {
+        let until = Instant::now() + TIME_WAIT;
+        self.lock()
+            .time_wait
+            .entry((client_ip, dst))
+            .or_default()
+            .insert(port, until);
     }
 
     /// Number of (client, destination) keys held; for tests and metrics.
@@ -217,12 +281,61 @@ mod tests {
             any.insert(b.pick(ip, other).unwrap());
         }
         assert_eq!(any.len(), 3);
+        // Every odd port taken: the even ones of the range serve.
         let g3 = b.inbound_open(SocketAddr::new(ip, 1005), dst);
+        let mut even = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            even.insert(b.pick(ip, dst).unwrap());
+        }
+        assert_eq!(even.into_iter().collect::<Vec<_>>(), vec![1002, 1004]);
+        let g4 = b.inbound_open(SocketAddr::new(ip, 1002), dst);
+        let g5 = b.inbound_open(SocketAddr::new(ip, 1004), dst);
         assert_eq!(b.pick(ip, dst), None);
-        drop((g1, g2, g3));
+        drop((g1, g2, g3, g4, g5));
         // Closed but lingering: still avoided.
         assert_eq!(b.pick(ip, dst), None);
         std::thread::sleep(Duration::from_millis(250));
-        assert!(b.pick(ip, dst).is_some());
+        assert!(
+            b.pick(ip, dst).is_some_and(|p| p % 2 == 1),
+            "odd ports first again"
+        );
+    }
+
+    #[test]
+    fn skips_upstream_time_wait_and_falls_back_to_even_ports() {
+        // Issue 12: without TCP timestamps, a tuple our socket holds in TIME_WAIT cannot be
+        // connected from for 60 s; a pick must not offer it, and must not run dry while even
+        // ports are free.
+        let b = book(2001, 2010, 10);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        for p in [2001, 2003, 2005, 2007, 2009] {
+            b.upstream_time_wait(ip, dst, p);
+        }
+        let mut got = std::collections::BTreeSet::new();
+        for _ in 0..10 {
+            got.insert(b.pick(ip, dst).unwrap());
+        }
+        assert_eq!(
+            got.into_iter().collect::<Vec<_>>(),
+            vec![2002, 2004, 2006, 2008, 2010]
+        );
+        // Another client IP or destination is another tuple: its odd ports are free.
+        let other: SocketAddr = "10.0.0.2:81".parse().unwrap();
+        assert!(b.pick(ip, other).is_some_and(|p| p % 2 == 1));
+        for p in [2002, 2004, 2006, 2008, 2010] {
+            b.upstream_time_wait(ip, dst, p);
+        }
+        assert_eq!(b.pick(ip, dst), None, "every tuple in TIME_WAIT");
+    }
+
+    #[test]
+    fn odd_single_port_range_has_no_even_fallback() {
+        let b = book(3001, 3001, 10);
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let dst: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert_eq!(b.pick(ip, dst), Some(3001));
+        b.upstream_time_wait(ip, dst, 3001);
+        assert_eq!(b.pick(ip, dst), None);
     }
 }

@@ -601,6 +601,21 @@ async fn serve(
         shared.metrics.fd_exhausted();
         shared.log_error(format_args!("relay pipe: out of file descriptors"));
     }
+    // We sent the first FIN to the app, so our upstream socket now holds its tuple in
+    // TIME_WAIT. Without TCP timestamps no connect() may take it over for 60 s: the port book
+    // must not offer it (ports.rs). The book is keyed by the address the upstream was bound
+    // to: the client's, or the one its PROXY header carried.
+    if role == Role::Inbound(InboundMode::Tproxy)
+        && o.end == EndReason::Normal
+        && o.upstream_fin_first
+        && sockopt::has_timestamps(&up) != Some(true)
+    {
+        if let Some(local) = c.upstream_local {
+            shared
+                .ports
+                .upstream_time_wait(local.0.ip(), orig.0, local.0.port());
+        }
+    }
     ((pre + o.from_downstream, o.to_downstream), o.end)
 }
 
@@ -697,6 +712,11 @@ async fn dial(
                             Some(libc::EADDRINUSE) | Some(libc::EADDRNOTAVAIL)
                         ) =>
                     {
+                        // EADDRNOTAVAIL: a socket of ours (maybe of a previous process) holds
+                        // this very tuple in TIME_WAIT; no need to try it again before it ends.
+                        if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                            shared.ports.upstream_time_wait(client.ip(), orig.0, port);
+                        }
                         last_err = e
                     }
                     Err(e) => return Err(e),
@@ -780,7 +800,11 @@ async fn connect_from(
     let stream = TcpSocket::from_std_stream(std_stream)
         .connect(orig.0)
         .await?;
-    let local = stream.local_addr().map(unmap)?;
+    // An explicitly bound port (tproxy mode) is the local address already: no getsockname.
+    let local = match src {
+        Some(a) if a.port() != 0 && !a.ip().is_unspecified() => unmap(a),
+        _ => stream.local_addr().map(unmap)?,
+    };
     Ok((stream, UpstreamLocal(local), guard))
 }
 

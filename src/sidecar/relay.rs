@@ -17,12 +17,13 @@
 //! pitfall 16). So the relay also waits for `EPOLLERR` on both sockets, whatever the
 //! directions are doing, and ends at the first one.
 //!
-//! Both legs carry `SO_LINGER` 0 for as long as the relay runs, and get the normal linger back
-//! only once both directions ended with a FIN: if the process dies mid-transfer (SIGKILL, OOM
+//! Both legs carry `SO_LINGER` 0 for as long as the relay runs (the caller arms it as soon as
+//! each socket exists, so no extra call is made here), and get the normal linger back only
+//! once both directions ended with a FIN: if the process dies mid-transfer (SIGKILL, OOM
 //! kill), the kernel then closes both legs with a reset instead of a FIN, and neither peer can
 //! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
@@ -40,7 +41,15 @@ pub struct Outcome {
     /// Upstream -> downstream.
     pub to_downstream: u64,
     pub end: EndReason,
+    /// The downstream's FIN came before the upstream's, so we sent the first FIN on the
+    /// upstream leg: after an orderly end our upstream socket holds its tuple in TIME_WAIT.
+    pub upstream_fin_first: bool,
 }
+
+/// Which direction saw its EOF first (`EOF_NONE` until one did).
+const EOF_NONE: u8 = 0;
+const EOF_DOWNSTREAM: u8 = 1;
+const EOF_UPSTREAM: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -51,7 +60,8 @@ enum Side {
 }
 
 /// Relays until both directions reached EOF, one side failed, the connection idled for
-/// `idle`, or `stop` turned true (drain deadline).
+/// `idle`, or `stop` turned true (drain deadline). Both sockets must already carry `SO_LINGER`
+/// 0 (`sockopt::reset_on_close`).
 pub async fn relay(
     down: &TcpStream,
     up: &TcpStream,
@@ -61,15 +71,13 @@ pub async fn relay(
 ) -> Outcome {
     // Atomics rather than Cells only so the future stays `Send` for `tokio::spawn`; everything
     // runs on one task, so the orderings are moot.
-    // Until an orderly end, closing (or dying) resets both legs.
-    sockopt::reset_on_close(down);
-    sockopt::reset_on_close(up);
     let sent_up = AtomicU64::new(0);
     let sent_down = AtomicU64::new(0);
     let t0 = Instant::now();
     let last = Activity {
         t0,
         ms: AtomicU64::new(0),
+        first_eof: AtomicU8::new(EOF_NONE),
     };
 
     let both = async {
@@ -154,6 +162,7 @@ pub async fn relay(
         from_downstream: sent_up.load(Relaxed),
         to_downstream: sent_down.load(Relaxed),
         end,
+        upstream_fin_first: last.first_eof.load(Relaxed) == EOF_DOWNSTREAM,
     }
 }
 
@@ -239,6 +248,19 @@ async fn pump(
     moved: &AtomicU64,
     last: &Activity,
 ) -> Result<(), Side> {
+    let eof = || {
+        let me = if src_side == Side::Downstream {
+            EOF_DOWNSTREAM
+        } else {
+            EOF_UPSTREAM
+        };
+        // The first EOF passes a half-close on. At the second, both directions are over: the
+        // relay ends and closing the socket (normal linger) sends the FIN, so the shutdown
+        // call is saved.
+        last.first_eof
+            .compare_exchange(EOF_NONE, me, Relaxed, Relaxed)
+            .is_ok()
+    };
     // Copy phase.
     loop {
         src.readable().await.map_err(|_| src_side)?;
@@ -249,7 +271,9 @@ async fn pump(
         match step {
             Copied::Again => continue,
             Copied::Eof => {
-                sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+                if eof() {
+                    sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+                }
                 return Ok(());
             }
             Copied::Data { n, unsent, full } => {
@@ -288,7 +312,9 @@ async fn pump(
             .await
             .map_err(|_| src_side)?;
         if n == 0 {
-            sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+            if eof() {
+                sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+            }
             return Ok(());
         }
         last.touch();
@@ -306,8 +332,10 @@ async fn pump(
     }
 }
 
-/// When bytes last moved, as milliseconds since the relay started.
+/// When bytes last moved, as milliseconds since the relay started, and which direction saw its
+/// EOF first.
 struct Activity {
+    first_eof: AtomicU8,
     t0: Instant,
     ms: AtomicU64,
 }
@@ -340,6 +368,9 @@ mod tests {
     async fn setup(idle: Duration) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
         let (client, down) = pair().await;
         let (up, app) = pair().await;
+        // As the sidecar does when it gets each socket.
+        sockopt::reset_on_close(&down);
+        sockopt::reset_on_close(&up);
         let (tx, rx) = watch::channel(false);
         let h = tokio::spawn(async move {
             let _keep = tx;
@@ -367,6 +398,21 @@ mod tests {
         let o = h.await.unwrap();
         assert_eq!((o.from_downstream, o.to_downstream), (300_000, 5));
         assert_eq!(o.end, EndReason::Normal);
+        assert!(o.upstream_fin_first, "the client's FIN came first");
+    }
+
+    #[tokio::test]
+    async fn app_closing_first_is_not_an_upstream_fin_first() {
+        let (mut client, mut app, h) = setup(Duration::from_secs(5)).await;
+        app.write_all(b"bye").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        client.shutdown().await.unwrap();
+        let o = h.await.unwrap();
+        assert_eq!(o.end, EndReason::Normal);
+        assert!(!o.upstream_fin_first, "the app's FIN came first");
     }
 
     #[tokio::test]
@@ -527,6 +573,8 @@ mod tests {
         // orderly end (the e2e test kills the process; this checks the socket state).
         let (client, down) = pair().await;
         let (up, app) = pair().await;
+        sockopt::reset_on_close(&down);
+        sockopt::reset_on_close(&up);
         let (tx, rx) = watch::channel(false);
         let down = std::sync::Arc::new(down);
         let up = std::sync::Arc::new(up);
@@ -545,6 +593,9 @@ mod tests {
         assert_eq!(ended(h).await.end, EndReason::Normal);
         assert_eq!(linger(&down), None);
         assert_eq!(linger(&up), None);
+        // The second FIN is sent by closing (the relay saves that shutdown), as the sidecar
+        // does when the connection's task ends.
+        drop((down, up));
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).await.unwrap(), 0);
         assert_eq!(app.read(&mut b).await.unwrap(), 0);

@@ -115,15 +115,21 @@ pub fn probe(mark: u32, transparent: bool) -> Result<(), (Missing, io::Error)> {
 
 /// A listening socket: `SO_REUSEADDR` (restarts while old connections linger), IPv6 listeners
 /// `IPV6_V6ONLY` (the IPv4 listener is a separate socket, so each family's original
-/// destination comes back in its own family), optional transparency for TPROXY.
+/// destination comes back in its own family), optional transparency for TPROXY, and
+/// `SO_REUSEPORT` when several workers each listen on the same port (the kernel spreads new
+/// connections over them by flow hash; the TPROXY listener lookup honours the group too).
 pub fn listener(
     addr: SocketAddr,
     transparent: bool,
+    reuse_port: bool,
     backlog: i32,
 ) -> io::Result<std::net::TcpListener> {
     let v6 = addr.is_ipv6();
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if v6 {
         sock.set_only_v6(true)?;
     }
@@ -150,10 +156,12 @@ pub struct UpstreamOpts {
     pub reuse_addr: bool,
 }
 
-/// A fresh non-blocking TCP socket for an upstream connection.
+/// A fresh non-blocking TCP socket for an upstream connection (`SOCK_NONBLOCK` at creation:
+/// no fcntl calls), armed with `SO_LINGER` 0 from the start: until the relay ends in order,
+/// closing it (or dying) resets the app (relay.rs).
 pub fn upstream_socket(o: UpstreamOpts) -> io::Result<Socket> {
     let domain = if o.v6 { Domain::IPV6 } else { Domain::IPV4 };
-    let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    let sock = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if o.transparent {
         set_transparent(&sock, o.v6)?;
     }
@@ -164,7 +172,7 @@ pub fn upstream_socket(o: UpstreamOpts) -> io::Result<Socket> {
         sock.set_reuse_address(true)?;
     }
     sock.set_nodelay(true)?;
-    sock.set_nonblocking(true)?;
+    sock.set_linger(Some(Duration::ZERO))?;
     Ok(sock)
 }
 
@@ -251,6 +259,12 @@ pub fn splice<A: AsFd, B: AsFd>(from: A, to: B, len: usize) -> io::Result<usize>
 /// listener, `TCP_INFO` reports the queue length in `tcpi_unacked` and the backlog in
 /// `tcpi_sacked` (what `ss -lnt` shows as Recv-Q / Send-Q).
 pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
+    let info = tcp_info(l)?;
+    Ok((info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// `tcp_info` of a TCP socket.
+fn tcp_info<S: AsFd>(s: &S) -> io::Result<libc::tcp_info> {
     // SAFETY: `tcp_info` is plain old data; all-zero is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -258,7 +272,7 @@ pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
     // bytes and `len` tells the kernel so; it writes at most that much and updates `len`.
     let rc = unsafe {
         libc::getsockopt(
-            l.as_fd().as_raw_fd(),
+            s.as_fd().as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&mut info as *mut libc::tcp_info).cast(),
@@ -268,7 +282,18 @@ pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((info.tcpi_unacked, info.tcpi_sacked))
+    Ok(info)
+}
+
+/// `TCPI_OPT_TIMESTAMPS` of `linux/tcp.h` (not in the libc crate).
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+
+/// Whether the connection negotiated TCP timestamps (`None`: the kernel would not say). Without
+/// them a tuple in TIME_WAIT cannot be connected from again for 60 s (ports.rs).
+pub fn has_timestamps<S: AsFd>(s: &S) -> Option<bool> {
+    tcp_info(s)
+        .ok()
+        .map(|i| i.tcpi_options & TCPI_OPT_TIMESTAMPS != 0)
 }
 
 /// True for "out of file descriptors" (per process or system-wide).
