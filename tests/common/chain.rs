@@ -46,6 +46,12 @@ impl Pod {
             (a.contains(':') == (family == 6)).then_some(a)
         })
     }
+
+    /// `ip(family)` for a pod that must have one (a dual-stack test network).
+    pub fn addr(&self, family: u8) -> String {
+        self.ip(family)
+            .unwrap_or_else(|| panic!("pod {} has no IPv{family} address", self.id))
+    }
 }
 
 /// Where plugins are found: ours next to the test's build of it, then the reference ones.

@@ -291,6 +291,20 @@ pub fn get_ip(ns: &str, dst: SocketAddr) -> io::Result<IpReply> {
     })
 }
 
+/// The pod's annotations as the kubelet writes them for the downward API (`key="value"`), for
+/// the sidecar's `--annotations-file`.
+pub fn downward_api(pod_ann: &[(&str, &str)]) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().expect("tmp");
+    let text: String = pod_ann
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", serde_json::to_string(v).expect("quote")))
+        .collect();
+    std::fs::write(f.path(), text).expect("write annotations");
+    // Readable by a non-root sidecar too.
+    common::sh(&format!("chmod 0644 {}", f.path().display()));
+    f
+}
+
 /// The sidecar binary under test, in the pod netns.
 pub struct Sidecar {
     pub child: Child,
