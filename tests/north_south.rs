@@ -26,8 +26,16 @@ use tproxy_cni::sidecar::proxy_protocol::{encode_v1, encode_v2, encode_v2_local}
 /// The node's addresses on the pod network (the bridge's gateway addresses).
 const NODE_V4: &str = "10.88.0.1";
 const NODE_V6: &str = "fd00:88::1";
+/// `NODE_V4` and `NODE_V6` as CIDRs: the trusted senders of PROXY headers.
+const NODE_CIDRS: &str = "10.88.0.1/32,fd00:88::1/128";
 /// Inbound app port that expects PROXY protocol from the node.
 const PP_PORT: u16 = 8443;
+/// A tproxy pod whose `PP_PORT` takes PROXY protocol from the node.
+const PP_POD: [(&str, &str); 3] = [
+    ("tproxy-cni.io/mode", "tproxy"),
+    ("tproxy-cni.io/proxy-protocol-ports", "8443"),
+    ("tproxy-cni.io/proxy-protocol-trusted-cidrs", NODE_CIDRS),
+];
 
 /// The default routes every Kubernetes pod has (the test conflist's IPAM sets none). The app
 /// answers a client from outside the pod network only if it has a route to it: the SYN-ACK's
@@ -104,10 +112,12 @@ fn outcome(
     })
 }
 
-fn metric(ns: &str, line_prefix: &str) -> u64 {
+/// Counter `name{label="value"}` of the sidecar's `/metrics` in `ns` (0 when absent).
+fn counter(ns: &str, name: &str, label: &str, value: &str) -> u64 {
     let (_, body) = admin_get(ns, "/metrics").expect("metrics");
+    let line_prefix = format!("{name}{{{label}=\"{value}\"}}");
     body.lines()
-        .find_map(|l| l.strip_prefix(line_prefix))
+        .find_map(|l| l.strip_prefix(&line_prefix))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -132,15 +142,7 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
     let node = Node::new(json!({}));
     let client = node.add_pod(&[]).expect("client pod ADD");
     let stranger = node.add_pod(&[]).expect("untrusted pod ADD");
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
-    let ann = [
-        ("tproxy-cni.io/mode", "tproxy"),
-        ("tproxy-cni.io/proxy-protocol-ports", "8443"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
-    ];
+    let ann = PP_POD;
     let server = node.add_pod(&ann).expect("server pod ADD");
     default_routes(&server);
     wait_node_v6(&node);
@@ -307,9 +309,11 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
         );
     }
     let m = |r: &str| {
-        metric(
+        counter(
             &server.ns.name,
-            &format!("tproxy_sidecar_proxy_protocol_total{{result=\"{r}\"}}"),
+            "tproxy_sidecar_proxy_protocol_total",
+            "result",
+            r,
         )
     };
     assert_eq!(m("proxy"), 6, "4 via HAProxy, 2 curl");
@@ -334,15 +338,7 @@ fn chain_proxy_protocol_fuzz_never_panics_nor_stalls_others() {
     require_root!();
     let node = Node::new(json!({}));
     let _client = node.add_pod(&[]).expect("first pod ADD (bridge addresses)");
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
-    let ann = [
-        ("tproxy-cni.io/mode", "tproxy"),
-        ("tproxy-cni.io/proxy-protocol-ports", "8443"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
-    ];
+    let ann = PP_POD;
     let server = node.add_pod(&ann).expect("server pod ADD");
     default_routes(&server);
     let _app = App::start(&server.ns.name, &[PP_PORT], &[]);
@@ -711,9 +707,11 @@ fn chain_xff_keep_alive_chunked_upgrade_and_limits() {
     assert_eq!(xff_of(&body_json(&plain[0])).0, "9.9.9.9");
 
     let m = |r: &str| {
-        metric(
+        counter(
             &server.ns.name,
-            &format!("tproxy_sidecar_http_requests_total{{result=\"{r}\"}}"),
+            "tproxy_sidecar_http_requests_total",
+            "result",
+            r,
         )
     };
     assert_eq!((m("forwarded"), m("400"), m("431")), (9, 1, 1));
@@ -736,14 +734,10 @@ fn chain_acl_on_peer_and_client_v4_v6_logged_and_counted() {
     let good = node.add_pod(&[]).expect("allowed pod ADD");
     let bad = node.add_pod(&[]).expect("denied pod ADD");
     let deny_peer = format!("{}/32,{}/128", bad.addr(4), bad.addr(6));
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
     let ann = [
         ("tproxy-cni.io/mode", "tproxy"),
         ("tproxy-cni.io/proxy-protocol-ports", "8443"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
+        ("tproxy-cni.io/proxy-protocol-trusted-cidrs", NODE_CIDRS),
         ("tproxy-cni.io/xff-ports", "8080"),
         ("tproxy-cni.io/xff-num-trusted-proxies", "1"),
         (
@@ -818,9 +812,11 @@ fn chain_acl_on_peer_and_client_v4_v6_logged_and_counted() {
     assert!(r[0].starts_with("403"), "{r:?}");
 
     let m = |reason: &str| {
-        metric(
+        counter(
             &server.ns.name,
-            &format!("tproxy_sidecar_rbac_denied_total{{reason=\"{reason}\"}}"),
+            "tproxy_sidecar_rbac_denied_total",
+            "reason",
+            reason,
         )
     };
     assert_eq!(m("peer_denied"), 2);
@@ -871,14 +867,10 @@ fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
     require_root!();
     let node = Node::new(json!({}));
     let client = node.add_pod(&[]).expect("client pod ADD");
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
     let ann = [
         ("tproxy-cni.io/mode", "redirect"),
         ("tproxy-cni.io/proxy-protocol-ports", "8080,9000"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
+        ("tproxy-cni.io/proxy-protocol-trusted-cidrs", NODE_CIDRS),
         ("tproxy-cni.io/xff-ports", "8080"),
         ("tproxy-cni.io/proxy-protocol-out", "9000:v2"),
     ];
