@@ -83,6 +83,13 @@ impl Topo {
         }
         Topo { client, pod }
     }
+
+    /// A topology whose pod has the interception rules `r`.
+    pub fn with_rules(r: &Rules) -> Topo {
+        let t = Topo::new();
+        program_rules(&t.pod, r);
+        t
+    }
 }
 
 /// What the pod's interception rules should do.
