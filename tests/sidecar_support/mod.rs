@@ -427,10 +427,12 @@ impl Sidecar {
 
     /// Access-log records written so far.
     pub fn log(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.log_path())
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        // Whole lines only: a read can overlap the sidecar's write of the last one.
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
             .lines()
-            .map(|l| serde_json::from_str(l).expect("access log line is JSON"))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("access log {l:?}: {e}")))
             .collect()
     }
 
