@@ -127,10 +127,7 @@ fn log_field(e: &serde_json::Value, k: &str) -> String {
 }
 
 fn log_ip(e: &serde_json::Value, k: &str) -> String {
-    log_field(e, k)
-        .parse::<SocketAddr>()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
+    addr_ip(&e[k])
 }
 
 #[test]

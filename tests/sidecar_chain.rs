@@ -32,15 +32,9 @@ fn log_ips(sc: &Sidecar, n: usize) -> Vec<(String, String, String)> {
     sc.wait_log(n, Duration::from_secs(5))
         .iter()
         .map(|e| {
-            let ip = |k: &str| {
-                e[k].as_str()
-                    .and_then(|s| s.parse::<SocketAddr>().ok())
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default()
-            };
             (
-                ip("downstream_remote_address"),
-                ip("upstream_local_address"),
+                addr_ip(&e["downstream_remote_address"]),
+                addr_ip(&e["upstream_local_address"]),
                 e["mode"].as_str().unwrap_or_default().to_string(),
             )
         })

@@ -5,25 +5,11 @@ mod common;
 mod sidecar_support;
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sidecar_support::*;
-
-fn addr_ip(v: &serde_json::Value) -> String {
-    let s = v.as_str().unwrap_or_default();
-    s.parse::<SocketAddr>()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
-}
-
-fn addr_port(v: &serde_json::Value) -> u16 {
-    v.as_str()
-        .and_then(|s| s.parse::<SocketAddr>().ok())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
 
 #[test]
 fn tproxy_app_sees_client_ip_v4_v6_and_log_agrees() {

@@ -554,7 +554,16 @@ pub const CHURN_UPSTREAM_PORTS: &str = "20001-29999";
 /// 100 odd ports from the first fixed client port: most of the range is the fixed ports.
 pub const CHURN_NARROW_UPSTREAM_PORTS: &str = "20001-20199";
 
-fn log_port(v: &serde_json::Value) -> u16 {
+/// The IP of an access-log address field (`"IP:PORT"`), or "" when it holds none.
+pub fn addr_ip(v: &serde_json::Value) -> String {
+    v.as_str()
+        .and_then(|s| s.parse::<SocketAddr>().ok())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// The port of an access-log address field (`"IP:PORT"`), or 0 when it holds none.
+pub fn addr_port(v: &serde_json::Value) -> u16 {
     v.as_str()
         .and_then(|s| s.parse::<SocketAddr>().ok())
         .map(|a| a.port())
@@ -688,11 +697,11 @@ pub fn churn_check(client_ns: &str, client_ip: &str, dst: SocketAddr, sc: &Sidec
     let fixed = FIXED_BASE..FIXED_BASE + fixed_total;
     let (mut clashes, mut future) = (Vec::new(), 0usize);
     for (n, e) in log.iter().enumerate() {
-        let up = log_port(&e["upstream_local_address"]);
+        let up = addr_port(&e["upstream_local_address"]);
         if !fixed.contains(&up) {
             continue;
         }
-        let client_port = log_port(&e["downstream_remote_address"]);
+        let client_port = addr_port(&e["downstream_remote_address"]);
         if n < usize::from(fixed_total) && fixed.contains(&client_port) && up > client_port {
             future += 1;
         } else {
