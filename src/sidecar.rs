@@ -38,6 +38,8 @@ pub mod relay;
 // IP_TRANSPARENT, SO_MARK, TCP_INFO, ...): each `unsafe` block has its SAFETY note.
 #[allow(unsafe_code)]
 pub mod sockopt;
+#[cfg(test)]
+mod testutil;
 pub mod xff;
 
 use std::io;

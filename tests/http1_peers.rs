@@ -6,34 +6,21 @@
 //! so distinct loopback addresses play client, proxy and peer).
 //! A missing tool skips the test with a message, except under `CI`, where it fails.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::tools::{free_port, have_tool, Haproxy};
 use tproxy_cni::sidecar::http1::{
     rewrite_xff, Body, HeadParse, HeadReader, Limits, EXTERNAL_ADDRESS, XFF,
 };
 use tproxy_cni::sidecar::xff::Trust;
-
-fn have_tool(tool: &str, version_flag: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg(version_flag)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("{tool} is missing and CI is set (scripts/setup.sh installs it)");
-        }
-        eprintln!("SKIP: {tool} is not installed");
-    }
-    ok
-}
 
 /// Serves every request of one connection; the response body describes what was parsed.
 fn serve(mut s: TcpStream, peer: IpAddr, trust: Trust) -> Result<(), String> {
@@ -211,29 +198,6 @@ fn curl_keep_alive_chunked_and_expect_continue() {
     );
 }
 
-struct Haproxy(Child);
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port(host: &str) -> SocketAddr {
-    TcpListener::bind(format!("{host}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_up(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "{addr} not up");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn haproxy_forwardfor_is_one_trusted_hop() {
     if !have_tool("haproxy", "-v") || !have_tool("curl", "--version") {
@@ -243,28 +207,17 @@ fn haproxy_forwardfor_is_one_trusted_hop() {
     let (be, _) = server("127.0.0.1:0", Trust::Hops(1));
     let (be0, _) = server("127.0.0.1:0", Trust::Hops(0));
     let (fe, fe0) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = format!(
-        "global\n  maxconn 64\ndefaults\n  mode http\n  option forwardfor\n  \
-         timeout connect 5s\n  timeout client 10s\n  timeout server 10s\n\
-         frontend f1\n  bind {fe}\n  default_backend b1\n\
-         backend b1\n  server s {be} source 127.0.0.3\n\
-         frontend f0\n  bind {fe0}\n  default_backend b0\n\
-         backend b0\n  server s {be0} source 127.0.0.3\n"
+    let _hap = Haproxy::start(
+        None,
+        "  mode http\n  option forwardfor\n",
+        &format!(
+            "frontend f1\n  bind {fe}\n  default_backend b1\n\
+             backend b1\n  server s {be} source 127.0.0.3\n\
+             frontend f0\n  bind {fe0}\n  default_backend b0\n\
+             backend b0\n  server s {be0} source 127.0.0.3\n"
+        ),
+        &[fe, fe0],
     );
-    let cfg_path = dir.path().join("haproxy.cfg");
-    std::fs::write(&cfg_path, cfg).unwrap();
-    let _hap = Haproxy(
-        Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg_path)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_up(fe);
-    wait_up(fe0);
     // numTrustedProxies 1: the client HAProxy saw, even when the client forges XFF (HAProxy
     // appends its own XFF line; all lines form one list).
     let out = curl(&[

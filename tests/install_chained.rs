@@ -21,12 +21,18 @@ fn link_reference_plugins(bin: &Path) {
     }
 }
 
-#[test]
-fn installed_conflist_runs_and_pod_gets_rules() {
-    require_root!();
-    let reference = Path::new("/usr/lib/cni");
+/// A node's CNI directories as a primary network left them, in a temp dir: `net.d` holds a
+/// bridge + host-local + portmap conflist named `name` (bridge `bridge`, IPv4 `subnet`, and a
+/// default route when `default_route`), and `bin` the reference plugins. Returns the temp dir
+/// (the IPAM state lives there too), `net.d` and `bin`.
+fn primary_network(
+    name: &str,
+    bridge: &str,
+    subnet: &str,
+    default_route: bool,
+) -> (tempfile::TempDir, PathBuf, PathBuf) {
     assert!(
-        reference.join("bridge").is_file(),
+        Path::new("/usr/lib/cni/bridge").is_file(),
         "install containernetworking-plugins (bridge, host-local)"
     );
     let tmp = tempfile::tempdir().unwrap();
@@ -35,30 +41,19 @@ fn installed_conflist_runs_and_pod_gets_rules() {
     std::fs::create_dir_all(&conf).unwrap();
     // A node's bin dir holds the primary's plugins too; the installer checks they are there.
     link_reference_plugins(&bin);
-    let br = common::unique("tpbr");
-    // The node is a netns of its own: the bridge and the host ends of the veths live there, never
-    // in the host's root netns (deleting the netns removes them, also when an assertion fails).
-    let node = common::Netns::new("tpnode");
-    let in_node = |f: &(dyn Fn() -> Result<Value, String> + Sync)| {
-        tproxy_cni::netns::run_in(&node.path(), f).expect("enter the node netns")
-    };
-    let octet = 100 + (std::process::id() % 100);
+    let mut ipam = json!({
+        "type": "host-local",
+        "ranges": [[{"subnet": subnet}]],
+        "dataDir": tmp.path().join("ipam")
+    });
+    if default_route {
+        ipam["routes"] = json!([{"dst": "0.0.0.0/0"}]);
+    }
     let primary = json!({
         "cniVersion": "1.0.0",
-        "name": "chained-test",
+        "name": name,
         "plugins": [
-            {
-                "type": "bridge",
-                "bridge": br,
-                "isGateway": true,
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": format!("10.{octet}.9.0/24")}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": tmp.path().join("ipam")
-                }
-            },
+            {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false, "ipam": ipam},
             {"type": "portmap", "capabilities": {"portMappings": true}}
         ]
     });
@@ -67,6 +62,22 @@ fn installed_conflist_runs_and_pod_gets_rules() {
         serde_json::to_vec_pretty(&primary).unwrap(),
     )
     .unwrap();
+    (tmp, conf, bin)
+}
+
+#[test]
+fn installed_conflist_runs_and_pod_gets_rules() {
+    require_root!();
+    let br = common::unique("tpbr");
+    let octet = 100 + (std::process::id() % 100);
+    let (_tmp, conf, bin) =
+        primary_network("chained-test", &br, &format!("10.{octet}.9.0/24"), true);
+    // The node is a netns of its own: the bridge and the host ends of the veths live there, never
+    // in the host's root netns (deleting the netns removes them, also when an assertion fails).
+    let node = common::Netns::new("tpnode");
+    let in_node = |f: &(dyn Fn() -> Result<Value, String> + Sync)| {
+        tproxy_cni::netns::run_in(&node.path(), f).expect("enter the node netns")
+    };
 
     let out = Command::new(env!("CARGO_BIN_EXE_tproxy-cni-install"))
         .arg("--once")
@@ -308,36 +319,8 @@ fn create_pods(node: &str, conf: &Path, bin: &Path, stop: &AtomicBool) -> Vec<Po
 #[test]
 fn rolling_upgrade_has_no_window_and_uninstall_is_explicit() {
     require_root!();
-    assert!(
-        Path::new("/usr/lib/cni/bridge").is_file(),
-        "install containernetworking-plugins (bridge, host-local)"
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("net.d");
-    let bin = tmp.path().join("bin");
-    std::fs::create_dir_all(&conf).unwrap();
-    link_reference_plugins(&bin);
+    let (tmp, conf, bin) = primary_network("upgrade-test", "cni0", "10.77.0.0/16", false);
     let node = common::Netns::new("tpunode");
-    let primary = json!({
-        "cniVersion": "1.0.0",
-        "name": "upgrade-test",
-        "plugins": [
-            {
-                "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": "10.77.0.0/16"}]],
-                    "dataDir": tmp.path().join("ipam")
-                }
-            },
-            {"type": "portmap", "capabilities": {"portMappings": true}}
-        ]
-    });
-    std::fs::write(
-        conf.join("10-bridge.conflist"),
-        serde_json::to_vec_pretty(&primary).unwrap(),
-    )
-    .unwrap();
     // Two releases of the plugin: v2 is v1's ELF with bytes appended (still runs, differs).
     let v1 = PathBuf::from(env!("CARGO_BIN_EXE_tproxy-cni"));
     let v2_dir = tmp.path().join("image-v2");

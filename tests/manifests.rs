@@ -9,7 +9,7 @@
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PodSpec, ResourceQuota, Service, ServiceAccount, Volume,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -188,6 +188,21 @@ fn init_container<'a>(spec: &'a PodSpec, name: &str) -> Option<&'a Container> {
     spec.init_containers
         .as_ref()
         .and_then(|cs| cs.iter().find(|c| c.name == name))
+}
+
+/// The pod volume mounted at `mount_path` in container `c`.
+fn mounted_volume<'a>(spec: &'a PodSpec, c: &Container, mount_path: &str) -> &'a Volume {
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == mount_path)
+        .unwrap_or_else(|| panic!("{}: nothing mounted at {mount_path}", c.name));
+    spec.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap_or_else(|| panic!("{}: no volume {}", c.name, mount.name))
 }
 
 /// The directory a file under `manifests/` lives in, relative to `manifests/` ("" for the root).
@@ -386,20 +401,7 @@ fn example_apps_carry_annotation_and_hardened_sidecar() {
             )
         );
         // The downward-API file the sidecar reads: metadata.annotations at /etc/podinfo/annotations.
-        let mount = s
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|m| m.mount_path == "/etc/podinfo")
-            .unwrap();
-        let vol = spec
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == mount.name)
-            .unwrap();
+        let vol = mounted_volume(spec, s, "/etc/podinfo");
         let items = vol.downward_api.as_ref().unwrap().items.as_ref().unwrap();
         assert!(items.iter().any(|i| i.path == "annotations"
             && i.field_ref.as_ref().map(|f| f.field_path.as_str())
@@ -804,20 +806,7 @@ fn installer_host_dirs(ds: &DaemonSet) -> (String, String) {
             .rev() // the installer takes the last occurrence
             .find_map(|a| a.strip_prefix(flag))
             .unwrap_or_else(|| panic!("no {flag}"));
-        let mount = c
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|m| m.mount_path == in_container)
-            .unwrap_or_else(|| panic!("{flag}{in_container} is not a mount"));
-        let vol = spec
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == mount.name)
-            .unwrap();
+        let vol = mounted_volume(spec, c, in_container);
         vol.host_path
             .as_ref()
             .unwrap_or_else(|| panic!("{flag}: volume {} is not a hostPath", vol.name))

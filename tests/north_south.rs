@@ -15,10 +15,10 @@ mod sidecar_support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::chain::{Node, Pod};
+use common::tools::{have_tool, Haproxy};
 use serde_json::json;
 use sidecar_support::*;
 use tproxy_cni::sidecar::proxy_protocol::{encode_v1, encode_v2, encode_v2_local};
@@ -26,19 +26,16 @@ use tproxy_cni::sidecar::proxy_protocol::{encode_v1, encode_v2, encode_v2_local}
 /// The node's addresses on the pod network (the bridge's gateway addresses).
 const NODE_V4: &str = "10.88.0.1";
 const NODE_V6: &str = "fd00:88::1";
+/// `NODE_V4` and `NODE_V6` as CIDRs: the trusted senders of PROXY headers.
+const NODE_CIDRS: &str = "10.88.0.1/32,fd00:88::1/128";
 /// Inbound app port that expects PROXY protocol from the node.
 const PP_PORT: u16 = 8443;
-
-fn downward_api(pod_ann: &[(&str, &str)]) -> tempfile::NamedTempFile {
-    let f = tempfile::NamedTempFile::new().expect("tmp");
-    let text: String = pod_ann
-        .iter()
-        .map(|(k, v)| format!("{k}={}\n", serde_json::to_string(v).expect("quote")))
-        .collect();
-    std::fs::write(f.path(), text).expect("write annotations");
-    common::sh(&format!("chmod 0644 {}", f.path().display()));
-    f
-}
+/// A tproxy pod whose `PP_PORT` takes PROXY protocol from the node.
+const PP_POD: [(&str, &str); 3] = [
+    ("tproxy-cni.io/mode", "tproxy"),
+    ("tproxy-cni.io/proxy-protocol-ports", "8443"),
+    ("tproxy-cni.io/proxy-protocol-trusted-cidrs", NODE_CIDRS),
+];
 
 /// The default routes every Kubernetes pod has (the test conflist's IPAM sets none). The app
 /// answers a client from outside the pod network only if it has a route to it: the SYN-ACK's
@@ -63,10 +60,6 @@ fn wait_node_v6(node: &Node) {
     }
 }
 
-fn ip(p: &Pod, fam: u8) -> String {
-    p.ip(fam).expect("pod address of that family")
-}
-
 /// The sidecar as Kubernetes runs it (see the module doc). Stands in for the container
 /// runtime the way `sidecar_support::AS_PROXY` does: uid 1337, only NET_RAW in the bounding set,
 /// no ambient set, no_new_privs, and a copy of the binary carrying the image's file capability.
@@ -80,77 +73,9 @@ fn k8s_sidecar(ns: &str, ann: &[(&str, &str)], extra: &[&str]) -> K8sSidecar {
     let path = file.path().display().to_string();
     let mut args = vec!["--mode", "auto", "--annotations-file", path.as_str()];
     args.extend_from_slice(extra);
-    let capped = capped_copy();
-    let bin = capped.path().join("tproxy-sidecar").display().to_string();
-    let mut sc = Sidecar::spawn_bin(ns, AS_PROXY, &bin, &args);
-    sc.capped = Some(capped);
+    let sc = Sidecar::spawn_as_proxy(ns, &args);
     sc.wait_ready();
     K8sSidecar { sc, _ann: file }
-}
-
-/// HAProxy in `ns` with `cfg` (global/defaults added); killed on drop.
-struct Haproxy {
-    child: Child,
-    /// Holds the config and stderr files for as long as HAProxy runs.
-    _dir: tempfile::TempDir,
-}
-
-impl Haproxy {
-    fn start(ns: &str, body: &str, listen: &[(&str, u16)]) -> Haproxy {
-        let dir = tempfile::tempdir().expect("tmp");
-        let f = dir.path().join("haproxy.cfg");
-        let cfg = format!(
-            "global\n  maxconn 4000\ndefaults\n  timeout connect 5s\n  timeout client 30s\n  \
-             timeout server 30s\n{body}"
-        );
-        std::fs::write(&f, cfg).expect("haproxy cfg");
-        let err = dir.path().join("stderr");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "haproxy", "-db", "-f"])
-            .arg(&f)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&err).expect("stderr"))
-            .spawn()
-            .expect("haproxy");
-        // Ready when every frontend listens (asked of the kernel: a probe connection would
-        // itself be relayed to the backend).
-        let t = Instant::now();
-        for (_, port) in listen {
-            while !common::sh(&format!("ip netns exec {ns} ss -Hltn"))
-                .contains(&format!(":{port} "))
-            {
-                assert!(
-                    t.elapsed() < Duration::from_secs(10),
-                    "haproxy did not start: {}",
-                    std::fs::read_to_string(&err).unwrap_or_default()
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Haproxy { child, _dir: dir }
-    }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// True when the tool runs; else skips, or panics under `CI`.
-fn have_tool(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("-v")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        assert!(std::env::var_os("CI").is_none(), "{tool} missing under CI");
-        eprintln!("SKIP: {tool} is not installed");
-    }
-    ok
 }
 
 /// Connects from `ns` to `dst`, sends `pre` then `GET /ip`, returns the origin the app saw.
@@ -187,10 +112,12 @@ fn outcome(
     })
 }
 
-fn metric(ns: &str, line_prefix: &str) -> u64 {
+/// Counter `name{label="value"}` of the sidecar's `/metrics` in `ns` (0 when absent).
+fn counter(ns: &str, name: &str, label: &str, value: &str) -> u64 {
     let (_, body) = admin_get(ns, "/metrics").expect("metrics");
+    let line_prefix = format!("{name}{{{label}=\"{value}\"}}");
     body.lines()
-        .find_map(|l| l.strip_prefix(line_prefix))
+        .find_map(|l| l.strip_prefix(&line_prefix))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
 }
@@ -200,30 +127,19 @@ fn log_field(e: &serde_json::Value, k: &str) -> String {
 }
 
 fn log_ip(e: &serde_json::Value, k: &str) -> String {
-    log_field(e, k)
-        .parse::<SocketAddr>()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
+    addr_ip(&e[k])
 }
 
 #[test]
 fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
     require_root!();
-    if !have_tool("haproxy") {
+    if !have_tool("haproxy", "-v") {
         return;
     }
     let node = Node::new(json!({}));
     let client = node.add_pod(&[]).expect("client pod ADD");
     let stranger = node.add_pod(&[]).expect("untrusted pod ADD");
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
-    let ann = [
-        ("tproxy-cni.io/mode", "tproxy"),
-        ("tproxy-cni.io/proxy-protocol-ports", "8443"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
-    ];
+    let ann = PP_POD;
     let server = node.add_pod(&ann).expect("server pod ADD");
     default_routes(&server);
     wait_node_v6(&node);
@@ -233,19 +149,25 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
         &ann,
         &["--proxy-protocol-timeout", "400ms"],
     );
-    let (s4, s6) = (ip(&server, 4), ip(&server, 6));
-    let (c4, c6) = (ip(&client, 4), ip(&client, 6));
+    let (s4, s6) = (server.addr(4), server.addr(6));
+    let (c4, c6) = (client.addr(4), client.addr(6));
 
     // HAProxy on the node: v1 and v2, towards the pod's IPv4 and IPv6 address.
     let hp = Haproxy::start(
-        &node.ns.name,
+        Some(&node.ns.name),
+        "",
         &format!(
             "listen v1_4\n  mode tcp\n  bind {NODE_V4}:10080\n  server s {s4}:{PP_PORT} send-proxy\n\
              listen v2_4\n  mode tcp\n  bind {NODE_V4}:10081\n  server s {s4}:{PP_PORT} send-proxy-v2 proxy-v2-options crc32c\n\
              listen v1_6\n  mode tcp\n  bind [{NODE_V6}]:10082\n  server s [{s6}]:{PP_PORT} send-proxy\n\
              listen v2_6\n  mode tcp\n  bind [{NODE_V6}]:10083\n  server s [{s6}]:{PP_PORT} send-proxy-v2\n"
         ),
-        &[(NODE_V4, 10080), (NODE_V4, 10081), (NODE_V6, 10082), (NODE_V6, 10083)],
+        &[
+            sa(NODE_V4, 10080),
+            sa(NODE_V4, 10081),
+            sa(NODE_V6, 10082),
+            sa(NODE_V6, 10083),
+        ],
     );
     for (lb, want) in [
         (sa(NODE_V4, 10080), &c4),
@@ -305,12 +227,12 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
     // the real peer.
     let fake = encode_v1(sa("6.6.6.6", 1), sa(&s4, PP_PORT));
     let r = get_ip_after(&stranger.ns.name, sa(&s4, PP_PORT), fake).expect("untrusted");
-    assert_eq!(r.origin, ip(&stranger, 4));
+    assert_eq!(r.origin, stranger.addr(4));
     // (v1 again: the test app would read v2's binary signature, which holds an empty line,
     // as a request of its own.)
     let fake = encode_v1(sa("2001:db8::66", 1), sa(&s6, PP_PORT));
     let r = get_ip_after(&stranger.ns.name, sa(&s6, PP_PORT), fake).expect("untrusted v6");
-    assert_eq!(r.origin, ip(&stranger, 6));
+    assert_eq!(r.origin, stranger.addr(6));
 
     // A trusted source without a header is refused at once.
     let (r, t) = outcome(
@@ -384,9 +306,11 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
         );
     }
     let m = |r: &str| {
-        metric(
+        counter(
             &server.ns.name,
-            &format!("tproxy_sidecar_proxy_protocol_total{{result=\"{r}\"}}"),
+            "tproxy_sidecar_proxy_protocol_total",
+            "result",
+            r,
         )
     };
     assert_eq!(m("proxy"), 6, "4 via HAProxy, 2 curl");
@@ -411,15 +335,7 @@ fn chain_proxy_protocol_fuzz_never_panics_nor_stalls_others() {
     require_root!();
     let node = Node::new(json!({}));
     let _client = node.add_pod(&[]).expect("first pod ADD (bridge addresses)");
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
-    let ann = [
-        ("tproxy-cni.io/mode", "tproxy"),
-        ("tproxy-cni.io/proxy-protocol-ports", "8443"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
-    ];
+    let ann = PP_POD;
     let server = node.add_pod(&ann).expect("server pod ADD");
     default_routes(&server);
     let _app = App::start(&server.ns.name, &[PP_PORT], &[]);
@@ -428,7 +344,7 @@ fn chain_proxy_protocol_fuzz_never_panics_nor_stalls_others() {
         &ann,
         &["--proxy-protocol-timeout", "300ms"],
     );
-    let s4 = ip(&server, 4);
+    let s4 = server.addr(4);
     let dst = sa(&s4, PP_PORT);
 
     // Good requests keep flowing while malformed headers arrive.
@@ -659,10 +575,10 @@ fn chain_xff_keep_alive_chunked_upgrade_and_limits() {
     start_head_app(&server.ns.name, ECHO_PORT);
     let sc = k8s_sidecar(&server.ns.name, &ann, &["--max-request-headers-kb", "4"]);
     let (c4, c6, s4, s6) = (
-        ip(&client, 4),
-        ip(&client, 6),
-        ip(&server, 4),
-        ip(&server, 6),
+        client.addr(4),
+        client.addr(6),
+        server.addr(4),
+        server.addr(6),
     );
 
     // Envoy's table for numTrustedProxies 2, with 0-3 incoming entries; one keep-alive,
@@ -788,9 +704,11 @@ fn chain_xff_keep_alive_chunked_upgrade_and_limits() {
     assert_eq!(xff_of(&body_json(&plain[0])).0, "9.9.9.9");
 
     let m = |r: &str| {
-        metric(
+        counter(
             &server.ns.name,
-            &format!("tproxy_sidecar_http_requests_total{{result=\"{r}\"}}"),
+            "tproxy_sidecar_http_requests_total",
+            "result",
+            r,
         )
     };
     assert_eq!((m("forwarded"), m("400"), m("431")), (9, 1, 1));
@@ -812,15 +730,11 @@ fn chain_acl_on_peer_and_client_v4_v6_logged_and_counted() {
     let node = Node::new(json!({}));
     let good = node.add_pod(&[]).expect("allowed pod ADD");
     let bad = node.add_pod(&[]).expect("denied pod ADD");
-    let deny_peer = format!("{}/32,{}/128", ip(&bad, 4), ip(&bad, 6));
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
+    let deny_peer = format!("{}/32,{}/128", bad.addr(4), bad.addr(6));
     let ann = [
         ("tproxy-cni.io/mode", "tproxy"),
         ("tproxy-cni.io/proxy-protocol-ports", "8443"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
+        ("tproxy-cni.io/proxy-protocol-trusted-cidrs", NODE_CIDRS),
         ("tproxy-cni.io/xff-ports", "8080"),
         ("tproxy-cni.io/xff-num-trusted-proxies", "1"),
         (
@@ -843,7 +757,7 @@ fn chain_acl_on_peer_and_client_v4_v6_logged_and_counted() {
     let _app = App::start(&server.ns.name, &[PP_PORT, ECHO_PORT], &[]);
     start_head_app(&server.ns.name, HTTP_PORT);
     let sc = k8s_sidecar(&server.ns.name, &ann, &[]);
-    let (s4, s6) = (ip(&server, 4), ip(&server, 6));
+    let (s4, s6) = (server.addr(4), server.addr(6));
 
     // Peer rules (ipBlocks), both families: allowed pod passes, denied pod is reset.
     for s in [&s4, &s6] {
@@ -895,9 +809,11 @@ fn chain_acl_on_peer_and_client_v4_v6_logged_and_counted() {
     assert!(r[0].starts_with("403"), "{r:?}");
 
     let m = |reason: &str| {
-        metric(
+        counter(
             &server.ns.name,
-            &format!("tproxy_sidecar_rbac_denied_total{{reason=\"{reason}\"}}"),
+            "tproxy_sidecar_rbac_denied_total",
+            "reason",
+            reason,
         )
     };
     assert_eq!(m("peer_denied"), 2);
@@ -948,14 +864,10 @@ fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
     require_root!();
     let node = Node::new(json!({}));
     let client = node.add_pod(&[]).expect("client pod ADD");
-    let trusted = format!("{NODE_V4}/32,{NODE_V6}/128");
     let ann = [
         ("tproxy-cni.io/mode", "redirect"),
         ("tproxy-cni.io/proxy-protocol-ports", "8080,9000"),
-        (
-            "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            trusted.as_str(),
-        ),
+        ("tproxy-cni.io/proxy-protocol-trusted-cidrs", NODE_CIDRS),
         ("tproxy-cni.io/xff-ports", "8080"),
         ("tproxy-cni.io/proxy-protocol-out", "9000:v2"),
     ];
@@ -964,7 +876,7 @@ fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
     start_head_app(&server.ns.name, HTTP_PORT);
     let _echo = App::start(&server.ns.name, &[], &[ECHO_PORT]);
     let sc = k8s_sidecar(&server.ns.name, &ann, &[]);
-    let (s4, s6) = (ip(&server, 4), ip(&server, 6));
+    let (s4, s6) = (server.addr(4), server.addr(6));
 
     // PROXY in + XFF: the app's peer is 127.0.0.6 / ::6, the client arrives in XFF.
     for (dst, src, redirect_src) in [
@@ -996,7 +908,7 @@ fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
     let got = got.expect("echo");
     match tproxy_cni::sidecar::proxy_protocol::parse(&got, &Default::default()) {
         tproxy_cni::sidecar::proxy_protocol::Parse::Header(h) => {
-            assert_eq!(h.client().map(|a| a.ip().to_string()), Some(ip(&client, 4)));
+            assert_eq!(h.client().map(|a| a.ip().to_string()), Some(client.addr(4)));
         }
         other => panic!("{other:?}: {got:?}"),
     }
@@ -1041,8 +953,8 @@ fn chain_xff_table_for_0_1_2_trusted_proxies_v4_v6() {
         start_head_app(&server.ns.name, HTTP_PORT);
         let _sc = k8s_sidecar(&server.ns.name, &ann, &[]);
         for fam in [4u8, 6] {
-            let peer = ip(&client, fam);
-            let dst = sa(&ip(&server, fam), HTTP_PORT);
+            let peer = client.addr(fam);
+            let dst = sa(&server.addr(fam), HTTP_PORT);
             // All four cases on one keep-alive connection.
             let mut reqs = Vec::new();
             for set in incoming_sets {

@@ -180,15 +180,7 @@ fn tproxy_pod_add_check_del() {
     assert_eq!(cni(&e).code, 101, "{e}");
     assert!(cni(&e).msg.contains("prerouting"), "{}", e);
     // ADD again repairs (idempotent, atomic replace) and CHECK is happy again.
-    node.exec(
-        &node.ours(),
-        "ADD",
-        &pod.ns.path().to_string_lossy(),
-        &pod.id,
-        &pod.annotations,
-        Some(&pod.result),
-    )
-    .expect("second ADD");
+    node.exec_on(&node.ours(), "ADD", &pod).expect("second ADD");
     node.check_pod(&pod).expect("CHECK after repair");
     assert_eq!(
         chains(&our_table(&pod.ns).unwrap()),
@@ -566,17 +558,7 @@ fn check_is_strict_and_readd_converges() {
         .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
         .expect("ADD");
     node.check_ours(&pod).expect("CHECK right after ADD");
-    let readd = |pod: &common::chain::Pod| {
-        node.exec(
-            &node.ours(),
-            "ADD",
-            &pod.ns.path().to_string_lossy(),
-            &pod.id,
-            &pod.annotations,
-            Some(&pod.result),
-        )
-        .expect("re-ADD")
-    };
+    let readd = |pod: &common::chain::Pod| node.exec_on(&node.ours(), "ADD", pod).expect("re-ADD");
 
     for (what, cmd, needle) in [
         (
@@ -660,15 +642,8 @@ fn del_removes_our_objects_whatever_their_numbers() {
     ] {
         future[k] = v;
     }
-    node.exec(
-        &future,
-        "ADD",
-        &pod.ns.path().to_string_lossy(),
-        &pod.id,
-        &pod.annotations,
-        Some(&pod.result),
-    )
-    .expect("ADD with other numbers");
+    node.exec_on(&future, "ADD", &pod)
+        .expect("ADD with other numbers");
     // That ADD replaced our objects with its own.
     assert!(our_rules(&pod.ns, "-4").is_empty());
     assert!(our_table(&pod.ns).is_none());

@@ -103,65 +103,50 @@ fn id_value(n: Noise) -> impl Strategy<Value = String> {
 /// Every key the parser knows (ours, Istio's, Kuma's), each present or not, plus the marks of
 /// other meshes and unrelated keys. Lists stay at most `max` entries long.
 fn annotations(max: usize, n: Noise) -> impl Strategy<Value = BTreeMap<String, String>> {
-    let ports = move || prop::option::of(port_list_value(max, n));
-    let cidrs = move || prop::option::of(cidr_list_value(max, n));
-    let inc_ports = move || prop::option::of(selector_value(port_list_value(max, n)));
-    let inc_cidrs = move || prop::option::of(selector_value(cidr_list_value(max, n)));
-    let ours = (
-        prop::option::of(mode_value(n)),
-        inc_ports(),
-        ports(),
-        inc_cidrs(),
-        cidrs(),
-        ports(),
-        ports(),
-        prop::option::of(fail_value(n)),
-        prop::option::of(id_value(n)),
-        prop::option::of(id_value(n)),
-    );
-    let foreign = (
-        prop::option::of(mode_value(n)),
-        inc_ports(),
-        ports(),
-        inc_cidrs(),
-        cidrs(),
-        ports(),
-        ports(),
-        ports(),
-        cidrs(),
-        ports(),
-    );
+    let mode = move || prop::option::of(mode_value(n)).boxed();
+    let ports = move || prop::option::of(port_list_value(max, n)).boxed();
+    let cidrs = move || prop::option::of(cidr_list_value(max, n)).boxed();
+    let inc_ports = move || prop::option::of(selector_value(port_list_value(max, n))).boxed();
+    let inc_cidrs = move || prop::option::of(selector_value(cidr_list_value(max, n))).boxed();
+    let fail = move || prop::option::of(fail_value(n)).boxed();
+    let id = move || prop::option::of(id_value(n)).boxed();
+    let keys: Vec<(&str, BoxedStrategy<Option<String>>)> = vec![
+        ("tproxy-cni.io/mode", mode()),
+        ("tproxy-cni.io/inbound-ports", inc_ports()),
+        ("tproxy-cni.io/exclude-inbound-ports", ports()),
+        ("tproxy-cni.io/include-outbound-ip-ranges", inc_cidrs()),
+        ("tproxy-cni.io/exclude-outbound-ip-ranges", cidrs()),
+        ("tproxy-cni.io/include-outbound-ports", ports()),
+        ("tproxy-cni.io/exclude-outbound-ports", ports()),
+        ("tproxy-cni.io/fail-mode", fail()),
+        ("tproxy-cni.io/proxy-uid", id()),
+        ("tproxy-cni.io/proxy-gid", id()),
+        ("sidecar.istio.io/interceptionMode", mode()),
+        ("traffic.sidecar.istio.io/includeInboundPorts", inc_ports()),
+        ("traffic.sidecar.istio.io/excludeInboundPorts", ports()),
+        (
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            inc_cidrs(),
+        ),
+        ("traffic.sidecar.istio.io/excludeOutboundIPRanges", cidrs()),
+        ("traffic.sidecar.istio.io/includeOutboundPorts", ports()),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", ports()),
+        ("traffic.kuma.io/exclude-inbound-ports", ports()),
+        ("traffic.kuma.io/exclude-outbound-ips", cidrs()),
+        ("traffic.kuma.io/exclude-outbound-ports", ports()),
+    ];
+    let (names, values): (Vec<&str>, Vec<_>) = keys.into_iter().unzip();
     let extra = (
         prop::option::of((0..MESH_MARKS.len(), any::<bool>())),
         prop::collection::btree_map("[a-z][a-z./-]{0,23}", any::<String>(), 0..3),
     );
-    (ours, foreign, extra).prop_map(|(o, f, (mark, junk))| {
+    (values, extra).prop_map(move |(values, (mark, junk))| {
         let mut m = junk;
-        let mut put = |k: &str, v: Option<String>| {
+        for (k, v) in names.iter().zip(values) {
             if let Some(v) = v {
                 m.insert(k.to_string(), v);
             }
-        };
-        put("tproxy-cni.io/mode", o.0);
-        put("tproxy-cni.io/inbound-ports", o.1);
-        put("tproxy-cni.io/exclude-inbound-ports", o.2);
-        put("tproxy-cni.io/include-outbound-ip-ranges", o.3);
-        put("tproxy-cni.io/exclude-outbound-ip-ranges", o.4);
-        put("tproxy-cni.io/include-outbound-ports", o.5);
-        put("tproxy-cni.io/exclude-outbound-ports", o.6);
-        put("tproxy-cni.io/fail-mode", o.7);
-        put("tproxy-cni.io/proxy-uid", o.8);
-        put("tproxy-cni.io/proxy-gid", o.9);
-        put("sidecar.istio.io/interceptionMode", f.0);
-        put("traffic.sidecar.istio.io/includeInboundPorts", f.1);
-        put("traffic.sidecar.istio.io/excludeInboundPorts", f.2);
-        put("traffic.sidecar.istio.io/includeOutboundIPRanges", f.3);
-        put("traffic.sidecar.istio.io/excludeOutboundIPRanges", f.4);
-        put("traffic.sidecar.istio.io/includeOutboundPorts", f.5);
-        put("traffic.sidecar.istio.io/excludeOutboundPorts", f.6);
-        put("traffic.kuma.io/exclude-inbound-ports", f.7);
-        put("traffic.kuma.io/exclude-outbound-ips", f.8);
-        put("traffic.kuma.io/exclude-outbound-ports", f.9);
+        }
         if let Some((i, on)) = mark {
             let mk = &MESH_MARKS[i];
             let v = match (mk.value, on) {

@@ -4,32 +4,18 @@
 //! No root needed: nothing but loopback sockets in the test's own network namespace.
 //! A missing tool skips the test with a message, except under `CI`, where it fails.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::tools::{free_port, have_tool, Haproxy};
 use tproxy_cni::sidecar::proxy_protocol::{
     parse, tlvs, Command as PpCommand, Endpoints, Family, Header, Limits, Parse, Version,
 };
-
-/// True when `tool` runs; else skips (false), or panics under `CI`.
-fn have_tool(tool: &str, version_flag: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg(version_flag)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !ok {
-        if std::env::var_os("CI").is_some() {
-            panic!("{tool} is missing and CI is set (scripts/setup.sh installs it)");
-        }
-        eprintln!("SKIP: {tool} is not installed");
-    }
-    ok
-}
 
 /// What one accepted connection delivered.
 struct Capture {
@@ -169,35 +155,6 @@ fn crc32c(data: &[u8]) -> u32 {
     !crc
 }
 
-struct Haproxy(Child);
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port(host: &str) -> SocketAddr {
-    TcpListener::bind(format!("{host}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn connect_when_up(addr: SocketAddr) -> TcpStream {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match TcpStream::connect(addr) {
-            Ok(s) => return s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!("haproxy frontend {addr} not up: {e}"),
-        }
-    }
-}
-
 const PAYLOAD: &[u8] = b"hello from the client\r\n\r\n";
 
 fn payload_done(rest: &[u8]) -> bool {
@@ -216,11 +173,7 @@ fn haproxy_send_proxy_v1_and_v2_we_parse() {
         ("v1_6", "::1", "send-proxy"),
         ("v2_6", "::1", "send-proxy-v2 proxy-v2-options crc32c"),
     ];
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = String::from(
-        "global\n  maxconn 64\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
-         timeout client 10s\n  timeout server 10s\n",
-    );
+    let mut cfg = String::new();
     let mut runs = Vec::new();
     for (name, host, opts) in cases {
         let fe = free_port(host);
@@ -238,22 +191,13 @@ fn haproxy_send_proxy_v1_and_v2_we_parse() {
         "backend be_check\n  server c {} send-proxy-v2 check check-send-proxy inter 200\n",
         chk.local_addr().unwrap()
     );
-    let cfg_path = dir.path().join("haproxy.cfg");
-    std::fs::write(&cfg_path, &cfg).unwrap();
     let chk_cap = capture(chk, |_| true, b"");
-    let _hap = Haproxy(
-        Command::new("haproxy")
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg_path)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let fronts: Vec<SocketAddr> = runs.iter().map(|(_, fe, _)| *fe).collect();
+    let _hap = Haproxy::start(None, "  mode tcp\n", &cfg, &fronts);
 
     for (name, fe, be) in runs {
         let cap = capture(be, payload_done, b"bye");
-        let mut client = connect_when_up(fe);
+        let mut client = TcpStream::connect(fe).unwrap_or_else(|e| panic!("{name}: {fe}: {e}"));
         client.write_all(PAYLOAD).unwrap();
         let c = cap
             .join()

@@ -9,26 +9,9 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::chain::{Node, Pod};
+use common::chain::Node;
 use serde_json::json;
 use sidecar_support::*;
-
-/// The pod's annotations as the kubelet writes them for the downward API (`key="value"`).
-fn downward_api(pod_ann: &[(&str, &str)]) -> tempfile::NamedTempFile {
-    let f = tempfile::NamedTempFile::new().expect("tmp");
-    let text: String = pod_ann
-        .iter()
-        .map(|(k, v)| format!("{k}={}\n", serde_json::to_string(v).expect("quote")))
-        .collect();
-    std::fs::write(f.path(), text).expect("write annotations");
-    // Readable by a non-root sidecar too.
-    common::sh(&format!("chmod 0644 {}", f.path().display()));
-    f
-}
-
-fn ip(p: &Pod, fam: u8) -> String {
-    p.ip(fam).expect("pod address of that family")
-}
 
 /// `GET /ip`, retried briefly: a fresh bridge port may still be settling IPv6 neighbours.
 fn get_ip_retry(ns: &str, dst: SocketAddr) -> std::io::Result<IpReply> {
@@ -49,15 +32,9 @@ fn log_ips(sc: &Sidecar, n: usize) -> Vec<(String, String, String)> {
     sc.wait_log(n, Duration::from_secs(5))
         .iter()
         .map(|e| {
-            let ip = |k: &str| {
-                e[k].as_str()
-                    .and_then(|s| s.parse::<SocketAddr>().ok())
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default()
-            };
             (
-                ip("downstream_remote_address"),
-                ip("upstream_local_address"),
+                addr_ip(&e["downstream_remote_address"]),
+                addr_ip(&e["upstream_local_address"]),
                 e["mode"].as_str().unwrap_or_default().to_string(),
             )
         })
@@ -84,10 +61,10 @@ fn chain_tproxy_real_client_ip_excluded_port_and_fail_closed() {
     );
 
     let (c4, c6, s4, s6) = (
-        ip(&client, 4),
-        ip(&client, 6),
-        ip(&server, 4),
-        ip(&server, 6),
+        client.addr(4),
+        client.addr(6),
+        server.addr(4),
+        server.addr(6),
     );
     let r4 = get_ip_retry(&client.ns.name, sa(&s4, HTTP_PORT)).expect("v4 through the chain");
     assert_eq!(r4.origin, c4, "the app sees the client pod's IPv4");
@@ -119,7 +96,7 @@ fn chain_redirect_sees_127_0_0_6_and_tproxy_fails_open() {
     require_root!();
     let node = Node::new(json!({}));
     let client = node.add_pod(&[]).expect("client pod ADD");
-    let (c4, _) = (ip(&client, 4), ip(&client, 6));
+    let (c4, _) = (client.addr(4), client.addr(6));
 
     // Istio's own annotation selects redirect: the app sees 127.0.0.6 / ::6.
     let ann = [("sidecar.istio.io/interceptionMode", "REDIRECT")];
@@ -131,9 +108,9 @@ fn chain_redirect_sees_127_0_0_6_and_tproxy_fails_open() {
         &server.ns.name,
         &["--mode", "auto", "--annotations-file", &path],
     );
-    let r4 = get_ip_retry(&client.ns.name, sa(&ip(&server, 4), HTTP_PORT)).expect("v4");
+    let r4 = get_ip_retry(&client.ns.name, sa(&server.addr(4), HTTP_PORT)).expect("v4");
     assert_eq!(r4.origin, "127.0.0.6");
-    let r6 = get_ip_retry(&client.ns.name, sa(&ip(&server, 6), HTTP_PORT)).expect("v6");
+    let r6 = get_ip_retry(&client.ns.name, sa(&server.addr(6), HTTP_PORT)).expect("v6");
     assert_eq!(r6.origin, "::6");
     let log = log_ips(&sc, 2);
     assert_eq!(log[0], (c4.clone(), "127.0.0.6".into(), "redirect".into()));
@@ -143,7 +120,7 @@ fn chain_redirect_sees_127_0_0_6_and_tproxy_fails_open() {
     let ann = [("tproxy-cni.io/mode", "tproxy")];
     let open = node.add_pod(&ann).expect("tproxy pod ADD");
     let _app2 = App::start(&open.ns.name, &[HTTP_PORT], &[]);
-    let r = get_ip_retry(&client.ns.name, sa(&ip(&open, 4), HTTP_PORT)).expect("fail-open");
+    let r = get_ip_retry(&client.ns.name, sa(&open.addr(4), HTTP_PORT)).expect("fail-open");
     assert_eq!((r.origin.as_str(), r.port), (c4.as_str(), r.local_port));
 }
 
@@ -165,10 +142,10 @@ fn chain_outbound_capture_passes_through_as_proxy_uid() {
         &["--mode", "auto", "--annotations-file", &path],
     );
     sc.wait_ready();
-    let (p4, p6) = (ip(&pod, 4), ip(&pod, 6));
-    let r4 = get_ip_retry(&pod.ns.name, sa(&ip(&remote, 4), 7000)).expect("egress v4");
+    let (p4, p6) = (pod.addr(4), pod.addr(6));
+    let r4 = get_ip_retry(&pod.ns.name, sa(&remote.addr(4), 7000)).expect("egress v4");
     assert_eq!(r4.origin, p4);
-    let r6 = get_ip_retry(&pod.ns.name, sa(&ip(&remote, 6), 7000)).expect("egress v6");
+    let r6 = get_ip_retry(&pod.ns.name, sa(&remote.addr(6), 7000)).expect("egress v6");
     assert_eq!(r6.origin, p6);
     let log = log_ips(&sc, 2);
     assert_eq!(log.len(), 2, "both captured: {log:?}");
@@ -189,8 +166,8 @@ fn chain_churn_10k_all_proxied_none_stalls() {
     );
     churn_check(
         &client.ns.name,
-        &ip(&client, 4),
-        sa(&ip(&server, 4), HTTP_PORT),
+        &client.addr(4),
+        sa(&server.addr(4), HTTP_PORT),
         &sc,
         &app,
     );

@@ -5,31 +5,16 @@ mod common;
 mod sidecar_support;
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sidecar_support::*;
 
-fn addr_ip(v: &serde_json::Value) -> String {
-    let s = v.as_str().unwrap_or_default();
-    s.parse::<SocketAddr>()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default()
-}
-
-fn addr_port(v: &serde_json::Value) -> u16 {
-    v.as_str()
-        .and_then(|s| s.parse::<SocketAddr>().ok())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 #[test]
 fn tproxy_app_sees_client_ip_v4_v6_and_log_agrees() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT, EXCLUDED_PORT], &[]);
     let sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
 
@@ -87,14 +72,10 @@ fn tproxy_app_sees_client_ip_v4_v6_and_log_agrees() {
 #[test]
 fn redirect_app_sees_127_0_0_6_and_v6() {
     require_root!();
-    let t = Topo::new();
-    program_rules(
-        &t.pod,
-        &Rules {
-            redirect: true,
-            ..Rules::default()
-        },
-    );
+    let t = Topo::with_rules(&Rules {
+        redirect: true,
+        ..Rules::default()
+    });
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     let sc = Sidecar::start(&t.pod.name, &["--mode", "redirect"]);
     let r4 = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("v4");
@@ -124,14 +105,10 @@ fn redirect_app_sees_127_0_0_6_and_v6() {
 #[test]
 fn auto_mode_follows_annotations_file() {
     require_root!();
-    let t = Topo::new();
-    program_rules(
-        &t.pod,
-        &Rules {
-            redirect: true,
-            ..Rules::default()
-        },
-    );
+    let t = Topo::with_rules(&Rules {
+        redirect: true,
+        ..Rules::default()
+    });
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     let ann = tempfile::NamedTempFile::new().expect("tmp");
     std::fs::write(
@@ -200,14 +177,10 @@ fn check_outbound(t: &Topo, sc: &Sidecar) {
 #[test]
 fn outbound_capture_passes_through() {
     require_root!();
-    let t = Topo::new();
-    program_rules(
-        &t.pod,
-        &Rules {
-            outbound: true,
-            ..Rules::default()
-        },
-    );
+    let t = Topo::with_rules(&Rules {
+        outbound: true,
+        ..Rules::default()
+    });
     // The remote server lives in the client netns; the pod dials it and is captured.
     let _remote = App::start(&t.client.name, &[7000], &[]);
 
@@ -237,15 +210,11 @@ fn outbound_capture_passes_through() {
 #[test]
 fn outbound_capture_redirect_mode_exempt_by_mark() {
     require_root!();
-    let t = Topo::new();
-    program_rules(
-        &t.pod,
-        &Rules {
-            redirect: true,
-            outbound: true,
-            ..Rules::default()
-        },
-    );
+    let t = Topo::with_rules(&Rules {
+        redirect: true,
+        outbound: true,
+        ..Rules::default()
+    });
     let _remote = App::start(&t.client.name, &[7000], &[]);
     // Root (not uid 1337): only SO_MARK keeps the sidecar's egress out of the capture.
     let sc = Sidecar::start(&t.pod.name, &["--mode", "redirect"]);
@@ -255,8 +224,7 @@ fn outbound_capture_redirect_mode_exempt_by_mark() {
 #[test]
 fn fail_open_vs_fail_closed_without_sidecar() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
     let via = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("via sidecar");
@@ -291,8 +259,7 @@ fn fail_open_vs_fail_closed_without_sidecar() {
 #[test]
 fn app_down_resets_client_promptly_and_keeps_serving() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     let sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
     for dst in [sa(POD_V4, DEAD_PORT), sa(POD_V6, DEAD_PORT)] {
@@ -334,8 +301,7 @@ fn app_down_resets_client_promptly_and_keeps_serving() {
 #[test]
 fn two_thousand_connections_checksummed_no_fd_growth_small_rss() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[], &[ECHO_PORT]);
     let sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
     std::thread::sleep(Duration::from_millis(200));
@@ -425,8 +391,7 @@ fn two_thousand_connections_checksummed_no_fd_growth_small_rss() {
 #[test]
 fn churn_10k_short_connections_all_proxied_none_stalls() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     let sc = Sidecar::start(
         &t.pod.name,
@@ -442,8 +407,7 @@ fn churn_10k_short_connections_all_proxied_none_stalls() {
 #[test]
 fn churn_upstream_range_over_the_fixed_client_ports() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     let sc = Sidecar::start(
         &t.pod.name,
@@ -478,8 +442,7 @@ fn upstream_port_keepalive(s: &mut TcpStream) -> io::Result<u16> {
 #[test]
 fn port_book_keeps_upstreams_off_live_client_ports() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT]);
     // Eight odd ports. The client holds three of them open to the same destination; each one
     // is picked among ports no live upstream of the sidecar uses (a *future* client port equal
@@ -553,8 +516,7 @@ fn port_book_keeps_upstreams_off_live_client_ports() {
 #[test]
 fn drain_completes_in_flight_transfer() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[], &[ECHO_PORT]);
     let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy", "--drain-timeout", "15s"]);
     const CHUNK: usize = 256 * 1024;
@@ -609,8 +571,7 @@ fn drain_completes_in_flight_transfer() {
 #[test]
 fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
     // As a pod runs it: bounding set NET_RAW, no ambient set, no_new_privs, and the binary
     // carries cap_net_raw+p (the image's binary does; see scripts/image.sh).
@@ -703,8 +664,7 @@ fn runs_as_uid_1337_with_only_net_raw_and_fails_without() {
 #[test]
 fn half_close_from_app_idle_timeout_and_connection_limit() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let app = App::start_with(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT], &[9100]);
     let sc = Sidecar::start(
         &t.pod.name,
@@ -793,8 +753,7 @@ fn bench_wrk_direct_vs_sidecar() {
         eprintln!("SKIP: wrk not installed");
         return;
     }
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let app = App::start_with(&t.pod.name, &[HTTP_PORT, EXCLUDED_PORT], &[], &[9100]);
     let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
     let run = |port: u16, extra: &str| {
@@ -859,8 +818,7 @@ fn killed_sidecar_resets_both_peers_mid_transfer() {
     const PORT: u16 = 9200;
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 128; // 8 MiB each way, paced over ~2.5 s
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let mut sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
 
     /// Sends paced chunks while reading to the end; returns how reading ended.
@@ -930,8 +888,7 @@ fn metric(body: &str, name: &str) -> Option<f64> {
 #[test]
 fn fd_limit_keeps_admin_answering_and_shows_saturation() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT]);
     // Stands in for a container runtime that sets RLIMIT_NOFILE to 256 (soft and hard).
     let sc = Sidecar::spawn(
@@ -990,11 +947,7 @@ fn fd_limit_keeps_admin_answering_and_shows_saturation() {
 
     // Clients gone: the backlog drains and the sidecar is ready again.
     drop(clients);
-    let t0 = Instant::now();
-    while admin_get(&t.pod.name, "/ready").map(|r| r.0).unwrap_or(0) != 200 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "not ready again");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    sc.wait_ready();
     let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("serving again");
     assert_eq!(r.origin, CLIENT_V4);
 }
@@ -1004,8 +957,7 @@ fn fd_limit_keeps_admin_answering_and_shows_saturation() {
 #[test]
 fn per_source_cap_resets_the_excess_and_counts_it() {
     require_root!();
-    let t = Topo::new();
-    program_rules(&t.pod, &Rules::default());
+    let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT]);
     let sc = Sidecar::start(
         &t.pod.name,

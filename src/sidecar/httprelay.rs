@@ -104,6 +104,12 @@ impl Shared<'_> {
         let ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Relaxed);
     }
+    /// Sends `b` to the client and counts it.
+    async fn send_down(&self, down: &TcpStream, b: &[u8]) -> io::Result<()> {
+        write_all(down, b).await?;
+        self.to_down.fetch_add(b.len() as u64, Relaxed);
+        Ok(())
+    }
     fn last(&self) -> Instant {
         self.t0 + Duration::from_millis(self.last.load(Relaxed))
     }
@@ -149,6 +155,63 @@ enum RespEnd {
     Failed(Side, Option<&'static str>),
 }
 
+/// Why a copy in one direction stopped before the message ended.
+enum Stop {
+    /// The sender closed; the receiver was told (FIN).
+    Eof,
+    Failed(Side, Option<&'static str>),
+}
+
+impl From<Stop> for ReqEnd {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Eof => ReqEnd::Eof,
+            Stop::Failed(side, why) => ReqEnd::Failed(side, why),
+        }
+    }
+}
+
+impl From<Stop> for RespEnd {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Eof => RespEnd::Eof,
+            Stop::Failed(side, why) => RespEnd::Failed(side, why),
+        }
+    }
+}
+
+/// A direction of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    ToApp,
+    ToClient,
+}
+
+impl Dir {
+    /// The socket this direction reads and the one it writes.
+    fn ends<'s>(self, down: &'s TcpStream, up: &'s TcpStream) -> (&'s TcpStream, &'s TcpStream) {
+        match self {
+            Dir::ToApp => (down, up),
+            Dir::ToClient => (up, down),
+        }
+    }
+    /// Who failed when reading, and when writing.
+    fn sides(self) -> (Side, Side) {
+        match self {
+            Dir::ToApp => (Side::Down, Side::Up),
+            Dir::ToClient => (Side::Up, Side::Down),
+        }
+    }
+}
+
+/// The sender closed: passes the close on to `dst`, the socket `dir` writes.
+fn pass_close(dst: &TcpStream, dir: Dir) -> Stop {
+    match sockopt::shutdown_write(dst) {
+        Ok(()) => Stop::Eof,
+        Err(_) => Stop::Failed(dir.sides().1, None),
+    }
+}
+
 /// Reads what is there (at least one byte, or EOF = 0) onto the end of `buf`.
 pub(crate) async fn read_more(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     const CHUNK: usize = 16 * 1024;
@@ -176,14 +239,14 @@ pub(crate) async fn write_all(s: &TcpStream, mut b: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Plain bytes from `src` to `dst` until EOF (then FIN on `dst`).
-async fn copy_raw(
-    sh: &Shared<'_>,
-    src: &TcpStream,
-    dst: &TcpStream,
-    count: Option<&AtomicU64>,
-    sides: (Side, Side),
-) -> Result<(), Side> {
+/// Plain bytes in direction `dir` until EOF (then FIN), counted as they are read.
+async fn copy_raw(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, dir: Dir) -> Result<(), Side> {
+    let (src, dst) = dir.ends(down, up);
+    let sides = dir.sides();
+    let count = match dir {
+        Dir::ToApp => &sh.from_down,
+        Dir::ToClient => &sh.to_down,
+    };
     let mut buf = Vec::with_capacity(16 * 1024);
     loop {
         buf.clear();
@@ -193,10 +256,58 @@ async fn copy_raw(
             return Ok(());
         }
         sh.touch();
-        if let Some(c) = count {
-            c.fetch_add(n as u64, Relaxed);
-        }
+        count.fetch_add(n as u64, Relaxed);
         write_all(dst, &buf).await.map_err(|_| sides.1)?;
+    }
+}
+
+/// Relays the body of one message in direction `dir`, framed by `body`. `buf[..held]` is the
+/// message's head, ready to go: it leaves with the body bytes already in `buf`, so a message
+/// usually takes one send. What was sent is drained from `buf`; bytes after the body stay.
+/// Client bytes are counted as they are read, bytes to the client as they are sent.
+async fn copy_body(
+    sh: &Shared<'_>,
+    down: &TcpStream,
+    up: &TcpStream,
+    dir: Dir,
+    buf: &mut Vec<u8>,
+    mut held: usize,
+    mut body: Body,
+) -> Result<(), Stop> {
+    let (src, dst) = dir.ends(down, up);
+    let (src_side, dst_side) = dir.sides();
+    let malformed = match dir {
+        Dir::ToApp => "http_malformed_body",
+        Dir::ToClient => "http_malformed_response",
+    };
+    loop {
+        let n = body
+            .feed(&buf[held..])
+            .map_err(|_| Stop::Failed(src_side, Some(malformed)))?;
+        let out = held + n;
+        held = 0;
+        if out > 0 {
+            let sent = match dir {
+                Dir::ToApp => write_all(dst, &buf[..out]).await,
+                Dir::ToClient => sh.send_down(dst, &buf[..out]).await,
+            };
+            sent.map_err(|_| Stop::Failed(dst_side, None))?;
+            buf.drain(..out);
+        }
+        if body.is_done() {
+            return Ok(());
+        }
+        match read_more(src, buf).await {
+            // The sender gave up mid-body: the receiver sees the same.
+            Ok(0) => return Err(pass_close(dst, dir)),
+            Ok(n) => {
+                if dir == Dir::ToApp {
+                    sh.from_down.fetch_add(n as u64, Relaxed);
+                }
+                sh.touch();
+            }
+            Err(_) => return Err(Stop::Failed(src_side, None)),
+        }
     }
 }
 
@@ -226,10 +337,7 @@ async fn requests(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, early: Vec<
             };
             if n == 0 {
                 // Between requests (or mid-head: nothing of it was sent): pass the close on.
-                return match sockopt::shutdown_write(up) {
-                    Ok(()) => ReqEnd::Eof,
-                    Err(_) => ReqEnd::Failed(Side::Up, None),
-                };
+                return pass_close(up, Dir::ToApp).into();
             }
             sh.from_down.fetch_add(n as u64, Relaxed);
             sh.touch();
@@ -259,45 +367,14 @@ async fn requests(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, early: Vec<
             st.tunnel = None;
         }
         sh.changed.notify_waiters();
-        buf.drain(..head.head_len);
+        // The rewritten head takes the place of the client's and goes out with the body bytes
+        // already here.
+        let held = rw.head.len();
+        buf.splice(..head.head_len, rw.head);
         reader.reset();
-        // The rewritten head goes out with the body bytes already here, in one send.
-        let mut body = Body::new(head.framing, c.limits.max_head);
-        let mut out = rw.head;
-        loop {
-            let n = match body.feed(&buf) {
-                Ok(n) => n,
-                Err(_) => return ReqEnd::Failed(Side::Down, Some("http_malformed_body")),
-            };
-            if out.is_empty() {
-                if n > 0 && write_all(up, &buf[..n]).await.is_err() {
-                    return ReqEnd::Failed(Side::Up, None);
-                }
-            } else {
-                out.extend_from_slice(&buf[..n]);
-                if write_all(up, &out).await.is_err() {
-                    return ReqEnd::Failed(Side::Up, None);
-                }
-                out = Vec::new();
-            }
-            buf.drain(..n);
-            if body.is_done() {
-                break;
-            }
-            match read_more(down, &mut buf).await {
-                Ok(0) => {
-                    // The client gave up mid-body: the app sees the same.
-                    return match sockopt::shutdown_write(up) {
-                        Ok(()) => ReqEnd::Eof,
-                        Err(_) => ReqEnd::Failed(Side::Up, None),
-                    };
-                }
-                Ok(n) => {
-                    sh.from_down.fetch_add(n as u64, Relaxed);
-                    sh.touch();
-                }
-                Err(_) => return ReqEnd::Failed(Side::Down, None),
-            }
+        let body = Body::new(head.framing, c.limits.max_head);
+        if let Err(stop) = copy_body(sh, down, up, Dir::ToApp, &mut buf, held, body).await {
+            return stop.into();
         }
 
         if leaves_http {
@@ -306,9 +383,7 @@ async fn requests(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, early: Vec<
                 if write_all(up, &buf).await.is_err() {
                     return ReqEnd::Failed(Side::Up, None);
                 }
-                return match copy_raw(sh, down, up, Some(&sh.from_down), (Side::Down, Side::Up))
-                    .await
-                {
+                return match copy_raw(sh, down, up, Dir::ToApp).await {
                     Ok(()) => ReqEnd::Tunnel,
                     Err(s) => ReqEnd::Failed(s, None),
                 };
@@ -340,14 +415,10 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
             match read_more(up, &mut buf).await {
                 Ok(0) => {
                     // The app closed: whatever partial response there is goes on, then FIN.
-                    if write_all(down, &buf).await.is_err() {
+                    if sh.send_down(down, &buf).await.is_err() {
                         return RespEnd::Failed(Side::Down, None);
                     }
-                    sh.to_down.fetch_add(buf.len() as u64, Relaxed);
-                    return match sockopt::shutdown_write(down) {
-                        Ok(()) => RespEnd::Eof,
-                        Err(_) => RespEnd::Failed(Side::Down, None),
-                    };
+                    return pass_close(down, Dir::ToClient).into();
                 }
                 Ok(_) => sh.touch(),
                 Err(_) => return RespEnd::Failed(Side::Up, None),
@@ -360,10 +431,9 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
         reader.reset();
         let hl = head.head_len;
         if head.interim {
-            if write_all(down, &buf[..hl]).await.is_err() {
+            if sh.send_down(down, &buf[..hl]).await.is_err() {
                 return RespEnd::Failed(Side::Down, None);
             }
-            sh.to_down.fetch_add(hl as u64, Relaxed);
             buf.drain(..hl);
             continue;
         }
@@ -380,53 +450,24 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
                 sh.lock().tunnel = Some(true);
                 sh.changed.notify_waiters();
                 // The head and whatever followed it.
-                if write_all(down, &buf).await.is_err() {
+                if sh.send_down(down, &buf).await.is_err() {
                     return RespEnd::Failed(Side::Down, None);
                 }
-                sh.to_down.fetch_add(buf.len() as u64, Relaxed);
-                return match copy_raw(sh, up, down, Some(&sh.to_down), (Side::Up, Side::Down)).await
-                {
+                return match copy_raw(sh, down, up, Dir::ToClient).await {
                     Ok(()) => RespEnd::Tunnel,
                     Err(s) => RespEnd::Failed(s, None),
                 };
             }
-            Some(mut body) => {
+            Some(body) => {
                 if leaves_http {
                     sh.lock().tunnel = Some(false);
                     sh.changed.notify_waiters();
                 }
                 // The head goes out with the body bytes already here: one send per response
                 // in the common case.
-                let mut held = hl;
-                loop {
-                    let n = match body.feed(&buf[held..]) {
-                        Ok(n) => n,
-                        Err(_) => {
-                            return RespEnd::Failed(Side::Up, Some("http_malformed_response"))
-                        }
-                    };
-                    let out = held + n;
-                    held = 0;
-                    if out > 0 {
-                        if write_all(down, &buf[..out]).await.is_err() {
-                            return RespEnd::Failed(Side::Down, None);
-                        }
-                        sh.to_down.fetch_add(out as u64, Relaxed);
-                        buf.drain(..out);
-                    }
-                    if body.is_done() {
-                        break;
-                    }
-                    match read_more(up, &mut buf).await {
-                        Ok(0) => {
-                            return match sockopt::shutdown_write(down) {
-                                Ok(()) => RespEnd::Eof,
-                                Err(_) => RespEnd::Failed(Side::Down, None),
-                            }
-                        }
-                        Ok(_) => sh.touch(),
-                        Err(_) => return RespEnd::Failed(Side::Up, None),
-                    }
+                if let Err(stop) = copy_body(sh, down, up, Dir::ToClient, &mut buf, hl, body).await
+                {
+                    return stop.into();
                 }
                 sh.lock().outstanding -= 1;
                 sh.changed.notify_waiters();
@@ -506,9 +547,7 @@ pub async fn relay_http(
                         }
                     }
                     let reply = reply_for(status);
-                    if write_all(down, reply).await.is_ok() {
-                        sh.to_down.fetch_add(reply.len() as u64, Relaxed);
-                    }
+                    let _ = sh.send_down(down, reply).await;
                     // The answer must arrive whole: an orderly close, not a reset. Closing with
                     // unread client bytes would send a reset that can overtake the answer, so
                     // read and drop what the client still sends, briefly and boundedly.

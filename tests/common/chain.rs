@@ -46,6 +46,12 @@ impl Pod {
             (a.contains(':') == (family == 6)).then_some(a)
         })
     }
+
+    /// `ip(family)` for a pod that must have one (a dual-stack test network).
+    pub fn addr(&self, family: u8) -> String {
+        self.ip(family)
+            .unwrap_or_else(|| panic!("pod {} has no IPv{family} address", self.id))
+    }
 }
 
 /// Where plugins are found: ours next to the test's build of it, then the reference ones.
@@ -201,16 +207,21 @@ impl Node {
     /// plugin's own CHECK fails on its changing MAC (the bridge takes its lowest port's), so
     /// multi-pod tests check only what is ours.
     pub fn check_ours(&self, pod: &Pod) -> Result<(), RunError> {
+        self.exec_on(&self.ours(), "CHECK", pod).map(|_| ())
+    }
+
+    /// Runs `plugin` by itself for `cmd` on `pod` (its netns, id and annotations), with the
+    /// pod's cached ADD result as `prevResult`.
+    pub fn exec_on(&self, plugin: &Value, cmd: &str, pod: &Pod) -> Result<Value, RunError> {
         let path = pod.ns.path().to_string_lossy().into_owned();
         self.exec(
-            &self.ours(),
-            "CHECK",
+            plugin,
+            cmd,
             &path,
             &pod.id,
             &pod.annotations,
             Some(&pod.result),
         )
-        .map(|_| ())
     }
 
     /// Our entry alone (for running tproxy-cni by itself with a given prevResult).

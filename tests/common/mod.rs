@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod chain;
+pub mod tools;
 
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

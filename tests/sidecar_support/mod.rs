@@ -83,6 +83,13 @@ impl Topo {
         }
         Topo { client, pod }
     }
+
+    /// A topology whose pod has the interception rules `r`.
+    pub fn with_rules(r: &Rules) -> Topo {
+        let t = Topo::new();
+        program_rules(&t.pod, r);
+        t
+    }
 }
 
 /// What the pod's interception rules should do.
@@ -291,6 +298,20 @@ pub fn get_ip(ns: &str, dst: SocketAddr) -> io::Result<IpReply> {
     })
 }
 
+/// The pod's annotations as the kubelet writes them for the downward API (`key="value"`), for
+/// the sidecar's `--annotations-file`.
+pub fn downward_api(pod_ann: &[(&str, &str)]) -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new().expect("tmp");
+    let text: String = pod_ann
+        .iter()
+        .map(|(k, v)| format!("{k}={}\n", serde_json::to_string(v).expect("quote")))
+        .collect();
+    std::fs::write(f.path(), text).expect("write annotations");
+    // Readable by a non-root sidecar too.
+    common::sh(&format!("chmod 0644 {}", f.path().display()));
+    f
+}
+
 /// The sidecar binary under test, in the pod netns.
 pub struct Sidecar {
     pub child: Child,
@@ -406,10 +427,12 @@ impl Sidecar {
 
     /// Access-log records written so far.
     pub fn log(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.log_path())
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        // Whole lines only: a read can overlap the sidecar's write of the last one.
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
             .lines()
-            .map(|l| serde_json::from_str(l).expect("access log line is JSON"))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("access log {l:?}: {e}")))
             .collect()
     }
 
@@ -531,7 +554,16 @@ pub const CHURN_UPSTREAM_PORTS: &str = "20001-29999";
 /// 100 odd ports from the first fixed client port: most of the range is the fixed ports.
 pub const CHURN_NARROW_UPSTREAM_PORTS: &str = "20001-20199";
 
-fn log_port(v: &serde_json::Value) -> u16 {
+/// The IP of an access-log address field (`"IP:PORT"`), or "" when it holds none.
+pub fn addr_ip(v: &serde_json::Value) -> String {
+    v.as_str()
+        .and_then(|s| s.parse::<SocketAddr>().ok())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// The port of an access-log address field (`"IP:PORT"`), or 0 when it holds none.
+pub fn addr_port(v: &serde_json::Value) -> u16 {
     v.as_str()
         .and_then(|s| s.parse::<SocketAddr>().ok())
         .map(|a| a.port())
@@ -665,11 +697,11 @@ pub fn churn_check(client_ns: &str, client_ip: &str, dst: SocketAddr, sc: &Sidec
     let fixed = FIXED_BASE..FIXED_BASE + fixed_total;
     let (mut clashes, mut future) = (Vec::new(), 0usize);
     for (n, e) in log.iter().enumerate() {
-        let up = log_port(&e["upstream_local_address"]);
+        let up = addr_port(&e["upstream_local_address"]);
         if !fixed.contains(&up) {
             continue;
         }
-        let client_port = log_port(&e["downstream_remote_address"]);
+        let client_port = addr_port(&e["downstream_remote_address"]);
         if n < usize::from(fixed_total) && fixed.contains(&client_port) && up > client_port {
             future += 1;
         } else {

@@ -109,6 +109,18 @@ struct List<'a> {
     plugins: Vec<(&'a Map<String, Value>, String)>,
 }
 
+impl List<'_> {
+    /// `plugin_stdin` for one of this list's plugins.
+    fn stdin(
+        &self,
+        conf: &Map<String, Value>,
+        runtime_config: &Map<String, Value>,
+        prev_result: Option<&Value>,
+    ) -> Value {
+        plugin_stdin(conf, self.name, &self.version, runtime_config, prev_result)
+    }
+}
+
 fn parse_list(conflist: &Value) -> Result<List<'_>, RunError> {
     let obj = conflist
         .as_object()
@@ -298,13 +310,7 @@ pub fn add(conflist: &Value, inv: &Invocation) -> Result<Value, RunError> {
     };
     let mut prev: Option<Value> = None;
     for (index, (conf, ty)) in list.plugins.iter().enumerate() {
-        let stdin = plugin_stdin(
-            conf,
-            list.name,
-            &list.version,
-            &inv.runtime_config,
-            prev.as_ref(),
-        );
+        let stdin = list.stdin(conf, &inv.runtime_config, prev.as_ref());
         let stdout = exec(index, ty, &stdin, &env)?;
         let result: Value = serde_json::from_slice(&stdout).map_err(|e| RunError::BadResult {
             index,
@@ -342,13 +348,7 @@ pub fn check(conflist: &Value, inv: &Invocation, prev_result: &Value) -> Result<
         attachment: true,
     };
     for (index, (conf, ty)) in list.plugins.iter().enumerate() {
-        let stdin = plugin_stdin(
-            conf,
-            list.name,
-            &list.version,
-            &inv.runtime_config,
-            Some(prev_result),
-        );
+        let stdin = list.stdin(conf, &inv.runtime_config, Some(prev_result));
         exec(index, ty, &stdin, &env)?;
     }
     Ok(())
@@ -369,7 +369,7 @@ pub fn del(
         attachment: true,
     };
     for (index, (conf, ty)) in list.plugins.iter().enumerate().rev() {
-        let stdin = plugin_stdin(conf, list.name, &list.version, &inv.runtime_config, prev);
+        let stdin = list.stdin(conf, &inv.runtime_config, prev);
         exec(index, ty, &stdin, &env)?;
     }
     Ok(())
@@ -390,13 +390,7 @@ pub fn one(
         .plugins
         .get(index)
         .ok_or_else(|| RunError::Conflist(format!("no plugins[{index}]")))?;
-    let stdin = plugin_stdin(
-        conf,
-        list.name,
-        &list.version,
-        &inv.runtime_config,
-        prev_result,
-    );
+    let stdin = list.stdin(conf, &inv.runtime_config, prev_result);
     let env = CallEnv {
         command,
         inv,
@@ -460,7 +454,7 @@ fn each_plugin_without_attachment(
         attachment: false,
     };
     for (index, (conf, ty)) in list.plugins.iter().enumerate() {
-        let mut stdin = plugin_stdin(conf, list.name, &list.version, &Map::new(), None);
+        let mut stdin = list.stdin(conf, &Map::new(), None);
         if let (Some((k, v)), Value::Object(o)) = (&extra, &mut stdin) {
             o.insert((*k).to_string(), v.clone());
         }

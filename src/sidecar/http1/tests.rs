@@ -1,4 +1,5 @@
 use super::*;
+use crate::sidecar::testutil::{Edit, Rng};
 
 fn lim() -> Limits {
     Limits::default()
@@ -431,21 +432,6 @@ fn rewrite_xff_internal_request_strips_spoofed_external_address() {
     );
 }
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
 #[test]
 fn fuzz_mutated_requests_never_panic() {
     let seeds: Vec<Vec<u8>> = vec![
@@ -461,25 +447,9 @@ fn fuzz_mutated_requests_never_panic() {
     };
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
     let (mut heads, mut errors) = (0u32, 0u32);
+    let edits = [Edit::Set, Edit::Insert, Edit::Remove, Edit::Truncate];
     for _ in 0..30_000 {
-        let mut buf = seeds[rng.below(seeds.len())].clone();
-        for _ in 0..=rng.below(3) {
-            match rng.below(4) {
-                0 if !buf.is_empty() => {
-                    let i = rng.below(buf.len());
-                    buf[i] = alphabet[rng.below(alphabet.len())];
-                }
-                1 => {
-                    let i = rng.below(buf.len() + 1);
-                    buf.insert(i, alphabet[rng.below(alphabet.len())]);
-                }
-                2 if !buf.is_empty() => {
-                    let i = rng.below(buf.len());
-                    buf.remove(i);
-                }
-                _ => buf.truncate(rng.below(buf.len() + 1)),
-            }
-        }
+        let buf = rng.mutant(&seeds, &edits, 3, alphabet);
         match HeadReader::new(limits).feed(&buf) {
             HeadParse::Head(h) => {
                 heads += 1;
@@ -662,8 +632,7 @@ fn fuzz_chunked_split_invariance_and_mutations() {
         assert_eq!(pos, body.len());
         // A mutated body never panics and never consumes past what it was given.
         let mut m = stream.clone();
-        let i = rng.below(m.len());
-        m[i] = rng.next() as u8;
+        rng.edit(&mut m, Edit::SetAny, b"");
         let mut b = Body::new(Framing::Chunked, 1024);
         if let Ok(n) = b.feed(&m) {
             assert!(n <= m.len());

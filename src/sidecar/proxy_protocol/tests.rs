@@ -1,4 +1,5 @@
 use super::*;
+use crate::sidecar::testutil::{Edit, Rng};
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -525,19 +526,11 @@ fn error_labels_are_distinct() {
     assert_eq!(labels.len(), all.len());
 }
 
-/// xorshift64: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+/// A random v2 length field.
+fn v2_random_length(rng: &mut Rng, buf: &mut [u8]) {
+    if buf.len() >= 16 && buf[..12] == V2_SIGNATURE {
+        let l = (rng.next() as u16).to_be_bytes();
+        buf[14..16].copy_from_slice(&l);
     }
 }
 
@@ -551,35 +544,16 @@ fn fuzz_mutated_headers_never_panic_and_consume_within_bounds() {
     };
     let alphabet = b"PROXY TCP46UNKNOWN0123456789abcdef.:\r\n \x00\xff\x21\x11";
     let (mut headers, mut errors, mut more) = (0u32, 0u32, 0u32);
+    let edits = [
+        Edit::SetAny,
+        Edit::Set,
+        Edit::Truncate,
+        Edit::Insert,
+        Edit::Append(300),
+        Edit::Custom(v2_random_length),
+    ];
     for _ in 0..100_000 {
-        let mut buf = seeds[rng.below(seeds.len())].clone();
-        for _ in 0..=rng.below(4) {
-            match rng.below(6) {
-                0 if !buf.is_empty() => {
-                    let i = rng.below(buf.len());
-                    buf[i] = rng.next() as u8;
-                }
-                1 if !buf.is_empty() => {
-                    let i = rng.below(buf.len());
-                    buf[i] = alphabet[rng.below(alphabet.len())];
-                }
-                2 => buf.truncate(rng.below(buf.len() + 1)),
-                3 => {
-                    let i = rng.below(buf.len() + 1);
-                    buf.insert(i, alphabet[rng.below(alphabet.len())]);
-                }
-                4 => {
-                    let n = rng.below(300);
-                    buf.extend((0..n).map(|_| rng.next() as u8));
-                }
-                _ if buf.len() >= 16 && buf[..12] == V2_SIGNATURE => {
-                    // Random v2 length field.
-                    let l = (rng.next() as u16).to_be_bytes();
-                    buf[14..16].copy_from_slice(&l);
-                }
-                _ => {}
-            }
-        }
+        let buf = rng.mutant(&seeds, &edits, 4, alphabet);
         match parse(&buf, &limits) {
             Parse::Header(h) => {
                 headers += 1;
