@@ -976,7 +976,9 @@ fn per_source_cap_resets_the_excess_and_counts_it() {
             })
             .collect();
         let mut s = TcpStream::connect(sa(POD_V4, ECHO_PORT)).expect("third");
-        s.set_read_timeout(Some(Duration::from_secs(3)))
+        // Generous: on a loaded machine the sidecar may take a while to get to this accept,
+        // and a timeout here would say nothing about the cap.
+        s.set_read_timeout(Some(Duration::from_secs(15)))
             .expect("timeout");
         // The reset may already be there when we write (an idle worker rejects at once): then
         // the write reports it, and a read after that only sees the closed socket.
