@@ -514,6 +514,8 @@ churn_clean() {
   in_c ss -K -H state time-wait >/dev/null 2>&1 || true
   in_p conntrack -F >/dev/null 2>&1 || true
 }
+# Sampled every 0.5 s into churn-gauge-*.txt: the pod's conntrack entries, TIME_WAIT sockets,
+# the sidecar's accept queue (all its listeners) and the machine's load average.
 # nstat counters of the pod netns that explain failures; printed as name=delta.
 CHURN_NSTAT="TcpExtTW TcpExtTWRecycled TcpExtTCPTimeWaitOverflow TcpExtListenOverflows TcpExtListenDrops TcpAttemptFails TcpEstabResets TcpExtTCPAbortOnData TcpExtTCPAbortOnClose TcpOutRsts TcpExtTCPChallengeACK TcpExtPAWSEstab TcpExtTWKilled"
 run_churn_cell() {
@@ -530,9 +532,11 @@ run_churn_cell() {
   log "churn: $row, timestamps $ts, $close closes first, $rate/s for ${CHURN_S}s"
   local conntrack_max=0 tw_max=0 t
   (
-    while sleep 1; do
-      printf '%s %s\n' "$(in_p conntrack -C 2>/dev/null || echo 0)" \
-        "$(in_p ss -Htan state time-wait 2>/dev/null | wc -l)"
+    while sleep 0.5; do
+      printf '%s %s %s\n' "$(in_p conntrack -C 2>/dev/null || echo 0)" \
+        "$(in_p ss -Htan state time-wait 2>/dev/null | wc -l)" \
+        "$(in_p ss -Hltn "sport = :$INBOUND_PORT" 2>/dev/null | awk '{q += $2} END {print q + 0}')" \
+        "$(cut -d' ' -f1 /proc/loadavg)"
     done
   ) >"$RUN/churn.gauge" &
   local gauge=$!
@@ -540,7 +544,11 @@ run_churn_cell() {
     --close "$close" --ports "$lo-$hi" >"$RUN/churn.out" 2>&1 || true
   kill "$gauge" 2>/dev/null || true
   wait "$gauge" 2>/dev/null || true
-  read -r conntrack_max tw_max < <(awk '$1 > c {c = $1} $2 > w {w = $2} END {print c + 0, w + 0}' "$RUN/churn.gauge")
+  local acceptq_max
+  read -r conntrack_max tw_max acceptq_max < <(awk '$1 > c {c = $1} $2 > w {w = $2} $3 > a {a = $3}
+    END {print c + 0, w + 0, a + 0}' "$RUN/churn.gauge")
+  cp "$RUN/churn.gauge" "$OUT/churn-gauge-${row}-ts$ts-$close-$$.txt"
+  rec "$cell" acceptq_max "$acceptq_max"
   cat "$RUN/churn.out" >&2
   local line k v
   line=$(head -n1 "$RUN/churn.out")
