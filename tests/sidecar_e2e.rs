@@ -1051,7 +1051,7 @@ fn not_ready_until_the_netns_is_programmed_for_the_mode() {
     let sc = Sidecar::spawn(&t.pod.name, AS_PROXY_WITH_NET_RAW, &["--mode", "tproxy"]);
     let body = wait_ready_code(&t.pod.name, 503, Duration::from_secs(10));
     assert!(
-        body.starts_with("not intercepted: no ipv4 policy rule sends fwmark 0x7470"),
+        body.starts_with("not intercepted: no ipv4 policy rule sends fwmark 0x1000"),
         "{body}"
     );
     // Not a start-up blip: still 503 a while later.
@@ -1072,7 +1072,7 @@ fn not_ready_until_the_netns_is_programmed_for_the_mode() {
     );
     assert!(sc.stderr().contains("interception rules found"));
     // The IPv6 rule is required too in this dual-stack pod.
-    t.pod.sh("ip -6 rule del fwmark 0x7470 lookup 29808");
+    t.pod.sh("ip -6 rule del fwmark 0x1000/0x1000 lookup 29808");
     let body = wait_ready_code(&t.pod.name, 503, Duration::from_secs(5));
     assert!(body.contains("no ipv6 policy rule"), "{body}");
     drop(sc);
