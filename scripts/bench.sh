@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The benchmark of issue 5, in one command: the data path (direct, tproxy-sidecar in tproxy and
+# The benchmark of issues 5 and 12, in one command: the data path (direct, tproxy-sidecar in tproxy and
 # redirect mode, HAProxy and nginx as transparent proxies) and the plugin at scale.
 #
-#   sudo ./scripts/bench.sh            # full run, < 15 min
-#   sudo ./scripts/bench.sh --quick    # < 2 min (after the first build); asserts correctness
+#   sudo ./scripts/bench.sh            # full run, about 21 min (with the 60 s churn cells)
+#   sudo ./scripts/bench.sh --quick    # about 3 min (after the first build); asserts correctness
 #   --churn-seconds N                  # length of each churn cell (default 60, quick 5)
 #
 # It installs wrk, haproxy and nginx, builds the release binaries, makes a client netns and a pod
