@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The benchmark of issue 5, in one command: the data path (direct, tproxy-sidecar in tproxy and
+# The benchmark of issues 5 and 12, in one command: the data path (direct, tproxy-sidecar in tproxy and
 # redirect mode, HAProxy and nginx as transparent proxies) and the plugin at scale.
 #
-#   sudo ./scripts/bench.sh            # full run, < 15 min
-#   sudo ./scripts/bench.sh --quick    # < 2 min (after the first build); asserts correctness
+#   sudo ./scripts/bench.sh            # full run, about 21 min (with the 60 s churn cells)
+#   sudo ./scripts/bench.sh --quick    # about 3 min (after the first build); asserts correctness
 #   --churn-seconds N                  # length of each churn cell (default 60, quick 5)
 #
 # It installs wrk, haproxy and nginx, builds the release binaries, makes a client netns and a pod
@@ -275,12 +275,12 @@ start_row() {
     sidecar-w2)
       # As many workers as CPUs (auto: 2 here).
       as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
-        >"$RUN/sidecar.log" 2>&1 &
+        --workers auto >"$RUN/sidecar.log" 2>&1 &
       ;;
     sidecar-1cpu)
       # Confined to one CPU: auto then means one worker.
       as_proxy "$SIDECAR_UID" taskset -c 0 "$BIN/tproxy-sidecar" --mode "$mode" \
-        --access-log off >"$RUN/sidecar.log" 2>&1 &
+        --access-log off --workers auto >"$RUN/sidecar.log" 2>&1 &
       ;;
     sidecar-*)
       # One worker, like the peers' one thread; defaults but the access log (the peers log
@@ -521,6 +521,8 @@ churn_clean() {
   in_c ss -K -H state time-wait >/dev/null 2>&1 || true
   in_p conntrack -F >/dev/null 2>&1 || true
 }
+# Sampled every 0.5 s into churn-gauge-*.txt: the pod's conntrack entries, TIME_WAIT sockets,
+# the sidecar's accept queue (all its listeners) and the machine's load average.
 # nstat counters of the pod netns that explain failures; printed as name=delta.
 CHURN_NSTAT="TcpExtTW TcpExtTWRecycled TcpExtTCPTimeWaitOverflow TcpExtListenOverflows TcpExtListenDrops TcpAttemptFails TcpEstabResets TcpExtTCPAbortOnData TcpExtTCPAbortOnClose TcpOutRsts TcpExtTCPChallengeACK TcpExtPAWSEstab TcpExtTWKilled"
 run_churn_cell() {
@@ -537,9 +539,11 @@ run_churn_cell() {
   log "churn: $row, timestamps $ts, $close closes first, $rate/s for ${CHURN_S}s"
   local conntrack_max=0 tw_max=0 t
   (
-    while sleep 1; do
-      printf '%s %s\n' "$(in_p conntrack -C 2>/dev/null || echo 0)" \
-        "$(in_p ss -Htan state time-wait 2>/dev/null | wc -l)"
+    while sleep 0.5; do
+      printf '%s %s %s\n' "$(in_p conntrack -C 2>/dev/null || echo 0)" \
+        "$(in_p ss -Htan state time-wait 2>/dev/null | wc -l)" \
+        "$(in_p ss -Hltn "sport = :$INBOUND_PORT" 2>/dev/null | awk '{q += $2} END {print q + 0}')" \
+        "$(cut -d' ' -f1 /proc/loadavg)"
     done
   ) >"$RUN/churn.gauge" &
   local gauge=$!
@@ -547,7 +551,11 @@ run_churn_cell() {
     --close "$close" --ports "$lo-$hi" >"$RUN/churn.out" 2>&1 || true
   kill "$gauge" 2>/dev/null || true
   wait "$gauge" 2>/dev/null || true
-  read -r conntrack_max tw_max < <(awk '$1 > c {c = $1} $2 > w {w = $2} END {print c + 0, w + 0}' "$RUN/churn.gauge")
+  local acceptq_max
+  read -r conntrack_max tw_max acceptq_max < <(awk '$1 > c {c = $1} $2 > w {w = $2} $3 > a {a = $3}
+    END {print c + 0, w + 0, a + 0}' "$RUN/churn.gauge")
+  cp "$RUN/churn.gauge" "$OUT/churn-gauge-${row}-ts$ts-$close-$$.txt"
+  rec "$cell" acceptq_max "$acceptq_max"
   cat "$RUN/churn.out" >&2
   local line k v
   line=$(head -n1 "$RUN/churn.out")

@@ -130,8 +130,9 @@ def main():
         print("\n### Churn: one client IP -> one app port, one request per connection\n")
         print("| row | TCP timestamps (pod) | closes first | asked /s | done /s | failed "
               "| seconds with failures | slowest connect ms | connects > 100 ms "
-              "| bypassed / clashes | TIME_WAIT max (pod) | conntrack max (pod) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| bypassed / clashes | TIME_WAIT max (pod) | conntrack max (pod) "
+              "| accept queue max | listen drops |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for c in churn:
             _, r, ts, close = c.split("|")
             d = data[c]
@@ -139,7 +140,8 @@ def main():
             print(f"| {r} | {'on' if ts == 'ts1' else 'off'} | {close} | {g('rate_asked')} "
                   f"| {g('rate')} | {g('failed')} | {g('fail_seconds')} | {g('max_connect_ms')} "
                   f"| {g('over_100ms')} | {'-' if r == 'direct' else g('bypassed')} / "
-                  f"{g('clash_syn')} | {g('tw_max')} | {g('conntrack_max')} |")
+                  f"{g('clash_syn')} | {g('tw_max')} | {g('conntrack_max')} "
+                  f"| {g('acceptq_max') if r != 'direct' else '-'} | {g('nstat_TcpExtListenDrops')} |")
             if r != "direct" and g("bypassed") not in ("0", "-"):
                 failures.append(f"churn {r} {ts} {close}: {g('bypassed')} connections bypassed the proxy")
 

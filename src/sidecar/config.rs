@@ -136,7 +136,7 @@ const SPECS: &[Spec] = &[
     Spec { flag: "deny-peer-cidrs", default: "", help: "TCP peers in these CIDRs are reset (Istio ipBlocks, DENY)" },
     Spec { flag: "allow-client-cidrs", default: "", help: "only effective clients (PROXY protocol / XFF) in these CIDRs pass (Istio remoteIpBlocks, ALLOW)" },
     Spec { flag: "deny-client-cidrs", default: "", help: "effective clients in these CIDRs are refused: reset, or 403 on XFF ports (Istio remoteIpBlocks, DENY)" },
-    Spec { flag: "workers", default: "auto", help: "single-threaded accept loops on SO_REUSEPORT listeners; auto = the CPUs the cgroup quota and affinity allow (1 when unknown)" },
+    Spec { flag: "workers", default: "1", help: "single-threaded accept loops on SO_REUSEPORT listeners; auto = the CPUs the cgroup quota and affinity allow (1 when unknown; set a CPU limit first)" },
 ];
 
 const ENV_PREFIX: &str = "TPROXY_SIDECAR_";
@@ -482,7 +482,8 @@ mod tests {
             Some(8)
         );
         assert!(run(&["--inbound-port", "99999"], &[]).is_err());
-        assert_eq!(run(&[], &[]).unwrap().workers, None);
+        assert_eq!(run(&[], &[]).unwrap().workers, Some(1));
+        assert_eq!(run(&["--workers", "auto"], &[]).unwrap().workers, None);
         assert_eq!(run(&["--workers", "2"], &[]).unwrap().workers, Some(2));
         for bad in ["0", "65", "two", ""] {
             let e = run(&["--workers", bad], &[]).unwrap_err();
