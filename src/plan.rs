@@ -311,6 +311,24 @@ fn proxy_protocol_selectors(policy: &crate::annotations::PodPolicy) -> Vec<Vec<M
     }
 }
 
+/// The rules that capture the PROXY-protocol ports with the mode's `actions`, placed before
+/// the node bypass.
+fn proxy_protocol_captures(
+    policy: &crate::annotations::PodPolicy,
+    actions: Vec<Action>,
+) -> Vec<Rule> {
+    proxy_protocol_selectors(policy)
+        .into_iter()
+        .map(|sel| {
+            rule(
+                sel,
+                actions.clone(),
+                "PROXY protocol port: captured from the node too",
+            )
+        })
+        .collect()
+}
+
 /// The node-address bypass, unless every inbound port expects PROXY protocol.
 fn node_bypass(
     policy: &crate::annotations::PodPolicy,
@@ -375,19 +393,16 @@ fn tproxy_chains(
         ),
     ];
     // PROXY-protocol ports are captured before the node bypass (see `node_bypass`).
-    for sel in proxy_protocol_selectors(policy) {
-        rules.push(rule(
-            sel,
-            vec![
-                Action::Tproxy {
-                    port: cfg.inbound_port,
-                },
-                Action::SetMark(m),
-                Action::Accept,
-            ],
-            "PROXY protocol port: captured from the node too",
-        ));
-    }
+    rules.extend(proxy_protocol_captures(
+        policy,
+        vec![
+            Action::Tproxy {
+                port: cfg.inbound_port,
+            },
+            Action::SetMark(m),
+            Action::Accept,
+        ],
+    ));
     rules.extend(bypass_rules(policy, fams, node_ips));
     let selectors = capture_selectors(policy);
     for sel in &selectors {
@@ -471,15 +486,12 @@ fn redirect_chain(
         vec![Action::Accept],
         "loopback is never intercepted",
     )];
-    for sel in proxy_protocol_selectors(policy) {
-        rules.push(rule(
-            sel,
-            vec![Action::Redirect {
-                port: cfg.inbound_port,
-            }],
-            "PROXY protocol port: captured from the node too",
-        ));
-    }
+    rules.extend(proxy_protocol_captures(
+        policy,
+        vec![Action::Redirect {
+            port: cfg.inbound_port,
+        }],
+    ));
     rules.extend(bypass_rules(policy, fams, node_ips));
     for sel in capture_selectors(policy) {
         rules.push(rule(
