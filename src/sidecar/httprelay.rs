@@ -665,14 +665,8 @@ fn fail(down: &TcpStream, up: &TcpStream, side: Side, protocol: bool) -> EndReas
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
-        (c.unwrap(), s.unwrap().0)
-    }
+    use crate::sidecar::testutil::tcp_pair as pair;
 
     /// client <-> [down | relay_http | up] <-> app, peer 192.0.2.9, numTrustedProxies 1.
     async fn setup(

@@ -354,15 +354,8 @@ impl Activity {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
 
-    /// A connected loopback pair: (connecting side, accepted side).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let a = l.local_addr().unwrap();
-        let (c, s) = tokio::join!(TcpStream::connect(a), l.accept());
-        (c.unwrap(), s.unwrap().0)
-    }
+    use crate::sidecar::testutil::tcp_pair as pair;
 
     /// client <-> [down | relay | up] <-> app
     async fn setup(idle: Duration) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {

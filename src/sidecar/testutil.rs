@@ -1,5 +1,5 @@
-//! Helpers for the sidecar's unit tests: a deterministic PRNG and the byte edits the parser
-//! fuzz loops make to valid messages.
+//! Helpers for the sidecar's unit tests: a deterministic PRNG, the byte edits the parser
+//! fuzz loops make to valid messages, and connected loopback socket pairs for the relays.
 
 /// xorshift64: deterministic, no dependency.
 pub(crate) struct Rng(pub(crate) u64);
@@ -82,4 +82,12 @@ pub(crate) enum Edit {
     Append(usize),
     /// An in-place edit that knows the format (e.g. of a length field).
     Custom(fn(&mut Rng, &mut [u8])),
+}
+
+/// A connected loopback pair: (connecting side, accepted side).
+pub(crate) async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    let (c, s) = tokio::join!(tokio::net::TcpStream::connect(a), l.accept());
+    (c.unwrap(), s.unwrap().0)
 }
