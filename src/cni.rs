@@ -81,6 +81,11 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         Err(_) if cni.command == "DEL" && conf::peek_bad_table_name(stdin).is_some() => {
             return Ok(None);
         }
+        // Any other config DEL cannot read (the conflist changed since ADD): what ADD made is
+        // still found by its owner tags, whatever numbers it used, so remove that and succeed.
+        Err(e) if cni.command == "DEL" => {
+            return del_by_owner_tags(&cni, &e).map(|()| None);
+        }
         Err(e) => return Err(e),
     };
     crate::logging::init("tproxy-cni", conf.log_level, conf.log_file.as_deref());
@@ -177,9 +182,35 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
     };
     let owned = apply::owned_routing(&conf.plan, &lo);
-    let table = conf.plan.table_name.as_str();
+    remove_in(cni, conf.plan.table_name.as_str(), &owned)
+}
+
+/// DEL with a config that does not parse: removes our objects by their owner tags (tables with
+/// our comment, rules and routes with our protocol, `::6` on lo), with the default numbers for
+/// what the tags do not cover. The config error goes to stderr, as the log file is unknown.
+fn del_by_owner_tags(cni: &CniEnv, why: &CniError) -> Result<(), CniError> {
+    let _ = writeln!(
+        std::io::stderr(),
+        "tproxy-cni: {}: DEL with an unreadable config ({}); removing what carries our owner tags",
+        cni.pod(),
+        why.msg
+    );
+    if cni.netns.is_empty() {
+        return Ok(());
+    }
+    let cfg = plan::PlanConfig::default();
+    let lo: Vec<_> = crate::netaddr::Cidr::new(crate::consts::REDIRECT_SOURCE_V6.into(), 128)
+        .into_iter()
+        .collect();
+    let owned = apply::owned_routing(&cfg, &lo);
+    remove_in(cni, cfg.table_name.as_str(), &owned)
+}
+
+/// Removes table `table`, every table carrying our owner comment and the `owned` routing
+/// objects in the pod's netns; a netns that is gone, or was never one, holds nothing of ours.
+fn remove_in(cni: &CniEnv, table: &str, owned: &plan::Routing) -> Result<(), CniError> {
     let res = netns::run_in(std::path::Path::new(&cni.netns), || {
-        apply::remove(&Kernel, &Kernel, table, &owned)
+        apply::remove(&Kernel, &Kernel, table, owned)
     });
     match res {
         Ok(r) => Ok(r?),

@@ -623,6 +623,47 @@ fn check_is_strict_and_readd_converges() {
     assert_clean(&pod.ns);
 }
 
+/// DEL with a config that no longer parses (the conflist changed since ADD: here `mark: 0`,
+/// and a `tableName` it never had) still removes what ADD made, by its owner tags, and
+/// succeeds: a failing DEL would keep the primary plugin from freeing the pod's IP
+/// (docs/ARCHITECTURE.md, pitfall 9). Foreign objects survive.
+#[test]
+fn del_with_a_config_that_no_longer_parses_removes_ours_by_tag() {
+    require_root!();
+    let node = Node::new(json!({"mark": 0x2000, "rulePriority": 5000}));
+    let mut broken = node.ours();
+    broken["mark"] = json!(0);
+    broken["tableName"] = json!("other");
+    for mode in ["tproxy", "redirect"] {
+        let pod = node.add_pod(&[("tproxy-cni.io/mode", mode)]).expect("ADD");
+        pod.ns
+            .sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
+        pod.ns.sh("nft add table inet foreign");
+        // What ADD made is there to be removed.
+        assert!(our_table(&pod.ns).is_some(), "{mode}");
+        if mode == "tproxy" {
+            assert!(pod.ns.sh("ip rule show").contains("5000:"), "{mode}");
+        } else {
+            assert!(pod.ns.sh("ip -6 addr show dev lo").contains("::6/128"));
+        }
+        let e = node
+            .exec_on(&broken, "ADD", &pod)
+            .expect_err("ADD with mark 0");
+        assert_eq!(cni(&e).code, 7, "{e}");
+        node.exec_on(&broken, "DEL", &pod)
+            .unwrap_or_else(|e| panic!("{mode}: DEL with an unreadable config: {e}"));
+        assert!(our_table(&pod.ns).is_none(), "{mode}");
+        assert_eq!(pod.ns.sh("nft list tables"), "table inet foreign\n");
+        let rules = pod.ns.sh("ip rule show");
+        assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
+        assert!(!rules.contains("5000:"), "{mode}: {rules}");
+        assert!(
+            !pod.ns.sh("ip -6 addr show dev lo").contains("::6/128"),
+            "{mode}: ::6 left on lo"
+        );
+    }
+}
+
 /// Issue 14.3: a pod programmed with other numbers (as a release with other defaults would
 /// leave it: table name, mark, route table, rule priority) is drift for CHECK and is cleaned
 /// by DEL of this configuration; rules without our tag survive.
