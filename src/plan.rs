@@ -384,6 +384,17 @@ fn tproxy_chains(
             vec![Action::Accept],
             "loopback is never intercepted",
         ),
+        // docs/ARCHITECTURE.md, pitfall 59: a client reusing the tuple of a proxy leg the app
+        // reset gets that leg's conntrack entry back, mark and all; without this the
+        // sidecar's SYN-ACK would be routed to lo.
+        rule(
+            vec![Match::CtMark(m)],
+            vec![Action::SetCtMark(MarkBits {
+                value: 0,
+                mask: m.mask,
+            })],
+            "not from lo: never the proxy leg, clear our ct mark",
+        ),
         // docs/ARCHITECTURE.md, pitfall 1: without this, fail-closed would reset the pod's
         // own outbound flows.
         rule(
@@ -646,15 +657,24 @@ mod tests {
             (pre.kind, pre.hook, pre.priority),
             (ChainKind::Filter, Hook::Prerouting, -150)
         );
-        // lo tag, lo accept, reply accept, 3 excluded sidecar ports, tproxy.
-        assert_eq!(pre.rules.len(), 7);
+        // lo tag, lo accept, stale ct mark cleared, reply accept, 3 excluded sidecar ports,
+        // tproxy.
+        assert_eq!(pre.rules.len(), 8);
         let m = MarkBits::ours(crate::consts::MARK);
         assert_eq!(pre.rules[0].actions, vec![Action::SetCtMark(m)]);
         assert_eq!(
             pre.rules[0].matches,
             vec![Match::IifName("lo".into()), Match::Mark(m)]
         );
-        assert_eq!(pre.rules[2].matches, vec![Match::CtDirectionReply]);
+        assert_eq!(pre.rules[2].matches, vec![Match::CtMark(m)]);
+        assert_eq!(
+            pre.rules[2].actions,
+            vec![Action::SetCtMark(MarkBits {
+                value: 0,
+                mask: m.mask
+            })]
+        );
+        assert_eq!(pre.rules[3].matches, vec![Match::CtDirectionReply]);
         let last = pre.rules.last().unwrap();
         assert_eq!(last.matches, vec![Match::L4ProtoTcp]);
         assert_eq!(
@@ -781,9 +801,9 @@ mod tests {
             .filter(|i| pre.rules[*i].comment.starts_with("from the node"))
             .collect();
         // Only the pod's family; right after the reply rule, before exclusions and capture.
-        assert_eq!(from_node, vec![3]);
+        assert_eq!(from_node, vec![4]);
         assert_eq!(
-            pre.rules[3].matches,
+            pre.rules[4].matches,
             vec![
                 Match::Nfproto(Family::V4),
                 Match::Saddr("10.0.0.1/32".parse().unwrap())

@@ -126,7 +126,7 @@ fn tproxy_pod_add_check_del() {
                 "prerouting".into(),
                 -150,
                 "filter".into(),
-                9
+                10
             ),
         ],
         "{}",
@@ -445,7 +445,7 @@ fn largest_allowed_policies_apply_check_and_delete() {
                 ("tproxy-cni.io/mode", "tproxy".into()),
                 ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
             ],
-            3 + 2 + 3 + 256,
+            4 + 2 + 3 + 256,
         ),
         (
             "tproxy fail-closed, 256 inbound ports",
@@ -455,7 +455,7 @@ fn largest_allowed_policies_apply_check_and_delete() {
                 ("tproxy-cni.io/fail-mode", "closed".into()),
                 ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
             ],
-            3 + 2 + 3 + 2 * 256,
+            4 + 2 + 3 + 2 * 256,
         ),
         (
             "300 excludeInboundPorts in the conflist, fail-closed, 256 inbound ports",
@@ -464,7 +464,7 @@ fn largest_allowed_policies_apply_check_and_delete() {
                 ("tproxy-cni.io/mode", "tproxy".into()),
                 ("tproxy-cni.io/inbound-ports", port_list(1000, 256)),
             ],
-            3 + 2 + 3 + 300 + 2 * 256,
+            4 + 2 + 3 + 300 + 2 * 256,
         ),
     ];
     for (what, conf, ann, prerouting_rules) in cases {

@@ -172,3 +172,62 @@ fn chain_churn_10k_all_proxied_none_stalls() {
         &app,
     );
 }
+
+/// docs/ARCHITECTURE.md, pitfall 59: the app resets a proxied connection, then the client opens
+/// a new one from the very port the sidecar's upstream used (a client port inside the upstream
+/// range). Conntrack keeps the reset leg's entry for that tuple, ct mark included; the plugin's
+/// rules clear our mark for anything that did not come over lo, so the sidecar's SYN-ACK goes
+/// back to the client instead of to lo. Before that rule the second connect timed out.
+#[test]
+fn chain_client_reusing_a_reset_upstream_tuple_connects() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    require_root!();
+    const RESET_PORT: u16 = 9100;
+    let node = Node::new(json!({}));
+    let ann = [("tproxy-cni.io/mode", "tproxy")];
+    let server = node.add_pod(&ann).expect("server pod ADD");
+    let client = node.add_pod(&[]).expect("client pod ADD");
+    // An app that resets every connection (SO_LINGER 0, then close).
+    let l = in_ns(&server.ns.name, || {
+        TcpListener::bind(("0.0.0.0", RESET_PORT)).expect("bind the resetting app")
+    });
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let file = downward_api(&ann);
+    let path = file.path().display().to_string();
+    let sc = Sidecar::start(
+        &server.ns.name,
+        &["--mode", "auto", "--annotations-file", &path],
+    );
+    let dst = sa(&server.addr(4), RESET_PORT);
+    let first = in_ns(&client.ns.name, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let _ = s.write_all(b"x");
+        let mut b = [0u8; 8];
+        s.read(&mut b)
+    });
+    assert!(
+        matches!(&first, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the app's reset reaches the client: {first:?}"
+    );
+    let log = sc.wait_log(1, Duration::from_secs(5));
+    let port = addr_port(&log[0]["upstream_local_address"]);
+    let client_ip = client.addr(4);
+    let again = in_ns(&client.ns.name, move || {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.set_reuse_address(true)?;
+        let ip: std::net::IpAddr = client_ip.parse().map_err(std::io::Error::other)?;
+        sock.bind(&SocketAddr::new(ip, port).into())?;
+        sock.connect_timeout(&dst.into(), Duration::from_secs(5))
+    });
+    assert!(
+        again.is_ok(),
+        "a new connection from the reset upstream's port {port}: {again:?}"
+    );
+}

@@ -114,6 +114,9 @@ fn mark_set(what: &str, b: &MarkBits) -> String {
     let and = !b.mask | v;
     if and == u32::MAX {
         format!("{what} set {what} | 0x{v:08x}")
+    } else if v == 0 {
+        // Clearing our bits: nft lists no `| 0`.
+        format!("{what} set {what} & 0x{and:08x}")
     } else {
         format!("{what} set {what} & 0x{and:08x} | 0x{v:08x}")
     }

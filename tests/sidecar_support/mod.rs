@@ -118,6 +118,7 @@ pub fn program_rules(pod: &Netns, r: &Rules) {
             "  chain prerouting {{ type filter hook prerouting priority mangle; policy accept;\n\
                  iifname \"lo\" meta mark & 0x1000 == 0x1000 ct mark set ct mark | 0x1000\n\
                  iifname \"lo\" accept\n\
+                 ct mark & 0x1000 == 0x1000 ct mark set ct mark & 0xffffefff\n\
                  ct direction reply accept\n\
                  meta l4proto tcp tcp dport {{ {excluded} }} accept\n\
                  meta l4proto tcp tproxy to :15006 meta mark set meta mark | 0x1000 accept\n{}\
