@@ -48,6 +48,15 @@ cleanup() {
   for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $SOCK" 2>/dev/null) "${pids[@]}"; do
     kill -9 "$pid" 2>/dev/null
   done
+  # A container whose task containerd never listed (interrupted while it was being started)
+  # is still known to runc under our root: kill what is left of it. (A sidecar orphaned that
+  # way was found still running hours after an interrupted run.)
+  for root in "$WORK"/runc/*/; do
+    [[ -d $root ]] || continue
+    for id in $(runc --root "$root" list -q 2>/dev/null); do
+      runc --root "$root" delete --force "$id" >/dev/null 2>&1
+    done
+  done
   # libcni's cache entries of our sandboxes, if a DEL never ran.
   for sb in "$WORK"/root/io.containerd.grpc.v1.cri/sandboxes/*; do
     [[ -e $sb ]] && rm -f /var/lib/cni/results/*-"${sb##*/}"-*
