@@ -179,6 +179,14 @@ pub enum HeadParse {
 pub struct HeadReader {
     limits: Limits,
     scan: Scanner,
+    line: LineCheck,
+}
+
+impl HeadReader {
+    /// Bytes examined so far for the current head (the linearity tests read it).
+    pub fn bytes_scanned(&self) -> usize {
+        self.scan.work
+    }
 }
 
 impl HeadReader {
@@ -186,6 +194,7 @@ impl HeadReader {
         HeadReader {
             limits,
             scan: Scanner::default(),
+            line: LineCheck::default(),
         }
     }
 
@@ -198,12 +207,9 @@ impl HeadReader {
             Ok(Scan::Empty) => return HeadParse::NeedMore,
             Ok(Scan::Complete { start, head_len }) => (start, head_len),
             Ok(Scan::Partial { start }) => {
-                // Fail fast on a bad request line (TLS, PROXY header, binary).
-                let first = match find_crlf(&buf[start..]) {
-                    Some(eol) => request_line(buf, start, start + eol).map(|_| ()),
-                    None => request_line_prefix(&buf[start..]),
-                };
-                return match first {
+                // Fail fast on a bad request line (TLS, PROXY header, binary), resuming where
+                // the last read stopped: each byte is looked at once.
+                return match self.check_line(buf, start) {
                     Ok(()) => HeadParse::NeedMore,
                     Err(e) => HeadParse::Error(e),
                 };
@@ -215,10 +221,57 @@ impl HeadReader {
         }
     }
 
+    /// Checks the request line as far as it has arrived: the method's characters as they come,
+    /// the whole line once, when its CRLF arrives.
+    fn check_line(&mut self, buf: &[u8], start: usize) -> Result<(), HeadError> {
+        let line = &mut self.line;
+        if line.complete {
+            return Ok(());
+        }
+        let mut i = line.pos.max(start);
+        while i < buf.len() {
+            self.scan.work += 1;
+            match buf[i] {
+                b'\r' => match buf.get(i + 1) {
+                    // Looked at again with the next byte.
+                    None => break,
+                    Some(b'\n') => {
+                        self.scan.work += i - start;
+                        request_line(buf, start, i)?;
+                        line.complete = true;
+                        return Ok(());
+                    }
+                    // The scanner refuses a bare CR.
+                    Some(_) => {}
+                },
+                b' ' => line.method_done = true,
+                c if !line.method_done && !is_tchar(c) => {
+                    return Err(HeadError::Malformed("request line"))
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        line.pos = i;
+        Ok(())
+    }
+
     /// Ready for the next request on the connection.
     pub fn reset(&mut self) {
         self.scan = Scanner::default();
+        self.line = LineCheck::default();
     }
+}
+
+/// How far [`HeadReader::check_line`] got with a request line still arriving.
+#[derive(Debug, Clone, Default)]
+struct LineCheck {
+    /// The next byte to look at.
+    pos: usize,
+    /// The space after the method was seen.
+    method_done: bool,
+    /// The whole line arrived and is valid.
+    complete: bool,
 }
 
 enum Scan {
@@ -238,30 +291,48 @@ enum Scan {
 #[derive(Debug, Clone, Default)]
 struct Scanner {
     scanned: usize,
+    /// Where the start line begins, once known.
+    start: Option<usize>,
+    /// Bytes examined, for the linearity tests.
+    work: usize,
 }
 
 impl Scanner {
     fn scan(&mut self, buf: &[u8], max: usize) -> Result<Scan, HeadError> {
-        let mut start = 0;
-        loop {
-            match &buf[start..] {
-                [b'\r', b'\n', ..] => start += 2,
-                [b'\r'] | [] => {
-                    return if buf.len() >= max {
-                        Err(HeadError::TooLarge(max))
-                    } else {
-                        Ok(Scan::Empty)
-                    };
+        let start = match self.start {
+            Some(s) => s,
+            None => {
+                // Empty lines before the start line, resumed where the last call stopped.
+                let mut s = self.scanned;
+                loop {
+                    match &buf[s..] {
+                        [b'\r', b'\n', ..] => {
+                            s += 2;
+                            self.work += 2;
+                        }
+                        [b'\r'] | [] => {
+                            self.scanned = s;
+                            return if buf.len() >= max {
+                                Err(HeadError::TooLarge(max))
+                            } else {
+                                Ok(Scan::Empty)
+                            };
+                        }
+                        [b'\n', ..] => return Err(HeadError::Malformed("bare LF")),
+                        _ => break,
+                    }
+                    if s >= max {
+                        return Err(HeadError::TooLarge(max));
+                    }
                 }
-                [b'\n', ..] => return Err(HeadError::Malformed("bare LF")),
-                _ => break,
+                self.start = Some(s);
+                self.scanned = s;
+                s
             }
-            if start >= max {
-                return Err(HeadError::TooLarge(max));
-            }
-        }
+        };
         let from = self.scanned.max(start);
         for i in from..buf.len() {
+            self.work += 1;
             match buf[i] {
                 b'\r' => match buf.get(i + 1) {
                     None => break,
@@ -302,16 +373,6 @@ fn is_tchar(b: u8) -> bool {
 
 fn is_token(b: &[u8]) -> bool {
     !b.is_empty() && b.iter().all(|&c| is_tchar(c))
-}
-
-/// A request line still arriving: the method must be made of token characters so far.
-fn request_line_prefix(b: &[u8]) -> Result<(), HeadError> {
-    let method_end = b.iter().position(|&c| c == b' ').unwrap_or(b.len());
-    if b[..method_end].iter().all(|&c| is_tchar(c)) {
-        Ok(())
-    } else {
-        Err(HeadError::Malformed("request line"))
-    }
 }
 
 type Line = (Range<usize>, Range<usize>, Version);

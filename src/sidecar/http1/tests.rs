@@ -639,3 +639,45 @@ fn fuzz_chunked_split_invariance_and_mutations() {
         }
     }
 }
+
+/// Head parsing must cost O(bytes) however the head is cut into reads: a 59 KB request line
+/// fed one byte at a time used to rescan the whole line on every read (quadratic).
+#[test]
+fn head_fed_one_byte_at_a_time_is_scanned_linearly() {
+    let mut long_target = b"GET /".to_vec();
+    long_target.resize(59 * 1024, b'a');
+    long_target.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n");
+    let mut many_lines = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n".to_vec();
+    while many_lines.len() < 59 * 1024 {
+        many_lines.extend_from_slice(b"X-Filler: abcdefghijklmnopqrstuvwxyz\r\n");
+    }
+    many_lines.extend_from_slice(b"\r\n");
+    let limits = Limits {
+        max_head: 64 * 1024,
+        max_headers: 10_000,
+    };
+    for req in [&long_target, &many_lines] {
+        let mut r = HeadReader::new(limits);
+        for n in 1..req.len() {
+            assert_eq!(r.feed(&req[..n]), HeadParse::NeedMore, "at {n}");
+        }
+        assert!(matches!(r.feed(req), HeadParse::Head(h) if h.head_len == req.len()));
+        let scanned = r.bytes_scanned();
+        assert!(
+            scanned <= 4 * req.len(),
+            "{scanned} bytes examined for a {}-byte head",
+            req.len()
+        );
+    }
+    // Empty lines before the request line, one byte at a time, are linear too.
+    let mut r = HeadReader::new(limits);
+    let crlfs = b"\r\n".repeat(30 * 1024);
+    for n in 1..crlfs.len() {
+        assert_eq!(r.feed(&crlfs[..n]), HeadParse::NeedMore, "at {n}");
+    }
+    assert!(
+        r.bytes_scanned() <= 4 * crlfs.len(),
+        "{}",
+        r.bytes_scanned()
+    );
+}
