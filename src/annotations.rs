@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use crate::cni::error::echo;
 use crate::consts::ANNOTATION_PREFIX;
@@ -129,6 +130,8 @@ pub struct NorthSouth {
     pub proxy_protocol_out: Vec<(PortRange, PpVersion)>,
     /// HTTP/1.1 ports whose requests get `X-Forwarded-For` / `x-envoy-external-address`.
     pub xff_ports: Vec<PortRange>,
+    /// XFF ports on which `CONNECT` is forwarded to the app (refused with 403 elsewhere).
+    pub xff_connect_ports: Vec<PortRange>,
     pub xff_trust: XffTrust,
     /// `ipBlocks` (TCP peer) and `remoteIpBlocks` (effective client) allow/deny lists.
     pub allow_peer: Vec<Cidr>,
@@ -144,6 +147,7 @@ impl Default for NorthSouth {
             proxy_protocol_trusted: Vec::new(),
             proxy_protocol_out: Vec::new(),
             xff_ports: Vec::new(),
+            xff_connect_ports: Vec::new(),
             xff_trust: XffTrust::Hops(0),
             allow_peer: Vec::new(),
             deny_peer: Vec::new(),
@@ -170,6 +174,10 @@ impl NorthSouth {
     }
     pub fn xff_on(&self, port: u16) -> bool {
         self.xff_ports.iter().any(|r| r.contains(port))
+    }
+    /// Whether `CONNECT` may reach the app on `port` (an XFF port that opted in).
+    pub fn xff_connect_on(&self, port: u16) -> bool {
+        self.xff_on(port) && self.xff_connect_ports.iter().any(|r| r.contains(port))
     }
 }
 
@@ -236,6 +244,7 @@ pub const OUR_KEYS: &[&str] = &[
     "proxy-protocol-trusted-cidrs",
     "proxy-protocol-out",
     "xff-ports",
+    "xff-connect-ports",
     "xff-num-trusted-proxies",
     "xff-trusted-cidrs",
     "allow-peer-cidrs",
@@ -250,6 +259,7 @@ pub const NORTH_SOUTH_KEYS: &[&str] = &[
     "proxy-protocol-trusted-cidrs",
     "proxy-protocol-out",
     "xff-ports",
+    "xff-connect-ports",
     "xff-num-trusted-proxies",
     "xff-trusted-cidrs",
     "allow-peer-cidrs",
@@ -721,6 +731,16 @@ impl NorthSouth {
         if let Some((key, v)) = get("xff-ports") {
             ns.xff_ports = port_list(&key, v)?;
         }
+        if let Some((key, v)) = get("xff-connect-ports") {
+            ns.xff_connect_ports = port_list(&key, v)?;
+            if let Some(r) = ns
+                .xff_connect_ports
+                .iter()
+                .find(|r| (r.lo..=r.hi).any(|p| !ns.xff_on(p)))
+            {
+                return Err(err(&key, v, format!("{r} is not in {}", k("xff-ports"))));
+            }
+        }
         let hops = get("xff-num-trusted-proxies");
         let cidrs = get("xff-trusted-cidrs");
         ns.xff_trust = match (&hops, &cidrs) {
@@ -850,9 +870,31 @@ fn cidr_list(key: &str, value: &str) -> Result<Vec<Cidr>, PolicyError> {
             if c == "*" {
                 return Err(err(key, value, "\"*\" is not allowed in this list"));
             }
-            c.parse::<Cidr>().map_err(|e| err(key, value, reason(&e)))
+            let cidr = c.parse::<Cidr>().map_err(|e| err(key, value, reason(&e)))?;
+            refuse_v4_mapped(key, value, c, cidr)
         })
         .collect()
+}
+
+/// Clients and peers are compared as IPv4 once IPv4-mapped, so a range written in the mapped
+/// form (`::ffff:10.1.0.0/112`) would never match anything: refused, with the IPv4 spelling
+/// (docs/ARCHITECTURE.md, pitfall 69).
+fn refuse_v4_mapped(key: &str, value: &str, entry: &str, cidr: Cidr) -> Result<Cidr, PolicyError> {
+    let IpAddr::V6(v6) = cidr.addr() else {
+        return Ok(cidr);
+    };
+    match v6.to_ipv4_mapped() {
+        Some(v4) if cidr.prefix() >= 96 => Err(err(
+            key,
+            value,
+            format!(
+                "{} is an IPv4-mapped IPv6 range, which never matches (addresses are compared as IPv4): write {v4}/{}",
+                echo(entry),
+                cidr.prefix() - 96
+            ),
+        )),
+        _ => Ok(cidr),
+    }
 }
 
 fn cidr_selector(key: &str, value: &str) -> Result<Selector<Cidr>, PolicyError> {
@@ -1513,5 +1555,43 @@ mod tests {
         }
         let p = PodPolicy::from_annotations(&m, &Defaults::default()).unwrap();
         assert_eq!(p.mode, Mode::Tproxy);
+    }
+
+    #[test]
+    fn ipv4_mapped_cidrs_are_refused_with_the_ipv4_spelling() {
+        let e = policy(&[(
+            "tproxy-cni.io/deny-client-cidrs",
+            "10.2.0.0/16, ::ffff:10.1.0.0/112",
+        )])
+        .unwrap_err();
+        assert_eq!(e.key, "tproxy-cni.io/deny-client-cidrs");
+        assert!(e.reason.contains("write 10.1.0.0/16"), "{e}");
+        let e = policy(&[(
+            "tproxy-cni.io/exclude-outbound-ip-ranges",
+            "::ffff:192.0.2.7",
+        )])
+        .unwrap_err();
+        assert!(e.reason.contains("write 192.0.2.7/32"), "{e}");
+        // Plain IPv6 ranges, even ones that contain the mapped block, stay.
+        let p = policy(&[("tproxy-cni.io/deny-client-cidrs", "::/0, 2001:db8::/32")]).unwrap();
+        assert_eq!(p.north_south.deny_client.len(), 2);
+    }
+
+    #[test]
+    fn connect_ports_must_be_xff_ports() {
+        let p = policy(&[
+            ("tproxy-cni.io/xff-ports", "8080-8090"),
+            ("tproxy-cni.io/xff-connect-ports", "8081"),
+        ])
+        .unwrap();
+        assert!(p.north_south.xff_connect_on(8081));
+        assert!(!p.north_south.xff_connect_on(8080));
+        let e = policy(&[
+            ("tproxy-cni.io/xff-ports", "8080"),
+            ("tproxy-cni.io/xff-connect-ports", "8080-8081"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.key, "tproxy-cni.io/xff-connect-ports");
+        assert!(e.reason.contains("not in tproxy-cni.io/xff-ports"), "{e}");
     }
 }

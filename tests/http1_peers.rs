@@ -17,9 +17,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::tools::{free_port, have_tool, Haproxy};
-use tproxy_cni::sidecar::http1::{
-    rewrite_xff, Body, HeadParse, HeadReader, Limits, EXTERNAL_ADDRESS, XFF,
-};
+use tproxy_cni::sidecar::client::{ClientCheck, PodAddrs};
+use tproxy_cni::sidecar::edge::{self, EXTERNAL_ADDRESS, XFF};
+use tproxy_cni::sidecar::http1::{Body, HeadParse, HeadReader, Limits};
 use tproxy_cni::sidecar::xff::Trust;
 
 /// Serves every request of one connection; the response body describes what was parsed.
@@ -54,7 +54,15 @@ fn serve(mut s: TcpStream, peer: IpAddr, trust: Trust) -> Result<(), String> {
                 }
             }
         };
-        let rw = rewrite_xff(&buf, &head, peer, &trust);
+        // `client=` and `source=` report what the XFF rule picked; `ext=` what the edge sends,
+        // after the client check (module `client`): a loopback client named in XFF is
+        // refused there, and the peer stands in.
+        let pod = PodAddrs::default();
+        let ck = ClientCheck {
+            pod: &pod,
+            local: None,
+        };
+        let rw = edge::rewrite(&buf, &head, peer, "peer", &trust, &ck);
         if head.expect_continue {
             s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .map_err(|e| e.to_string())?;
@@ -84,8 +92,8 @@ fn serve(mut s: TcpStream, peer: IpAddr, trust: Trust) -> Result<(), String> {
         };
         let report = format!(
             "client={} source={} xff={} ext={} body={} target={}\n",
-            rw.effective.client,
-            rw.effective.source.label(),
+            rw.xff.client,
+            rw.xff.source.label(),
             field(XFF),
             field(EXTERNAL_ADDRESS),
             body_len,
@@ -167,23 +175,29 @@ fn curl_keep_alive_chunked_and_expect_continue() {
     ]);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 4, "{out}");
-    // Loopback without XFF is internal for Envoy: no x-envoy-external-address.
+    // No request is internal (Envoy since 1.33 without internal_address_config): the
+    // external address is the peer.
     assert_eq!(
         lines[0],
-        "client=127.0.0.1 source=peer xff=127.0.0.1 ext= body=0 target=/one"
+        "client=127.0.0.1 source=peer xff=127.0.0.1 ext=127.0.0.1 body=0 target=/one"
     );
     // Chunked: the body's wire bytes are the payload plus chunk framing.
     let two: Vec<&str> = lines[1].split(' ').collect();
     assert_eq!(
         two[..4],
-        ["client=127.0.0.1", "source=peer", "xff=127.0.0.1", "ext="]
+        [
+            "client=127.0.0.1",
+            "source=peer",
+            "xff=127.0.0.1",
+            "ext=127.0.0.1"
+        ]
     );
     let wire: usize = two[4].strip_prefix("body=").unwrap().parse().unwrap();
     assert!((100_005..101_000).contains(&wire), "{}", lines[1]);
     assert_eq!(two[5], "target=/two");
     assert_eq!(
         lines[2],
-        "client=127.0.0.1 source=peer xff=127.0.0.1 ext= body=100000 target=/three"
+        "client=127.0.0.1 source=peer xff=127.0.0.1 ext=127.0.0.1 body=100000 target=/three"
     );
     // A forged external address is stripped; with one trusted hop the XFF entry is the client.
     assert_eq!(
@@ -219,7 +233,8 @@ fn haproxy_forwardfor_is_one_trusted_hop() {
         &[fe, fe0],
     );
     // numTrustedProxies 1: the client HAProxy saw, even when the client forges XFF (HAProxy
-    // appends its own XFF line; all lines form one list).
+    // appends its own XFF line; all lines form one list). That client is a loopback address
+    // here, which no remote client can have: the edge falls back to the peer for `ext`.
     let out = curl(&[
         "--interface",
         "127.0.0.2",
@@ -231,7 +246,7 @@ fn haproxy_forwardfor_is_one_trusted_hop() {
     ]);
     assert_eq!(
         out.trim(),
-        "client=127.0.0.2 source=xff xff=6.6.6.6, 127.0.0.2, 127.0.0.3 ext=127.0.0.2 body=0 target=/a"
+        "client=127.0.0.2 source=xff xff=6.6.6.6, 127.0.0.2, 127.0.0.3 ext=127.0.0.3 body=0 target=/a"
     );
     // numTrustedProxies 0: the TCP peer (HAProxy's source address); XFF only appended.
     let out = curl(&["--interface", "127.0.0.2", &format!("http://{fe0}/b")]);

@@ -626,12 +626,11 @@ fn chain_xff_keep_alive_chunked_upgrade_and_limits() {
                 format!("{incoming}, {peer}")
             };
             assert_eq!(xff, want_xff, "{r}");
-            // Pod addresses are internal (RFC 1918 / fd00::/8): no external address unless
-            // there was an XFF; then the trusted client, or the peer with too few entries.
-            let want_ext = match (incoming.is_empty(), client_from_xff) {
-                (true, _) => String::new(),
-                (false, Some(c)) => c.to_string(),
-                (false, None) => peer.to_string(),
+            // No request is internal (pitfall 66): the trusted client, or the peer with too
+            // few entries.
+            let want_ext = match client_from_xff {
+                Some(c) => c.to_string(),
+                None => peer.to_string(),
             };
             assert_eq!(ext, want_ext, "{r}");
             assert!(
@@ -974,12 +973,8 @@ fn chain_xff_table_for_0_1_2_trusted_proxies_v4_v6() {
                 let mut want_xff: Vec<String> = set.iter().map(|s| s.to_string()).collect();
                 want_xff.push(peer.clone());
                 assert_eq!(xff, want_xff.join(", "), "N={n} {set:?}");
-                // Pod peers are internal: no external address without an XFF.
-                let want_ext = if set.is_empty() {
-                    String::new()
-                } else {
-                    envoy_trusted_client(set, n, &peer)
-                };
+                // No request is internal (pitfall 66), pod peers included.
+                let want_ext = envoy_trusted_client(set, n, &peer);
                 assert_eq!(ext, want_ext, "N={n} {set:?} IPv{fam}");
             }
         }

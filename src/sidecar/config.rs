@@ -129,6 +129,7 @@ const SPECS: &[Spec] = &[
     Spec { flag: "proxy-protocol-out", default: "", help: "send the app a PROXY header with the effective client: PORT:v1|v2,..." },
     Spec { flag: "proxy-protocol-timeout", default: "3s", help: "a trusted source's PROXY header must be complete within this time, or the connection is reset" },
     Spec { flag: "xff-ports", default: "", help: "HTTP/1.1 ports whose requests get X-Forwarded-For and x-envoy-external-address" },
+    Spec { flag: "xff-connect-ports", default: "", help: "XFF ports whose app may be sent CONNECT (refused with 403 elsewhere); each must be in --xff-ports" },
     Spec { flag: "xff-num-trusted-proxies", default: "", help: "trusted proxy hops in X-Forwarded-For (Istio's numTrustedProxies; default 0)" },
     Spec { flag: "xff-trusted-cidrs", default: "", help: "alternative to the hop count: X-Forwarded-For entries in these CIDRs are proxies" },
     Spec { flag: "max-request-headers-kb", default: "60", help: "request head limit on the XFF ports, KiB (Envoy's default); larger heads get 431" },

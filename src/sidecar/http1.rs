@@ -6,7 +6,7 @@
 //! 1. [`HeadReader::feed`] with the unconsumed bytes until it returns [`HeadParse::Head`]
 //!    (or an error: answer [`HeadError::response`] and close; 431 past [`Limits::max_head`] or
 //!    [`Limits::max_headers`], 505 for an HTTP version other than 1.0/1.1, 400 otherwise).
-//! 2. Send [`rewrite_xff`]'s head to the app instead of `buf[..head_len]`.
+//! 2. Send the head `edge::rewrite` makes to the app instead of `buf[..head_len]`.
 //! 3. Relay the body: [`Body::new`] from [`RequestHead::framing`], then [`Body::feed`] with the
 //!    bytes after the head; it says how many belong to this request. What follows is the next
 //!    pipelined request: back to 1.
@@ -29,10 +29,7 @@
 //! and together with `Content-Length`; several `Content-Length` values must be equal; chunk
 //! sizes fit in 64 bits; chunk lines and trailers are bounded.
 
-use std::net::IpAddr;
 use std::ops::Range;
-
-use super::xff::{self, Effective, Trust};
 
 /// Envoy's default `max_request_headers_kb` (60 KiB).
 pub const DEFAULT_MAX_HEAD: usize = 60 * 1024;
@@ -413,7 +410,7 @@ fn trim_range(buf: &[u8], mut r: Range<usize>) -> Range<usize> {
 }
 
 /// The comma-separated elements of all `values`, trimmed, empty ones dropped (RFC 9110 5.6.1).
-fn list_elements<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
+pub(crate) fn list_elements<'a>(values: impl Iterator<Item = &'a [u8]>) -> Vec<&'a [u8]> {
     values
         .flat_map(|v| v.split(|&c| c == b','))
         .map(|e| {
@@ -571,68 +568,6 @@ fn semantics(buf: &[u8], h: &mut RequestHead) -> Result<(), HeadError> {
     h.expect_continue = expect_continue;
     h.keep_alive = keep_alive;
     Ok(())
-}
-
-/// The head with every field named in `remove` dropped and `add` appended (names ASCII
-/// case-insensitive). Empty lines before the request line are not copied.
-pub fn rewrite_head(
-    buf: &[u8],
-    head: &RequestHead,
-    remove: &[&str],
-    add: &[(&str, &[u8])],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(head.head_len - head.start + 64);
-    out.extend_from_slice(&buf[head.start..head.target.end]);
-    out.extend_from_slice(match head.version {
-        Version::Http11 => b" HTTP/1.1\r\n",
-        Version::Http10 => b" HTTP/1.0\r\n",
-    });
-    for f in &head.fields {
-        let name = &buf[f.name.clone()];
-        if remove
-            .iter()
-            .any(|r| name.eq_ignore_ascii_case(r.as_bytes()))
-        {
-            continue;
-        }
-        out.extend_from_slice(&buf[f.line.clone()]);
-        out.extend_from_slice(b"\r\n");
-    }
-    for (name, value) in add {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-pub const XFF: &str = "x-forwarded-for";
-pub const EXTERNAL_ADDRESS: &str = "x-envoy-external-address";
-
-/// The head to send to the app on an XFF port, and the effective client (module `xff`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct XffRewrite {
-    pub head: Vec<u8>,
-    pub effective: Effective,
-}
-
-/// Replaces `X-Forwarded-For` with the incoming value plus `peer`, strips any
-/// `x-envoy-external-address` and sets it as Envoy does (see module `xff`).
-pub fn rewrite_xff(buf: &[u8], head: &RequestHead, peer: IpAddr, trust: &Trust) -> XffRewrite {
-    let incoming: Vec<&[u8]> = head.values(buf, XFF).collect();
-    let effective = xff::effective_client(&incoming, peer, trust);
-    let appended = xff::appended_xff(&incoming, peer);
-    let external = xff::external_address(&incoming, peer, &effective);
-    let mut add: Vec<(&str, &[u8])> = vec![(XFF, &appended)];
-    if let Some(ext) = &external {
-        add.push((EXTERNAL_ADDRESS, ext));
-    }
-    XffRewrite {
-        head: rewrite_head(buf, head, &[XFF, EXTERNAL_ADDRESS], &add),
-        effective,
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -887,6 +822,27 @@ impl Body {
         }
     }
 
+    /// [`Body::feed`] for a request to the app: chunked trailer fields are consumed but not
+    /// forwarded, as Envoy's HTTP/1 codec drops proxied trailers unless `enable_trailers` is
+    /// set (pitfall 67). Returns the bytes consumed and the range of them to leave out.
+    pub fn feed_dropping_trailers(
+        &mut self,
+        data: &[u8],
+    ) -> Result<(usize, Range<usize>), BodyError> {
+        match self {
+            Body::Chunked(c) => {
+                c.drop_trailers = true;
+                let n = c.feed(data)?;
+                let dropped = c.dropped.clone();
+                if c.is_done() {
+                    *self = Body::Done;
+                }
+                Ok((n, dropped))
+            }
+            _ => Ok((self.feed(data)?, 0..0)),
+        }
+    }
+
     pub fn is_done(&self) -> bool {
         matches!(self, Body::Done)
     }
@@ -924,6 +880,11 @@ pub struct Chunked {
     line: usize,
     trailers: usize,
     max_trailers: usize,
+    /// Trailer field lines are to be left out ([`Body::feed_dropping_trailers`]).
+    drop_trailers: bool,
+    /// The trailer bytes of the last [`Chunked::feed`] call (contiguous: only the final CRLF
+    /// follows them).
+    dropped: Range<usize>,
 }
 
 impl Chunked {
@@ -934,6 +895,8 @@ impl Chunked {
             line: 0,
             trailers: 0,
             max_trailers,
+            drop_trailers: false,
+            dropped: 0..0,
         }
     }
 
@@ -945,8 +908,20 @@ impl Chunked {
     pub fn feed(&mut self, data: &[u8]) -> Result<usize, BodyError> {
         use ChunkState::*;
         let mut i = 0;
+        self.dropped = 0..0;
         while i < data.len() {
             let b = data[i];
+            let trailer_byte = match self.state {
+                TrailerStart => b != b'\r',
+                Trailer | TrailerLf => true,
+                _ => false,
+            };
+            if trailer_byte && self.drop_trailers {
+                if self.dropped.is_empty() {
+                    self.dropped = i..i;
+                }
+                self.dropped.end = i + 1;
+            }
             match self.state {
                 Done => return Ok(i),
                 Data => {

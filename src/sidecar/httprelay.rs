@@ -30,9 +30,11 @@ use tokio::sync::{watch, Notify};
 
 use super::accesslog::EndReason;
 use super::acl::{Acl, Denied};
+use super::client::{ClientCheck, Decided};
+use super::edge;
 use super::http1::{self, Body, HeadParse, HeadReader, ResponseParse, ResponseReader, ResponseTo};
 use super::sockopt;
-use super::xff::{Effective, Trust};
+use super::xff::Trust;
 
 /// Envoy's RBAC answer.
 pub const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
@@ -40,8 +42,15 @@ pub const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\nc
 /// What the relay needs to know about the connection.
 pub struct HttpConn<'a> {
     /// The address appended to `X-Forwarded-For`: the TCP peer, or the client a trusted
-    /// PROXY header named (as Envoy does after its PROXY protocol listener filter).
+    /// PROXY header named (as Envoy does after its PROXY protocol listener filter), already
+    /// checked (module `client`).
     pub peer: IpAddr,
+    /// How `peer` was found (`client_address_source` when XFF does not name the client).
+    pub peer_source: &'static str,
+    /// What a client named in X-Forwarded-For is checked against.
+    pub check: ClientCheck<'a>,
+    /// `CONNECT` is forwarded (this port opted in); else it is answered 403.
+    pub connect: bool,
     pub trust: &'a Trust,
     pub acl: &'a Acl,
     pub limits: http1::Limits,
@@ -58,7 +67,12 @@ pub struct HttpOutcome {
     pub end: EndReason,
     pub requests: u64,
     /// The effective client of the first request.
-    pub first_client: Option<Effective>,
+    pub first_client: Option<Decided>,
+    /// The effective client of the request the sidecar answered itself (a 403 names the
+    /// denied request's client, not an earlier one's).
+    pub answered_client: Option<Decided>,
+    /// Requests whose claimed client was refused (module `client`), by reason.
+    pub refused: Vec<&'static str>,
     /// A status the sidecar answered itself, with the reason.
     pub answered: Option<(u16, &'static str)>,
     /// Set when the access control refused a request.
@@ -83,7 +97,9 @@ struct State {
     tunnel: Option<bool>,
     /// Requests forwarded, and the effective client of the first one.
     requests: u64,
-    first: Option<Effective>,
+    first: Option<Decided>,
+    /// Why claimed clients were refused, one entry per request that fell back.
+    refused: Vec<&'static str>,
 }
 
 struct Shared<'a> {
@@ -144,7 +160,7 @@ enum ReqEnd {
         status: u16,
         details: &'static str,
         denied: Option<Denied>,
-        effective: Option<Effective>,
+        effective: Option<Decided>,
     },
     Failed(Side, Option<&'static str>),
 }
@@ -281,10 +297,14 @@ async fn copy_body(
         Dir::ToClient => "http_malformed_response",
     };
     loop {
-        let n = body
-            .feed(&buf[held..])
-            .map_err(|_| Stop::Failed(src_side, Some(malformed)))?;
-        let out = held + n;
+        let fed = match dir {
+            Dir::ToApp => body.feed_dropping_trailers(&buf[held..]),
+            Dir::ToClient => body.feed(&buf[held..]).map(|n| (n, 0..0)),
+        };
+        let (n, dropped) = fed.map_err(|_| Stop::Failed(src_side, Some(malformed)))?;
+        // Request trailers stay here (pitfall 67).
+        buf.drain(held + dropped.start..held + dropped.end);
+        let out = held + n - dropped.len();
         held = 0;
         if out > 0 {
             let sent = match dir {
@@ -342,19 +362,31 @@ async fn requests(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, early: Vec<
             sh.from_down.fetch_add(n as u64, Relaxed);
             sh.touch();
         };
-        let rw = http1::rewrite_xff(&buf, &head, c.peer, c.trust);
-        if let Err(d) = c.acl.check_client(rw.effective.client) {
+        let rw = edge::rewrite(&buf, &head, c.peer, c.peer_source, c.trust, &c.check);
+        if let Some(r) = rw.decided.refused {
+            sh.lock().refused.push(r.label());
+        }
+        if head.connect && !c.connect {
+            // Envoy answers an upgrade its route does not allow with 403 (pitfall 68).
+            return ReqEnd::Answered {
+                status: 403,
+                details: "connect_refused",
+                denied: None,
+                effective: Some(rw.decided),
+            };
+        }
+        if let Err(d) = c.acl.check_client(rw.decided.client) {
             return ReqEnd::Answered {
                 status: 403,
                 details: d.label(),
                 denied: Some(d),
-                effective: Some(rw.effective),
+                effective: Some(rw.decided),
             };
         }
-        let leaves_http = head.upgrade || head.connect;
+        let leaves_http = rw.upgrade || head.connect;
         {
             let mut st = sh.lock();
-            st.first.get_or_insert(rw.effective);
+            st.first.get_or_insert(rw.decided);
             st.requests += 1;
             if let Some(m) = c.metrics {
                 m.count(super::metrics::NsCounter::HttpRequests, "forwarded");
@@ -521,18 +553,14 @@ pub async fn relay_http(
     let mut req_done: Option<ReqEnd> = None;
     let mut resp_done: Option<RespEnd> = None;
     let mut answered = None;
+    let mut answered_client = None;
     let mut denied = None;
     let mut details = None;
     let end = loop {
         tokio::select! {
             r = &mut req, if req_done.is_none() => match r {
                 ReqEnd::Answered { status, details: why, denied: d, effective } => {
-                    {
-                        let mut st = sh.lock();
-                        if st.first.is_none() {
-                            st.first = effective;
-                        }
-                    }
+                    answered_client = effective;
                     // Answer once the responses to earlier requests are through (or the app
                     // closed); a failure on the way ends the connection as a failure.
                     if resp_done.is_none() {
@@ -546,7 +574,7 @@ pub async fn relay_http(
                             }
                         }
                     }
-                    let reply = reply_for(status);
+                    let reply = if d.is_some() { FORBIDDEN } else { reply_for(status) };
                     let _ = sh.send_down(down, reply).await;
                     // The answer must arrive whole: an orderly close, not a reset. Closing with
                     // unread client bytes would send a reset that can overtake the answer, so
@@ -611,9 +639,9 @@ pub async fn relay_http(
     if answered.is_none() {
         answered = details.map(|d| (0, d));
     }
-    let (requests, first_client) = {
-        let st = sh.lock();
-        (st.requests, st.first)
+    let (requests, first_client, refused) = {
+        let mut st = sh.lock();
+        (st.requests, st.first, std::mem::take(&mut st.refused))
     };
     HttpOutcome {
         from_downstream: sh.from_down.load(Relaxed),
@@ -621,6 +649,8 @@ pub async fn relay_http(
         end,
         requests,
         first_client,
+        answered_client,
+        refused,
         answered,
         denied,
     }
@@ -639,10 +669,15 @@ async fn failed(s: &TcpStream) {
     }
 }
 
-/// The complete answer for a status the sidecar gives itself.
+/// The answer to a CONNECT on a port that did not opt in.
+pub const CONNECT_FORBIDDEN: &[u8] =
+    b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The complete answer for a status the sidecar gives itself (403: the access control's
+/// answer is chosen by the caller).
 fn reply_for(status: u16) -> &'static [u8] {
     match status {
-        403 => FORBIDDEN,
+        403 => CONNECT_FORBIDDEN,
         431 => http1::HeadError::TooLarge(0).response(),
         505 => http1::HeadError::Version.response(),
         _ => http1::HeadError::Malformed("").response(),
@@ -673,14 +708,31 @@ mod tests {
         acl: Acl,
         max_head: usize,
     ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<HttpOutcome>) {
+        setup_connect(acl, max_head, false).await
+    }
+
+    /// `connect`: the port opted in to CONNECT.
+    async fn setup_connect(
+        acl: Acl,
+        max_head: usize,
+        connect: bool,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<HttpOutcome>) {
         let (client, down) = pair().await;
         let (up, app) = pair().await;
         let h = tokio::spawn(async move {
             let (tx, rx) = watch::channel(false);
             let _keep = tx;
             let trust = Trust::Hops(1);
+            let pod =
+                crate::sidecar::client::PodAddrs::new(vec!["10.1.0.5".parse().unwrap()], vec![]);
             let conn = HttpConn {
                 peer: "192.0.2.9".parse().unwrap(),
+                peer_source: "peer",
+                check: ClientCheck {
+                    pod: &pod,
+                    local: None,
+                },
+                connect,
                 trust: &trust,
                 acl: &acl,
                 limits: http1::Limits {
@@ -775,6 +827,7 @@ mod tests {
         assert_eq!(o.end, EndReason::Normal);
         assert_eq!(o.requests, 3);
         assert_eq!(o.first_client.unwrap().client.to_string(), "10.0.0.1");
+        assert_eq!(o.first_client.unwrap().source, "xff");
         assert_eq!(o.to_downstream, 3 * OK.len() as u64);
     }
 
@@ -947,5 +1000,113 @@ mod tests {
         assert_eq!(o.end, EndReason::Rbac);
         assert_eq!(o.denied, Some(Denied::ClientDenied));
         assert_eq!(o.requests, 0);
+    }
+
+    async fn read_all(s: &mut TcpStream) -> Vec<u8> {
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        back
+    }
+
+    #[tokio::test]
+    async fn connect_is_refused_unless_the_port_opted_in() {
+        // An ordinary app answers CONNECT with 200 and stays in HTTP: before, the sidecar then
+        // relayed raw bytes, and the next request reached the app unrewritten.
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nx-envoy-external-address: 6.6.6.6\r\n\r\n")
+            .await
+            .unwrap();
+        let back = text(&read_all(&mut client).await);
+        assert!(back.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{back}");
+        assert!(
+            !back.contains("RBAC"),
+            "not the access control's answer: {back}"
+        );
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut seen)).await;
+        assert!(seen.is_empty(), "the app saw {:?}", text(&seen));
+        let o = h.await.unwrap();
+        assert_eq!(
+            (o.answered, o.requests),
+            (Some((403, "connect_refused")), 0)
+        );
+
+        // Opted in: CONNECT goes to the app, and a 2xx makes a tunnel.
+        let (mut client, mut app, h) = setup_connect(Acl::default(), 8192, true).await;
+        client
+            .write_all(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut app, b"\r\n\r\n", 1).await);
+        assert!(got.starts_with("CONNECT db:5432 HTTP/1.1\r\n"), "{got}");
+        app.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        read_until(&mut client, b"\r\n\r\n", 1).await;
+        client.write_all(b"raw bytes").await.unwrap();
+        assert_eq!(read_until(&mut app, b"bytes", 1).await, b"raw bytes");
+        client.shutdown().await.unwrap();
+        app.shutdown().await.unwrap();
+        assert_eq!(h.await.unwrap().end, EndReason::Normal);
+    }
+
+    #[tokio::test]
+    async fn h2c_upgrade_reaches_the_app_as_plain_http() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Not an upgrade any more: both requests go out at once, rewritten.
+        let got = text(&read_until(&mut app, b"\r\n\r\n", 2).await);
+        assert!(!got.to_ascii_lowercase().contains("upgrade"), "{got}");
+        assert_eq!(
+            got.matches("x-forwarded-for: 192.0.2.9").count(),
+            2,
+            "{got}"
+        );
+        drop(client);
+        drop(app);
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn request_trailers_never_reach_the_app() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nx-envoy-external-address: 6.6.6.6\r\n\r\nGET /n HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut app, b"\r\n\r\n", 3).await);
+        assert!(!got.contains("6.6.6.6"), "{got}");
+        assert!(
+            got.contains("3\r\nabc\r\n0\r\n\r\nGET /n HTTP/1.1\r\n"),
+            "{got}"
+        );
+        drop(client);
+        drop(app);
+        assert_eq!(h.await.unwrap().requests, 2);
+    }
+
+    #[tokio::test]
+    async fn a_403_on_keep_alive_names_the_denied_requests_client() {
+        let acl = Acl {
+            deny_client: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Acl::default()
+        };
+        let (mut client, mut app, h) = setup(acl, 8192).await;
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.5\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        app.write_all(OK).await.unwrap();
+        let back = text(&read_all(&mut client).await);
+        assert!(back.contains("RBAC: access denied"), "{back}");
+        let o = h.await.unwrap();
+        assert_eq!(o.first_client.unwrap().client.to_string(), "198.51.100.1");
+        assert_eq!(o.answered_client.unwrap().client.to_string(), "203.0.113.5");
     }
 }

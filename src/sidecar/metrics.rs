@@ -81,9 +81,11 @@ pub enum NsCounter {
     RbacDenied,
     /// HTTP requests on the XFF ports, by `result`: `forwarded`, or the status we answered.
     HttpRequests,
+    /// Claimed clients (PROXY header, X-Forwarded-For) not believed, by `reason`.
+    ClientFallback,
 }
 
-const NS_COUNTERS: [(NsCounter, &str, &str, &str); 3] = [
+const NS_COUNTERS: [(NsCounter, &str, &str, &str); 4] = [
     (
         NsCounter::ProxyProtocol,
         "tproxy_sidecar_proxy_protocol_total",
@@ -101,6 +103,12 @@ const NS_COUNTERS: [(NsCounter, &str, &str, &str); 3] = [
         "tproxy_sidecar_http_requests_total",
         "result",
         "HTTP requests on X-Forwarded-For ports: forwarded, or the status the sidecar answered.",
+    ),
+    (
+        NsCounter::ClientFallback,
+        "tproxy_sidecar_effective_client_fallback_total",
+        "reason",
+        "Clients named by a PROXY header or X-Forwarded-For that no remote client can have (loopback, unspecified, multicast, reserved, broadcast, the pod's own address): the peer was used instead.",
     ),
 ];
 

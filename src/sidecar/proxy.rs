@@ -13,6 +13,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use super::accesslog::{rfc3339, AccessLog, EndReason, Entry};
 use super::acl::{Acl, Denied};
 use super::addr::{unmap, ClientAddr, DownstreamLocal, OrigDst, UpstreamLocal};
+use super::client::{self, Claim, ClientCheck, PodAddrs};
 use super::config::{Config, InboundMode};
 use super::httprelay::{self, HttpConn};
 use super::metrics::{Direction, Metrics, NsCounter};
@@ -76,6 +77,8 @@ pub struct NorthSouthRt {
     pub cfg: NorthSouth,
     pub acl: Acl,
     pub trust: Trust,
+    /// What a claimed client may not be (module `client`).
+    pub pod: PodAddrs,
 }
 
 impl NorthSouthRt {
@@ -90,7 +93,12 @@ impl NorthSouthRt {
             XffTrust::Hops(n) => Trust::Hops(*n),
             XffTrust::Cidrs(c) => Trust::Cidrs(c.clone()),
         };
-        NorthSouthRt { cfg, acl, trust }
+        NorthSouthRt {
+            cfg,
+            acl,
+            trust,
+            pod: PodAddrs::from_interfaces(),
+        }
     }
 }
 
@@ -443,9 +451,19 @@ async fn serve(
                         early = rest;
                         match h.addrs {
                             Some(a) => {
-                                c.effective = Some(unmap(a.src));
+                                let ck = ClientCheck {
+                                    pod: &ns.pod,
+                                    local: Some(orig.0.ip()),
+                                };
+                                let claim = Claim::ProxyProtocol(a.src.ip());
+                                let d = client::decide(peer_ip, "peer", claim, &ck);
+                                if let Some(r) = d.refused {
+                                    shared.metrics.count(NsCounter::ClientFallback, r.label());
+                                } else {
+                                    c.effective = Some(SocketAddr::new(d.client, a.src.port()));
+                                }
+                                c.source = d.source;
                                 pp_dst = Some(unmap(a.dst));
-                                c.source = "proxy_protocol";
                                 shared.metrics.count(NsCounter::ProxyProtocol, "proxy");
                             }
                             None => {
@@ -541,9 +559,18 @@ async fn serve(
         }
     }
     if xff_port {
-        let peer = c.effective.map(|a| a.ip()).unwrap_or(c.client.ip());
+        let peer = xff::peer_ip(SocketAddr::new(
+            c.effective.map(|a| a.ip()).unwrap_or(c.client.ip()),
+            0,
+        ));
         let conn = HttpConn {
-            peer: xff::peer_ip(SocketAddr::new(peer, 0)),
+            peer,
+            peer_source: c.source,
+            check: ClientCheck {
+                pod: &shared.ns.pod,
+                local: Some(orig.0.ip()),
+            },
+            connect: shared.ns.cfg.xff_connect_on(orig.port()),
             trust: &shared.ns.trust,
             acl: &shared.ns.acl,
             limits: crate::sidecar::http1::Limits {
@@ -555,11 +582,16 @@ async fn serve(
         };
         let o = httprelay::relay_http(down, &up, early, conn, shared.hard_stop.clone()).await;
         c.http_requests = Some(o.requests);
-        if let Some(first) = o.first_client {
-            if let xff::Source::Xff { .. } | xff::Source::PeerMalformedXff = first.source {
-                c.effective = Some(SocketAddr::new(first.client, 0));
-                c.source = first.source.label();
+        // The log names the request the sidecar answered (a 403's denied client), else the
+        // first one.
+        if let Some(d) = o.answered_client.or(o.first_client) {
+            if d.client != peer {
+                c.effective = Some(SocketAddr::new(d.client, 0));
             }
+            c.source = d.source;
+        }
+        for r in &o.refused {
+            shared.metrics.count(NsCounter::ClientFallback, r);
         }
         if let Some((status, why)) = o.answered {
             if status != 0 {
@@ -660,8 +692,8 @@ async fn read_proxy_header(
 }
 
 /// Whether the app can be dialled from `client` to reach `dst`: same family, and an address
-/// a remote client can have (a header naming loopback, multicast or "any" is not believed as
-/// a source; the TCP peer is used instead).
+/// a remote client can have (module `client` already refused the others; this stays as a
+/// second line for the dial).
 fn usable_source(client: IpAddr, dst: IpAddr) -> bool {
     let ok = match client {
         IpAddr::V4(v4) => {
@@ -800,11 +832,9 @@ async fn connect_from(
     let stream = TcpSocket::from_std_stream(std_stream)
         .connect(orig.0)
         .await?;
-    // An explicitly bound port (tproxy mode) is the local address already: no getsockname.
-    let local = match src {
-        Some(a) if a.port() != 0 && !a.ip().is_unspecified() => unmap(a),
-        _ => stream.local_addr().map(unmap)?,
-    };
+    // What the kernel bound, not what was asked for: binding a broadcast or another odd
+    // address can give a different one (pitfall 65).
+    let local = stream.local_addr().map(unmap)?;
     Ok((stream, UpstreamLocal(local), guard))
 }
 

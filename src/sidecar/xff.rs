@@ -19,8 +19,7 @@
 //! | `a, b`        | p     | b     | a     |
 //! | `a, b, c`     | p     | c     | b     |
 //!
-//! Envoy's example 3 (N = 2, peer 192.0.2.5, XFF `203.0.113.128, 203.0.113.10, 203.0.113.1`)
-//! gives 203.0.113.10, and is one of the tests.
+//! Envoy's documented examples are a table test in `edge/tests.rs`.
 //!
 //! The trusted-CIDR alternative (Envoy's `xff_trusted_cidrs`): when the peer is in a trusted
 //! CIDR, walk XFF from the right and take the first address that is not in a trusted CIDR; if
@@ -40,10 +39,8 @@
 //! # What is forwarded
 //! - `X-Forwarded-For`: the incoming value with the peer appended (`, ` separated), as Envoy
 //!   does; incoming elements are kept, because the app may log them, and are not trusted here.
-//! - `x-envoy-external-address`: **always stripped** from the request, then set to the trusted
-//!   client when the request is external by Envoy's rule (it has an XFF, or its peer is not an
-//!   internal address, see [`is_internal`]). Envoy lets an internal request's own value pass; we do not,
-//!   so an app may trust the header whenever it is present.
+//! - The other forwarding headers, and the check of the client found here: modules `edge` and
+//!   `client`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -195,30 +192,6 @@ pub fn appended_xff(xff: &[&[u8]], peer: IpAddr) -> Vec<u8> {
     }
     out.extend_from_slice(peer.to_canonical().to_string().as_bytes());
     out
-}
-
-/// Envoy's internal-request test with `use_remote_address: true`: no XFF, and a peer that Envoy
-/// counts as internal: 10/8, 172.16/12, 192.168/16, 127.0.0.1, fd00::/8 (the RFC 4193 half in
-/// use) or ::1. Envoy documents "RFC 1918 or RFC 4193"; these are the exact sets its address
-/// check uses, so a migrated app sees the same header.
-pub fn is_internal(xff: &[&[u8]], peer: IpAddr) -> bool {
-    if elements_from_right(xff).next().is_some() {
-        return false;
-    }
-    match peer.to_canonical() {
-        IpAddr::V4(v4) => v4.is_private() || v4 == Ipv4Addr::LOCALHOST,
-        IpAddr::V6(v6) => v6.octets()[0] == 0xfd || v6 == Ipv6Addr::LOCALHOST,
-    }
-}
-
-/// The `x-envoy-external-address` value to set (after stripping any incoming one): the trusted
-/// client for external requests, nothing for internal ones.
-pub fn external_address(xff: &[&[u8]], peer: IpAddr, eff: &Effective) -> Option<Vec<u8>> {
-    if is_internal(xff, peer) {
-        None
-    } else {
-        Some(eff.client.to_string().into_bytes())
-    }
 }
 
 /// Convenience for callers holding a socket address.

@@ -389,49 +389,6 @@ fn pipelining_content_length_chunked_and_none() {
     }
 }
 
-fn ip(s: &str) -> IpAddr {
-    s.parse().unwrap()
-}
-
-#[test]
-fn rewrite_xff_replaces_forwarding_headers_and_keeps_the_rest() {
-    let buf: &[u8] = b"GET /p HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 203.0.113.128, 203.0.113.10\r\nX-Envoy-External-Address: 6.6.6.6\r\nAccept: */*\r\nx-forwarded-for: 203.0.113.1\r\nX-Other: keep\r\n\r\n";
-    let h = head(buf);
-    let r = rewrite_xff(buf, &h, ip("192.0.2.5"), &Trust::Hops(2));
-    assert_eq!(r.effective.client, ip("203.0.113.10"));
-    assert_eq!(
-        String::from_utf8(r.head.clone()).unwrap(),
-        "GET /p HTTP/1.1\r\nHost: app\r\nAccept: */*\r\nX-Other: keep\r\n\
-         x-forwarded-for: 203.0.113.128, 203.0.113.10, 203.0.113.1, 192.0.2.5\r\n\
-         x-envoy-external-address: 203.0.113.10\r\n\r\n"
-    );
-    // What we send is itself a valid head with exactly one of each.
-    let again = head(&r.head);
-    assert_eq!(again.values(&r.head, "x-forwarded-for").count(), 1);
-    assert_eq!(again.values(&r.head, "x-envoy-external-address").count(), 1);
-}
-
-#[test]
-fn rewrite_xff_internal_request_strips_spoofed_external_address() {
-    // A pod-to-pod request: no XFF, private peer. The client's own header never passes.
-    let buf: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nx-envoy-external-address: 1.1.1.1\r\nContent-Length: 2\r\n\r\n";
-    let h = head(buf);
-    let r = rewrite_xff(buf, &h, ip("10.0.0.7"), &Trust::Hops(1));
-    assert_eq!(r.effective.client, ip("10.0.0.7"));
-    assert_eq!(
-        r.head,
-        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nx-forwarded-for: 10.0.0.7\r\n\r\n"
-    );
-    // HTTP/1.0 and leading empty lines: version kept, empty lines dropped; IPv6 peer.
-    let buf: &[u8] = b"\r\nGET / HTTP/1.0\r\n\r\n";
-    let h = head(buf);
-    let r = rewrite_xff(buf, &h, ip("2001:db8::1"), &Trust::Hops(0));
-    assert_eq!(
-        r.head,
-        b"GET / HTTP/1.0\r\nx-forwarded-for: 2001:db8::1\r\nx-envoy-external-address: 2001:db8::1\r\n\r\n"
-    );
-}
-
 #[test]
 fn fuzz_mutated_requests_never_panic() {
     let seeds: Vec<Vec<u8>> = vec![
@@ -455,7 +412,19 @@ fn fuzz_mutated_requests_never_panic() {
                 heads += 1;
                 assert!(h.head_len <= buf.len() && h.head_len <= limits.max_head);
                 // What we would forward parses back to the same request.
-                let r = rewrite_xff(&buf, &h, ip("192.0.2.1"), &Trust::Hops(1));
+                let pod = crate::sidecar::client::PodAddrs::default();
+                let ck = crate::sidecar::client::ClientCheck {
+                    pod: &pod,
+                    local: None,
+                };
+                let r = crate::sidecar::edge::rewrite(
+                    &buf,
+                    &h,
+                    "192.0.2.1".parse().unwrap(),
+                    "peer",
+                    &crate::sidecar::xff::Trust::Hops(1),
+                    &ck,
+                );
                 let again = match HeadReader::new(Limits::default()).feed(&r.head) {
                     HeadParse::Head(a) => a,
                     other => panic!("{:?} -> {other:?}", String::from_utf8_lossy(&r.head)),
@@ -680,4 +649,39 @@ fn head_fed_one_byte_at_a_time_is_scanned_linearly() {
         "{}",
         r.bytes_scanned()
     );
+}
+
+/// Request trailers never reach the app, however the body is cut into reads: a client could
+/// otherwise send `X-Forwarded-For` or `x-envoy-external-address` after the body.
+#[test]
+fn request_trailers_are_dropped_at_every_split() {
+    let body: &[u8] = b"3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nx-envoy-external-address: 6.6.6.6\r\n\r\nNEXT";
+    let want: &[u8] = b"3\r\nabc\r\n0\r\n\r\n";
+    for split in 0..=body.len() {
+        for step in [1, 2, 7, body.len()] {
+            let mut b = Body::new(Framing::Chunked, 1024);
+            let mut out = Vec::new();
+            let mut pos = 0;
+            let mut parts = vec![&body[..split]];
+            parts.extend(body[split..].chunks(step));
+            for part in parts {
+                if b.is_done() {
+                    break;
+                }
+                let (n, dropped) = b.feed_dropping_trailers(part).unwrap();
+                assert!(dropped.end <= n);
+                out.extend_from_slice(&part[..dropped.start]);
+                out.extend_from_slice(&part[dropped.end..n]);
+                pos += n;
+            }
+            assert!(b.is_done(), "split {split} step {step}");
+            assert_eq!(pos, body.len() - 4, "split {split} step {step}");
+            assert_eq!(out, want, "split {split} step {step}");
+        }
+    }
+    // Without trailers nothing is dropped; responses keep theirs.
+    let mut b = Body::new(Framing::Chunked, 1024);
+    assert_eq!(b.feed_dropping_trailers(want).unwrap(), (want.len(), 0..0));
+    let mut b = Body::new(Framing::Chunked, 1024);
+    assert_eq!(b.feed(body).unwrap(), body.len() - 4);
 }
