@@ -14,7 +14,8 @@
 //! next request reached it unrewritten; the app saw `Upgrade: h2c`, the client's
 //! `X-Envoy-Internal`, `X-Forwarded-Proto: https`, the WSGI variable with the forged value, the
 //! trailers; the log of a keep-alive 403 named the earlier request's client; a PROXY header's
-//! loopback, pod or broadcast client went on in X-Forwarded-For).
+//! loopback, pod or broadcast client went on in X-Forwarded-For; PROXY-out is checked the same
+//! way).
 
 mod common;
 mod sidecar_support;
@@ -28,7 +29,7 @@ use common::chain::{Node, Pod};
 use common::tools::have_tool;
 use serde_json::{json, Value};
 use sidecar_support::*;
-use tproxy_cni::sidecar::proxy_protocol::encode_v1;
+use tproxy_cni::sidecar::proxy_protocol::{encode_v1, parse, Parse};
 
 const NODE_V4: &str = "10.88.0.1";
 /// The pod network's directed broadcast (host-local's 10.88.0.0/16).
@@ -192,7 +193,14 @@ fn server_pod(node: &Node, lb: &Pod) -> (Pod, Vec<(&'static str, String)>) {
             format!("{}/32", lb.addr(4)),
         ),
         ("tproxy-cni.io/deny-client-cidrs", "203.0.113.0/24".into()),
-        ("tproxy-cni.io/proxy-protocol-ports", PP.to_string()),
+        (
+            "tproxy-cni.io/proxy-protocol-ports",
+            format!("{PP},{ECHO_PORT}"),
+        ),
+        (
+            "tproxy-cni.io/proxy-protocol-out",
+            format!("{ECHO_PORT}:v2"),
+        ),
         (
             "tproxy-cni.io/proxy-protocol-trusted-cidrs",
             format!("{NODE_V4}/32"),
@@ -219,6 +227,7 @@ fn chain_edge_refuses_what_clients_forge() {
     let s4 = server.addr(4);
     let c4 = client.addr(4);
     let _app = py_app(&server.ns.name, &s4);
+    let _echo = App::start(&server.ns.name, &[], &[ECHO_PORT]);
     let refs: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let file = downward_api(&refs);
     let path = file.path().display().to_string();
@@ -400,6 +409,29 @@ fn chain_edge_refuses_what_clients_forge() {
         addr_ip(&pp[fallbacks.len()]["upstream_local_address"]),
         "198.51.100.50"
     );
+    // PROXY-out carries the same fallback: the app's header names the node, not loopback.
+    let dst = sa(&s4, ECHO_PORT);
+    let mut pre = encode_v1(sa("127.0.0.1", 4444), dst);
+    pre.extend_from_slice(b"payload");
+    let got = in_ns(&node.ns.name, move || {
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(3)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&pre).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out
+    });
+    match parse(&got, &Default::default()) {
+        Parse::Header(h) => {
+            assert_eq!(
+                h.client().map(|a| a.ip().to_string()),
+                Some(NODE_V4.to_string())
+            );
+            assert_eq!(&got[h.header_len..], b"payload");
+        }
+        other => panic!("{other:?}: {got:?}"),
+    }
     let (_, metrics) = admin_get(&server.ns.name, "/metrics").expect("metrics");
     for (_, reason) in fallbacks {
         let line = format!("tproxy_sidecar_effective_client_fallback_total{{reason=\"{reason}\"}}");

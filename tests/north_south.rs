@@ -846,6 +846,8 @@ fn chain_refuses_bad_north_south_annotations_with_code_7() {
         ("tproxy-cni.io/proxy-protocol-ports", "8443"),
         ("tproxy-cni.io/xff-num-trusted-proxies", "two"),
         ("tproxy-cni.io/deny-client-cidrs", "10.0.0.0/33"),
+        ("tproxy-cni.io/deny-client-cidrs", "::ffff:10.1.0.0/112"),
+        ("tproxy-cni.io/xff-connect-ports", "8080"),
         ("proxy.istio.io/config", "gatewayTopology: [unclosed"),
     ] {
         let e = match node.add_pod(&[("tproxy-cni.io/mode", "tproxy"), (k, v)]) {

@@ -85,10 +85,10 @@ pub fn rewrite(
         _ => b"http",
     };
 
-    let h2c = head.upgrade
-        && list_elements(named("upgrade"))
-            .iter()
-            .any(|t| t.eq_ignore_ascii_case(b"h2c"));
+    // Also without `Connection: upgrade`: an app should ignore such a field, but need not.
+    let h2c = list_elements(named("upgrade"))
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case(b"h2c"));
     let connection = if h2c {
         let kept: Vec<&[u8]> = list_elements(named("connection"))
             .into_iter()

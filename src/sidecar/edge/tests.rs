@@ -141,6 +141,10 @@ fn h2c_upgrade_is_stripped_and_other_upgrades_kept() {
     let buf: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: H2C\r\nHTTP2-Settings: AAMA\r\n\r\n";
     let r = run(buf, "192.0.2.5", &Trust::Hops(0));
     assert!(!r.upgrade && !text(&r).to_ascii_lowercase().contains("connection"));
+    // A lone `Upgrade: h2c` (no Connection token) goes too.
+    let buf: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n";
+    let r = run(buf, "192.0.2.5", &Trust::Hops(0));
+    assert!(!text(&r).to_ascii_lowercase().contains("upgrade"));
     // A WebSocket upgrade passes untouched.
     let ws: &[u8] =
         b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
