@@ -32,6 +32,7 @@ use sidecar_support::*;
 use tproxy_cni::sidecar::proxy_protocol::{encode_v1, parse, Parse};
 
 const NODE_V4: &str = "10.88.0.1";
+const NODE_V6: &str = "fd00:88::1";
 /// The pod network's directed broadcast (host-local's 10.88.0.0/16).
 const POD_BROADCAST: &str = "10.88.255.255";
 /// Ports of the server pod: the http.server app (XFF), the WSGI app (XFF), the http.server app
@@ -42,7 +43,7 @@ const CONNECT_OK: u16 = 8082;
 const PP: u16 = 8443;
 
 const APP_PY: &str = r#"
-import json, sys, threading
+import json, socket, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from wsgiref.simple_server import make_server, WSGIRequestHandler
 
@@ -71,7 +72,8 @@ class H(BaseHTTPRequestHandler):
             self.end_headers()
             self.close_connection = True
             return
-        out = json.dumps({"peer": self.client_address[0], "method": self.command,
+        peer = self.client_address[0].removeprefix("::ffff:")
+        out = json.dumps({"peer": peer, "method": self.command,
                           "path": self.path, "headers": [[k, v] for k, v in self.headers.items()],
                           "trailers": trailers, "body": body.decode("latin1")}).encode()
         self.send_response(200)
@@ -94,8 +96,11 @@ class Quiet(WSGIRequestHandler):
     def log_message(self, *a):
         pass
 
+class Dual(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
 for port in sys.argv[2:]:
-    s = ThreadingHTTPServer(("0.0.0.0", int(port)), H)
+    s = Dual(("::", int(port)), H)
     threading.Thread(target=s.serve_forever, daemon=True).start()
 make_server("0.0.0.0", int(sys.argv[1]), wsgi, handler_class=Quiet).serve_forever()
 "#;
@@ -203,7 +208,7 @@ fn server_pod(node: &Node, lb: &Pod) -> (Pod, Vec<(&'static str, String)>) {
         ),
         (
             "tproxy-cni.io/proxy-protocol-trusted-cidrs",
-            format!("{NODE_V4}/32"),
+            format!("{NODE_V4}/32,{NODE_V6}/128"),
         ),
     ];
     let refs: Vec<(&str, &str)> = ann.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -409,6 +414,33 @@ fn chain_edge_refuses_what_clients_forge() {
         addr_ip(&pp[fallbacks.len()]["upstream_local_address"]),
         "198.51.100.50"
     );
+    // The same over IPv6 (the node's address must have passed duplicate address detection).
+    let t = Instant::now();
+    while node.ns.sh("ip -6 addr show").contains("tentative")
+        || !node.ns.sh("ip -6 addr show").contains(NODE_V6)
+    {
+        assert!(t.elapsed() < Duration::from_secs(10), "node IPv6");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s6 = server.addr(6);
+    let dst6 = sa(&s6, PP);
+    for claimed in ["::1", "::", "ff02::1", "::ffff:127.0.0.1", s6.as_str()] {
+        let mut req = encode_v1(sa(claimed, 4444), dst6);
+        req.extend_from_slice(b"GET /pp6 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let out = send(&node.ns.name, dst6, req);
+        let v = &bodies(&out)
+            .first()
+            .cloned()
+            .unwrap_or_else(|| panic!("{claimed}: {out:?} {:?}", sc.log().last()));
+        assert_eq!(v["peer"], NODE_V6, "{claimed}: the app's peer");
+        assert_eq!(seen(v, "x-forwarded-for"), vec![NODE_V6], "{claimed}");
+        assert_eq!(
+            seen(v, "x-envoy-external-address"),
+            vec![NODE_V6],
+            "{claimed}"
+        );
+    }
+
     // PROXY-out carries the same fallback: the app's header names the node, not loopback.
     let dst = sa(&s4, ECHO_PORT);
     let mut pre = encode_v1(sa("127.0.0.1", 4444), dst);
