@@ -351,7 +351,7 @@ fn run_add(att: &Attachment, r: &Repair) -> Result<(), String> {
 }
 
 /// First wait before the same pod is repaired again, and the longest.
-const BACKOFF_START: Duration = Duration::from_secs(5);
+const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Most repairs in one pass; the rest wait for the next (a resync later).
 pub const MAX_REPAIRS_PER_PASS: usize = 20;

@@ -1,0 +1,459 @@
+//! The installer's reconcile loop over libcni's cache (docs/install.md, "Late join and drift
+//! repair"), as on a node: pods set up through the primary-only conflist by `tproxy-cni-run`
+//! (which writes libcni's cache as libcni does) in a node netns, then the real installer binary
+//! started in that netns (like the DaemonSet's host network) with the cache and netns dirs.
+//! Checked in the kernel: our table in each pod's netns, its comment, the policy rules, what a
+//! client sees on an established and on a new connection.
+
+#[macro_use]
+mod common;
+
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Netns;
+use tproxy_cni::consts::TABLE_NAME;
+
+const INSTALL: &str = env!("CARGO_BIN_EXE_tproxy-cni-install");
+const RUN: &str = env!("CARGO_BIN_EXE_tproxy-cni-run");
+const PLUGIN: &str = env!("CARGO_BIN_EXE_tproxy-cni");
+
+/// A node: its netns, a primary-only conflist (bridge + host-local + portmap), the bin dir
+/// with the reference plugins, libcni's cache dir.
+struct Node {
+    ns: Netns,
+    tmp: tempfile::TempDir,
+    network: String,
+}
+
+impl Node {
+    fn new() -> Node {
+        assert!(
+            Path::new("/usr/lib/cni/bridge").is_file(),
+            "install containernetworking-plugins (bridge, host-local)"
+        );
+        let ns = Netns::new("rcnode");
+        let tmp = tempfile::tempdir().unwrap();
+        let network = common::unique("rcnet");
+        let bin = tmp.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for p in ["bridge", "host-local", "portmap", "loopback"] {
+            std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(p), bin.join(p)).unwrap();
+        }
+        std::fs::create_dir_all(tmp.path().join("net.d")).unwrap();
+        let octet = 100 + (std::process::id() % 100);
+        let primary = json!({
+            "cniVersion": "1.0.0",
+            "name": network,
+            "plugins": [
+                {"type": "bridge", "bridge": common::unique("rcbr"), "isGateway": true,
+                 "ipMasq": false,
+                 "ipam": {"type": "host-local", "ranges": [[{"subnet": format!("10.{octet}.33.0/24")}]],
+                          "routes": [{"dst": "0.0.0.0/0"}],
+                          "dataDir": tmp.path().join("ipam")}},
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        });
+        std::fs::write(
+            tmp.path().join("net.d/10-bridge.conflist"),
+            serde_json::to_vec_pretty(&primary).unwrap(),
+        )
+        .unwrap();
+        Node { ns, tmp, network }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    /// `tproxy-cni-run CMD` for `pod` in the node netns, as a runtime runs the conflist.
+    fn run(&self, cmd: &str, pod: &Pod) -> std::process::Output {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.ns.path().display()))
+            .arg(RUN)
+            .arg(cmd)
+            .arg("--conflist")
+            .arg(self.path("net.d/10-bridge.conflist"))
+            .arg("--netns")
+            .arg(pod.ns.path())
+            .args(["--id", &pod.id, "--ifname", "eth0"])
+            .arg("--cni-path")
+            .arg(self.path("bin"))
+            .arg("--cache-dir")
+            .arg(self.path("cache"))
+            .args([
+                "--arg",
+                "IgnoreUnknown=1",
+                "--arg",
+                "K8S_POD_NAMESPACE=default",
+            ])
+            .args(["--arg", &format!("K8S_POD_NAME={}", pod.name)])
+            .args(["--runtime-config", "portMappings=[]"]);
+        for (k, v) in &pod.annotations {
+            c.args(["--annotation", &format!("{k}={v}")]);
+        }
+        c.output().unwrap()
+    }
+
+    /// A pod set up through the conflist as it is now; `annotations: None` is a runtime that
+    /// caches none (the pod-annotations capability argument absent).
+    fn pod(&self, name: &str, annotations: Option<&[(&str, &str)]>) -> Pod {
+        let ns = Netns::new("rcpod");
+        let mut pod = Pod {
+            id: format!("{name}-{}", ns.name),
+            ns,
+            name: name.to_string(),
+            annotations: Vec::new(),
+            ip: String::new(),
+        };
+        if let Some(a) = annotations {
+            pod.annotations = a
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        }
+        let out = self.run("add", &pod);
+        assert!(
+            out.status.success(),
+            "add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+        pod.ip = result["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        pod
+    }
+
+    fn installer(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.ns.path().display()))
+            .arg(INSTALL)
+            .arg(format!("--conf-dir={}", self.path("net.d").display()))
+            .arg(format!("--bin-dir={}", self.path("bin").display()))
+            .arg(format!("--binary={PLUGIN}"))
+            .arg(format!("--cni-cache-dir={}", self.path("cache").display()))
+            .arg("--netns-dir=/var/run/netns")
+            .args(extra);
+        c
+    }
+
+    fn status(&self) -> Value {
+        let out = self.installer(&["--status", "--json"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "--status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+struct Pod {
+    ns: Netns,
+    id: String,
+    name: String,
+    annotations: Vec<(String, String)>,
+    ip: String,
+}
+
+impl Pod {
+    /// Our table's comment in the pod's netns (`nft list`: nft 1.0.6's JSON leaves table
+    /// comments out); `None` when the table is absent.
+    fn table_comment(&self) -> Option<String> {
+        let out = self.ns.try_sh(&format!("nft list table inet {TABLE_NAME}"));
+        if !out.status.success() {
+            return None;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let comment = text
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().strip_prefix("comment \""))
+            .and_then(|c| c.strip_suffix('"'))
+            .unwrap_or("");
+        Some(comment.to_string())
+    }
+
+    /// Tables and tagged policy rules in the pod's netns (anything of ours, or anybody's table).
+    fn anything(&self) -> String {
+        format!(
+            "{}{}",
+            self.ns.sh("nft list ruleset"),
+            self.ns.sh("ip rule list | grep -v -e 'lookup local' -e 'lookup main' -e 'lookup default' || true")
+        )
+    }
+
+    fn cache_file(&self, node: &Node) -> PathBuf {
+        node.path(&format!("cache/results/{}-{}-eth0", node.network, self.id))
+    }
+}
+
+/// The installer daemon; SIGKILLed on drop if the test did not stop it.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(within: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t0.elapsed()
+}
+
+/// The states `--status --json` reports, by pod name.
+fn states(v: &Value) -> Vec<(String, String)> {
+    let mut s: Vec<(String, String)> = v["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["pod"].as_str().unwrap().to_string(),
+                p["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    s.sort();
+    s
+}
+
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    tproxy_cni::netns::run_in(&ns.path(), f).expect("enter netns")
+}
+
+/// Echoes every connection it accepts; the count of accepted connections is the app's view.
+fn echo_app(ns: &Netns, addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let l = in_netns(ns, || TcpListener::bind(addr)).unwrap();
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = n.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    n
+}
+
+fn roundtrip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, msg);
+}
+
+#[test]
+fn late_pods_are_programmed_drift_repaired_old_layout_migrated_others_untouched() {
+    require_root!();
+    let node = Node::new();
+    let tproxy: &[(&str, &str)] = &[("tproxy-cni.io/mode", "tproxy")];
+    // Set up while our entry is not in the conflist: nothing of ours anywhere.
+    let web = node.pod("web", Some(tproxy));
+    let old = node.pod("old", Some(tproxy));
+    let client = node.pod("client", Some(&[("tproxy-cni.io/mode", "none")]));
+    let istio = node.pod(
+        "istio",
+        Some(&[
+            ("sidecar.istio.io/status", "{\"initContainers\":null}"),
+            ("traffic.sidecar.istio.io/includeInboundPorts", "*"),
+        ]),
+    );
+    let bare = node.pod("bare", None);
+    // The pod of an older release: our table name, another layout's owner tag.
+    old.ns.sh(&format!(
+        "nft add table inet {TABLE_NAME} \"{{ comment \\\"tproxy-cni layout 0\\\"; }}\" && \
+         nft add chain inet {TABLE_NAME} prerouting \"{{ type filter hook prerouting priority mangle; }}\""
+    ));
+    // Two cache entries the loop must not act on: a netns that is gone, and a netns that
+    // exists but does not hold the cached address (the client's netns named for web's IP).
+    let web_cache: Value =
+        serde_json::from_slice(&std::fs::read(web.cache_file(&node)).unwrap()).unwrap();
+    let forge = |id: &str, sandbox: &str| {
+        let mut v = web_cache.clone();
+        v["containerId"] = json!(id);
+        v["netns"] = json!(sandbox);
+        v["cniArgs"] = json!([["K8S_POD_NAMESPACE", "default"], ["K8S_POD_NAME", id]]);
+        for i in v["result"]["interfaces"].as_array_mut().unwrap() {
+            if i.get("sandbox").is_some() {
+                i["sandbox"] = json!(sandbox);
+            }
+        }
+        std::fs::write(
+            node.path(&format!("cache/results/{}-{id}-eth0", node.network)),
+            serde_json::to_vec(&v).unwrap(),
+        )
+        .unwrap();
+    };
+    forge("gone", "/var/run/netns/rc-no-such-netns");
+    forge("wrongns", &client.ns.path().display().to_string());
+    assert_eq!(web.table_comment(), None);
+
+    // Operators can see it before anything is chained: read-only.
+    let before = node.status();
+    assert_eq!(before["chained"], false);
+    assert_eq!(
+        states(&before),
+        [
+            ("default/bare", "no-annotations"),
+            ("default/client", "none"),
+            ("default/gone", "unmatched"),
+            ("default/istio", "other-mesh"),
+            ("default/old", "older-layout"),
+            ("default/web", "missing"),
+            ("default/wrongns", "unmatched"),
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    );
+    assert_eq!(web.table_comment(), None, "--status wrote");
+
+    // An app in web, and a connection to it established before the installer starts.
+    let app_addr: SocketAddr = format!("{}:8080", web.ip).parse().unwrap();
+    let accepted = echo_app(&web.ns, app_addr);
+    let mut established = in_netns(&client.ns, || TcpStream::connect(app_addr)).unwrap();
+    established
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    roundtrip(&mut established, b"before");
+
+    // The installer starts: chains, then programs the late pod within a second.
+    let t0 = Instant::now();
+    let mut daemon = Daemon(
+        node.installer(&[
+            &format!("--health-dir={}", node.path("health").display()),
+            "--resync=1",
+        ])
+        .stderr(Stdio::from(
+            std::fs::File::create(node.path("installer.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap(),
+    );
+    let log = || std::fs::read_to_string(node.path("installer.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(5), "web programmed", || {
+        web.table_comment().is_some()
+    });
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "programmed after {took:?}\n{}",
+        log()
+    );
+    assert_eq!(web.table_comment().as_deref(), Some("tproxy-cni layout 1"));
+    wait_for(Duration::from_secs(3), "old migrated", || {
+        old.table_comment().as_deref() == Some("tproxy-cni layout 1")
+    });
+
+    // The established connection survives; a new one is intercepted (the stand-in sidecar
+    // is a transparent listener on 15006, as tproxy-sidecar opens it, without the proxying).
+    roundtrip(&mut established, b"after the repair");
+    let sidecar = in_netns(&web.ns, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_ip_transparent(true)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], 15006)).into())?;
+        s.listen(16)?;
+        std::io::Result::Ok(TcpListener::from(s))
+    })
+    .unwrap();
+    let _new = in_netns(&client.ns, || {
+        TcpStream::connect_timeout(&app_addr, Duration::from_secs(3))
+    })
+    .unwrap();
+    let (conn, peer) = sidecar.accept().unwrap();
+    assert_eq!(conn.local_addr().unwrap(), app_addr, "original destination");
+    assert_eq!(peer.ip().to_string(), client.ip);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the app saw the new connection directly"
+    );
+
+    // Untouched: mode none, Istio's pod, the pod without cached annotations, and the netns
+    // named by an entry whose address it does not hold.
+    for p in [&client, &istio, &bare] {
+        let all = p.anything();
+        assert!(!all.contains("table"), "{}: {all}", p.name);
+        assert!(!all.contains("fwmark"), "{}: {all}", p.name);
+    }
+
+    // CHECK through the now chained list passes.
+    let check = node.run("check", &web);
+    assert!(
+        check.status.success(),
+        "CHECK: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // Someone deletes our table: repaired at the next resync (no cache event for that).
+    web.ns.sh(&format!("nft delete table inet {TABLE_NAME}"));
+    wait_for(Duration::from_secs(4), "web repaired", || {
+        web.table_comment().is_some()
+    });
+    let metrics = std::fs::read_to_string(node.path("health/reconcile.prom")).unwrap();
+    assert!(
+        metrics.contains("\ntproxy_cni_reconcile_repairs_total 3\n"),
+        "{metrics}\n{}",
+        log()
+    );
+    let lines = log();
+    assert!(lines.contains("reconcile: default/web ("), "{lines}");
+    assert!(lines.contains("repaired (missing"), "{lines}");
+    assert!(lines.contains("repaired (older-layout"), "{lines}");
+
+    // A new pod while chained is the plugin's own ADD; the loop finds it programmed.
+    let after = node.status();
+    assert_eq!(after["chained"], true);
+    let web_status = after["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pod"] == "default/web")
+        .unwrap()
+        .clone();
+    assert_eq!(web_status["state"], "programmed", "{web_status}");
+    assert!(!web_status["rules"].as_array().unwrap().is_empty());
+    let stop = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    stop.unwrap();
+    daemon.0.wait().unwrap();
+
+    // DEL leaves nothing, and libcni's entry goes with it.
+    let del = node.run("del", &web);
+    assert!(
+        del.status.success(),
+        "DEL: {}",
+        String::from_utf8_lossy(&del.stderr)
+    );
+    let all = web.anything();
+    assert!(!all.contains("table") && !all.contains("fwmark"), "{all}");
+    assert!(!web.cache_file(&node).exists());
+    for p in [&old, &client, &istio, &bare] {
+        let _ = node.run("del", p);
+    }
+}
