@@ -449,34 +449,10 @@ impl Reconciler {
         st: &mut PodStatus,
         budget: &mut usize,
     ) {
-        let now = Instant::now();
-        if let Some(h) = self.history.get(key) {
-            let wait = BACKOFF_START
-                .saturating_mul(1 << h.attempts.saturating_sub(1).min(16))
-                .min(BACKOFF_MAX);
-            if now.duration_since(h.last) < wait {
-                st.action = format!(
-                    "backing off (next repair in {}s)",
-                    (wait - now.duration_since(h.last)).as_secs()
-                );
-                return;
-            }
-        }
-        if *budget == 0 {
-            st.action = format!("deferred (at most {MAX_REPAIRS_PER_PASS} repairs per pass)");
+        if let Err(why) = self.admit(key, Instant::now(), budget) {
+            st.action = why;
             return;
         }
-        *budget -= 1;
-        let h = self.history.entry(key.to_string()).or_insert(History {
-            attempts: 0,
-            last: now,
-        });
-        // A pod that stayed repaired for the longest back-off starts over.
-        if now.duration_since(h.last) > BACKOFF_MAX * 2 {
-            h.attempts = 0;
-        }
-        h.attempts += 1;
-        h.last = now;
         let was = st.state;
         match run_add(att, r) {
             Ok(()) => {
@@ -492,6 +468,40 @@ impl Reconciler {
                 st.action = format!("repair failed: {e}");
             }
         }
+    }
+
+    /// Whether `key` may be repaired at `now`: per-pod back-off (1 s doubling to 5 min after
+    /// each repair, reset once a pod stayed repaired for twice that), then the pass's budget.
+    /// Records the attempt when it may.
+    fn admit(&mut self, key: &str, now: Instant, budget: &mut usize) -> Result<(), String> {
+        if let Some(h) = self.history.get(key) {
+            let since = now.saturating_duration_since(h.last);
+            let wait = BACKOFF_START
+                .saturating_mul(1 << h.attempts.saturating_sub(1).min(16))
+                .min(BACKOFF_MAX);
+            if since < wait {
+                return Err(format!(
+                    "backing off (next repair in {}s)",
+                    (wait - since).as_secs_f32().ceil()
+                ));
+            }
+        }
+        if *budget == 0 {
+            return Err(format!(
+                "deferred (at most {MAX_REPAIRS_PER_PASS} repairs per pass)"
+            ));
+        }
+        *budget -= 1;
+        let h = self.history.entry(key.to_string()).or_insert(History {
+            attempts: 0,
+            last: now,
+        });
+        if now.saturating_duration_since(h.last) > BACKOFF_MAX * 2 {
+            h.attempts = 0;
+        }
+        h.attempts += 1;
+        h.last = now;
+        Ok(())
     }
 
     fn log(&mut self, key: &str, st: &PodStatus) {
@@ -687,6 +697,35 @@ mod tests {
         );
         assert!(State::Missing.repairable() && !State::OtherMesh.repairable());
         assert!(!State::PolicyNone.repairable() && !State::Unmatched.repairable());
+    }
+
+    #[test]
+    fn repairs_back_off_per_pod_and_are_capped_per_pass() {
+        let mut r = Reconciler::new(Settings::default());
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        let mut budget = 2;
+        assert!(r.admit("a", t, &mut budget).is_ok());
+        // Again at once (something keeps removing our table): 1 s, then 2 s, 4 s...
+        let e = r
+            .admit("a", t + Duration::from_millis(500), &mut budget)
+            .unwrap_err();
+        assert!(e.starts_with("backing off"), "{e}");
+        assert!(r.admit("a", t + s(1), &mut budget).is_ok());
+        assert_eq!(budget, 0);
+        // The pass's budget is spent: another pod waits for the next pass.
+        let e = r.admit("b", t + s(1), &mut budget).unwrap_err();
+        assert!(e.starts_with("deferred"), "{e}");
+        let mut budget = MAX_REPAIRS_PER_PASS;
+        assert!(r.admit("a", t + s(2), &mut budget).is_err());
+        assert!(r.admit("a", t + s(3), &mut budget).is_ok());
+        assert!(r.admit("a", t + s(6), &mut budget).is_err());
+        assert!(r.admit("a", t + s(7), &mut budget).is_ok());
+        // Never longer than the cap; a pod that stayed repaired long enough starts over.
+        let late = t + s(7) + BACKOFF_MAX * 2 + s(1);
+        assert!(r.admit("a", late, &mut budget).is_ok());
+        assert!(r.admit("a", late + s(1), &mut budget).is_ok());
+        assert_eq!(budget, MAX_REPAIRS_PER_PASS - 4);
     }
 
     #[test]
