@@ -436,6 +436,23 @@ fn late_pods_are_programmed_drift_repaired_old_layout_migrated_others_untouched(
         .clone();
     assert_eq!(web_status["state"], "programmed", "{web_status}");
     assert!(!web_status["rules"].as_array().unwrap().is_empty());
+    // The table view: a line per pod with its policy, state and our rules' packets.
+    let t = Instant::now();
+    let table = node.installer(&["--status"]).output().unwrap();
+    let took = t.elapsed();
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    eprintln!("--status ({} ms):\n{table}", took.as_millis());
+    let web_line = table
+        .lines()
+        .find(|l| l.starts_with("default/web "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        web_line.contains(" tproxy ") && web_line.contains(" programmed "),
+        "{table}"
+    );
+    assert!(table
+        .lines()
+        .any(|l| l.starts_with("default/istio ") && l.contains(" other-mesh ")));
     let stop = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -372,6 +372,8 @@ pub struct Reconciler {
     pub failures: u64,
     pub passes: u64,
     last_states: BTreeMap<State, usize>,
+    /// No log lines (`--status` prints instead).
+    pub quiet: bool,
 }
 
 impl Reconciler {
@@ -384,6 +386,7 @@ impl Reconciler {
             failures: 0,
             passes: 0,
             last_states: BTreeMap::new(),
+            quiet: false,
         }
     }
 
@@ -505,6 +508,9 @@ impl Reconciler {
     }
 
     fn log(&mut self, key: &str, st: &PodStatus) {
+        if self.quiet {
+            return;
+        }
         let line = format!(
             "reconcile: {} ({} {}): policy {}, {}{}{}",
             st.pod,

@@ -88,7 +88,9 @@ impl Installer {
         };
         let mut settings = self.opts.reconcile.clone();
         settings.mode = reconcile::Mode::Report;
-        let pods = Reconciler::new(settings).pass(&net, None);
+        let mut looker = Reconciler::new(settings);
+        looker.quiet = true;
+        let pods = looker.pass(&net, None);
         let mut out = std::io::stdout().lock();
         let io = |e: std::io::Error| InstallError::Io {
             path: "stdout".into(),
@@ -143,13 +145,13 @@ pub fn render_table(pods: &[PodStatus], out: &mut dyn std::io::Write) -> std::io
                 }
             );
         }
-        writeln!(
-            out,
+        let line = format!(
             "{:<40} {:<9} {:<14} {packets:>9}  {detail}",
             p.pod,
             p.policy,
             p.state.as_str()
-        )?;
+        );
+        writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
 }
