@@ -857,6 +857,9 @@ impl Installer {
             if last_pass.elapsed() >= due || (pending && backoff.is_zero()) {
                 let ok = self.pass();
                 self.watch_targets(&inotify, &mut targets);
+                if let Some(w) = cache_watch.as_mut() {
+                    w.rewatch();
+                }
                 last_pass = Instant::now();
                 if ok {
                     pending = false;

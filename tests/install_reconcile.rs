@@ -72,12 +72,16 @@ impl Node {
 
     /// `tproxy-cni-run CMD` for `pod` in the node netns, as a runtime runs the conflist.
     fn run(&self, cmd: &str, pod: &Pod) -> std::process::Output {
+        self.run_list(cmd, pod, &self.path("net.d/10-bridge.conflist"))
+    }
+
+    fn run_list(&self, cmd: &str, pod: &Pod, list: &Path) -> std::process::Output {
         let mut c = Command::new("nsenter");
         c.arg(format!("--net={}", self.ns.path().display()))
             .arg(RUN)
             .arg(cmd)
             .arg("--conflist")
-            .arg(self.path("net.d/10-bridge.conflist"))
+            .arg(list)
             .arg("--netns")
             .arg(pod.ns.path())
             .args(["--id", &pod.id, "--ifname", "eth0"])
@@ -102,6 +106,10 @@ impl Node {
     /// A pod set up through the conflist as it is now; `annotations: None` is a runtime that
     /// caches none (the pod-annotations capability argument absent).
     fn pod(&self, name: &str, annotations: Option<&[(&str, &str)]>) -> Pod {
+        self.pod_via(name, annotations, &self.path("net.d/10-bridge.conflist"))
+    }
+
+    fn pod_via(&self, name: &str, annotations: Option<&[(&str, &str)]>, list: &Path) -> Pod {
         let ns = Netns::new("rcpod");
         let mut pod = Pod {
             id: format!("{name}-{}", ns.name),
@@ -116,7 +124,7 @@ impl Node {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
         }
-        let out = self.run("add", &pod);
+        let out = self.run_list("add", &pod, list);
         assert!(
             out.status.success(),
             "add {name}: {}",
@@ -472,5 +480,81 @@ fn late_pods_are_programmed_drift_repaired_old_layout_migrated_others_untouched(
     assert!(!web.cache_file(&node).exists());
     for p in [&old, &client, &istio, &bare] {
         let _ = node.run("del", p);
+    }
+}
+
+/// The window the loop exists for, while the installer runs: the primary rewrote its config
+/// (our entry gone) and a pod is set up through it before the entry is back. libcni's cache
+/// write is what tells the loop, long before the next resync.
+#[test]
+fn a_pod_set_up_without_our_entry_while_the_installer_runs_is_programmed_on_the_cache_event() {
+    require_root!();
+    let node = Node::new();
+    // The primary's config as it was before the installer chained us: the runtime's view
+    // during the window (same network name, no entry of ours).
+    // The DaemonSet's hostPath (DirectoryOrCreate) makes the cache dir exist; its `results`
+    // appears with the node's first pod, which is this one.
+    std::fs::create_dir_all(node.path("cache")).unwrap();
+    let primary_only = node.path("primary-only.conflist");
+    std::fs::copy(node.path("net.d/10-bridge.conflist"), &primary_only).unwrap();
+    let mut daemon = Daemon(
+        node.installer(&[
+            &format!("--health-dir={}", node.path("health").display()),
+            "--resync=60",
+        ])
+        .stderr(Stdio::from(
+            std::fs::File::create(node.path("installer.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap(),
+    );
+    let log = || std::fs::read_to_string(node.path("installer.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(5), "chained", || {
+        node.path("health/ready").exists()
+    });
+    let t0 = Instant::now();
+    let pod = node.pod_via(
+        "window",
+        Some(&[("tproxy-cni.io/mode", "redirect")]),
+        &primary_only,
+    );
+    let added = t0.elapsed();
+    wait_for(
+        Duration::from_secs(3),
+        "programmed after the cache write",
+        || pod.table_comment().is_some(),
+    );
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "programmed {took:?} after the ADD began (the ADD took {added:?}); the next resync was \
+         60 s away\n{}",
+        log()
+    );
+    assert!(log().contains("reconcile: default/window ("), "{}", log());
+    // The next one finds `results` there and watched.
+    let t1 = Instant::now();
+    let second = node.pod_via(
+        "window2",
+        Some(&[("tproxy-cni.io/mode", "tproxy")]),
+        &primary_only,
+    );
+    wait_for(Duration::from_secs(3), "second programmed", || {
+        second.table_comment().is_some()
+    });
+    let took2 = t1.elapsed();
+    assert!(took2 < Duration::from_secs(2), "{took2:?}\n{}", log());
+    eprintln!("programmed {took:?} and {took2:?} after the ADD began");
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    for p in [&pod, &second] {
+        let del = node.run("del", p);
+        assert!(
+            del.status.success(),
+            "DEL: {}",
+            String::from_utf8_lossy(&del.stderr)
+        );
+        let all = p.anything();
+        assert!(!all.contains("table") && !all.contains("fwmark"), "{all}");
     }
 }
