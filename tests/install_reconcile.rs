@@ -319,6 +319,9 @@ fn late_pods_are_programmed_drift_repaired_old_layout_migrated_others_untouched(
     forge("gone", "/var/run/netns/rc-no-such-netns");
     forge("wrongns", &client.ns.path().display().to_string());
     assert_eq!(web.table_comment(), None);
+    // Somebody else's objects in the late pod: a repair removes only ours.
+    web.ns
+        .sh("nft add table inet someone_else && ip rule add fwmark 0x5 lookup 105 priority 105");
 
     // Operators can see it before anything is chained: read-only.
     let before = node.status();
@@ -408,6 +411,13 @@ fn late_pods_are_programmed_drift_repaired_old_layout_migrated_others_untouched(
         assert!(!all.contains("fwmark"), "{}: {all}", p.name);
     }
 
+    let kept = web.anything();
+    assert!(
+        kept.contains("table inet someone_else")
+            && kept.contains("lookup 105")
+            && kept.contains("lookup 29808"),
+        "{kept}"
+    );
     // CHECK through the now chained list passes.
     let check = node.run("check", &web);
     assert!(
@@ -421,11 +431,16 @@ fn late_pods_are_programmed_drift_repaired_old_layout_migrated_others_untouched(
     wait_for(Duration::from_secs(4), "web repaired", || {
         web.table_comment().is_some()
     });
-    let metrics = std::fs::read_to_string(node.path("health/reconcile.prom")).unwrap();
+    // The counters are written once the pass is over.
+    let metrics =
+        || std::fs::read_to_string(node.path("health/reconcile.prom")).unwrap_or_default();
+    wait_for(Duration::from_secs(2), "three repairs counted", || {
+        metrics().contains("\ntproxy_cni_reconcile_repairs_total 3\n")
+    });
     assert!(
-        metrics.contains("\ntproxy_cni_reconcile_repairs_total 3\n"),
-        "{metrics}\n{}",
-        log()
+        metrics().contains("tproxy_cni_reconcile_pods{state=\"programmed\"} 2\n"),
+        "{}",
+        metrics()
     );
     let lines = log();
     assert!(lines.contains("reconcile: default/web ("), "{lines}");
@@ -475,8 +490,16 @@ fn late_pods_are_programmed_drift_repaired_old_layout_migrated_others_untouched(
         "DEL: {}",
         String::from_utf8_lossy(&del.stderr)
     );
+    // (Only someone else's table and rule are left.)
     let all = web.anything();
-    assert!(!all.contains("table") && !all.contains("fwmark"), "{all}");
+    assert!(
+        !all.contains(TABLE_NAME) && !all.contains("lookup 29808"),
+        "{all}"
+    );
+    assert!(
+        all.contains("table inet someone_else") && all.contains("lookup 105"),
+        "{all}"
+    );
     assert!(!web.cache_file(&node).exists());
     for p in [&old, &client, &istio, &bare] {
         let _ = node.run("del", p);

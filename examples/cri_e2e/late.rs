@@ -158,7 +158,7 @@ pub async fn after_installer(node: &mut Node, t: &mut Tally, late: Late, install
     t.check(
         &format!(
             "late pod: the installer's reconcile loop programs it, its sidecar turns ready \
-             ({} ms after the entry was in place)",
+             (ready {} ms after this client saw our entry in the conflist)",
             took.as_millis()
         ),
         ready.and_then(|()| {
