@@ -802,6 +802,9 @@ impl Installer {
         let mut cache_watch = self.cache_watch();
         let mut pending = !self.pass();
         self.watch_targets(&inotify, &mut targets);
+        // The pods after the watches: `ready` is already written, and a config write the
+        // watches would miss meanwhile would wait for the next resync.
+        self.reconcile_pods(None);
         if pending {
             backoff = BACKOFF_START;
         }
@@ -860,6 +863,7 @@ impl Installer {
                 if let Some(w) = cache_watch.as_mut() {
                     w.rewatch();
                 }
+                self.reconcile_pods(None);
                 last_pass = Instant::now();
                 if ok {
                     pending = false;
@@ -940,7 +944,6 @@ impl Installer {
             self.update_ready(&State::Blocked(e.to_string()));
             ok = false;
         }
-        self.reconcile_pods(None);
         ok
     }
 }
