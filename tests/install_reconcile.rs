@@ -581,3 +581,49 @@ fn a_pod_set_up_without_our_entry_while_the_installer_runs_is_programmed_on_the_
         assert!(!all.contains("table") && !all.contains("fwmark"), "{all}");
     }
 }
+
+/// `--reconcile report` looks and logs, and never writes.
+#[test]
+fn report_mode_logs_the_late_pod_and_leaves_it_alone() {
+    require_root!();
+    let node = Node::new();
+    let web = node.pod("web", Some(&[("tproxy-cni.io/mode", "tproxy")]));
+    let mut daemon = Daemon(
+        node.installer(&[
+            &format!("--health-dir={}", node.path("health").display()),
+            "--resync=1",
+            "--reconcile=report",
+        ])
+        .stderr(Stdio::from(
+            std::fs::File::create(node.path("installer.log")).unwrap(),
+        ))
+        .spawn()
+        .unwrap(),
+    );
+    let log = || std::fs::read_to_string(node.path("installer.log")).unwrap_or_default();
+    wait_for(Duration::from_secs(5), "the pod's line", || {
+        log().contains("reconcile: default/web (")
+    });
+    // Two resyncs later: still nothing of ours, one line (its state did not change).
+    std::thread::sleep(Duration::from_millis(2200));
+    let _ = daemon.0.kill();
+    let _ = daemon.0.wait();
+    let lines: Vec<String> = log()
+        .lines()
+        .filter(|l| l.contains("reconcile: default/web ("))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", log());
+    assert!(lines[0].contains("policy tproxy, missing"), "{}", lines[0]);
+    assert_eq!(web.table_comment(), None);
+    let metrics = std::fs::read_to_string(node.path("health/reconcile.prom")).unwrap();
+    assert!(
+        metrics.contains("\ntproxy_cni_reconcile_repairs_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tproxy_cni_reconcile_pods{state=\"missing\"} 1\n"),
+        "{metrics}"
+    );
+    let _ = node.run("del", &web);
+}
