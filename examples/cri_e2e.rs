@@ -2,9 +2,11 @@
 //! this inside the node's network namespace). It speaks the Kubernetes CRI v1 API to containerd
 //! the way kubelet does, with the settings and security contexts read from `manifests/`:
 //!
+//! 0. a TPROXY pod and a client set up while the conflist holds only the primary (`late`);
 //! 1. the installer container of `manifests/daemonset.yaml` (host network, the node's CNI conf
-//!    and bin dirs mounted in, `settings.json` from `manifests/configmap.yaml`) chains
-//!    tproxy-cni into the primary conflist;
+//!    and bin dirs, libcni's cache and the netns dir mounted in, `settings.json` from
+//!    `manifests/configmap.yaml`) chains tproxy-cni into the primary conflist, and its reconcile
+//!    loop programs the late pod, whose sidecar turns ready with no restart;
 //! 2. a TPROXY pod (app + the sidecar of `manifests/examples/httpbin.yaml`) whose app sees the
 //!    client pod's IP; a REDIRECT pod whose app sees 127.0.0.6; a pod with a bad annotation
 //!    whose RunPodSandbox fails naming the key and leaks nothing;
@@ -31,6 +33,9 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 type Cri = RuntimeServiceClient<Channel>;
+
+#[path = "cri_e2e/late.rs"]
+mod late;
 
 /// Generous: the 2-core CI machine is shared.
 const CALL: Duration = Duration::from_secs(60);
@@ -683,6 +688,9 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
         }),
     );
 
+    // ---- 0. pods set up before the installer (a new node, a primary rewrite, a restart)
+    let late = late::before_installer(node, t).await?;
+
     // ---- 1. the installer, as the DaemonSet runs it
     let ds = pod_template(&repo.join("manifests/daemonset.yaml"))?;
     let inst = container(&ds, "install")?;
@@ -708,6 +716,12 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
             "/host/etc/cni/net.d" => Some(node.conf_dir()),
             "/etc/tproxy-cni" => Some(settings_dir.clone()),
             "/run/tproxy-cni" => Some(health.clone()),
+            // containerd 1.6 keeps libcni's cache here, not configurable (pitfall 44).
+            "/host/var/lib/cni" => Some(PathBuf::from("/var/lib/cni")),
+            // Pod netns under containerd's state dir (netns_mounts_under_state_dir).
+            "/host/var/run/netns" => {
+                Some(node.a.work.join("state/io.containerd.grpc.v1.cri/netns"))
+            }
             _ => None,
         }
     };
@@ -728,6 +742,11 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
             container_path: path.into(),
             host_path: host.display().to_string(),
             readonly: m.get("readOnly").and_then(Yaml::as_bool).unwrap_or(false),
+            propagation: match m.get("mountPropagation").and_then(Yaml::as_str) {
+                Some("HostToContainer") => MountPropagation::PropagationHostToContainer as i32,
+                Some("Bidirectional") => MountPropagation::PropagationBidirectional as i32,
+                _ => MountPropagation::PropagationPrivate as i32,
+            },
             ..Default::default()
         });
     }
@@ -820,6 +839,7 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
         let log = std::fs::read_to_string(inst_pod.logs.join("install/0.log")).unwrap_or_default();
         bail!("installer did not chain the plugin; its log:\n{log}");
     }
+    late::after_installer(node, t, late, &inst_pod.logs.join("install/0.log")).await;
 
     // ---- 2. pods through CRI, as kubelet creates them
     let example = pod_template(&repo.join("manifests/examples/httpbin.yaml"))?;

@@ -170,6 +170,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         Root = "$WORK/runc"
 TOML
 
+# The installer mounts the pod netns dir (under the state dir) with HostToContainer
+# propagation, which containerd allows only from a shared or slave mount; this machine's / is
+# private. A shared bind mount of the state dir over itself (removed by the cleanup's umount).
+mount --bind "$WORK/state" "$WORK/state"
+mount --make-shared "$WORK/state"
+
 # nsenter, not `ip netns exec`: the latter also remounts /sys in a new mount namespace, which
 # hides the cgroup mounts from runc ("no cgroup mount found in mountinfo").
 # setsid: its own session, so a Ctrl-C on the terminal reaches the script (whose cleanup stops

@@ -118,8 +118,8 @@ fn plan_with(conf: &NetConf, node_ips: &[std::net::IpAddr]) -> Result<Plan, CniE
 }
 
 /// The plan ADD programs and CHECK compares: the node's addresses are read here, in the host
-/// netns, before entering the pod's.
-fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
+/// netns, before entering the pod's. The installer's reconcile loop compares with the same plan.
+pub fn plan_for(conf: &NetConf) -> Result<Plan, CniError> {
     let bare = plan_with(conf, &[])?;
     if bare.is_empty() || !conf.node_bypass {
         // Mode none: nothing to program, no need to read the node; or the conflist turned the

@@ -3,6 +3,8 @@
 //! - `conflist`: the pure patching rules (which file, where our entry goes, what is kept).
 //! - `files`: atomic writes and binary copies.
 //! - `cli`: flags -> `Command`.
+//! - `cache`, `reconcile`, `status`: pods set up without our entry, or whose rules drifted,
+//!   found in libcni's cache and repaired with the plugin's own code; `--status`.
 //! - `logger`: stderr logger.
 //!
 //! The daemon loop is event-driven: inotify on the conf dir plus a self-pipe for SIGTERM/SIGINT,
@@ -25,8 +27,11 @@
 //! - SIGTERM leaves entry and binaries (upgrades have no window); `--remove-on-exit` or
 //!   `--uninstall` remove the entry first, then the binaries.
 
+pub mod cache;
 pub mod cli;
 pub mod conflist;
+pub mod reconcile;
+pub mod status;
 // `renameat2(RENAME_EXCHANGE)` through a raw syscall: the libc wrapper is missing on musl,
 // which the image links. One `unsafe` block, with its SAFETY note.
 #[allow(unsafe_code)]
@@ -64,6 +69,8 @@ pub struct Options {
     pub health_dir: Option<PathBuf>,
     /// How often the loop wakes without events (liveness, safety-net reconcile).
     pub resync: Duration,
+    /// The pods' reconcile loop (libcni's cache, the netns dir, the mode).
+    pub reconcile: reconcile::Settings,
 }
 
 /// Why the installer failed.
@@ -247,6 +254,8 @@ pub struct Installer {
     last: Option<State>,
     /// Per file (real path): the entry of ours we last wrote or found there as ours.
     seen: HashMap<PathBuf, Map<String, Value>>,
+    /// The pods' reconcile loop.
+    pods: reconcile::Reconciler,
 }
 
 impl Installer {
@@ -256,6 +265,7 @@ impl Installer {
             source,
         })?;
         Ok(Installer {
+            pods: reconcile::Reconciler::new(opts.reconcile.clone()),
             opts,
             entry,
             last: None,
@@ -789,8 +799,12 @@ impl Installer {
         // between are collected, not acted on.
         let mut backoff = Duration::ZERO;
         let mut last_pass = Instant::now();
+        let mut cache_watch = self.cache_watch();
         let mut pending = !self.pass();
         self.watch_targets(&inotify, &mut targets);
+        // The pods after the watches: `ready` is already written, and a config write the
+        // watches would miss meanwhile would wait for the next resync.
+        self.reconcile_pods(None);
         if pending {
             backoff = BACKOFF_START;
         }
@@ -800,16 +814,20 @@ impl Installer {
                 .saturating_sub(last_pass.elapsed())
                 .max(Duration::from_millis(10));
             let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
-            let (mut conf_event, mut signal) = (false, false);
+            let (mut conf_event, mut signal, mut cache_event) = (false, false, false);
             {
-                let mut fds = [
+                let mut fds = vec![
                     PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
                     PollFd::new(sig_read.as_fd(), PollFlags::POLLIN),
                 ];
+                if let Some(w) = &cache_watch {
+                    fds.push(PollFd::new(w.fd(), PollFlags::POLLIN));
+                }
                 match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
                     Ok(_) => {
                         conf_event = fds[0].any().unwrap_or(false);
                         signal = fds[1].any().unwrap_or(false);
+                        cache_event = fds.get(2).and_then(|f| f.any()).unwrap_or(false);
                     }
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => return Err(InstallError::Sys("poll", e)),
@@ -835,10 +853,17 @@ impl Installer {
             if conf_wd.is_none() {
                 conf_wd = self.watch(&inotify);
             }
+            if cache_event {
+                self.cache_event(cache_watch.as_mut());
+            }
             let due = if pending { backoff } else { self.opts.resync };
             if last_pass.elapsed() >= due || (pending && backoff.is_zero()) {
                 let ok = self.pass();
                 self.watch_targets(&inotify, &mut targets);
+                if let Some(w) = cache_watch.as_mut() {
+                    w.rewatch();
+                }
+                self.reconcile_pods(None);
                 last_pass = Instant::now();
                 if ok {
                     pending = false;
@@ -1047,7 +1072,7 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
             level,
         } => {
             crate::logging::init("tproxy-cni-install", level, None);
-            if mode == cli::Mode::Once {
+            if matches!(mode, cli::Mode::Once | cli::Mode::Status { .. }) {
                 // Nothing probes a one-shot run, and its health dir may not exist on a host.
                 opts.health_dir = None;
             }
@@ -1069,6 +1094,7 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
                     }
                 }
                 cli::Mode::Uninstall => installer.uninstall(),
+                cli::Mode::Status { json } => installer.print_status(json),
             }
         }
     }

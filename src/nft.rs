@@ -546,6 +546,13 @@ pub fn exists(name: &str) -> Result<bool, NftError> {
     table_exists(&open()?, name)
 }
 
+/// The comment of inet table `name` (our owner tag says which layout programmed it); `None`
+/// when the table is absent. The installer's reconcile loop tells an older layout from drift.
+pub fn table_comment(name: &str) -> Result<Option<String>, NftError> {
+    check_name("table", name)?;
+    Ok(table_info(&open()?, name)?.map(|t| t.comment))
+}
+
 /// A chain as the kernel lists it.
 struct KChain {
     name: String,

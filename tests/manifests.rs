@@ -282,13 +282,21 @@ fn installer_daemonset_is_least_privilege_and_complete() {
         .iter()
         .any(|s| s.metadata.name.as_deref() == Some(sa)));
 
-    // Host paths: the CNI dirs and nothing else.
+    // Host paths: the CNI dirs, libcni's cache and the netns dir (the reconcile loop), nothing else.
     let vols = spec.volumes.as_ref().unwrap();
     let host: BTreeSet<&str> = vols
         .iter()
         .filter_map(|v| v.host_path.as_ref().map(|h| h.path.as_str()))
         .collect();
-    assert_eq!(host, BTreeSet::from(["/etc/cni/net.d", "/opt/cni/bin"]));
+    assert_eq!(
+        host,
+        BTreeSet::from([
+            "/etc/cni/net.d",
+            "/opt/cni/bin",
+            "/var/lib/cni",
+            "/var/run/netns"
+        ])
+    );
 
     let c = container(spec, "install");
     let sc = c.security_context.as_ref().unwrap();
@@ -297,7 +305,22 @@ fn installer_daemonset_is_least_privilege_and_complete() {
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     let caps = sc.capabilities.as_ref().unwrap();
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
-    assert!(caps.add.as_ref().is_none_or(|a| a.is_empty()));
+    // Entering pod netns and programming them (the reconcile loop), nothing more.
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(&["NET_ADMIN".to_string(), "SYS_ADMIN".to_string()][..])
+    );
+    let mount = |path: &str| {
+        c.volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.mount_path == path)
+            .unwrap_or_else(|| panic!("no mount at {path}"))
+    };
+    assert_eq!(mount("/host/var/lib/cni").read_only, Some(true));
+    let netns = mount("/host/var/run/netns");
+    assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
     let res = c.resources.as_ref().unwrap();
     assert!(res.requests.is_some() && res.limits.is_some());
     assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
@@ -311,7 +334,13 @@ fn installer_daemonset_is_least_privilege_and_complete() {
         .iter()
         .map(|m| m.mount_path.as_str())
         .collect();
-    for flag in ["--conf-dir=", "--bin-dir=", "--health-dir="] {
+    for flag in [
+        "--conf-dir=",
+        "--bin-dir=",
+        "--health-dir=",
+        "--cni-cache-dir=",
+        "--netns-dir=",
+    ] {
         let v = args
             .iter()
             .find_map(|a| a.strip_prefix(flag))

@@ -1,5 +1,6 @@
 //! Command-line flags of `tproxy-cni-install` -> a `Command`; no side effects besides reading the settings file.
 
+use super::reconcile::{self, Settings};
 use super::{InstallError, Options, Runtime};
 use log::LevelFilter;
 use serde_json::Value;
@@ -11,6 +12,7 @@ tproxy-cni-install: chain tproxy-cni into the node's primary CNI config and keep
 
 usage: tproxy-cni-install [--once | --uninstall] [flags]
        tproxy-cni-install --probe ready|alive [--health-dir DIR] [--max-age SECS]
+       tproxy-cni-install --status [--json] [flags]
 
   --conf-dir DIR      CNI config dir as mounted in the container  [/host/etc/cni/net.d]
   --bin-dir DIR       CNI binary dir as mounted in the container  [/host/opt/cni/bin]
@@ -29,9 +31,17 @@ usage: tproxy-cni-install [--once | --uninstall] [flags]
   --uninstall         remove our entry from every config, then the binaries, then exit
   --probe WHAT        exit 0 when ready (entry in place) / alive (loop refreshed within --max-age)
   --max-age SECS      --probe alive threshold  [60]
+  --cni-cache-dir DIR libcni's cache dir as mounted (results in DIR/results)  [/host/var/lib/cni]
+  --netns-dir DIR     the runtime's pod netns dir as mounted  [/host/var/run/netns]
+  --reconcile MODE    repair|report|off: pods set up without our entry, or whose rules drifted,
+                      get the plugin's ADD (repair), are only logged (report), or not looked at  [repair]
+  --status            print every pod of the chained network (policy, state, our rules' packets), then exit
+  --json              with --status: JSON instead of a table
   -h, --help          this text";
 
 /// What the binary should do.
+// Built once per process; boxing `Options` would only add noise at every use.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     Help,
@@ -52,6 +62,10 @@ pub enum Mode {
     Daemon,
     Once,
     Uninstall,
+    /// `--status [--json]`: one look at every pod, printed; no writes.
+    Status {
+        json: bool,
+    },
 }
 
 fn usage(msg: impl Into<String>) -> InstallError {
@@ -92,6 +106,8 @@ struct Flags {
     mode: Mode,
     probe: Option<String>,
     max_age: Duration,
+    reconcile: Settings,
+    json: bool,
 }
 
 impl Default for Flags {
@@ -111,11 +127,16 @@ impl Default for Flags {
             mode: Mode::Daemon,
             probe: None,
             max_age: Duration::from_secs(60),
+            reconcile: Settings::default(),
+            json: false,
         }
     }
 }
 
-const VALUE_FLAGS: [&str; 12] = [
+const VALUE_FLAGS: [&str; 15] = [
+    "--cni-cache-dir",
+    "--netns-dir",
+    "--reconcile",
     "--runtime",
     "--default-network",
     "--conf-dir",
@@ -146,6 +167,11 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
         });
     }
     let settings = read_settings(f.settings_json, f.settings_file)?;
+    let mode = match f.mode {
+        Mode::Status { .. } => Mode::Status { json: f.json },
+        _ if f.json => return Err(usage("--json goes with --status")),
+        m => m,
+    };
     if f.default_network.is_some() && f.runtime != Runtime::Crio {
         return Err(usage(
             "--default-network is CRI-O's cni_default_network: use it with --runtime crio",
@@ -167,8 +193,9 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
             default_network: f.default_network,
             health_dir: f.health_dir,
             resync: f.resync,
+            reconcile: f.reconcile,
         },
-        mode: f.mode,
+        mode,
         level: f.level,
     })
 }
@@ -185,15 +212,19 @@ fn read_flags(args: Vec<String>) -> Result<Option<Flags>, InstallError> {
                 f.keep_on_exit = flag == "--keep-on-exit";
                 continue;
             }
-            "--once" | "--uninstall" => {
+            "--once" | "--uninstall" | "--status" => {
                 if f.mode != Mode::Daemon {
-                    return Err(usage("--once and --uninstall exclude each other"));
+                    return Err(usage("--once, --uninstall and --status exclude each other"));
                 }
-                f.mode = if flag == "--once" {
-                    Mode::Once
-                } else {
-                    Mode::Uninstall
+                f.mode = match flag.as_str() {
+                    "--once" => Mode::Once,
+                    "--uninstall" => Mode::Uninstall,
+                    _ => Mode::Status { json: false },
                 };
+                continue;
+            }
+            "--json" => {
+                f.json = true;
                 continue;
             }
             _ => {}
@@ -229,6 +260,15 @@ fn set_value(f: &mut Flags, name: &str, value: String) -> Result<(), InstallErro
         "--resync" => f.resync = secs(name, &value)?,
         "--max-age" => f.max_age = secs(name, &value)?,
         "--probe" => f.probe = Some(value),
+        "--cni-cache-dir" => f.reconcile.cache_dir = value.into(),
+        "--netns-dir" => f.reconcile.netns_dir = value.into(),
+        "--reconcile" => {
+            f.reconcile.mode = reconcile::Mode::parse(&value).ok_or_else(|| {
+                usage(format!(
+                    "--reconcile takes repair, report or off, got {value:?}"
+                ))
+            })?
+        }
         "--runtime" => {
             f.runtime = match value.as_str() {
                 "containerd" => Runtime::Containerd,
@@ -317,6 +357,33 @@ mod tests {
         assert!(p(&["--bogus", "1"]).is_err());
         assert!(p(&["--conf-dir"]).is_err());
         assert!(p(&["--once", "--uninstall"]).is_err());
+        assert!(p(&["--status", "--once"]).is_err());
+        assert!(p(&["--json"]).is_err());
+        assert!(p(&["--reconcile", "fix"]).is_err());
+        let Command::Run { opts, mode, .. } = p(&[
+            "--status",
+            "--json",
+            "--cni-cache-dir=/cache",
+            "--netns-dir",
+            "/ns",
+            "--reconcile=report",
+        ])
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(mode, Mode::Status { json: true });
+        assert_eq!(
+            opts.reconcile,
+            Settings {
+                cache_dir: "/cache".into(),
+                netns_dir: "/ns".into(),
+                mode: reconcile::Mode::Report
+            }
+        );
+        let Command::Run { opts, .. } = p(&[]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(opts.reconcile, Settings::default());
         assert!(p(&["--resync", "0"]).is_err());
         assert!(p(&["--settings-json", "{"]).is_err());
         assert!(matches!(

@@ -2,6 +2,7 @@
 
 // The emulator lives beside this binary, outside the library's API; tests/common/chain.rs
 // includes the same file, so there is one libcni emulator.
+mod cache;
 mod cnirun;
 
 use anyhow::{bail, Context, Result};
@@ -21,6 +22,8 @@ usage: tproxy-cni-run add|check|del|status|gc --conflist FILE [options]
   --runtime-config K=JSON  any other runtimeConfig key (repeatable)
   --cni-path DIR:DIR     plugin dirs (default: $CNI_PATH, else this binary's dir:/opt/cni/bin:/usr/lib/cni)
   --prev-result FILE     cached ADD result for check/del ('-' = stdin)
+  --cache-dir DIR        libcni's cache dir (e.g. /var/lib/cni): add writes DIR/results/NET-ID-IFNAME
+                         as libcni does, check/del read the result from it, del removes it
   --valid ID/IFNAME      gc: an attachment to keep (repeatable)
 add prints the final result JSON on stdout.";
 
@@ -78,6 +81,7 @@ fn run() -> Result<()> {
     let mut annotations = Map::new();
     let mut valid = Vec::new();
     let mut cni_path = None;
+    let mut cache_dir: Option<PathBuf> = None;
     let mut inv = Invocation {
         ifname: "eth0".into(),
         ..Invocation::default()
@@ -108,6 +112,7 @@ fn run() -> Result<()> {
             }
             "--cni-path" => cni_path = Some(std::env::split_paths(&value).collect()),
             "--prev-result" => prev_result = Some(value),
+            "--cache-dir" => cache_dir = Some(value.into()),
             "--valid" => match value.split_once('/') {
                 Some((id, ifname)) => valid.push((id.to_string(), ifname.to_string())),
                 None => bail!("--valid expects ID/IFNAME, got {value:?}"),
@@ -124,7 +129,10 @@ fn run() -> Result<()> {
     inv.cni_path = cni_path.unwrap_or_else(default_cni_path);
     let conflist = conflist.context("--conflist is required")?;
     let list = cnirun::load(&conflist)?;
-    let prev = prev_result.as_deref().map(read_json).transpose()?;
+    let mut prev = prev_result.as_deref().map(read_json).transpose()?;
+    if let (None, Some(dir)) = (&prev, &cache_dir) {
+        prev = cache::result(dir, &list, &inv);
+    }
     let need_attachment = || -> Result<()> {
         if inv.container_id.is_empty() {
             bail!("{command} needs --id");
@@ -138,6 +146,10 @@ fn run() -> Result<()> {
                 bail!("add needs --netns");
             }
             let result = cnirun::add(&list, &inv)?;
+            if let Some(dir) = &cache_dir {
+                cache::add(dir, &list, &inv, &result)
+                    .with_context(|| format!("writing the cache entry under {}", dir.display()))?;
+            }
             println!("{}", serde_json::to_string_pretty(&result)?);
         }
         "check" => {
@@ -148,6 +160,10 @@ fn run() -> Result<()> {
         "del" => {
             need_attachment()?;
             cnirun::del(&list, &inv, prev.as_ref())?;
+            if let Some(dir) = &cache_dir {
+                cache::del(dir, &list, &inv)
+                    .with_context(|| format!("removing the cache entry under {}", dir.display()))?;
+            }
         }
         "status" => cnirun::status(&list, &inv.cni_path)?,
         "gc" => cnirun::gc(&list, &inv.cni_path, &valid)?,
