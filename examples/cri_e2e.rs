@@ -3,11 +3,11 @@
 //! the way kubelet does, with the settings and security contexts read from `manifests/`:
 //!
 //! 0. a TPROXY pod and a client set up while the conflist holds only the primary (`late`);
-//! 1. the installer container of `manifests/daemonset.yaml` (host network, the node's CNI conf
+//! 1. the installer container of `manifests/base/daemonset.yaml` (host network, the node's CNI conf
 //!    and bin dirs, libcni's cache and the netns dir mounted in, `settings.json` from
-//!    `manifests/configmap.yaml`) chains tproxy-cni into the primary conflist, and its reconcile
+//!    `manifests/base/configmap.yaml`) chains tproxy-cni into the primary conflist, and its reconcile
 //!    loop programs the late pod, whose sidecar turns ready with no restart;
-//! 2. a TPROXY pod (app + the sidecar of `manifests/examples/httpbin.yaml`) whose app sees the
+//! 2. a TPROXY pod (app + the sidecar of `manifests/examples/native/httpbin.yaml`) whose app sees the
 //!    client pod's IP; a REDIRECT pod whose app sees 127.0.0.6; a pod with a bad annotation
 //!    whose RunPodSandbox fails naming the key and leaks nothing;
 //! 3. StopPodSandbox twice and RemovePodSandbox: every DEL succeeds;
@@ -203,7 +203,24 @@ fn security_context(pod: &Yaml, c: &Yaml) -> Result<LinuxContainerSecurityContex
             } as i32,
             ..Default::default()
         });
+    // The SELinux type asked for (the installer's spc_t) goes to the runtime as kubelet sends
+    // it; on a host without SELinux (this test's) the runtime must accept and ignore it.
+    let selinux_options = field("seLinuxOptions").map(|o| {
+        let s = |k: &str| {
+            o.get(k)
+                .and_then(Yaml::as_str)
+                .unwrap_or_default()
+                .to_string()
+        };
+        SeLinuxOption {
+            user: s("user"),
+            role: s("role"),
+            r#type: s("type"),
+            level: s("level"),
+        }
+    });
     Ok(LinuxContainerSecurityContext {
+        selinux_options,
         capabilities: Some(Capability {
             add_capabilities: strs(caps.and_then(|c| c.get("add"))),
             drop_capabilities: strs(caps.and_then(|c| c.get("drop"))),
@@ -692,9 +709,9 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     let late = late::before_installer(node, t).await?;
 
     // ---- 1. the installer, as the DaemonSet runs it
-    let ds = pod_template(&repo.join("manifests/daemonset.yaml"))?;
+    let ds = pod_template(&repo.join("manifests/base/daemonset.yaml"))?;
     let inst = container(&ds, "install")?;
-    let cm = yaml_docs(&repo.join("manifests/configmap.yaml"))?;
+    let cm = yaml_docs(&repo.join("manifests/base/configmap.yaml"))?;
     let settings = cm
         .iter()
         .find_map(|d| {
@@ -703,7 +720,7 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
                 .as_str()
                 .map(str::to_string)
         })
-        .ok_or_else(|| anyhow!("manifests/configmap.yaml: no data.settings.json"))?;
+        .ok_or_else(|| anyhow!("manifests/base/configmap.yaml: no data.settings.json"))?;
     let settings_dir = node.a.work.join("configmap");
     std::fs::create_dir_all(&settings_dir)?;
     std::fs::write(settings_dir.join("settings.json"), &settings)?;
@@ -842,7 +859,7 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     late::after_installer(node, t, late, &inst_pod.logs.join("install/0.log")).await;
 
     // ---- 2. pods through CRI, as kubelet creates them
-    let example = pod_template(&repo.join("manifests/examples/httpbin.yaml"))?;
+    let example = pod_template(&repo.join("manifests/examples/native/httpbin.yaml"))?;
     let sidecar = container(&example, "tproxy-sidecar")?;
     let sidecar_sc = security_context(&example, sidecar)?;
     let sidecar_cmd = strs(sidecar.get("command"));

@@ -2,7 +2,7 @@
 # The real-runtime end-to-end run: a private containerd (Debian's 1.6) in its own network
 # namespace, the image from scripts/image.sh, and a CRI client (examples/cri_e2e.rs) that does
 # what kubelet does on a node: runs the installer as the DaemonSet would, then pods with the
-# security contexts of manifests/examples, checks what the apps see, and tears everything down.
+# security contexts of manifests/examples/native, checks what the apps see, and tears everything down.
 # Ends with `N passed, M failed`. Needs root. Leaves no process, mount, netns, veth or file
 # behind, also on failure and Ctrl-C.
 set -euo pipefail

@@ -26,6 +26,15 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# kubectl (with its built-in kustomize) renders the manifests in tests/manifests.rs. It comes
+# with this project's machine image (the `kubectl` package of Google's apt repository, which is
+# not one this project's machines can reach; Debian 12's own kubernetes-client is kubectl 1.20,
+# far older and not tried), so it is checked, not installed: without it those tests print SKIP,
+# and fail when CI is set.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "setup: kubectl not found: tests/manifests.rs cannot render the kustomizations" >&2
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found: install a Rust toolchain >= 1.85 (rustup) and retry" >&2
   exit 1

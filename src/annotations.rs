@@ -305,6 +305,13 @@ pub const MESH_MARKS: &[MeshMark] = &[
         key: "ambient.istio.io/redirection",
         value: Some("enabled"),
     },
+    // Written by istio-cni on a partly enrolled pod: its redirection rules are already in the
+    // pod's netns, ztunnel does not have the pod yet (README, "Pods of other meshes").
+    MeshMark {
+        mesh: "Istio (ambient)",
+        key: "ambient.istio.io/redirection",
+        value: Some("pending"),
+    },
     // Written by Kuma's injector on the pods it injects.
     MeshMark {
         mesh: "Kuma",
@@ -1295,6 +1302,7 @@ mod tests {
                 r#"{"containers":["istio-proxy"]}"#,
             ),
             ("ambient.istio.io/redirection", "enabled"),
+            ("ambient.istio.io/redirection", "pending"),
             ("kuma.io/sidecar-injected", "true"),
             ("linkerd.io/proxy-version", "stable-2.14.10"),
             ("consul.hashicorp.com/connect-inject-status", "injected"),

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -242,18 +243,38 @@ fn read_config(file: Option<PathBuf>) -> Result<(PlanConfig, Defaults), HostErro
     Ok((config, defaults))
 }
 
-/// The host plan: the pod plan for the target's own addresses (their families decide IPv4
-/// and/or IPv6), with no node-address bypass (a host's own connections to itself arrive on lo,
-/// which is never intercepted), and a counter on every rule.
+/// The host plan: the pod plan for both address families, whatever addresses the target has
+/// now, with no node-address bypass (a host's own connections to itself arrive on lo, which is
+/// never intercepted), and a counter on every rule. Both families always: a host's IPv6
+/// address often appears after `apply` ran (SLAAC, DHCPv6, a late network manager), and an
+/// IPv6 SYN captured without the IPv6 fwmark rule and route is never delivered to the proxy
+/// (docs/ARCHITECTURE.md, pitfall 75). Only a netns where lo refuses IPv6 routes gets IPv4 alone.
 fn host_plan(inv: &Invocation) -> Result<Plan, HostError> {
-    let own = crate::routing::node_addresses()?;
-    let mut plan = crate::plan::build(&inv.config, &inv.policy, &own, &[]);
+    let mut plan = crate::plan::build(&inv.config, &inv.policy, &host_families(), &[]);
     if let Some(t) = &mut plan.table {
         for rule in t.chains.iter_mut().flat_map(|c| c.rules.iter_mut()) {
             rule.actions.insert(0, Action::Counter);
         }
     }
     Ok(plan)
+}
+
+/// One address per family the host plan programs (the plan reads only their families): IPv4,
+/// and IPv6 unless IPv6 is disabled on lo in this netns (`net.ipv6.conf.all.disable_ipv6=1` at
+/// boot), where the kernel refuses the local route ("IPv6 is disabled on nexthop device"). A
+/// kernel without IPv6 at all is handled by the routing layer, which skips the IPv6 half.
+fn host_families() -> Vec<IpAddr> {
+    let mut fams = vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+    // Read from this thread, which is in the target netns: /proc/sys/net is per netns.
+    match std::fs::read_to_string("/proc/sys/net/ipv6/conf/lo/disable_ipv6") {
+        Ok(v) if v.trim() == "1" => {
+            log::warn!(
+                "IPv6 is disabled on lo: programming IPv4 only; after enabling IPv6, apply again"
+            );
+        }
+        _ => fams.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+    }
+    fams
 }
 
 /// Everything `remove` deletes: the table, tagged routing objects, this configuration's rules

@@ -196,6 +196,90 @@ fn apply_twice_is_the_same_and_check_reports_drift_by_exit_status() {
     assert_eq!(out.status.code(), Some(100));
 }
 
+/// The pod side's veth (the host's one interface in these tests).
+fn host_if(ns: &Netns) -> String {
+    ns.sh("ip -o link show type veth")
+        .split(':')
+        .nth(1)
+        .and_then(|n| n.trim().split('@').next())
+        .expect("a veth in the netns")
+        .to_string()
+}
+
+/// Waits until `dev`'s IPv6 link-local address is usable (neighbour discovery answers).
+fn wait_ipv6_ready(ns: &Netns, dev: &str) {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        let out = ns.sh(&format!("ip -6 addr show dev {dev} scope link"));
+        if out.contains("inet6") && !out.contains("tentative") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{dev}: no usable IPv6 link-local address after 5 s");
+}
+
+#[test]
+fn ipv6_configured_after_apply_is_intercepted_without_a_second_apply() {
+    // A host whose IPv6 comes up after the unit ran (SLAAC, DHCPv6, a late network manager):
+    // at apply time its interface has IPv6 disabled and no IPv6 address at all.
+    require_root!();
+    let t = Topo::new();
+    let dev = host_if(&t.pod);
+    t.pod
+        .sh(&format!("sysctl -qw net.ipv6.conf.{dev}.disable_ipv6=1"));
+    assert!(
+        !t.pod.sh("ip -6 addr show").contains(POD_V6),
+        "disabling IPv6 removes the address"
+    );
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
+    host_ok(&t.pod, &["apply"], 0);
+    let sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
+
+    // The network comes up: IPv6 enabled, the address configured. No second apply.
+    t.pod.sh(&format!(
+        "sh -c 'sysctl -qw net.ipv6.conf.{dev}.disable_ipv6=0 && sysctl -qw net.ipv6.conf.{dev}.accept_dad=0 && ip addr add {POD_V6}/64 dev {dev} nodad'"
+    ));
+    wait_ipv6_ready(&t.pod, &dev);
+    for (client, pod) in [(CLIENT_V6, POD_V6), (CLIENT_V4, POD_V4)] {
+        let r = get_ip(&t.client.name, sa(pod, HTTP_PORT))
+            .unwrap_or_else(|e| panic!("{pod}: through the proxy: {e}"));
+        assert_eq!(r.origin, client, "the app sees the client's own address");
+        assert_ne!(
+            r.port, r.local_port,
+            "{pod}: went through the proxy, not direct"
+        );
+    }
+    assert_eq!(sc.wait_log(2, Duration::from_secs(5)).len(), 2);
+    // What is programmed does not depend on the addresses: no drift now that IPv6 exists.
+    host_ok(&t.pod, &["check"], 0);
+    host_ok(&t.pod, &["remove"], 0);
+    assert_nothing_left(&t.pod);
+}
+
+#[test]
+fn ipv6_disabled_on_lo_gets_ipv4_interception_and_a_warning() {
+    // `net.ipv6.conf.all.disable_ipv6=1` at boot disables IPv6 on lo too, where the kernel then
+    // refuses IPv6 local routes: apply must still succeed, with the IPv4 half.
+    require_root!();
+    let t = Topo::new();
+    t.pod.sh("sysctl -qw net.ipv6.conf.all.disable_ipv6=1");
+    let _app = App::start(&t.pod.name, &[HTTP_PORT], &[]);
+    let out = host(&t.pod, &["apply"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("IPv6 is disabled on lo"), "{err}");
+    assert!(t.pod.sh("ip -4 rule show").contains("lookup 29808"));
+    assert!(!t.pod.sh("ip -6 rule show").contains("lookup 29808"));
+    let _sc = Sidecar::start(&t.pod.name, &["--mode", "tproxy"]);
+    let r = get_ip(&t.client.name, sa(POD_V4, HTTP_PORT)).expect("IPv4 through the proxy");
+    assert_eq!(r.origin, CLIENT_V4);
+    assert_ne!(r.port, r.local_port);
+    host_ok(&t.pod, &["check"], 0);
+    host_ok(&t.pod, &["remove"], 0);
+    assert_nothing_left(&t.pod);
+}
+
 #[test]
 fn an_excluded_port_reaches_the_app_while_the_proxy_is_down() {
     require_root!();
@@ -309,6 +393,18 @@ fn systemd_unit_applies_at_start_and_removes_at_stop() {
         found[0].to_string()
     };
     assert_eq!(line("Type"), "oneshot");
+    // Ordered after the network is online (pitfall 75), so not part of early boot: an
+    // early-boot unit (DefaultDependencies=no, WantedBy=sysinit.target) ordered after
+    // network-online.target would be an ordering cycle.
+    assert_eq!(line("Wants"), "network-online.target");
+    assert!(line("After")
+        .split_whitespace()
+        .any(|u| u == "network-online.target"));
+    assert!(line("After")
+        .split_whitespace()
+        .any(|u| u == "nftables.service"));
+    assert_eq!(line("WantedBy"), "multi-user.target");
+    assert!(!unit.contains("DefaultDependencies=no"));
     assert_eq!(line("RemainAfterExit"), "yes");
     let opts = "$TPROXY_CNI_HOST_OPTS";
     assert_eq!(

@@ -2,10 +2,12 @@
 //! types, with no field the schema does not know), kustomizations must list existing files, and
 //! the installer/sidecar specs must keep the security properties the docs promise.
 //!
-//! No kustomize binary is available here, so the overlays' patches are applied by the small
-//! JSON-patch (RFC 6902) and strategic-merge appliers below: they implement only the operations
-//! the overlays use, and refuse a patch whose target does not exist in the base (kustomize
-//! itself would append a second volume instead of changing the one we mean).
+//! What a user applies is what `kubectl kustomize` renders, so every kustomization is rendered
+//! by the real `kubectl` (its built-in kustomize), the same command `kubectl apply -k` runs
+//! first: the checks of overlays, examples and the platform table look at that output. kubectl is
+//! part of the machines this project runs on (CI's included); where it is absent the rendering
+//! tests say SKIP, and with `CI` set they fail. What kustomize does not check (the typed schema,
+//! orphaned files) is checked on the source files and on the rendered output alike.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
@@ -16,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests")
@@ -104,27 +107,9 @@ struct Kustomization {
     resources: Vec<String>,
     #[serde(default)]
     images: Vec<KustomizeImage>,
+    /// Checked by kustomize itself when it renders.
     #[serde(default)]
-    patches: Vec<KustomizePatch>,
-}
-
-/// An inline patch: a JSON 6902 operation list or a strategic-merge object, and what it targets.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct KustomizePatch {
-    target: PatchTarget,
-    patch: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[allow(dead_code)]
-struct PatchTarget {
-    group: Option<String>,
-    version: Option<String>,
-    kind: String,
-    name: Option<String>,
+    patches: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,14 +132,11 @@ struct Parsed {
     services: Vec<Service>,
     resource_quotas: Vec<ResourceQuota>,
     kustomizations: Vec<(PathBuf, Kustomization)>,
-    /// Every document as parsed JSON, with its file: the input of the patch checks.
-    raw: Vec<(PathBuf, Value)>,
 }
 
 fn parse_all() -> Parsed {
     let mut p = Parsed::default();
     for (file, i, v) in documents() {
-        p.raw.push((file.clone(), v.clone()));
         let at = format!("{} doc {i}", file.display());
         let kind = v["kind"].as_str().unwrap_or_default().to_string();
         let api = v["apiVersion"].as_str().unwrap_or_default().to_string();
@@ -223,8 +205,8 @@ fn every_document_matches_the_schema() {
     assert_eq!(p.deployments.len(), 2);
     assert_eq!(p.services.len(), 3);
     assert_eq!(p.resource_quotas.len(), 1, "the GKE overlay's quota");
-    // manifests/, examples/, examples/legacy/ and one overlay per platform.
-    assert_eq!(p.kustomizations.len(), 3 + OVERLAYS.len());
+    // base/, examples/native/, examples/legacy/ and one overlay per platform.
+    assert_eq!(p.kustomizations.len(), 3 + overlay_dirs().len());
 }
 
 #[test]
@@ -513,186 +495,59 @@ fn images_are_the_kustomized_name() {
     }
 }
 
-// ---- Patch appliers (only what the kustomizations under manifests/ use) ----
+// ---- Rendering with the real kustomize ----
 
-/// The tokens of a JSON pointer ("/a/b~1c" -> ["a", "b/c"]).
-fn pointer_tokens(path: &str, at: &str) -> Vec<String> {
-    let rest = path
-        .strip_prefix('/')
-        .unwrap_or_else(|| panic!("{at}: {path:?} is not a JSON pointer"));
-    rest.split('/')
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
-        .collect()
-}
-
-/// The parent container of `path` and the last token.
-fn parent_of<'a>(doc: &'a mut Value, path: &str, at: &str) -> (&'a mut Value, String) {
-    let mut tokens = pointer_tokens(path, at);
-    let last = tokens.pop().unwrap_or_default();
-    let parent: String = tokens.iter().map(|t| format!("/{t}")).collect();
-    let v = doc
-        .pointer_mut(&parent)
-        .unwrap_or_else(|| panic!("{at}: {parent:?} does not exist"));
-    (v, last)
-}
-
-fn json_patch_remove(doc: &mut Value, path: &str, at: &str) -> Value {
-    let (parent, last) = parent_of(doc, path, at);
-    match parent {
-        Value::Object(m) => m
-            .shift_remove(&last)
-            .unwrap_or_else(|| panic!("{at}: remove {path}: no such key")),
-        Value::Array(a) => {
-            let i: usize = last
-                .parse()
-                .unwrap_or_else(|_| panic!("{at}: remove {path}: bad index"));
-            assert!(i < a.len(), "{at}: remove {path}: index out of range");
-            a.remove(i)
-        }
-        _ => panic!("{at}: remove {path}: parent is not a container"),
-    }
-}
-
-fn json_patch_add(doc: &mut Value, path: &str, value: Value, at: &str) {
-    let (parent, last) = parent_of(doc, path, at);
-    match parent {
-        Value::Object(m) => {
-            m.insert(last, value);
-        }
-        Value::Array(a) if last == "-" => a.push(value),
-        Value::Array(a) => {
-            let i: usize = last
-                .parse()
-                .unwrap_or_else(|_| panic!("{at}: add {path}: bad index"));
-            assert!(i <= a.len(), "{at}: add {path}: index out of range");
-            a.insert(i, value);
-        }
-        _ => panic!("{at}: add {path}: parent is not a container"),
-    }
-}
-
-/// RFC 6902: test, add, remove, replace, move. Panics (fails the test) where kustomize would fail.
-fn apply_json_patch(doc: &mut Value, ops: &Value, at: &str) {
-    for op in ops.as_array().expect("a JSON patch is a list") {
-        let path = op["path"].as_str().expect("op.path");
-        match op["op"].as_str().expect("op.op") {
-            "test" => assert_eq!(
-                doc.pointer(path),
-                Some(&op["value"]),
-                "{at}: test {path} fails on the base"
-            ),
-            "add" => json_patch_add(doc, path, op["value"].clone(), at),
-            "remove" => {
-                json_patch_remove(doc, path, at);
-            }
-            "replace" => {
-                let v = doc
-                    .pointer_mut(path)
-                    .unwrap_or_else(|| panic!("{at}: replace {path}: no such path"));
-                *v = op["value"].clone();
-            }
-            "move" => {
-                let from = op["from"].as_str().expect("op.from");
-                let v = json_patch_remove(doc, from, at);
-                json_patch_add(doc, path, v, at);
-            }
-            other => panic!("{at}: JSON patch op {other} is not supported by this test"),
-        }
-    }
-}
-
-/// Strategic merge for maps and lists of named objects (volumes, containers, mounts by `name`):
-/// every named element of the patch must already exist in the base.
-fn apply_strategic_merge(base: &mut Value, patch: &Value, path: &str) {
-    match (base, patch) {
-        (Value::Object(b), Value::Object(p)) => {
-            for (k, pv) in p {
-                let sub = format!("{path}.{k}");
-                match b.get_mut(k) {
-                    Some(bv) => apply_strategic_merge(bv, pv, &sub),
-                    None => {
-                        b.insert(k.clone(), pv.clone());
-                    }
-                }
-            }
-        }
-        (Value::Array(b), Value::Array(p)) => {
-            for pe in p {
-                let name = pe["name"]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("{path}: only lists of named objects are merged"));
-                let be = b
-                    .iter_mut()
-                    .find(|e| e["name"] == name)
-                    .unwrap_or_else(|| panic!("{path}[name={name}]: not in the base"));
-                apply_strategic_merge(be, pe, &format!("{path}[name={name}]"));
-            }
-        }
-        (b, p) => *b = p.clone(),
-    }
-}
-
-fn target_matches(t: &PatchTarget, doc: &Value) -> bool {
-    let api = doc["apiVersion"].as_str().unwrap_or_default();
-    let (group, version) = api.rsplit_once('/').unwrap_or(("", api));
-    doc["kind"] == t.kind.as_str()
-        && t.group.as_deref().is_none_or(|g| g == group)
-        && t.version.as_deref().is_none_or(|v| v == version)
-        && t.name
-            .as_deref()
-            .is_none_or(|n| doc["metadata"]["name"] == n)
-}
-
-/// The documents a kustomization renders, from the raw documents of its resources (files or
-/// directories with their own kustomization) and its patches. Images and namespace are not
-/// applied: the checks below look at neither.
-fn render(p: &Parsed, dir: &str) -> Vec<Value> {
-    let (file, k) = p
-        .kustomizations
-        .iter()
-        .find(|(f, _)| rel_dir(f) == dir)
-        .unwrap_or_else(|| panic!("no kustomization in manifests/{dir}"));
-    let base_dir = file.parent().unwrap();
-    let mut docs = Vec::new();
-    for r in &k.resources {
-        let path = base_dir.join(r).canonicalize().unwrap();
-        if path.is_dir() {
-            let sub = path
-                .strip_prefix(root().canonicalize().unwrap())
-                .unwrap()
-                .display()
-                .to_string();
-            docs.extend(render(p, &sub));
-        } else {
-            docs.extend(
-                p.raw
-                    .iter()
-                    .filter(|(f, _)| f.canonicalize().unwrap() == path)
-                    .map(|(_, v)| v.clone()),
+/// Whether `kubectl` runs here. Absent: SKIP (a message), or a failure when `CI` is set.
+fn have_kubectl() -> bool {
+    static HAVE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAVE.get_or_init(|| {
+        let ok = Command::new("kubectl")
+            .args(["version", "--client"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "kubectl (with its built-in kustomize) is not installed, and CI is set"
             );
+            eprintln!("SKIP: kubectl not found; kustomizations are not rendered");
+        }
+        ok
+    })
+}
+
+/// `kubectl kustomize manifests/<dir>`: the documents a user's `kubectl apply -k` would send,
+/// as JSON. None (after a SKIP message) where kubectl is absent.
+fn rendered(dir: &str) -> Option<Vec<Value>> {
+    if !have_kubectl() {
+        return None;
+    }
+    Some(kustomize(&root().join(dir)))
+}
+
+/// Runs `kubectl kustomize PATH`; fails the test with kustomize's message if it fails.
+fn kustomize(path: &Path) -> Vec<Value> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(path)
+        .output()
+        .expect("run kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {} failed:\n{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("kustomize output is UTF-8");
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc)
+            .unwrap_or_else(|e| panic!("{}: rendered YAML: {e}", path.display()));
+        if !v.is_null() {
+            docs.push(serde_json::to_value(&v).expect("YAML to JSON"));
         }
     }
-    for patch in &k.patches {
-        let at = format!("{} patch on {}", file.display(), patch.target.kind);
-        let body: Value =
-            serde_yaml::from_str(&patch.patch).unwrap_or_else(|e| panic!("{at}: not YAML: {e}"));
-        let mut hits = 0;
-        for d in docs.iter_mut().filter(|d| target_matches(&patch.target, d)) {
-            hits += 1;
-            if body.is_array() {
-                apply_json_patch(d, &body, &at);
-            } else {
-                assert_eq!(body["kind"], d["kind"], "{at}");
-                assert_eq!(body["metadata"]["name"], d["metadata"]["name"], "{at}");
-                assert_eq!(
-                    body["metadata"]["namespace"], d["metadata"]["namespace"],
-                    "{at}"
-                );
-                apply_strategic_merge(&mut d["spec"], &body["spec"], "spec");
-            }
-        }
-        assert!(hits > 0, "{at}: the target matches nothing in the base");
-    }
+    assert!(!docs.is_empty(), "{}: rendered nothing", path.display());
     docs
 }
 
@@ -703,69 +558,188 @@ fn typed<T: DeserializeOwned + Serialize>(docs: &[Value], kind: &str, at: &str) 
         .collect()
 }
 
-#[test]
-fn patch_appliers_refuse_what_kustomize_would_not_do_as_meant() {
-    // The appliers are part of the checks: they must fail where the overlays would be wrong.
-    let base = serde_json::json!({"spec": {"volumes": [
-        {"name": "cni-bin", "hostPath": {"path": "/opt/cni/bin", "type": "DirectoryOrCreate"}}
-    ]}});
-    let mut ok = base.clone();
-    apply_strategic_merge(
-        &mut ok,
-        &serde_json::json!({"spec": {"volumes": [{"name": "cni-bin", "hostPath": {"path": "/x"}}]}}),
-        "",
-    );
-    assert_eq!(
-        ok["spec"]["volumes"][0]["hostPath"],
-        serde_json::json!({"path": "/x", "type": "DirectoryOrCreate"})
-    );
-    let typo = std::panic::catch_unwind(|| {
-        let mut b = base.clone();
-        apply_strategic_merge(
-            &mut b,
-            &serde_json::json!({"spec": {"volumes": [{"name": "cni-bins", "hostPath": {"path": "/x"}}]}}),
-            "",
-        );
-    });
-    assert!(
-        typo.is_err(),
-        "a patch of a volume the base lacks must fail"
-    );
+/// Every directory under `manifests/` with a kustomization, relative to `manifests/`.
+fn kustomization_dirs() -> BTreeSet<String> {
+    let mut files = Vec::new();
+    yaml_files(&root(), &mut files);
+    files
+        .iter()
+        .filter(|f| f.file_name().and_then(|n| n.to_str()) == Some("kustomization.yaml"))
+        .map(|f| rel_dir(f))
+        .collect()
+}
 
-    let mut d = serde_json::json!({"c": [{"name": "a"}], "i": [{"name": "s", "r": "Always"}]});
-    apply_json_patch(
-        &mut d,
-        &serde_json::json!([
-            {"op": "test", "path": "/i/0/name", "value": "s"},
-            {"op": "move", "from": "/i/0", "path": "/c/-"},
-            {"op": "remove", "path": "/c/1/r"}
-        ]),
-        "t",
-    );
-    assert_eq!(
-        d,
-        serde_json::json!({"c": [{"name": "a"}, {"name": "s"}], "i": []})
-    );
-    let failing_test = std::panic::catch_unwind(|| {
-        let mut d = serde_json::json!({"i": [{"name": "app"}]});
-        apply_json_patch(
-            &mut d,
-            &serde_json::json!([{"op": "test", "path": "/i/0/name", "value": "s"}]),
-            "t",
-        );
-    });
-    assert!(failing_test.is_err());
+/// The platform overlays: the directories under `manifests/overlays/`.
+fn overlay_dirs() -> BTreeSet<String> {
+    std::fs::read_dir(root().join("overlays"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn repo_file(rel: &str) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
+        .unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// The kustomization paths that the docs' commands name: what follows `kubectl apply -k`,
+/// `kubectl delete -k` and `kubectl kustomize`, up to a space, backtick or parenthesis.
+fn documented_commands(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for cmd in [
+        "kubectl apply -k ",
+        "kubectl delete -k ",
+        "kubectl kustomize ",
+    ] {
+        for (i, _) in text.match_indices(cmd) {
+            let rest = &text[i + cmd.len()..];
+            let end = rest
+                .find(|c: char| c.is_whitespace() || matches!(c, '`' | ')' | '"' | '\''))
+                .unwrap_or(rest.len());
+            out.push(rest[..end].to_string());
+        }
+    }
+    out
+}
+
+/// A documented path as a directory relative to `manifests/` ("manifests/base/" -> "base").
+fn manifests_dir(path: &str, at: &str) -> String {
+    path.strip_prefix("manifests/")
+        .unwrap_or_else(|| panic!("{at}: {path} is not under manifests/"))
+        .trim_end_matches('/')
+        .to_string()
 }
 
 #[test]
+fn every_kustomization_renders_with_kubectl_kustomize() {
+    if !have_kubectl() {
+        return;
+    }
+    let dirs = kustomization_dirs();
+    assert!(dirs.contains("base") && dirs.len() >= 3, "{dirs:?}");
+    for dir in &dirs {
+        let docs = rendered(dir).expect("kubectl present");
+        // What kustomize produced is still valid against the schema (a patch can add a field
+        // kustomize does not know, and kustomize would pass it on).
+        let at = format!("kubectl kustomize manifests/{dir}");
+        for d in &docs {
+            match (d["apiVersion"].as_str(), d["kind"].as_str()) {
+                (Some("v1"), Some("Namespace")) => drop(strict::<Namespace>(d, &at)),
+                (Some("v1"), Some("ServiceAccount")) => drop(strict::<ServiceAccount>(d, &at)),
+                (Some("v1"), Some("ConfigMap")) => drop(strict::<ConfigMap>(d, &at)),
+                (Some("v1"), Some("Service")) => drop(strict::<Service>(d, &at)),
+                (Some("v1"), Some("ResourceQuota")) => drop(strict::<ResourceQuota>(d, &at)),
+                (Some("apps/v1"), Some("DaemonSet")) => drop(strict::<DaemonSet>(d, &at)),
+                (Some("apps/v1"), Some("Deployment")) => drop(strict::<Deployment>(d, &at)),
+                other => panic!("{at}: unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_docs_install_commands_are_the_kustomizations_that_render() {
+    if !have_kubectl() {
+        return;
+    }
+    // Every command of README.md, docs/install.md and the kustomizations' own headers.
+    let mut sources: Vec<(String, String)> = ["README.md", "docs/install.md"]
+        .iter()
+        .map(|f| (f.to_string(), repo_file(f)))
+        .collect();
+    for dir in kustomization_dirs() {
+        let f = format!("manifests/{dir}/kustomization.yaml");
+        let text = repo_file(&f);
+        sources.push((f, text));
+    }
+    let mut named = BTreeSet::new();
+    for (file, text) in &sources {
+        for path in documented_commands(text) {
+            let dir = manifests_dir(&path, file);
+            assert!(
+                root().join(&dir).join("kustomization.yaml").is_file(),
+                "{file}: `{path}` has no kustomization.yaml"
+            );
+            named.insert(dir);
+        }
+    }
+    // The commands a user copies from the docs render, with the command itself.
+    for dir in &named {
+        kustomize(&root().join(dir));
+    }
+    // And each kustomization is reachable from the docs: by a command, or as the "apply"
+    // column of the platform table (checked against its dirs below).
+    let table: BTreeSet<String> = platform_table()
+        .into_iter()
+        .map(|row| row.apply_dir)
+        .collect();
+    for dir in kustomization_dirs() {
+        assert!(
+            named.contains(&dir) || table.contains(&dir),
+            "manifests/{dir}/ is in no install command of README.md or docs/install.md"
+        );
+    }
+    for must in ["base", "examples/native", "examples/legacy", "overlays/gke"] {
+        assert!(
+            named.contains(must),
+            "no documented command for manifests/{must}/"
+        );
+    }
+}
+
+/// One row of docs/install.md's "CNI dirs per platform" table that names a kustomization.
+struct PlatformRow {
+    label: String,
+    conf: String,
+    bin: String,
+    apply_dir: String,
+}
+
+/// The rows of the platform table: `| platform | `conf` | `bin` | `manifests/...` ... | sources |`.
+fn platform_table() -> Vec<PlatformRow> {
+    let md = repo_file("docs/install.md");
+    let start = md
+        .find("### CNI dirs per platform")
+        .expect("docs/install.md: no section \"CNI dirs per platform\"");
+    let code = |cell: &str| -> Option<String> {
+        let cell = cell.trim();
+        let inner = cell.strip_prefix('`')?;
+        Some(inner[..inner.find('`')?].to_string())
+    };
+    let mut rows = Vec::new();
+    for line in md[start..].lines().skip(1) {
+        if line.starts_with("#") {
+            break;
+        }
+        if !line.starts_with('|') {
+            continue;
+        }
+        let cells: Vec<&str> = line.split('|').collect();
+        if cells.len() < 6 {
+            continue;
+        }
+        let (Some(conf), Some(bin), Some(apply)) = (code(cells[2]), code(cells[3]), code(cells[4]))
+        else {
+            continue;
+        };
+        rows.push(PlatformRow {
+            label: cells[1].trim().to_string(),
+            conf,
+            bin,
+            apply_dir: manifests_dir(&apply, "docs/install.md platform table"),
+        });
+    }
+    assert!(rows.len() >= 5, "docs/install.md: platform table not found");
+    rows
+}
+#[test]
 fn legacy_examples_run_the_same_sidecar_as_an_ordinary_container() {
-    let p = parse_all();
-    let native: Vec<Deployment> = typed(&render(&p, "examples"), "Deployment", "examples");
-    let legacy: Vec<Deployment> = typed(
-        &render(&p, "examples/legacy"),
-        "Deployment",
-        "examples/legacy",
-    );
+    let (Some(native), Some(legacy)) = (rendered("examples/native"), rendered("examples/legacy"))
+    else {
+        return;
+    };
+    let native: Vec<Deployment> = typed(&native, "Deployment", "examples/native");
+    let legacy: Vec<Deployment> = typed(&legacy, "Deployment", "examples/legacy");
     assert_eq!(native.len(), 2);
     assert_eq!(legacy.len(), native.len());
     for (n, l) in native.iter().zip(&legacy) {
@@ -804,24 +778,6 @@ fn legacy_examples_run_the_same_sidecar_as_an_ordinary_container() {
     }
 }
 
-/// The platform overlays: (directory, label of its row in docs/install.md, conf dir, bin dir).
-const OVERLAYS: [(&str, &str, &str, &str); 4] = [
-    ("gke", "GKE", "/etc/cni/net.d", "/home/kubernetes/bin"),
-    (
-        "k3s",
-        "k3s",
-        "/var/lib/rancher/k3s/agent/etc/cni/net.d",
-        "/var/lib/rancher/k3s/data/cni",
-    ),
-    ("rke2", "RKE2", "/etc/cni/net.d", "/opt/cni/bin"),
-    (
-        "microk8s",
-        "MicroK8s",
-        "/var/snap/microk8s/current/args/cni-network",
-        "/var/snap/microk8s/current/opt/cni/bin",
-    ),
-];
-
 /// The host dirs the installer's --conf-dir and --bin-dir end up in: flag -> mount -> volume.
 fn installer_host_dirs(ds: &DaemonSet) -> (String, String) {
     let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
@@ -845,72 +801,139 @@ fn installer_host_dirs(ds: &DaemonSet) -> (String, String) {
     (host_dir("--conf-dir="), host_dir("--bin-dir="))
 }
 
+/// Every hostPath of the pod: the installer must mount the CNI dirs and nothing else.
+fn host_paths(ds: &DaemonSet) -> BTreeSet<String> {
+    let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    spec.volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.clone()))
+        .collect()
+}
+
 #[test]
-fn platform_overlays_point_the_installer_at_their_platform_dirs() {
-    let p = parse_all();
-    let base: Vec<DaemonSet> = typed(&render(&p, ""), "DaemonSet", "manifests");
-    assert_eq!(
-        installer_host_dirs(&base[0]),
-        ("/etc/cni/net.d".into(), "/opt/cni/bin".into())
-    );
-    let dirs: BTreeSet<String> = std::fs::read_dir(root().join("overlays"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(
-        dirs,
-        OVERLAYS.iter().map(|o| o.0.to_string()).collect(),
-        "every overlay is checked here, and only overlays that exist"
-    );
-    let install_md =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/install.md"))
-            .unwrap();
-    for (dir, label, conf, bin) in OVERLAYS {
-        let at = format!("overlays/{dir}");
-        let (_, k) = p
-            .kustomizations
-            .iter()
-            .find(|(f, _)| rel_dir(f) == at)
-            .unwrap();
+fn rendered_installers_use_the_dirs_of_their_platform_table_row() {
+    if !have_kubectl() {
+        return;
+    }
+    let rows = platform_table();
+    // Every overlay is in the table, and the table names nothing that does not exist.
+    let in_table: BTreeSet<String> = rows.iter().map(|r| r.apply_dir.clone()).collect();
+    for o in overlay_dirs() {
         assert!(
-            k.resources.iter().any(|r| r == "../.."),
-            "{at}: must build on manifests/"
+            in_table.contains(&format!("overlays/{o}")),
+            "docs/install.md's platform table has no row applying manifests/overlays/{o}/"
         );
-        let docs = render(&p, &at);
+    }
+    assert!(in_table.contains("base"));
+    let base_ids: BTreeSet<String> = ids(&rendered("base").expect("kubectl present"));
+    for row in &rows {
+        let at = format!("{} (manifests/{})", row.label, row.apply_dir);
+        let docs = rendered(&row.apply_dir).expect("kubectl present");
         // Nothing of the base is lost.
-        let ids = |ds: &[Value]| -> BTreeSet<String> {
-            ds.iter()
-                .map(|d| format!("{}/{}", d["kind"], d["metadata"]["name"]))
-                .collect()
-        };
-        assert!(ids(&docs).is_superset(&ids(&render(&p, ""))), "{at}");
+        assert!(ids(&docs).is_superset(&base_ids), "{at}");
         let ds: Vec<DaemonSet> = typed(&docs, "DaemonSet", &at);
         assert_eq!(ds.len(), 1, "{at}");
+        // The dirs the installer's flags end up in are the row's, and they are the only host
+        // paths (a patch naming a volume the base lacks would add a third one).
         assert_eq!(
             installer_host_dirs(&ds[0]),
-            (conf.to_string(), bin.to_string()),
+            (row.conf.clone(), row.bin.clone()),
             "{at}"
         );
-        // The same dirs as the documented table row of that platform.
-        assert!(
-            install_md.lines().any(|l| l.starts_with('|')
-                && l.contains(label)
-                && l.contains(&format!("`{conf}`"))
-                && l.contains(&format!("`{bin}`"))),
-            "docs/install.md has no table row for {label} with `{conf}` and `{bin}`"
+        assert_eq!(
+            host_paths(&ds[0]),
+            BTreeSet::from([row.conf.clone(), row.bin.clone()]),
+            "{at}"
         );
-        assert!(
-            install_md.contains(&format!("manifests/overlays/{dir}/")),
-            "docs/install.md does not mention manifests/overlays/{dir}/"
+    }
+}
+
+fn ids(docs: &[Value]) -> BTreeSet<String> {
+    docs.iter()
+        .map(|d| format!("{}/{}", d["kind"], d["metadata"]["name"]))
+        .collect()
+}
+
+/// The node types the installer must not be scheduled on (no CNI dir it could write, and a
+/// pod stuck there keeps `kubectl rollout status` from finishing), as (label, value).
+const EXCLUDED_NODES: [(&str, &str); 2] = [
+    ("type", "virtual-kubelet"),
+    ("eks.amazonaws.com/compute-type", "fargate"),
+];
+
+#[test]
+fn rendered_installers_schedule_only_where_they_can_work() {
+    if !have_kubectl() {
+        return;
+    }
+    let mut dirs = vec!["base".to_string()];
+    dirs.extend(overlay_dirs().into_iter().map(|o| format!("overlays/{o}")));
+    for dir in dirs {
+        let at = format!("manifests/{dir}");
+        let ds: Vec<DaemonSet> = typed(&rendered(&dir).expect("kubectl present"), "DaemonSet", &at);
+        let spec = ds[0].spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let sel = spec.node_selector.as_ref().expect("a nodeSelector");
+        assert_eq!(
+            sel.get("kubernetes.io/os").map(String::as_str),
+            Some("linux"),
+            "{at}"
         );
+        // One required term (terms are ORed: a second one would let excluded nodes back in)
+        // whose expressions (ANDed) exclude each node type.
+        let terms = &spec
+            .affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .unwrap_or_else(|| panic!("{at}: no required node affinity"))
+            .node_selector_terms;
+        assert_eq!(terms.len(), 1, "{at}");
+        let exprs = terms[0].match_expressions.as_deref().unwrap_or_default();
+        for (key, value) in EXCLUDED_NODES {
+            assert!(
+                exprs.iter().any(|e| e.key == key
+                    && e.operator == "NotIn"
+                    && e.values
+                        .as_ref()
+                        .is_some_and(|v| v.iter().any(|x| x == value))),
+                "{at}: nodes with {key}={value} are not excluded"
+            );
+        }
+        // Every taint tolerated (dedicated and control-plane nodes run pods that need the chain).
+        assert!(
+            spec.tolerations
+                .iter()
+                .flatten()
+                .any(|t| t.operator.as_deref() == Some("Exists")
+                    && t.key.is_none()
+                    && t.effect.is_none()),
+            "{at}"
+        );
+        // SELinux: the type that may write the host's CNI dirs on enforcing nodes, with no
+        // privilege added.
+        let c = container(spec, "install");
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(
+            sc.se_linux_options
+                .as_ref()
+                .and_then(|o| o.type_.as_deref()),
+            Some("spc_t"),
+            "{at}"
+        );
+        assert_eq!(sc.privileged, Some(false), "{at}");
     }
 }
 
 #[test]
 fn gke_overlay_admits_the_node_critical_installer() {
     // GKE admits system-node-critical pods only in namespaces with a quota for that class.
-    let p = parse_all();
-    let docs = render(&p, "overlays/gke");
+    let Some(docs) = rendered("overlays/gke") else {
+        return;
+    };
     let ds: Vec<DaemonSet> = typed(&docs, "DaemonSet", "gke");
     let quotas: Vec<ResourceQuota> = typed(&docs, "ResourceQuota", "gke");
     assert_eq!(quotas.len(), 1);

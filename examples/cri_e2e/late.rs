@@ -1,5 +1,5 @@
 //! The late pod (docs/install.md, "Late join and drift repair"): a TPROXY pod (app + the sidecar
-//! of `manifests/examples/httpbin.yaml`) and a client pod are set up through containerd while
+//! of `manifests/examples/native/httpbin.yaml`) and a client pod are set up through containerd while
 //! the conflist holds only the primary; the sidecar stays not ready. Then the installer starts
 //! (step 1 of the run) and, with no restart of anything, the reconcile loop programs the pod:
 //! the sidecar turns ready and the app sees the client's IP through it.
@@ -42,7 +42,7 @@ fn ready_code(ip: &str) -> u16 {
 /// Before the installer: the pods, through the primary-only conflist.
 pub async fn before_installer(node: &mut Node, t: &mut Tally) -> Result<Late> {
     let repo = node.a.repo.clone();
-    let example = pod_template(&repo.join("manifests/examples/httpbin.yaml"))?;
+    let example = pod_template(&repo.join("manifests/examples/native/httpbin.yaml"))?;
     let sidecar = container(&example, "tproxy-sidecar")?;
     let sc_sec = security_context(&example, sidecar)?;
     let podinfo_mount = sidecar

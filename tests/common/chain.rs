@@ -159,7 +159,12 @@ impl Node {
     /// Creates a pod sandbox and runs ADD through the whole chain. On failure the chain is
     /// rolled back with DEL (as the runtime does) and the error returned.
     pub fn add_pod(&self, annotations: &[(&str, &str)]) -> Result<Pod, RunError> {
-        let ns = Netns::new("pod");
+        self.add_pod_in(Netns::new("pod"), annotations)
+    }
+
+    /// As [`Node::add_pod`], in a network namespace the caller made (e.g. one owned by a user
+    /// namespace, as a runtime makes for `hostUsers: false`).
+    pub fn add_pod_in(&self, ns: Netns, annotations: &[(&str, &str)]) -> Result<Pod, RunError> {
         let ann: Map<String, Value> = annotations
             .iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
