@@ -6,6 +6,8 @@
 //! with the same messages; the plan and the apply layer are the plugin's. Every rule of a host
 //! plan carries a `counter`, which `status` shows.
 
+mod config_file;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -213,7 +215,7 @@ fn read_config(file: Option<PathBuf>) -> Result<(PlanConfig, Defaults), HostErro
     let obj = match &file {
         None => serde_json::Map::new(),
         Some(path) => {
-            let text = std::fs::read(path)
+            let text = config_file::read(path)
                 .map_err(|e| HostError::Config(format!("{}: {e}", path.display())))?;
             match serde_json::from_slice(&text) {
                 Ok(Value::Object(o)) => o,
