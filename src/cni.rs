@@ -213,6 +213,12 @@ fn remove_in(cni: &CniEnv, table: &str, owned: &plan::Routing) -> Result<(), Cni
         apply::remove(&Kernel, &Kernel, table, owned)
     });
     match res {
+        // A table of our name that is not ours is left alone, and there is nothing of ours to
+        // remove in it: DEL succeeds (docs/ARCHITECTURE.md, pitfalls 9 and 64).
+        Ok(Err(e)) if e.only_foreign_tables() => {
+            log::warn!("{}: DEL left alone: {e}", cni.pod());
+            Ok(())
+        }
         Ok(r) => Ok(r?),
         Err(NetnsError::Gone(_)) => Ok(()),
         // ADD refuses such a path (a FIFO, a plain file), so nothing of ours can be in it.

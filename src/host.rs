@@ -116,6 +116,8 @@ impl HostError {
     pub fn exit_code(&self) -> i32 {
         match self {
             HostError::Usage(_) | HostError::Policy(_) | HostError::Config(_) => exit::INVALID,
+            // The table named by tableName is someone else's (docs/ARCHITECTURE.md, pitfall 64).
+            HostError::Kernel(e) if e.has_foreign_table() => exit::INVALID,
             _ => exit::KERNEL,
         }
     }

@@ -384,3 +384,38 @@ fn config_file_must_be_a_regular_bounded_file() {
         );
     }
 }
+
+/// `--config` with a `tableName` naming a firewall's table: `apply` and `remove` refuse with
+/// exit 7 naming it and leave it as it was (same handles, same rules); `remove` still removes
+/// what is ours (docs/ARCHITECTURE.md, pitfall 64).
+#[test]
+fn a_table_name_naming_a_foreign_table_is_never_replaced_or_removed() {
+    require_root!();
+    let ns = Netns::new("fw");
+    ns.sh("nft add table inet filter '{ comment \"site firewall\"; }'");
+    ns.sh(
+        "nft add chain inet filter input '{ type filter hook input priority 0; policy accept; }'",
+    );
+    ns.sh("nft add rule inet filter input tcp dport 22 counter accept");
+    let firewall = ns.sh("nft -j list table inet filter");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("filter.json");
+    std::fs::write(&cfg, r#"{"tableName": "filter"}"#).expect("config");
+    let cfg = cfg.to_string_lossy().into_owned();
+    for cmd in ["apply", "remove"] {
+        let out = host(&ns, &[cmd, "--config", &cfg]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains("table inet filter") && stderr.contains("not ours"),
+            "{cmd}: {stderr}"
+        );
+        assert_eq!(ns.sh("nft -j list table inet filter"), firewall, "{cmd}");
+    }
+    // Ours under the default name is applied and then removed despite the firewall.
+    host_ok(&ns, &["apply"], 0);
+    let out = host(&ns, &["remove", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(!ns.sh("nft list tables").contains("tproxy_cni"));
+    assert_eq!(ns.sh("nft -j list table inet filter"), firewall);
+}
