@@ -7,6 +7,14 @@
 //! left alone unless our own `tproxy-cni.io/mode` says otherwise, and Istio's and Kuma's keys
 //! are then ignored, since they configure that mesh's own interception of the same pod.
 
+#[cfg(test)]
+mod bounded_tests;
+pub mod kuma;
+mod mode;
+pub mod yaml;
+
+pub use mode::pod_mode;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
@@ -275,9 +283,23 @@ pub const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
 /// Most `numTrustedProxies` / `xff-num-trusted-proxies` accepted.
 pub const MAX_TRUSTED_HOPS: u32 = 64;
 
-/// Longest `proxy.istio.io/config` value parsed (a pod should not make the plugin parse
-/// megabytes of YAML).
+/// Longest YAML value parsed (`proxy.istio.io/config`, Kuma's merged config): a pod should
+/// not make the plugin parse megabytes of YAML. The reader bounds nodes and depth as well
+/// (`yaml`, docs/ARCHITECTURE.md, pitfall 60).
 pub const MAX_PROXY_CONFIG: usize = 64 * 1024;
+
+/// Parses a YAML or JSON annotation value within [`MAX_PROXY_CONFIG`] and the reader's
+/// bounds; errors name `key`.
+fn yaml_value(key: &str, value: &str) -> Result<yaml::Node, PolicyError> {
+    if value.len() > MAX_PROXY_CONFIG {
+        return Err(err(
+            key,
+            value,
+            format!("longer than {MAX_PROXY_CONFIG} bytes"),
+        ));
+    }
+    yaml::parse(value).map_err(|e| err(key, value, e))
+}
 
 const ISTIO_MODE: &str = "sidecar.istio.io/interceptionMode";
 
@@ -347,7 +369,7 @@ pub fn foreign_mesh(ann: &BTreeMap<String, String>) -> Option<(&'static MeshMark
 /// Why the plugin leaves this pod alone although the config or annotations might ask for
 /// interception: another mesh manages it and our own `tproxy-cni.io/mode` is not set.
 pub fn skip_reason(ann: &BTreeMap<String, String>) -> Option<String> {
-    if ann.contains_key(S_MODE.0[0]) {
+    if ann.contains_key(OUR_MODE) {
         return None;
     }
     foreign_mesh(ann).map(|(m, v)| {
@@ -356,7 +378,7 @@ pub fn skip_reason(ann: &BTreeMap<String, String>) -> Option<String> {
             m.mesh,
             m.key,
             echo(v),
-            S_MODE.0[0]
+            OUR_MODE
         )
     })
 }
@@ -365,44 +387,65 @@ pub fn skip_reason(ann: &BTreeMap<String, String>) -> Option<String> {
 /// the plugin build an unbounded ruleset.
 pub const MAX_LIST: usize = 256;
 
-/// Annotation keys that can set one field, highest precedence first.
-struct Sources(&'static [&'static str]);
+/// Our mode key.
+const OUR_MODE: &str = "tproxy-cni.io/mode";
+
+/// Where one field can come from.
+enum Src {
+    /// An annotation of its own.
+    Key(&'static str),
+    /// A field of Kuma's merged annotation ([`kuma::KEY`]).
+    Kuma(&'static str),
+}
+
+/// The places that can set one field, highest precedence first.
+struct Sources(&'static [Src]);
 
 const S_INBOUND: Sources = Sources(&[
-    "tproxy-cni.io/inbound-ports",
-    "traffic.sidecar.istio.io/includeInboundPorts",
+    Src::Key("tproxy-cni.io/inbound-ports"),
+    Src::Key("traffic.sidecar.istio.io/includeInboundPorts"),
 ]);
 const S_EX_INBOUND: Sources = Sources(&[
-    "tproxy-cni.io/exclude-inbound-ports",
-    "traffic.sidecar.istio.io/excludeInboundPorts",
-    "traffic.kuma.io/exclude-inbound-ports",
+    Src::Key("tproxy-cni.io/exclude-inbound-ports"),
+    Src::Key("traffic.sidecar.istio.io/excludeInboundPorts"),
+    Src::Kuma(kuma::INBOUND_PORTS),
+    Src::Key("traffic.kuma.io/exclude-inbound-ports"),
 ]);
 const S_IN_OUT_CIDR: Sources = Sources(&[
-    "tproxy-cni.io/include-outbound-ip-ranges",
-    "traffic.sidecar.istio.io/includeOutboundIPRanges",
+    Src::Key("tproxy-cni.io/include-outbound-ip-ranges"),
+    Src::Key("traffic.sidecar.istio.io/includeOutboundIPRanges"),
 ]);
 const S_EX_OUT_CIDR: Sources = Sources(&[
-    "tproxy-cni.io/exclude-outbound-ip-ranges",
-    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-    "traffic.kuma.io/exclude-outbound-ips",
+    Src::Key("tproxy-cni.io/exclude-outbound-ip-ranges"),
+    Src::Key("traffic.sidecar.istio.io/excludeOutboundIPRanges"),
+    Src::Kuma(kuma::OUTBOUND_IPS),
+    Src::Key("traffic.kuma.io/exclude-outbound-ips"),
 ]);
 const S_IN_OUT_PORTS: Sources = Sources(&[
-    "tproxy-cni.io/include-outbound-ports",
-    "traffic.sidecar.istio.io/includeOutboundPorts",
+    Src::Key("tproxy-cni.io/include-outbound-ports"),
+    Src::Key("traffic.sidecar.istio.io/includeOutboundPorts"),
 ]);
 const S_EX_OUT_PORTS: Sources = Sources(&[
-    "tproxy-cni.io/exclude-outbound-ports",
-    "traffic.sidecar.istio.io/excludeOutboundPorts",
-    "traffic.kuma.io/exclude-outbound-ports",
+    Src::Key("tproxy-cni.io/exclude-outbound-ports"),
+    Src::Key("traffic.sidecar.istio.io/excludeOutboundPorts"),
+    Src::Kuma(kuma::OUTBOUND_PORTS),
+    Src::Key("traffic.kuma.io/exclude-outbound-ports"),
 ]);
-const S_MODE: Sources = Sources(&["tproxy-cni.io/mode", ISTIO_MODE]);
+
+/// The pod's annotations with Kuma's merged config read (once, and only when a field of
+/// the pod's mode needs it).
+struct Ann<'a> {
+    map: &'a BTreeMap<String, String>,
+    kuma: kuma::Exclusions,
+}
 
 impl Sources {
-    /// The first key present, with its value.
-    fn pick<'a>(&self, ann: &'a BTreeMap<String, String>) -> Option<(&'static str, &'a str)> {
-        self.0
-            .iter()
-            .find_map(|k| ann.get(*k).map(|v| (*k, v.as_str())))
+    /// The first source present: the annotation key to name in errors, and the value.
+    fn pick<'a>(&self, ann: &'a Ann<'_>) -> Option<(&'static str, &'a str)> {
+        self.0.iter().find_map(|s| match s {
+            Src::Key(k) => ann.map.get(*k).map(|v| (*k, v.as_str())),
+            Src::Kuma(field) => ann.kuma.get(field).map(|v| (kuma::KEY, v)),
+        })
     }
 }
 
@@ -413,6 +456,7 @@ impl PodPolicy {
         ann: &BTreeMap<String, String>,
         defaults: &Defaults,
     ) -> Result<PodPolicy, PolicyError> {
+        let mode = pod_mode(ann, defaults)?;
         // Another mesh's pod: its Istio/Kuma keys configure that mesh, not us; only ours count,
         // and without our mode key the pod is left alone.
         let foreign = foreign_mesh(ann).is_some();
@@ -427,34 +471,16 @@ impl PodPolicy {
         } else {
             ann
         };
-        for (k, v) in ann {
-            if let Some(rest) = k.strip_prefix(ANNOTATION_PREFIX) {
-                if !OUR_KEYS.contains(&rest) {
-                    return Err(err(
-                        k,
-                        v,
-                        format!(
-                            "unknown key; known keys under {ANNOTATION_PREFIX}: {}",
-                            OUR_KEYS.join(", ")
-                        ),
-                    ));
-                }
-            }
-        }
-
-        let mode = match S_MODE.pick(ann) {
-            Some((k, v)) => Mode::parse(v).ok_or_else(|| {
-                err(
-                    k,
-                    v,
-                    "unknown mode; expected tproxy, redirect or none (any case)",
-                )
-            })?,
-            None if foreign => Mode::None,
-            None => defaults.mode,
+        // Kuma's merged config counts only for pods without another mesh's mark (it was
+        // filtered out above otherwise), and only its exclusions are read.
+        let kuma = match ann.get(kuma::KEY) {
+            Some(v) => kuma::exclusions(v)?,
+            None => kuma::Exclusions::default(),
         };
+        let map = ann;
+        let ann = &Ann { map, kuma };
 
-        let fail = match ann.get("tproxy-cni.io/fail-mode") {
+        let fail = match map.get("tproxy-cni.io/fail-mode") {
             Some(v) => match v.trim().to_ascii_lowercase().as_str() {
                 "closed" => FailMode::Closed,
                 "open" => FailMode::Open,
@@ -521,18 +547,18 @@ impl PodPolicy {
             ));
         }
 
-        let proxy_uid = match ann.get("tproxy-cni.io/proxy-uid") {
+        let proxy_uid = match map.get("tproxy-cni.io/proxy-uid") {
             Some(v) => id("tproxy-cni.io/proxy-uid", v)?,
             None => defaults.proxy_uid,
         };
-        let proxy_gid = match ann.get("tproxy-cni.io/proxy-gid") {
+        let proxy_gid = match map.get("tproxy-cni.io/proxy-gid") {
             Some(v) => Some(id("tproxy-cni.io/proxy-gid", v)?),
             None => defaults.proxy_gid,
         };
 
-        let north_south = NorthSouth::from_annotations(ann)?;
+        let north_south = NorthSouth::from_annotations(map)?;
         let covered = |key: &str, ranges: &[PortRange]| -> Result<(), PolicyError> {
-            let value = ann.get(key).map(String::as_str).unwrap_or("");
+            let value = map.get(key).map(String::as_str).unwrap_or("");
             for r in ranges {
                 if let Some(e) = exclude_inbound_ports.iter().find(|e| e.overlaps(r)) {
                     return Err(err(
@@ -591,30 +617,22 @@ struct IstioTopology {
 
 fn istio_topology(value: &str) -> Result<IstioTopology, PolicyError> {
     let key = ISTIO_PROXY_CONFIG;
-    if value.len() > MAX_PROXY_CONFIG {
-        return Err(err(
-            key,
-            value,
-            format!("longer than {MAX_PROXY_CONFIG} bytes"),
-        ));
-    }
-    if value.trim().is_empty() {
+    let doc = yaml_value(key, value)?;
+    if doc.is_null() {
         return Ok(IstioTopology::default());
     }
-    // JSON is YAML: one parser reads both spellings Istio accepts.
-    let doc: serde_yaml::Value = serde_yaml::from_str(value)
-        .map_err(|e| err(key, value, format!("not YAML or JSON: {e}")))?;
-    let serde_yaml::Value::Mapping(m) = &doc else {
+    if !matches!(doc, yaml::Node::Map(_)) {
         return Err(err(key, value, "expected a mapping (a ProxyConfig)"));
-    };
-    let Some(gt) = m.get("gatewayTopology") else {
-        return Ok(IstioTopology::default());
-    };
-    let serde_yaml::Value::Mapping(gt) = gt else {
-        return Err(err(key, value, "gatewayTopology must be a mapping"));
+    }
+    let gt = match doc.get("gatewayTopology") {
+        None => return Ok(IstioTopology::default()),
+        Some(gt) if gt.is_null() => return Ok(IstioTopology::default()),
+        Some(gt @ yaml::Node::Map(_)) => gt,
+        Some(_) => return Err(err(key, value, "gatewayTopology must be a mapping")),
     };
     let num_trusted_proxies = match gt.get("numTrustedProxies") {
-        None | Some(serde_yaml::Value::Null) => None,
+        None => None,
+        Some(v) if v.is_null() => None,
         Some(v) => match v.as_u64() {
             Some(n) if n <= u64::from(MAX_TRUSTED_HOPS) => Some(n as u32),
             _ => {
@@ -629,8 +647,9 @@ fn istio_topology(value: &str) -> Result<IstioTopology, PolicyError> {
         },
     };
     let proxy_protocol = match gt.get("proxyProtocol") {
-        None | Some(serde_yaml::Value::Null) => false,
-        Some(serde_yaml::Value::Mapping(_)) => true,
+        None => false,
+        Some(v) if v.is_null() => false,
+        Some(yaml::Node::Map(_)) => true,
         Some(_) => {
             return Err(err(
                 key,

@@ -89,6 +89,26 @@ pub enum Error {
     Teardown(Vec<Error>),
 }
 
+impl Error {
+    /// Whether some failure is a table of our name that is not ours (left alone on purpose,
+    /// docs/ARCHITECTURE.md, pitfall 64): a configuration mistake, not a kernel failure.
+    pub fn has_foreign_table(&self) -> bool {
+        match self {
+            Error::Nft(NftError::NotOurs { .. }) => true,
+            Error::Teardown(v) => v.iter().any(Error::has_foreign_table),
+            _ => false,
+        }
+    }
+    /// Whether every failure is such a table (everything of ours was removed).
+    pub fn only_foreign_tables(&self) -> bool {
+        match self {
+            Error::Nft(NftError::NotOurs { .. }) => true,
+            Error::Teardown(v) => v.iter().all(Error::only_foreign_tables),
+            _ => false,
+        }
+    }
+}
+
 /// One way the kernel differs from the plan (CHECK's 101, as opposed to a read [`Error`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Drift {
@@ -141,7 +161,9 @@ fn undo_table(t: &dyn Tables, name: &str, why: &str) {
 
 /// Removes everything of ours: the table `table_name`, every other table with our owner
 /// comment, and the routing objects of `owned` (see [`owned_routing`]) plus every tagged one.
-/// Absent objects are not errors. Keeps going after a failure and returns all of them.
+/// Absent objects are not errors. A table `table_name` without our owner comment is left alone
+/// and reported ([`Error::only_foreign_tables`] tells the caller nothing else failed). Keeps
+/// going after a failure and returns all of them.
 pub fn remove(
     t: &dyn Tables,
     r: &dyn Routes,

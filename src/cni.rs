@@ -110,9 +110,10 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
 /// Most node addresses exempted from interception, one rule each.
 const MAX_NODE_ADDRESSES: usize = 64;
 
-/// Policy + plan for this invocation, given the node's addresses (pure).
+/// Policy + plan for this invocation, given the node's addresses (pure). Only what the pod's
+/// mode needs is parsed (docs/ARCHITECTURE.md, pitfall 61).
 fn plan_with(conf: &NetConf, node_ips: &[std::net::IpAddr]) -> Result<Plan, CniError> {
-    let policy = PodPolicy::from_annotations(&conf.annotations, &conf.defaults)?;
+    let policy = PodPolicy::for_plugin(&conf.annotations, &conf.defaults)?;
     let ips = conf.pod_ips()?;
     Ok(plan::build(&conf.plan, &policy, &ips, node_ips))
 }
@@ -171,18 +172,20 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         log::debug!("{}: DEL without netns, nothing to remove", cni.pod());
         return Ok(());
     }
-    // Bad annotations must not block DEL (docs/ARCHITECTURE.md, pitfall 9): fall back to what
-    // we own regardless. DEL needs only what the plan adds to lo; the node's addresses do not
-    // matter.
-    let lo = match plan_with(conf, &[]) {
-        Ok(p) => p.routing.lo_addresses,
-        Err(e) => {
-            log::warn!("{}: DEL ignores {e}", cni.pod());
-            Vec::new()
-        }
-    };
-    let owned = apply::owned_routing(&conf.plan, &lo);
+    // DEL never reads the annotations (docs/ARCHITECTURE.md, pitfalls 9 and 61): what ADD made
+    // is found by its owner tags and this config's numbers, whatever mode the pod had, so a
+    // value that is malformed, huge or hostile cannot make DEL fail or cost anything. The one
+    // object without a tag, redirect mode's `::6` on lo, is removed whatever the mode: DEL
+    // runs when the sandbox goes away.
+    let owned = apply::owned_routing(&conf.plan, &redirect_lo());
     remove_in(cni, conf.plan.table_name.as_str(), &owned)
+}
+
+/// What redirect mode may have added to lo (`::6/128`).
+fn redirect_lo() -> Vec<crate::netaddr::Cidr> {
+    crate::netaddr::Cidr::new(crate::consts::REDIRECT_SOURCE_V6.into(), 128)
+        .into_iter()
+        .collect()
 }
 
 /// DEL with a config that does not parse: removes our objects by their owner tags (tables with
@@ -199,10 +202,7 @@ fn del_by_owner_tags(cni: &CniEnv, why: &CniError) -> Result<(), CniError> {
         return Ok(());
     }
     let cfg = plan::PlanConfig::default();
-    let lo: Vec<_> = crate::netaddr::Cidr::new(crate::consts::REDIRECT_SOURCE_V6.into(), 128)
-        .into_iter()
-        .collect();
-    let owned = apply::owned_routing(&cfg, &lo);
+    let owned = apply::owned_routing(&cfg, &redirect_lo());
     remove_in(cni, cfg.table_name.as_str(), &owned)
 }
 
@@ -213,6 +213,12 @@ fn remove_in(cni: &CniEnv, table: &str, owned: &plan::Routing) -> Result<(), Cni
         apply::remove(&Kernel, &Kernel, table, owned)
     });
     match res {
+        // A table of our name that is not ours is left alone, and there is nothing of ours to
+        // remove in it: DEL succeeds (docs/ARCHITECTURE.md, pitfalls 9 and 64).
+        Ok(Err(e)) if e.only_foreign_tables() => {
+            log::warn!("{}: DEL left alone: {e}", cni.pod());
+            Ok(())
+        }
         Ok(r) => Ok(r?),
         Err(NetnsError::Gone(_)) => Ok(()),
         // ADD refuses such a path (a FIFO, a plain file), so nothing of ours can be in it.

@@ -6,6 +6,8 @@
 //! with the same messages; the plan and the apply layer are the plugin's. Every rule of a host
 //! plan carries a `counter`, which `status` shows.
 
+mod config_file;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -115,6 +117,8 @@ impl HostError {
     pub fn exit_code(&self) -> i32 {
         match self {
             HostError::Usage(_) | HostError::Policy(_) | HostError::Config(_) => exit::INVALID,
+            // The table named by tableName is someone else's (docs/ARCHITECTURE.md, pitfall 64).
+            HostError::Kernel(e) if e.has_foreign_table() => exit::INVALID,
             _ => exit::KERNEL,
         }
     }
@@ -214,7 +218,7 @@ fn read_config(file: Option<PathBuf>) -> Result<(PlanConfig, Defaults), HostErro
     let obj = match &file {
         None => serde_json::Map::new(),
         Some(path) => {
-            let text = std::fs::read(path)
+            let text = config_file::read(path)
                 .map_err(|e| HostError::Config(format!("{}: {e}", path.display())))?;
             match serde_json::from_slice(&text) {
                 Ok(Value::Object(o)) => o,

@@ -17,6 +17,7 @@
 //! itself pays the same.
 
 mod expr;
+mod owner;
 mod render;
 mod wire;
 
@@ -66,6 +67,10 @@ pub enum NftError {
     },
     #[error("unexpected netlink reply: {0}")]
     Protocol(String),
+    /// A table of the configured name exists without our owner comment: someone else's, never
+    /// replaced or deleted (docs/ARCHITECTURE.md, pitfall 64).
+    #[error("{table} exists and is not ours (its comment is {comment:?}, ours start with {OWNER_TAG:?}): left untouched; set another tableName")]
+    NotOurs { table: String, comment: String },
     /// The batch was sent but its replies could not be read: it may have been committed.
     #[error("netlink socket (reading the replies to a batch that may have been applied): {0}")]
     Uncertain(io::Error),
@@ -269,17 +274,17 @@ fn table_obj(name: &str) -> String {
     format!("table inet {name}")
 }
 
-fn build_batch(t: &Table, delete_first: bool) -> Batch {
+/// The batch that creates `t`; with `replace`, it first deletes the existing table of ours
+/// (by its handle when known: `Some(handle)`).
+fn build_batch(t: &Table, replace: Option<Option<u64>>) -> Batch {
     let mut b = Batch::new();
     let tn = t.name.clone();
-    if delete_first {
+    if let Some(handle) = replace {
         b.add(
             wire::NFT_MSG_DELTABLE,
             0,
             format!("delete {}", table_obj(&tn)),
-            |m| {
-                m.put_str(wire::NFTA_TABLE_NAME, &tn);
-            },
+            |m| owner::put_table_ref(m, &tn, handle),
         );
     }
     // EXCL: if the table appeared since we looked, fail (and retry with a delete) rather than
@@ -386,10 +391,11 @@ fn open() -> Result<Sock, NftError> {
     Sock::open().map_err(sock_err("open NETLINK_NETFILTER"))
 }
 
-/// What the kernel says about a table: its flags and its comment.
+/// What the kernel says about a table: its flags, comment and handle.
 struct KTable {
     flags: u32,
     comment: String,
+    handle: Option<u64>,
 }
 
 fn ktable(payload: &[u8]) -> (String, KTable) {
@@ -405,6 +411,7 @@ fn ktable(payload: &[u8]) -> (String, KTable) {
             comment: wire::find(a, wire::NFTA_TABLE_USERDATA)
                 .map(parse_comment)
                 .unwrap_or_default(),
+            handle: wire::find(a, wire::NFTA_TABLE_HANDLE).and_then(wire::be64),
         },
     )
 }
@@ -423,6 +430,7 @@ fn table_info(s: &Sock, name: &str) -> Result<Option<KTable>, NftError> {
                 .unwrap_or(KTable {
                     flags: 0,
                     comment: String::new(),
+                    handle: None,
                 }),
         )),
         Err(e) if e.errno == libc::ENOENT => Ok(None),
@@ -433,10 +441,6 @@ fn table_info(s: &Sock, name: &str) -> Result<Option<KTable>, NftError> {
             more: 0,
         }),
     }
-}
-
-fn table_exists(s: &Sock, name: &str) -> Result<bool, NftError> {
-    Ok(table_info(s, name)?.is_some())
 }
 
 /// Names of the inet tables in this netns that carry our owner comment (any layout).
@@ -489,14 +493,23 @@ pub fn delete_owned_except(keep: Option<&str>) -> Result<Vec<String>, NftError> 
 }
 
 /// Creates our inet table with exactly `table`'s content, or atomically replaces it, in one
-/// batch. The delete is only in the batch when the table exists (docs/ARCHITECTURE.md, pitfall 6).
+/// batch. The delete is only in the batch when the table exists (docs/ARCHITECTURE.md, pitfall 6),
+/// and only when it is ours: a table of that name without our comment is
+/// [`NftError::NotOurs`] (pitfall 64).
 pub fn apply(table: &Table) -> Result<(), NftError> {
     check_table(table)?;
     let s = open()?;
-    let mut exists = table_exists(&s, &table.name)?;
     // One retry covers a table that appeared or vanished between the look and the batch.
     for attempt in 0..2 {
-        match send_batch(&s, build_batch(table, exists)) {
+        let replace = match table_info(&s, &table.name)? {
+            Some(k) if !owner::is_ours(&table.name, &k) => {
+                return Err(owner::not_ours(&table.name, &k))
+            }
+            Some(k) => Some(k.handle),
+            None => None,
+        };
+        let exists = replace.is_some();
+        match send_batch(&s, build_batch(table, replace)) {
             // The batch may be in the kernel: an ADD that fails must leave nothing of ours
             // (docs/ARCHITECTURE.md, pitfall 14), so remove the table before reporting.
             Err(e @ NftError::Uncertain(_)) => {
@@ -508,10 +521,7 @@ pub fn apply(table: &Table) -> Result<(), NftError> {
             Err(NftError::Kernel { errno, .. })
                 if attempt == 0
                     && ((exists && errno == libc::ENOENT)
-                        || (!exists && errno == libc::EEXIST)) =>
-            {
-                exists = !exists;
-            }
+                        || (!exists && errno == libc::EEXIST)) => {}
             r => return r,
         }
     }
@@ -521,29 +531,40 @@ pub fn apply(table: &Table) -> Result<(), NftError> {
     )))
 }
 
-/// Deletes our table (with its chains and rules). `Ok(false)` when it was absent.
+/// Deletes our table (with its chains and rules). `Ok(false)` when it was absent; a table of
+/// that name without our owner comment is [`NftError::NotOurs`] and stays (pitfall 64).
 pub fn delete(name: &str) -> Result<bool, NftError> {
     check_name("table", name)?;
     let s = open()?;
-    let mut b = Batch::new();
-    b.add(
-        wire::NFT_MSG_DELTABLE,
-        0,
-        format!("delete {}", table_obj(name)),
-        |m| {
-            m.put_str(wire::NFTA_TABLE_NAME, name);
-        },
-    );
-    match send_batch(&s, b) {
-        Ok(()) => Ok(true),
-        Err(NftError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(false),
-        Err(e) => Err(e),
+    for attempt in 0..2 {
+        let Some(k) = table_info(&s, name)? else {
+            return Ok(false);
+        };
+        if !owner::is_ours(name, &k) {
+            return Err(owner::not_ours(name, &k));
+        }
+        let mut b = Batch::new();
+        b.add(
+            wire::NFT_MSG_DELTABLE,
+            0,
+            format!("delete {}", table_obj(name)),
+            |m| owner::put_table_ref(m, name, k.handle),
+        );
+        match send_batch(&s, b) {
+            Ok(()) => return Ok(true),
+            // Gone, or replaced under the same name since the look: look again.
+            Err(NftError::Kernel { errno, .. }) if errno == libc::ENOENT && attempt == 0 => {}
+            Err(NftError::Kernel { errno, .. }) if errno == libc::ENOENT => return Ok(false),
+            Err(e) => return Err(e),
+        }
     }
+    Ok(false)
 }
 
+/// Whether a table of ours named `name` exists (one without our comment is not ours).
 pub fn exists(name: &str) -> Result<bool, NftError> {
     check_name("table", name)?;
-    table_exists(&open()?, name)
+    Ok(table_info(&open()?, name)?.is_some_and(|k| owner::is_ours(name, &k)))
 }
 
 /// The comment of inet table `name` (our owner tag says which layout programmed it); `None`
@@ -718,7 +739,13 @@ fn table_problems(name: &str, k: &KState) -> Vec<String> {
     if k.table.flags & wire::NFT_TABLE_F_DORMANT != 0 {
         problems.push(format!("{} is dormant (no rule runs)", table_obj(name)));
     }
-    if k.table.comment != owner_comment() {
+    if !owner::is_ours(name, &k.table) {
+        problems.push(format!(
+            "{} is not ours (comment {:?}): another program's table under our tableName",
+            table_obj(name),
+            k.table.comment
+        ));
+    } else if k.table.comment != owner_comment() {
         problems.push(format!(
             "{} has comment {:?}, want {:?} (programmed by another release's layout)",
             table_obj(name),
@@ -1118,7 +1145,7 @@ mod tests {
     #[test]
     fn batch_framing() {
         let t = tproxy_table();
-        let (buf, objects, acked) = build_batch(&t, false).finish();
+        let (buf, objects, acked) = build_batch(&t, None).finish();
         // BEGIN: len 20, type 0x10, flags REQUEST, nfgenmsg {AF_UNSPEC, v0, res_id 10 (be)}.
         assert_eq!(hex(&buf[..20]), "140000001000010001000000000000000000000a");
         // table + 2 chains + 11 rules, only the last acknowledged (docs/ARCHITECTURE.md,
@@ -1127,7 +1154,7 @@ mod tests {
         assert_eq!(objects.len(), 14);
         assert_eq!(acked, 1);
         assert!(objects[0].1.starts_with("add table inet tproxy_cni"));
-        let (_, objects, _) = build_batch(&t, true).finish();
+        let (_, objects, _) = build_batch(&t, Some(None)).finish();
         assert_eq!(objects[0].1, "delete table inet tproxy_cni");
         // Every rule message appends (docs/ARCHITECTURE.md, pitfall 5); only the last one asks
         // for an ACK.

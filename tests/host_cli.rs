@@ -423,3 +423,95 @@ fn systemd_unit_applies_at_start_and_removes_at_stop() {
         assert_eq!(out.status.code(), Some(0), "{cmd} takes the unit's options");
     }
 }
+
+/// `--config` takes a regular file of bounded size: a FIFO nobody writes must not hang the
+/// CLI, `/dev/zero` must not be read until memory runs out, a directory or a huge file is
+/// refused (docs/ARCHITECTURE.md, pitfall 63). Each run has a deadline; exit 7 names the path.
+/// No root needed: `--config` is read before any netns is touched.
+#[test]
+fn config_file_must_be_a_regular_bounded_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let big = dir.path().join("big.json");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(64 * 1024 * 1024))
+        .expect("sparse file");
+    let run = |config: &std::path::Path| -> (i32, String) {
+        let mut child = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tproxy-cni-host");
+        let start = std::time::Instant::now();
+        loop {
+            if child.try_wait().expect("wait").is_some() {
+                let out = child.wait_with_output().expect("output");
+                return (
+                    out.status.code().unwrap_or(-1),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                );
+            }
+            if start.elapsed() > Duration::from_secs(5) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("--config {}: still running after 5 s", config.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for (path, want) in [
+        (fifo.as_path(), "a FIFO"),
+        (std::path::Path::new("/dev/zero"), "a character device"),
+        (dir.path(), "a directory"),
+        (big.as_path(), "at most 1048576"),
+    ] {
+        let (code, stderr) = run(path);
+        assert_eq!(code, 7, "{}: {stderr}", path.display());
+        assert!(
+            stderr.contains("--config")
+                && stderr.contains(&path.display().to_string())
+                && stderr.contains(want),
+            "{}: {stderr}",
+            path.display()
+        );
+    }
+}
+
+/// `--config` with a `tableName` naming a firewall's table: `apply` and `remove` refuse with
+/// exit 7 naming it and leave it as it was (same handles, same rules); `remove` still removes
+/// what is ours (docs/ARCHITECTURE.md, pitfall 64).
+#[test]
+fn a_table_name_naming_a_foreign_table_is_never_replaced_or_removed() {
+    require_root!();
+    let ns = Netns::new("fw");
+    ns.sh("nft add table inet filter '{ comment \"site firewall\"; }'");
+    ns.sh(
+        "nft add chain inet filter input '{ type filter hook input priority 0; policy accept; }'",
+    );
+    ns.sh("nft add rule inet filter input tcp dport 22 counter accept");
+    let firewall = ns.sh("nft -j list table inet filter");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("filter.json");
+    std::fs::write(&cfg, r#"{"tableName": "filter"}"#).expect("config");
+    let cfg = cfg.to_string_lossy().into_owned();
+    for cmd in ["apply", "remove"] {
+        let out = host(&ns, &[cmd, "--config", &cfg]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(7), "{cmd}: {stderr}");
+        assert!(
+            stderr.contains("table inet filter") && stderr.contains("not ours"),
+            "{cmd}: {stderr}"
+        );
+        assert_eq!(ns.sh("nft -j list table inet filter"), firewall, "{cmd}");
+    }
+    // Ours under the default name is applied and then removed despite the firewall.
+    host_ok(&ns, &["apply"], 0);
+    let out = host(&ns, &["remove", "--config", &cfg]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(!ns.sh("nft list tables").contains("tproxy_cni"));
+    assert_eq!(ns.sh("nft -j list table inet filter"), firewall);
+}

@@ -403,7 +403,11 @@ fn delete_is_idempotent_and_spares_other_tables() {
     assert!(in_ns(&ns, || nft::delete("tproxy_cni")).unwrap());
     assert!(!in_ns(&ns, || nft::delete("tproxy_cni")).unwrap());
     assert!(!in_ns(&ns, || nft::exists("tproxy_cni")).unwrap());
-    assert!(in_ns(&ns, || nft::exists("other_mesh")).unwrap());
+    // `exists` means "a table of ours" (docs/ARCHITECTURE.md, pitfall 64); theirs is not, and
+    // deleting it by name is refused.
+    assert!(!in_ns(&ns, || nft::exists("other_mesh")).unwrap());
+    let e = in_ns(&ns, || nft::delete("other_mesh")).unwrap_err();
+    assert!(e.to_string().contains("not ours"), "{e}");
     assert!(ns.sh("nft list ruleset").contains("table inet other_mesh"));
 }
 

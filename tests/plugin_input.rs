@@ -200,3 +200,74 @@ fn a_fifo_or_another_namespace_kind_as_cni_netns() {
     // Nothing landed in the node's own netns.
     assert_eq!(table_listing(&node.ns, "tproxy_cni"), None);
 }
+
+/// A firewall's table in the pod, as `nft -j` lists it (handles included, so a replaced
+/// table with the same rules would differ).
+fn foreign_firewall(ns: &Netns, name: &str) -> String {
+    ns.sh(&format!(
+        "nft add table inet {name} '{{ comment \"site firewall\"; }}'"
+    ));
+    ns.sh(&format!(
+        "nft add chain inet {name} input '{{ type filter hook input priority 0; policy accept; }}'"
+    ));
+    ns.sh(&format!(
+        "nft add rule inet {name} input tcp dport 22 counter accept comment \"ssh\""
+    ));
+    ns.sh(&format!("nft -j list table inet {name}"))
+}
+
+/// A `tableName` naming someone else's table (here a firewall's `inet filter`) never replaces,
+/// flushes or deletes it: ADD is refused naming the table (code 7, nothing of this config
+/// programmed), CHECK reports it as not ours, and DEL leaves it and still removes what is ours
+/// (docs/ARCHITECTURE.md, pitfall 64). A foreign table under our default name is left by DEL
+/// as well.
+#[test]
+fn a_table_name_naming_a_foreign_table_never_destroys_it() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let pod = node
+        .add_pod(&[("tproxy-cni.io/mode", "tproxy")])
+        .expect("ADD");
+    let firewall = foreign_firewall(&pod.ns, "filter");
+    let mut conf = node.ours();
+    conf["tableName"] = json!("filter");
+
+    let e = node
+        .exec_on(&conf, "ADD", &pod)
+        .expect_err("ADD onto inet filter");
+    assert_eq!(cni(&e).code, 7, "{e}");
+    assert!(
+        cni(&e).msg.contains("table inet filter") && cni(&e).msg.contains("not ours"),
+        "{}",
+        cni(&e).msg
+    );
+    assert_eq!(pod.ns.sh("nft -j list table inet filter"), firewall);
+
+    let e = node.exec_on(&conf, "CHECK", &pod).expect_err("CHECK");
+    assert_eq!(cni(&e).code, 101, "{e}");
+    assert!(cni(&e).msg.contains("not ours"), "{}", cni(&e).msg);
+    assert_eq!(pod.ns.sh("nft -j list table inet filter"), firewall);
+
+    // DEL: the firewall stays, our table (found by its owner comment) and rules go.
+    assert!(table_listing(&pod.ns, "tproxy_cni").is_some());
+    node.exec_on(&conf, "DEL", &pod)
+        .unwrap_or_else(|e| panic!("DEL with tableName filter: {e}"));
+    assert_eq!(pod.ns.sh("nft -j list table inet filter"), firewall);
+    assert_nothing_of_ours(&pod.ns, "DEL with tableName filter");
+    assert!(
+        node.plugin_log().contains("not ours"),
+        "{}",
+        node.plugin_log()
+    );
+
+    // A foreign table under our own default name: DEL (default config) leaves it too.
+    let squatter = foreign_firewall(&pod.ns, "tproxy_cni");
+    node.exec_on(&node.ours(), "DEL", &pod).expect("DEL");
+    assert_eq!(pod.ns.sh("nft -j list table inet tproxy_cni"), squatter);
+    let e = node
+        .exec_on(&node.ours(), "ADD", &pod)
+        .expect_err("ADD onto a foreign tproxy_cni");
+    assert_eq!(cni(&e).code, 7, "{e}");
+    assert_eq!(pod.ns.sh("nft -j list table inet tproxy_cni"), squatter);
+    assert_eq!(pod.ns.sh("nft -j list table inet filter"), firewall);
+}

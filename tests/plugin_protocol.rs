@@ -215,17 +215,32 @@ fn bad_input_gets_the_right_code_and_names_the_key() {
         "/x",
         &conf(
             "1.0.0",
-            json!({"tproxy-cni.io/inbound-ports": "80,http"}),
+            json!({"tproxy-cni.io/mode": "tproxy", "tproxy-cni.io/inbound-ports": "80,http"}),
             prev.clone(),
         ),
     )
     .error(7, &["tproxy-cni.io/inbound-ports", "http"]);
+    // Values are read only when the pod's mode needs them (docs/ARCHITECTURE.md, pitfall
+    // 61): the same bad list on a pod in mode none programs nothing and is not an error.
+    let none = plugin(
+        "ADD",
+        "/x",
+        &conf(
+            "1.0.0",
+            json!({"tproxy-cni.io/inbound-ports": "80,http"}),
+            prev.clone(),
+        ),
+    );
+    assert_eq!(none.code, 0, "{} {}", none.stdout, none.stderr);
     plugin(
         "ADD",
         "/x",
         &conf(
             "1.0.0",
-            json!({"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/40"}),
+            json!({
+                "sidecar.istio.io/interceptionMode": "REDIRECT",
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/40",
+            }),
             prev.clone(),
         ),
     )
@@ -446,7 +461,7 @@ fn a_huge_value_is_not_echoed_whole() {
         (
             conf(
                 "1.0.0",
-                json!({"tproxy-cni.io/inbound-ports": huge_ports}),
+                json!({"tproxy-cni.io/mode": "tproxy", "tproxy-cni.io/inbound-ports": huge_ports}),
                 prev.clone(),
             ),
             "tproxy-cni.io/inbound-ports",
@@ -454,7 +469,10 @@ fn a_huge_value_is_not_echoed_whole() {
         (
             conf(
                 "1.0.0",
-                json!({"traffic.sidecar.istio.io/excludeOutboundIPRanges": huge_str}),
+                json!({
+                    "sidecar.istio.io/interceptionMode": "REDIRECT",
+                    "traffic.sidecar.istio.io/excludeOutboundIPRanges": huge_str,
+                }),
                 prev.clone(),
             ),
             "excludeOutboundIPRanges",

@@ -583,3 +583,85 @@ fn a_sample_of_random_accepted_policies_loads_checks_and_deletes_cleanly() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Bounded YAML values (docs/ARCHITECTURE.md, pitfall 60)
+
+/// YAML made of the pieces that make readers work hard: anchors, aliases, flow and block
+/// nesting, keys, quotes, repeated up to a 64 KiB value.
+fn yaml_soup() -> impl Strategy<Value = String> {
+    let piece = prop::sample::select(vec![
+        "&a ",
+        "*a",
+        "&b ",
+        "*b",
+        "[",
+        "]",
+        "{",
+        "}",
+        ", ",
+        ": ",
+        "- ",
+        "\n",
+        "  ",
+        "? ",
+        "\"",
+        "'",
+        "x",
+        "gatewayTopology",
+        "numTrustedProxies: 3",
+        "proxyProtocol: {}",
+        "redirect",
+        "inbound",
+        "excludePorts: [22, 80]",
+        "!!str ",
+        "|\n  ",
+        "#c\n",
+        "---\n",
+        "~",
+        "1",
+    ]);
+    (prop::collection::vec(piece, 0..400), 1usize..200).prop_map(|(pieces, times)| {
+        let one: String = pieces.concat();
+        let mut s = String::new();
+        while s.len() + one.len() <= 64 * 1024 && times > 0 && !one.is_empty() {
+            s.push_str(&one);
+            if s.len() > one.len() * times {
+                break;
+            }
+        }
+        s
+    })
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 64, failure_persistence: None, ..Config::default() })]
+
+    /// Any value under Istio's or Kuma's YAML key is decided quickly: accepted, or refused
+    /// naming that key; mode none never reads it.
+    #[test]
+    fn yaml_values_are_decided_in_bounded_time(v in yaml_soup(), kuma in any::<bool>()) {
+        let key = if kuma {
+            "traffic.kuma.io/transparent-proxy-config"
+        } else {
+            "proxy.istio.io/config"
+        };
+        for mode in ["tproxy", "none"] {
+            let ann: BTreeMap<String, String> = [
+                ("tproxy-cni.io/mode".to_string(), mode.to_string()),
+                (key.to_string(), v.clone()),
+            ]
+            .into_iter()
+            .collect();
+            let t = std::time::Instant::now();
+            let r = PodPolicy::for_plugin(&ann, &Defaults::default());
+            let took = t.elapsed();
+            prop_assert!(took < std::time::Duration::from_secs(1), "{} bytes: {took:?}", v.len());
+            match (mode, r) {
+                ("none", r) => prop_assert!(r.is_ok(), "mode none: {r:?}"),
+                (_, Err(e)) => prop_assert_eq!(e.key.as_str(), key),
+                (_, Ok(_)) => {}
+            }
+        }
+    }
+}

@@ -109,7 +109,13 @@ impl From<crate::routing::RoutingError> for CniError {
 
 impl From<crate::apply::Error> for CniError {
     fn from(e: crate::apply::Error) -> Self {
-        CniError::new(code::KERNEL, e.to_string())
+        // `tableName` names someone else's table: the config is wrong, the kernel is fine.
+        let code = if e.has_foreign_table() {
+            code::INVALID_CONFIG
+        } else {
+            code::KERNEL
+        };
+        CniError::new(code, e.to_string())
     }
 }
 

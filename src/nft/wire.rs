@@ -47,6 +47,7 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 
 pub const NFTA_TABLE_NAME: u16 = 1;
 pub const NFTA_TABLE_FLAGS: u16 = 2;
+pub const NFTA_TABLE_HANDLE: u16 = 4;
 pub const NFTA_TABLE_USERDATA: u16 = 6;
 /// `NFT_TABLE_F_DORMANT`: the table's base chains are unregistered, no rule runs.
 pub const NFT_TABLE_F_DORMANT: u32 = 1;
@@ -185,6 +186,10 @@ pub fn find(data: &[u8], ty: u16) -> Option<&[u8]> {
 
 pub fn be32(v: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(v.get(0..4)?.try_into().ok()?))
+}
+
+pub fn be64(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(0..8)?.try_into().ok()?))
 }
 
 pub fn cstr(v: &[u8]) -> String {
