@@ -26,6 +26,7 @@
 //!   `--uninstall` remove the entry first, then the binaries.
 
 pub mod cli;
+pub mod compat;
 pub mod conflist;
 // `renameat2(RENAME_EXCHANGE)` through a raw syscall: the libc wrapper is missing on musl,
 // which the image links. One `unsafe` block, with its SAFETY note.
@@ -481,6 +482,12 @@ impl Installer {
             Err(pass) => return Ok(pass),
         };
         let path = self.opts.conf_dir.join(&c.name);
+        if let Some(why) = compat::unservable(&c.value) {
+            return Ok(Pass::Done(State::Blocked(format!(
+                "{} {why}; not chaining (every pod ADD on the node would fail)",
+                path.display()
+            ))));
+        }
         // Two installers with different settings (or a hand edit of our entry): each asserts its
         // own entry once after it starts; a later change to our entry by someone else is left
         // alone, so they never rewrite the file back and forth.
