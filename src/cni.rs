@@ -8,6 +8,7 @@ pub mod env;
 pub mod error;
 #[cfg(test)]
 mod golden;
+mod podips;
 
 use std::io::Write;
 
