@@ -1,6 +1,8 @@
 //! The node installer: copies the plugin binary, chains our entry into the conflist the runtime uses, keeps it there; removes it only when asked.
 //!
 //! - `conflist`: the pure patching rules (which file, where our entry goes, what is kept).
+//! - `chained`: our separate list in front of a `.conf`/`.json` primary, which stays untouched.
+//! - `compat`: which `cniVersion`s the plugin serves (others are refused, not chained into).
 //! - `files`: atomic writes and binary copies.
 //! - `cli`: flags -> `Command`.
 //! - `logger`: stderr logger.
@@ -18,13 +20,16 @@
 //!   first. A primary binary vanishing later leaves our entry (the node fails every ADD anyway;
 //!   removing ours would open a window for annotated pods when it comes back), not ready;
 //! - a write never replaces content we did not read (`replace_checked`);
-//! - only our entry's bytes change; symlinks are written through;
+//! - only our entry's bytes change; symlinks are written through; a single-config primary is
+//!   never rewritten (our chained copy stands in front of it and goes when it goes);
+//! - file names are bytes, ordered as the runtimes order them;
 //! - a failing pass backs off (0.5 s doubling to 30 s); only config names trigger passes;
 //! - an entry of ours that someone else rewrote with other settings after we asserted ours
 //!   is left alone (two installers settle after one write each);
 //! - SIGTERM leaves entry and binaries (upgrades have no window); `--remove-on-exit` or
 //!   `--uninstall` remove the entry first, then the binaries.
 
+pub mod chained;
 pub mod cli;
 pub mod compat;
 pub mod conflist;
@@ -35,6 +40,7 @@ pub mod files;
 
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -121,14 +127,22 @@ pub enum Runtime {
 
 /// A config file as read for a pass.
 struct Config {
-    /// Its name in the conf dir.
-    name: String,
+    /// Its name in the conf dir (bytes: names need not be UTF-8).
+    name: OsString,
     /// The name is a symlink; `real` is where it points.
     linked: bool,
     /// The file we read and write (symlinks followed: the runtime reads through them).
     real: PathBuf,
     bytes: Vec<u8>,
     value: Value,
+}
+
+/// The conf dir's configs, primaries and our chained copies apart (each in byte order).
+#[derive(Default)]
+struct Listing {
+    foreign: Vec<OsString>,
+    /// Name, and the source it records.
+    chained: Vec<(OsString, String)>,
 }
 
 /// What reading one candidate gave.
@@ -161,7 +175,7 @@ const SWAP_ROUNDS: usize = 50;
 /// checked the same way. Without `RENAME_EXCHANGE` (some file systems) it falls back to
 /// compare-then-rename, which narrows the window but cannot close it.
 pub fn replace_checked(path: &Path, before: &[u8], desired: &[u8]) -> std::io::Result<Swap> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a file path",
@@ -248,6 +262,8 @@ pub struct Installer {
     last: Option<State>,
     /// Per file (real path): the entry of ours we last wrote or found there as ours.
     seen: HashMap<PathBuf, Map<String, Value>>,
+    /// The chained copy the last pass wrote or confirmed (all others are removed).
+    keep: Option<OsString>,
 }
 
 impl Installer {
@@ -261,6 +277,7 @@ impl Installer {
             entry,
             last: None,
             seen: HashMap::new(),
+            keep: None,
         })
     }
 
@@ -299,17 +316,17 @@ impl Installer {
         Ok(())
     }
 
-    /// Names of the config files in the conf dir, in byte order. Symlinks count even when
-    /// their target is missing here: the runtime lists them too (and may resolve them).
-    fn config_names(&self) -> Result<Vec<String>, InstallError> {
+    /// Names of the config files in the conf dir, in byte order (Go's `sort.Strings`, what
+    /// containerd and CRI-O use; names are bytes and need not be UTF-8, docs/ARCHITECTURE.md,
+    /// pitfall 71). Symlinks count even when their target is missing here: the runtime lists
+    /// them too (and may resolve them).
+    fn config_names(&self) -> Result<Vec<OsString>, InstallError> {
         let dir = &self.opts.conf_dir;
         let mut names = Vec::new();
         for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let e = e.map_err(io_err(dir))?;
-            let Ok(name) = e.file_name().into_string() else {
-                continue;
-            };
-            if !conflist::is_config_name(&name) {
+            let name = e.file_name();
+            if !conflist::is_config_os(&name) {
                 continue;
             }
             let path = dir.join(&name);
@@ -319,8 +336,29 @@ impl Installer {
                 names.push(name);
             }
         }
+        // OsString orders by bytes on Unix.
         names.sort();
         Ok(names)
+    }
+
+    /// The config names split into the primaries' (`foreign`) and our chained copies of
+    /// single-config primaries (`chained`, with the source each records).
+    fn listing(&self) -> Result<Listing, InstallError> {
+        let mut out = Listing::default();
+        for name in self.config_names()? {
+            let path = self.opts.conf_dir.join(&name);
+            let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+            let source = regular
+                .then(|| std::fs::read(&path).ok())
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| chained::source_of(&v).map(str::to_string));
+            match source {
+                Some(src) => out.chained.push((name, src)),
+                None => out.foreign.push(name),
+            }
+        }
+        Ok(out)
     }
 
     /// The plugin binaries `config` needs that are not executable files in the bin dir (ours
@@ -350,7 +388,7 @@ impl Installer {
     }
 
     /// Reads one config file (through a symlink) and judges it the way a runtime would.
-    fn load(&self, name: &str) -> Result<Loaded, InstallError> {
+    fn load(&self, name: &OsStr) -> Result<Loaded, InstallError> {
         let path = self.opts.conf_dir.join(name);
         let real = match std::fs::canonicalize(&path) {
             Ok(r) => r,
@@ -399,7 +437,7 @@ impl Installer {
         }
         let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
         Ok(Loaded::Valid(Config {
-            name: name.to_string(),
+            name: name.to_os_string(),
             linked,
             real,
             bytes,
@@ -409,7 +447,8 @@ impl Installer {
 
     /// The config the runtime uses (see `Runtime`), or why there is none to patch.
     fn select(&self) -> Result<Result<Config, Pass>, InstallError> {
-        let names = self.config_names()?;
+        // Our chained copies are not primaries: they stand in for one (`chained`).
+        let names = self.listing()?.foreign;
         let Some(first) = names.first() else {
             return Ok(Err(Pass::Done(State::NoPrimary)));
         };
@@ -417,7 +456,10 @@ impl Installer {
         match (self.opts.runtime, &self.opts.default_network) {
             (Runtime::Containerd, _) => match self.load(first)? {
                 Loaded::Valid(c) => Ok(Ok(c)),
-                Loaded::Vanished => Ok(Err(Pass::Raced(format!("{first} vanished while reading")))),
+                Loaded::Vanished => Ok(Err(Pass::Raced(format!(
+                    "{} vanished while reading",
+                    first.to_string_lossy()
+                )))),
                 // containerd loads only this file: the node is broken until it is fixed, and
                 // chaining into a later file would be chaining into something nobody reads.
                 Loaded::Invalid(why) => Ok(Err(Pass::Done(State::Blocked(format!(
@@ -434,7 +476,10 @@ impl Installer {
                             _ => return Ok(Ok(c)),
                         },
                         Loaded::Vanished => {
-                            return Ok(Err(Pass::Raced(format!("{name} vanished while reading"))))
+                            return Ok(Err(Pass::Raced(format!(
+                                "{} vanished while reading",
+                                name.to_string_lossy()
+                            ))))
                         }
                         Loaded::Invalid(why) => {
                             first_why.get_or_insert(why);
@@ -460,6 +505,7 @@ impl Installer {
     pub fn reconcile(&mut self) -> Result<State, InstallError> {
         let mut attempt = 0;
         let state = loop {
+            self.keep = None;
             match self.reconcile_once()? {
                 Pass::Done(state) => break state,
                 // The primary CNI is writing right now: give it a moment, a few times, then
@@ -471,9 +517,48 @@ impl Installer {
                 }
             }
         };
+        // A chained copy that is not the one in use now would shadow its source (or outlive
+        // it): gone, whatever the state (docs/ARCHITECTURE.md, pitfall 71).
+        self.remove_stale_chained()?;
         self.report(&state);
         self.update_ready(&state);
         Ok(state)
+    }
+
+    /// Removes every chained copy of ours except `self.keep`.
+    fn remove_stale_chained(&self) -> Result<(), InstallError> {
+        for (name, source) in self.listing()?.chained {
+            if self.keep.as_ref() == Some(&name) {
+                continue;
+            }
+            let path = self.opts.conf_dir.join(&name);
+            if files::remove_if_present(&path).map_err(io_err(&path))? {
+                log::info!(
+                    "removed {} (our chained copy of {source}, which is gone or no longer the \
+                     config the runtime uses)",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Someone else's settings in our entry of `value` (the file `real`), written after we
+    /// asserted ours: left alone, so two installers never rewrite a file back and forth.
+    fn foreign_entry(&self, real: &Path, value: &Value, name: &OsStr) -> Option<State> {
+        let found = conflist::our_entry(value)?;
+        let mine = self.seen.get(real)?;
+        (found != &self.entry && mine != found).then(|| {
+            State::Foreign(
+                name.to_string_lossy().into_owned(),
+                format!(
+                    "{}: our entry was rewritten with other settings by someone else (another \
+                     installer, or a hand edit); leaving it (restart this installer to apply \
+                     ours)",
+                    self.opts.conf_dir.join(name).display()
+                ),
+            )
+        })
     }
 
     fn reconcile_once(&mut self) -> Result<Pass, InstallError> {
@@ -488,30 +573,17 @@ impl Installer {
                 path.display()
             ))));
         }
-        // Two installers with different settings (or a hand edit of our entry): each asserts its
-        // own entry once after it starts; a later change to our entry by someone else is left
-        // alone, so they never rewrite the file back and forth.
-        if let Some(found) = conflist::our_entry(&c.value) {
-            if found != &self.entry {
-                if let Some(mine) = self.seen.get(&c.real) {
-                    if mine != found {
-                        return Ok(Pass::Done(State::Foreign(
-                            c.name.clone(),
-                            format!(
-                                "{}: our entry was rewritten with other settings by someone else \
-                                 (another installer, or a hand edit); leaving it (restart this \
-                                 installer to apply ours)",
-                                path.display()
-                            ),
-                        )));
-                    }
-                }
-            }
+        if c.value.get("plugins").is_none() {
+            return self.chain_single(c);
         }
+        if let Some(state) = self.foreign_entry(&c.real, &c.value, &c.name) {
+            return Ok(Pass::Done(state));
+        }
+        let name = c.name.to_string_lossy().into_owned();
         let patched = match conflist::patch(&c.bytes, &c.value, &self.entry) {
             Ok(None) => {
                 self.seen.insert(c.real.clone(), self.entry.clone());
-                return Ok(Pass::Done(State::Ready(c.name)));
+                return Ok(Pass::Done(State::Ready(name)));
             }
             Ok(Some(p)) => p,
             Err(e) => {
@@ -521,93 +593,123 @@ impl Installer {
                 ))))
             }
         };
-        let target = conflist::target_name(&c.name, &c.value);
-        if target == c.name {
-            return match replace_checked(&c.real, &c.bytes, &patched).map_err(io_err(&c.real))? {
-                Swap::Raced => Ok(Pass::Raced(format!(
-                    "{} kept changing while we patched it",
-                    path.display()
-                ))),
-                Swap::Written => {
-                    self.seen.insert(c.real.clone(), self.entry.clone());
-                    if c.linked {
-                        log::info!(
-                            "added our entry to {} (the target of {})",
-                            c.real.display(),
-                            path.display()
-                        );
-                    } else {
-                        log::info!("added our entry to {}", path.display());
-                    }
-                    Ok(Pass::Done(State::Ready(c.name)))
+        match replace_checked(&c.real, &c.bytes, &patched).map_err(io_err(&c.real))? {
+            Swap::Raced => Ok(Pass::Raced(format!(
+                "{} kept changing while we patched it",
+                path.display()
+            ))),
+            Swap::Written => {
+                self.seen.insert(c.real.clone(), self.entry.clone());
+                if c.linked {
+                    log::info!(
+                        "added our entry to {} (the target of {})",
+                        c.real.display(),
+                        path.display()
+                    );
+                } else {
+                    log::info!("added our entry to {}", path.display());
                 }
-            };
+                Ok(Pass::Done(State::Ready(name)))
+            }
         }
-        self.convert(c, &target, &patched)
     }
 
-    /// A lone `.conf` becomes `<stem>.conflist` holding our entry; the `.conf` is removed only
-    /// if it still holds what we converted (otherwise it is put back and converted again).
-    fn convert(&mut self, c: Config, target: &str, patched: &[u8]) -> Result<Pass, InstallError> {
-        let dir = &self.opts.conf_dir;
+    /// A single-config primary (`.conf`, `.json`) stays as it is: our chain for it is a
+    /// separate list that the runtime loads first (`chained`), rewritten when the source
+    /// changes. A list an older installer converted from it is removed.
+    fn chain_single(&mut self, c: Config) -> Result<Pass, InstallError> {
+        let dir = self.opts.conf_dir.clone();
         let path = dir.join(&c.name);
-        let target_path = dir.join(target);
-        if c.linked {
+        let Some(source) = c.name.to_str() else {
             return Ok(Pass::Done(State::Blocked(format!(
-                "{} is a symlink to a single-plugin config; it would have to become a list \
-                 (.conflist) to chain, which we do not do through a link; not chaining",
+                "{}: its name is not UTF-8, so our chained copy cannot record it as its source; \
+                 not chaining (rename the file, or make it a .conflist)",
                 path.display()
             ))));
-        }
-        // Never overwrite a list someone else owns: only one we wrote before (it holds our
-        // entry) may be replaced.
-        if let Ok(existing) = std::fs::read(&target_path) {
-            let ours = conflist::parse(&existing)
-                .map(|c| conflist::contains_ours(&c))
-                .unwrap_or(false);
-            if !ours {
-                return Ok(Pass::Done(State::Blocked(format!(
-                    "{}: converting it would overwrite {}, which is not ours; fix the conf dir",
-                    path.display(),
-                    target_path.display()
-                ))));
-            }
-        }
-        let mode = files::mode_of(&path).unwrap_or(0o644);
-        files::atomic_write(dir, target, patched, mode).map_err(io_err(&target_path))?;
-        // Take the .conf away atomically, then check what we took.
-        let taken = dir.join(format!(".{}.{}.taken.tmp", c.name, std::process::id()));
-        match std::fs::rename(&path, &taken) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Pass::Raced(format!("{} vanished", path.display())))
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        }
-        let took = std::fs::read(&taken).map_err(io_err(&taken))?;
-        if took != c.bytes {
-            // The primary wrote it again in between: put its newer file back (unless it wrote
-            // yet another one meanwhile), and convert that on the next attempt.
-            if path.exists() {
-                files::remove_if_present(&taken).map_err(io_err(&taken))?;
-            } else {
-                std::fs::rename(&taken, &path).map_err(io_err(&path))?;
-            }
-            return Ok(Pass::Raced(format!(
-                "{} changed while we converted it",
+        };
+        let Some(target) = chained::name_for(&c.name) else {
+            return Ok(Pass::Done(State::Blocked(format!(
+                "{}: a single plugin config in a file runtimes load as a list; not chaining \
+                 (name it .conf, or make it a list)",
                 path.display()
-            )));
+            ))));
+        };
+        let target_path = dir.join(&target);
+        let desired = match chained::render(&c.bytes, &c.value, &self.entry, source) {
+            Ok(d) => d,
+            Err(e) => {
+                return Ok(Pass::Done(State::Blocked(format!(
+                    "{}: {e}; not chaining, retrying when it changes",
+                    path.display()
+                ))))
+            }
+        };
+        let listing = self.listing()?;
+        if listing.foreign.contains(&target) || (target_path.exists() && !target_path.is_file()) {
+            return Ok(Pass::Done(State::Blocked(format!(
+                "{}: our chained copy would replace {}, which is not ours; fix the conf dir",
+                path.display(),
+                target_path.display()
+            ))));
         }
-        files::remove_if_present(&taken).map_err(io_err(&taken))?;
-        files::sync_dir(dir).map_err(io_err(dir))?;
-        self.seen
-            .insert(c.real.with_file_name(target), self.entry.clone());
-        log::info!(
-            "converted {} into {} and added our entry",
-            path.display(),
-            target_path.display()
-        );
-        Ok(Pass::Done(State::Ready(target.to_string())))
+        let target_name = target.to_string_lossy().into_owned();
+        let existing = std::fs::read(&target_path).ok();
+        if let Some(old) = &existing {
+            if let Ok(v) = serde_json::from_slice::<Value>(old) {
+                if let Some(state) = self.foreign_entry(&target_path, &v, &target) {
+                    self.keep = Some(target);
+                    return Ok(Pass::Done(state));
+                }
+            }
+        }
+        self.migrate_old_conversion(&c)?;
+        if existing.as_deref() != Some(desired.as_slice()) {
+            let mode = files::mode_of(&c.real).unwrap_or(0o644);
+            files::atomic_write(&dir, &target, &desired, mode).map_err(io_err(&target_path))?;
+            log::info!(
+                "chained {} through {} (runtimes load it first; {} is left as it is)",
+                path.display(),
+                target_path.display(),
+                path.display()
+            );
+        }
+        self.seen.insert(target_path, self.entry.clone());
+        self.keep = Some(target);
+        Ok(Pass::Done(State::Ready(target_name)))
+    }
+
+    /// Removes `<stem>.conflist` when an older installer made it by converting the `.conf`
+    /// primary `c` in place (`chained::is_old_conversion`).
+    fn migrate_old_conversion(&self, c: &Config) -> Result<(), InstallError> {
+        let b = std::os::unix::ffi::OsStrExt::as_bytes(c.name.as_os_str());
+        let Some(stem) = b
+            .strip_suffix(b".conf")
+            .or_else(|| b.strip_suffix(b".json"))
+        else {
+            return Ok(());
+        };
+        let mut old = stem.to_vec();
+        old.extend_from_slice(b".conflist");
+        let old_path = self
+            .opts
+            .conf_dir
+            .join(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&old));
+        if !std::fs::symlink_metadata(&old_path).is_ok_and(|m| m.file_type().is_file()) {
+            return Ok(());
+        }
+        let Ok(v) = std::fs::read(&old_path).map(|b| conflist::parse(&b)) else {
+            return Ok(());
+        };
+        if v.is_ok_and(|v| chained::is_old_conversion(&v, &c.value)) {
+            files::remove_if_present(&old_path).map_err(io_err(&old_path))?;
+            log::info!(
+                "removed {}: an older installer converted {} into it; {} is the primary's again",
+                old_path.display(),
+                c.name.to_string_lossy(),
+                c.name.to_string_lossy()
+            );
+        }
+        Ok(())
     }
 
     fn report(&mut self, state: &State) {
@@ -674,8 +776,20 @@ impl Installer {
             let _ = files::remove_if_present(&dir.join(READY_FILE));
         }
         let dir = &self.opts.conf_dir;
-        let names = match self.config_names() {
-            Ok(n) => n,
+        let names = match self.listing() {
+            Ok(l) => {
+                // Our chained copies go whole: without our entry they would only repeat (and
+                // shadow) their source.
+                for (name, _) in &l.chained {
+                    let path = dir.join(name);
+                    match files::remove_if_present(&path) {
+                        Ok(true) => log::info!("removed {}", path.display()),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("uninstall: {}: {e}", path.display()),
+                    }
+                }
+                l.foreign
+            }
             Err(InstallError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -980,7 +1094,7 @@ fn drain(
             }
             match ev.name {
                 Some(name) => {
-                    if name.to_str().is_some_and(conflist::is_config_name) {
+                    if conflist::is_config_os(&name) {
                         out.configs = true;
                     }
                     seen.insert(name);

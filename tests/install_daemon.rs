@@ -1,5 +1,5 @@
 //! The `tproxy-cni-install` binary against temp dirs: install, idempotence, waiting, repair after
-//! rewrite and rename, malformed files, lone .conf, SIGTERM (keep by default, --remove-on-exit),
+//! rewrite and rename, malformed files, SIGTERM (keep by default, --remove-on-exit),
 //! probes, missing primary binaries, lost updates, invalid first files, symlinks, back-off and
 //! two installers with different settings.
 
@@ -235,56 +235,6 @@ fn deleted_binary_is_restored_on_resync() {
         .unwrap()
         .success());
     assert!(daemon.term().success());
-}
-
-#[test]
-fn lone_conf_is_converted_without_clobbering() {
-    let d = dirs();
-    d.write_atomic("10-bridge.conf", &fixture("lone.before.conf"));
-    let out = d.run(&["--once"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(d.names(), ["10-bridge.conflist"]);
-    assert_eq!(
-        fs::read(d.conf.join("10-bridge.conflist")).unwrap(),
-        fixture("lone.after.conflist")
-    );
-    // The primary writes its .conf again: our earlier .conflist (it holds our entry) is replaced.
-    d.write_atomic("10-bridge.conf", &fixture("lone.before.conf"));
-    let out = d.run(&["--once"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(d.names(), ["10-bridge.conflist"]);
-    assert_eq!(
-        fs::read(d.conf.join("10-bridge.conflist")).unwrap(),
-        fixture("lone.after.conflist")
-    );
-
-    // A foreign 20-x.conflist next to a lone 20-x.conf (and nothing earlier): never overwritten.
-    let d = dirs();
-    d.write_atomic("20-x.conf", &fixture("lone.before.conf"));
-    d.write_atomic("20-x.conflist", &fixture("cilium.before.conflist"));
-    let out = d.run(&["--once"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("20-x.conflist") && err.contains("not ours"),
-        "{err}"
-    );
-    assert_eq!(
-        fs::read(d.conf.join("20-x.conflist")).unwrap(),
-        fixture("cilium.before.conflist")
-    );
-    assert_eq!(
-        fs::read(d.conf.join("20-x.conf")).unwrap(),
-        fixture("lone.before.conf")
-    );
 }
 
 #[test]

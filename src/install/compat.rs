@@ -22,7 +22,7 @@ pub fn unservable(config: &Value) -> Option<String> {
     let v = match config.get("cniVersion") {
         None => {
             return Some(format!(
-                "has no \"cniVersion\" (runtimes then treat it as 0.1.0, which {speaks}); set \
+                "has no \"cniVersion\" (runtimes then treat it as 0.1.0; {speaks}); set \
                  \"cniVersion\" to {oldest} or later in the primary CNI's config"
             ))
         }

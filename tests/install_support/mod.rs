@@ -224,3 +224,61 @@ pub fn ours_in(d: &Dirs, name: &str) -> bool {
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         .is_some_and(|v| has_ours(&v))
 }
+
+/// Config names in `dir` as containerd's go-cni and CRI-O's ocicni list them: libcni
+/// `ConfFiles` (extensions `.conf`, `.conflist`, `.json`, dot files included) sorted with Go's
+/// `sort.Strings`, i.e. by bytes. A stand-in for the runtimes, written from their sources
+/// (docs/install.md cites them), independent of the installer's code.
+pub fn runtime_names(dir: &Path) -> Vec<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut names: Vec<std::ffi::OsString> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| {
+            let b = n.as_bytes();
+            [&b".conf"[..], b".conflist", b".json"]
+                .iter()
+                .any(|ext| b.ends_with(ext))
+        })
+        .filter(|n| dir.join(n).is_file())
+        .collect();
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    names
+}
+
+/// The file containerd uses: the first name (go-cni `loadFromConfDir`, one network).
+pub fn containerd_pick(dir: &Path) -> Option<std::ffi::OsString> {
+    runtime_names(dir).into_iter().next()
+}
+
+/// The file CRI-O uses (ocicni `loadNetworks`): invalid files skipped (here: JSON that is not a
+/// list in a `.conflist`, or not a single config elsewhere; binaries are not checked), the
+/// first file of each network name kept, the default network the first valid one's name or
+/// `default_network`.
+pub fn crio_pick(dir: &Path, default_network: Option<&str>) -> Option<std::ffi::OsString> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut first_of_name: Vec<(String, std::ffi::OsString)> = Vec::new();
+    for name in runtime_names(dir) {
+        let Ok(v) = serde_json::from_slice::<Value>(&fs::read(dir.join(&name)).unwrap()) else {
+            continue;
+        };
+        let valid = if name.as_bytes().ends_with(b".conflist") {
+            v["plugins"].as_array().is_some_and(|p| !p.is_empty())
+        } else {
+            v["type"].is_string()
+        };
+        let Some(net) = v["name"].as_str().filter(|_| valid) else {
+            continue;
+        };
+        if !first_of_name.iter().any(|(n, _)| n == net) {
+            first_of_name.push((net.to_string(), name));
+        }
+    }
+    let want = default_network
+        .map(str::to_string)
+        .or_else(|| first_of_name.first().map(|f| f.0.clone()))?;
+    first_of_name
+        .into_iter()
+        .find(|(n, _)| *n == want)
+        .map(|f| f.1)
+}
