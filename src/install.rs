@@ -11,8 +11,9 @@
 //! both in one `poll(2)`. A periodic resync (default 10 s) refreshes the liveness file, copies
 //! back a binary that vanished from the bin dir (not watched), notices primary binaries that
 //! appeared or vanished, and catches anything inotify cannot see (e.g. a conf dir deleted and
-//! re-created, or replaced by a bind mount). Directories holding symlinked configs' targets
-//! are watched too.
+//! re-created, or replaced by a bind mount). Directories holding symlinked configs' targets,
+//! and every symlink on the way to the conf dir or a config, are watched too; a re-pointed
+//! link is re-resolved at once (`watch`).
 //!
 //! Guarantees:
 //! - an entry is written only into the config the runtime uses (`Runtime`), and only when every
@@ -37,6 +38,7 @@ pub mod conflist;
 // which the image links. One `unsafe` block, with its SAFETY note.
 #[allow(unsafe_code)]
 pub mod files;
+pub mod watch;
 
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
@@ -47,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::inotify::{InitFlags, Inotify};
 
 /// Everything the installer needs to know; built by `cli`.
 #[derive(Debug, Clone)]
@@ -901,17 +903,17 @@ impl Installer {
         std::fs::create_dir_all(&self.opts.conf_dir).map_err(io_err(&self.opts.conf_dir))?;
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| InstallError::Sys("inotify_init", e))?;
-        let mut conf_wd = self.watch(&inotify);
-        // Symlinked configs whose target lives in another directory: that directory's watch
-        // and the target names in it (refreshed after every pass).
-        let mut targets = HashMap::new();
+        let mut watches = watch::Watches::default();
+        watches.watch_conf(&inotify, &self.opts.conf_dir);
         // After a failed pass (a write that keeps failing: ENOSPC, EBUSY on a bind-mounted
         // file, a read-only mount) the next one waits, doubling up to BACKOFF_MAX; events in
         // between are collected, not acted on.
         let mut backoff = Duration::ZERO;
         let mut last_pass = Instant::now();
+        // Links watched before the first read: a re-point during the pass is an event.
+        self.refresh_watches(&inotify, &mut watches);
         let mut pending = !self.pass();
-        self.watch_targets(&inotify, &mut targets);
+        pending |= self.refresh_watches(&inotify, &mut watches);
         if pending {
             backoff = BACKOFF_START;
         }
@@ -944,25 +946,32 @@ impl Installer {
                 // Writers often do several steps (write temp, rename, chmod): let them settle
                 // briefly, then handle everything in one pass.
                 std::thread::sleep(Duration::from_millis(30));
-                let events = drain(&inotify, conf_wd, &targets);
+                let events = watches.drain(&inotify);
                 if events.dir_gone {
                     // The conf dir itself went away or was replaced: re-establish the watch.
-                    conf_wd = None;
+                    watches.lose_conf();
+                }
+                if events.relink {
+                    // A link on the way to the conf dir or a config was re-pointed: watch
+                    // what the paths lead to now (docs/ARCHITECTURE.md, pitfall 72).
+                    watches.watch_conf(&inotify, &self.opts.conf_dir);
+                    self.refresh_watches(&inotify, &mut watches);
                 }
                 // Only config names matter: our own temp files (and the primary's) and other
                 // files such as kubeconfigs never trigger a pass.
                 pending |= events.configs || events.dir_gone;
             }
-            if conf_wd.is_none() {
-                conf_wd = self.watch(&inotify);
+            if !watches.has_conf() {
+                watches.watch_conf(&inotify, &self.opts.conf_dir);
             }
             let due = if pending { backoff } else { self.opts.resync };
             if last_pass.elapsed() >= due || (pending && backoff.is_zero()) {
                 let ok = self.pass();
-                self.watch_targets(&inotify, &mut targets);
+                let moved = self.refresh_watches(&inotify, &mut watches);
                 last_pass = Instant::now();
                 if ok {
-                    pending = false;
+                    // The conf dir's path moved during the pass: once more, where it leads now.
+                    pending = moved;
                     backoff = Duration::ZERO;
                 } else {
                     pending = true;
@@ -982,47 +991,19 @@ impl Installer {
         self.uninstall()
     }
 
-    /// Adds the conf-dir watch; `None` (logged) when the dir is missing, retried on resync.
-    fn watch(&self, inotify: &Inotify) -> Option<WatchDescriptor> {
-        let mask = FILE_EVENTS | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF;
-        match inotify.add_watch(&self.opts.conf_dir, mask) {
-            Ok(wd) => Some(wd),
-            Err(e) => {
-                log::warn!("cannot watch {}: {e}", self.opts.conf_dir.display());
-                None
-            }
+    /// Watches the links and symlink targets on the way to the conf dir and its configs. True
+    /// when the conf dir's watch had to move (a pass is due: it may have read the old one).
+    fn refresh_watches(&self, inotify: &Inotify, watches: &mut watch::Watches) -> bool {
+        let names = self.config_names().unwrap_or_default();
+        let moved = watches.refresh(inotify, &self.opts.conf_dir, &names);
+        if moved {
+            log::info!(
+                "{} now leads somewhere else; watching it there",
+                self.opts.conf_dir.display()
+            );
+            watches.watch_conf(inotify, &self.opts.conf_dir);
         }
-    }
-
-    /// Watches the directories of symlinked configs' targets outside the conf dir, so an
-    /// update there (the file the runtime reads) is repaired as fast as one in the conf dir.
-    fn watch_targets(
-        &self,
-        inotify: &Inotify,
-        targets: &mut HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
-    ) {
-        targets.clear();
-        let Ok(conf) = std::fs::canonicalize(&self.opts.conf_dir) else {
-            return;
-        };
-        for name in self.config_names().unwrap_or_default() {
-            let Ok(real) = std::fs::canonicalize(conf.join(&name)) else {
-                continue;
-            };
-            let (Some(dir), Some(file)) = (real.parent(), real.file_name()) else {
-                continue;
-            };
-            if dir == conf {
-                continue;
-            }
-            // Watching the same directory again returns the same descriptor.
-            match inotify.add_watch(dir, FILE_EVENTS) {
-                Ok(wd) => {
-                    targets.entry(wd).or_default().insert(file.to_os_string());
-                }
-                Err(e) => log::debug!("cannot watch {}: {e}", dir.display()),
-            }
-        }
+        moved
     }
 
     /// A reconcile whose errors are logged, not fatal: the next event or resync retries.
@@ -1042,71 +1023,6 @@ impl Installer {
         }
         ok
     }
-}
-
-/// The events that can change a config file in a watched directory.
-const FILE_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
-    .union(AddWatchFlags::IN_CLOSE_WRITE)
-    .union(AddWatchFlags::IN_MOVED_TO)
-    .union(AddWatchFlags::IN_MOVED_FROM)
-    .union(AddWatchFlags::IN_DELETE)
-    .union(AddWatchFlags::IN_ATTRIB);
-
-/// What a batch of inotify events was about.
-struct Events {
-    /// The watched directory itself went away or was replaced.
-    dir_gone: bool,
-    /// Some event named a config file (or had no name).
-    configs: bool,
-}
-
-/// Reads all pending inotify events: the conf dir's (`conf_wd`) and those of symlink targets'
-/// directories (`targets`: which names there matter).
-fn drain(
-    inotify: &Inotify,
-    conf_wd: Option<WatchDescriptor>,
-    targets: &HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
-) -> Events {
-    let mut out = Events {
-        dir_gone: false,
-        configs: false,
-    };
-    let mut seen = HashSet::new();
-    while let Ok(events) = inotify.read_events() {
-        if events.is_empty() {
-            break;
-        }
-        for ev in events {
-            if Some(ev.wd) != conf_wd {
-                if let Some(names) = targets.get(&ev.wd) {
-                    if ev.name.as_ref().is_some_and(|n| names.contains(n)) {
-                        out.configs = true;
-                    }
-                }
-                continue;
-            }
-            if ev.mask.intersects(
-                AddWatchFlags::IN_DELETE_SELF
-                    | AddWatchFlags::IN_MOVE_SELF
-                    | AddWatchFlags::IN_IGNORED,
-            ) {
-                out.dir_gone = true;
-            }
-            match ev.name {
-                Some(name) => {
-                    if conflist::is_config_os(&name) {
-                        out.configs = true;
-                    }
-                    seen.insert(name);
-                }
-                None => out.configs = true,
-            }
-        }
-    }
-    if !seen.is_empty() {
-        log::debug!("conf dir events for {seen:?}");
-    }
-    out
 }
 
 /// `--probe ready|alive`: exit status for a kubelet exec probe. `alive` fails when the loop has

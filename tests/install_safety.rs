@@ -98,9 +98,13 @@ fn configs_the_plugin_cannot_serve_are_refused_not_ready() {
             bridge_list("1.0.0")
         };
         d.write_atomic(file, &fixed);
-        wait_for(Duration::from_secs(1), "ready after the fix", || d.ready());
-        let chained = fs::read_to_string(d.health.join("ready")).unwrap();
-        assert!(ours_in(&d, chained.trim()), "{chained}");
+        // Ready, and the file the ready file names holds our entry (the ready file is
+        // rewritten in place: an empty read is a write in progress).
+        wait_for(Duration::from_secs(1), "ready after the fix", || {
+            d.ready()
+                && fs::read_to_string(d.health.join("ready"))
+                    .is_ok_and(|n| !n.trim().is_empty() && ours_in(&d, n.trim()))
+        });
         assert!(daemon.term().success(), "{}", daemon.log());
     }
 }
@@ -331,4 +335,107 @@ fn file_names_are_bytes_ordered_as_the_runtimes_order_them() {
     assert!(err.contains("not UTF-8"), "{err}");
     assert_eq!(runtime_names(&d.conf).len(), 2);
     assert_eq!(fs::read(d.conf.join("20-b.conflist")).unwrap(), flannel);
+}
+
+/// Re-points the symlink `link` at `target` atomically, as `ln -sfn` and the kubelet's
+/// ConfigMap writer do (a new link renamed over the old one).
+fn repoint(link: &std::path::Path, target: &str) {
+    let tmp = link.with_file_name(".repoint.tmp");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp).unwrap();
+    fs::rename(&tmp, link).unwrap();
+}
+
+/// `10-calico.conflist` in `dir` (created), without our entry.
+fn calico_in(dir: &std::path::Path) -> std::path::PathBuf {
+    fs::create_dir_all(dir).unwrap();
+    let f = dir.join("10-calico.conflist");
+    fs::write(&f, fixture("calico.before.conflist")).unwrap();
+    f
+}
+
+fn ours_at(path: &std::path::Path) -> bool {
+    fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|v| has_ours(&v))
+}
+
+/// A primary rewrite of `file` after the re-point is repaired within a second (the watch is on
+/// the new directory), not at the resync (30 s here).
+fn rewrite_is_repaired(file: &std::path::Path, daemon: &Daemon) {
+    let mut v: Value = serde_json::from_slice(&fixture("calico.before.conflist")).unwrap();
+    v["plugins"][0]["mtu"] = 1380.into();
+    let tmp = file.with_file_name(".calico.writing");
+    fs::write(&tmp, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    fs::rename(&tmp, file).unwrap();
+    let start = std::time::Instant::now();
+    while !ours_at(file) {
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{}: not repaired within 1 s; installer log:\n{}",
+            file.display(),
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!("{}: repaired in {:?}", file.display(), start.elapsed());
+}
+
+#[test]
+fn a_conf_dir_symlink_repointed_is_followed_within_a_second() {
+    let mut d = dirs();
+    let base = d.conf.parent().unwrap().to_path_buf();
+    fs::remove_dir(&d.conf).unwrap();
+    let rev1 = calico_in(&base.join("rev1"));
+    std::os::unix::fs::symlink("rev1", &d.conf).unwrap();
+    let mut daemon = d.spawn(&[]);
+    wait_for(Duration::from_secs(2), "ready on rev1", || ours_at(&rev1));
+    let rev2 = calico_in(&base.join("rev2"));
+    repoint(&d.conf, "rev2");
+    let took = wait_for(Duration::from_secs(1), "chained in rev2", || ours_at(&rev2));
+    eprintln!("conf dir link re-pointed: chained in {took:?}");
+    rewrite_is_repaired(&rev2, &daemon);
+    assert!(daemon.term().success(), "{}", daemon.log());
+
+    // A parent of the conf dir re-pointed (MicroK8s' `current`).
+    d = dirs();
+    let base = d.conf.parent().unwrap().to_path_buf();
+    let r1 = calico_in(&base.join("snap/r1/net.d"));
+    let r2 = calico_in(&base.join("snap/r2/net.d"));
+    std::os::unix::fs::symlink("r1", base.join("snap/current")).unwrap();
+    d.conf = base.join("snap/current/net.d");
+    let mut daemon = d.spawn(&[]);
+    wait_for(Duration::from_secs(2), "ready on r1", || ours_at(&r1));
+    repoint(&base.join("snap/current"), "r2");
+    let took = wait_for(Duration::from_secs(1), "chained in r2", || ours_at(&r2));
+    eprintln!("parent link re-pointed: chained in {took:?}");
+    rewrite_is_repaired(&r2, &daemon);
+    assert!(daemon.term().success(), "{}", daemon.log());
+}
+
+#[test]
+fn a_configmap_data_swap_is_followed_even_when_the_old_dir_stays() {
+    // The kubelet's ConfigMap volume: NAME -> ..data/NAME, ..data -> ..<timestamp>; an update
+    // writes a new timestamped dir and renames a new ..data link over the old one. Here the
+    // old dir is kept, so no event comes from its deletion.
+    let d = dirs();
+    let old = calico_in(&d.conf.join("..2026_01_01"));
+    std::os::unix::fs::symlink("..2026_01_01", d.conf.join("..data")).unwrap();
+    std::os::unix::fs::symlink(
+        "..data/10-calico.conflist",
+        d.conf.join("10-calico.conflist"),
+    )
+    .unwrap();
+    let mut daemon = d.spawn(&[]);
+    wait_for(Duration::from_secs(2), "ready", || ours_at(&old));
+    let new = calico_in(&d.conf.join("..2026_01_02"));
+    repoint(&d.conf.join("..data"), "..2026_01_02");
+    let took = wait_for(Duration::from_secs(1), "chained in the new dir", || {
+        ours_at(&new)
+    });
+    eprintln!("..data swapped: chained in {took:?}");
+    assert!(old.exists());
+    rewrite_is_repaired(&new, &daemon);
+    assert!(daemon.term().success(), "{}", daemon.log());
 }
