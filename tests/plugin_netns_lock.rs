@@ -109,3 +109,54 @@ fn a_held_lock_makes_add_wait_and_del_follow() {
         .expect("DEL");
     assert!(ns.sh("nft list tables").trim().is_empty());
 }
+
+#[test]
+fn host_cli_apply_and_plugin_add_racing_end_in_one_policy() {
+    require_root!();
+    let node = Node::new(json!({}));
+    let ns = Netns::new("hrace");
+    ns.sh("ip link add h0 type veth peer name h1 && ip addr add 10.88.9.9/16 dev h0 && ip link set h0 up");
+    let netns = ns.path().to_string_lossy().into_owned();
+    let prev = prev(&ns);
+    let ann = json!({"tproxy-cni.io/mode": "tproxy"});
+    let host = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tproxy-cni-host"))
+            .args(args)
+            .arg("--netns")
+            .arg(ns.path())
+            .output()
+            .expect("run tproxy-cni-host")
+    };
+    let mut winners = [0usize; 2];
+    for round in 0..30 {
+        std::thread::scope(|s| {
+            let plugin =
+                s.spawn(|| node.exec(&node.ours(), "ADD", &netns, "hrace", &ann, Some(&prev)));
+            // Staggered starts, so either may come second (the plugin's path through the
+            // libcni emulator is longer than the CLI's).
+            let cli = s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis((round % 8) * 2));
+                host(&["apply", "--mode", "redirect"])
+            });
+            plugin.join().unwrap().expect("plugin ADD");
+            let out = cli.join().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        });
+        let plugin_ok = node
+            .exec(&node.ours(), "CHECK", &netns, "hrace", &ann, Some(&prev))
+            .is_ok();
+        let host_ok = host(&["check", "--mode", "redirect"]).status.code() == Some(0);
+        assert!(
+            plugin_ok != host_ok,
+            "round {round}: plugin CHECK {plugin_ok}, host check {host_ok}:\n{}\n{}",
+            ns.sh("nft list ruleset"),
+            ns.sh("ip rule")
+        );
+        winners[usize::from(host_ok)] += 1;
+    }
+    eprintln!("winners: plugin {} host CLI {}", winners[0], winners[1]);
+}
