@@ -506,13 +506,17 @@ impl Installer {
     /// something changes, and never replaces content it did not read (see `replace_checked`).
     pub fn reconcile(&mut self) -> Result<State, InstallError> {
         let mut attempt = 0;
+        let mut settled = true;
         let state = loop {
             self.keep = None;
             match self.reconcile_once()? {
                 Pass::Done(state) => break state,
                 // The primary CNI is writing right now: give it a moment, a few times, then
                 // leave it to the watch (its close/rename event brings us back).
-                Pass::Raced(msg) if attempt >= 5 => break State::Blocked(msg),
+                Pass::Raced(msg) if attempt >= 5 => {
+                    settled = false;
+                    break State::Blocked(msg);
+                }
                 Pass::Raced(_) => {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(20));
@@ -520,8 +524,11 @@ impl Installer {
             }
         };
         // A chained copy that is not the one in use now would shadow its source (or outlive
-        // it): gone, whatever the state (docs/ARCHITECTURE.md, pitfall 71).
-        self.remove_stale_chained()?;
+        // it): gone, whatever the state, once a pass has settled (docs/ARCHITECTURE.md,
+        // pitfall 71). A source still being written keeps its copy until the next pass.
+        if settled {
+            self.remove_stale_chained()?;
+        }
         self.report(&state);
         self.update_ready(&state);
         Ok(state)
