@@ -18,6 +18,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use serde_json::{Map, Value};
 
 use super::conflist::{self, ConflistError};
+use super::{InstallError, Installer};
 
 /// The top-level key of our list that names its source file (in the same directory).
 pub const SOURCE_KEY: &str = "tproxyCniSource";
@@ -92,6 +93,125 @@ pub fn is_old_conversion(list: &Value, conf: &Value) -> bool {
         && list.get("name").is_some()
         && list.get("name") == conf.get("name")
         && matches!(foreign.as_slice(), [only] if only.get("type") == conf.get("type"))
+}
+
+impl Installer {
+    /// Removes every chained copy of ours except `self.keep`.
+    pub(super) fn remove_stale_chained(&self) -> Result<(), InstallError> {
+        for (name, source) in self.listing()?.chained {
+            if self.keep.as_ref() == Some(&name) {
+                continue;
+            }
+            let path = self.opts.conf_dir.join(&name);
+            if super::files::remove_if_present(&path).map_err(super::io_err(&path))? {
+                log::info!(
+                    "removed {} (our chained copy of {source}, which is gone or no longer the \
+                     config the runtime uses)",
+                    path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A single-config primary (`.conf`, `.json`) stays as it is: our chain for it is a
+    /// separate list that the runtime loads first (`chained`), rewritten when the source
+    /// changes. A list an older installer converted from it is removed.
+    pub(super) fn chain_single(&mut self, c: super::Config) -> Result<super::Pass, InstallError> {
+        let dir = self.opts.conf_dir.clone();
+        let path = dir.join(&c.name);
+        let Some(source) = c.name.to_str() else {
+            return Ok(super::Pass::Done(super::State::Blocked(format!(
+                "{}: its name is not UTF-8, so our chained copy cannot record it as its source; \
+                 not chaining (rename the file, or make it a .conflist)",
+                path.display()
+            ))));
+        };
+        let Some(target) = name_for(&c.name) else {
+            return Ok(super::Pass::Done(super::State::Blocked(format!(
+                "{}: a single plugin config in a file runtimes load as a list; not chaining \
+                 (name it .conf, or make it a list)",
+                path.display()
+            ))));
+        };
+        let target_path = dir.join(&target);
+        let desired = match render(&c.bytes, &c.value, &self.entry, source) {
+            Ok(d) => d,
+            Err(e) => {
+                return Ok(super::Pass::Done(super::State::Blocked(format!(
+                    "{}: {e}; not chaining, retrying when it changes",
+                    path.display()
+                ))))
+            }
+        };
+        let listing = self.listing()?;
+        if listing.foreign.contains(&target) || (target_path.exists() && !target_path.is_file()) {
+            return Ok(super::Pass::Done(super::State::Blocked(format!(
+                "{}: our chained copy would replace {}, which is not ours; fix the conf dir",
+                path.display(),
+                target_path.display()
+            ))));
+        }
+        let target_name = target.to_string_lossy().into_owned();
+        let existing = std::fs::read(&target_path).ok();
+        if let Some(old) = &existing {
+            if let Ok(v) = serde_json::from_slice::<Value>(old) {
+                if let Some(state) = self.foreign_entry(&target_path, &v, &target) {
+                    self.keep = Some(target);
+                    return Ok(super::Pass::Done(state));
+                }
+            }
+        }
+        self.migrate_old_conversion(&c)?;
+        if existing.as_deref() != Some(desired.as_slice()) {
+            let mode = super::files::mode_of(&c.real).unwrap_or(0o644);
+            super::files::atomic_write(&dir, &target, &desired, mode)
+                .map_err(super::io_err(&target_path))?;
+            log::info!(
+                "chained {} through {} (runtimes load it first; {} is left as it is)",
+                path.display(),
+                target_path.display(),
+                path.display()
+            );
+        }
+        self.seen.insert(target_path, self.entry.clone());
+        self.keep = Some(target);
+        Ok(super::Pass::Done(super::State::Ready(target_name)))
+    }
+
+    /// Removes `<stem>.conflist` when an older installer made it by converting the `.conf`
+    /// primary `c` in place (`chained::is_old_conversion`).
+    fn migrate_old_conversion(&self, c: &super::Config) -> Result<(), InstallError> {
+        let b = std::os::unix::ffi::OsStrExt::as_bytes(c.name.as_os_str());
+        let Some(stem) = b
+            .strip_suffix(b".conf")
+            .or_else(|| b.strip_suffix(b".json"))
+        else {
+            return Ok(());
+        };
+        let mut old = stem.to_vec();
+        old.extend_from_slice(b".conflist");
+        let old_path = self
+            .opts
+            .conf_dir
+            .join(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&old));
+        if !std::fs::symlink_metadata(&old_path).is_ok_and(|m| m.file_type().is_file()) {
+            return Ok(());
+        }
+        let Ok(v) = std::fs::read(&old_path).map(|b| conflist::parse(&b)) else {
+            return Ok(());
+        };
+        if v.is_ok_and(|v| is_old_conversion(&v, &c.value)) {
+            super::files::remove_if_present(&old_path).map_err(super::io_err(&old_path))?;
+            log::info!(
+                "removed {}: an older installer converted {} into it; {} is the primary's again",
+                old_path.display(),
+                c.name.to_string_lossy(),
+                c.name.to_string_lossy()
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
