@@ -8,6 +8,7 @@ pub mod env;
 pub mod error;
 #[cfg(test)]
 mod golden;
+mod podips;
 
 use std::io::Write;
 
@@ -156,7 +157,7 @@ fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         log::debug!("{}: mode none, nothing to program", cni.pod());
     } else {
         let path = std::path::Path::new(&cni.netns);
-        netns::run_in(path, || apply::apply(&Kernel, &Kernel, &plan))??;
+        netns::run_locked(path, || apply::apply(&Kernel, &Kernel, &plan))??;
         log::info!("{}: programmed {}", cni.pod(), apply::summary(&plan));
     }
     // Chained plugins hand prevResult on unchanged; only the version is the config's.
@@ -209,7 +210,7 @@ fn del_by_owner_tags(cni: &CniEnv, why: &CniError) -> Result<(), CniError> {
 /// Removes table `table`, every table carrying our owner comment and the `owned` routing
 /// objects in the pod's netns; a netns that is gone, or was never one, holds nothing of ours.
 fn remove_in(cni: &CniEnv, table: &str, owned: &plan::Routing) -> Result<(), CniError> {
-    let res = netns::run_in(std::path::Path::new(&cni.netns), || {
+    let res = netns::run_locked(std::path::Path::new(&cni.netns), || {
         apply::remove(&Kernel, &Kernel, table, owned)
     });
     match res {
@@ -246,7 +247,7 @@ fn check(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let plan = plan_for(conf)?;
     let table = conf.plan.table_name.as_str();
     // A read failure is an error (100); only a difference is drift (101).
-    let drift = netns::run_in(std::path::Path::new(&cni.netns), || {
+    let drift = netns::run_locked(std::path::Path::new(&cni.netns), || {
         apply::verify(&Kernel, &Kernel, &plan, table)
     })??;
     if drift.is_empty() {

@@ -342,8 +342,17 @@ fn act(inv: &Invocation) -> Result<Outcome, HostError> {
 /// Runs the command in its target network namespace.
 pub fn run(inv: &Invocation) -> Result<Outcome, HostError> {
     match &inv.target {
-        Target::Current => act(inv),
-        Target::Path(p) => crate::netns::run_in(p, || act(inv))?,
+        // The lock covers the current netns too (docs/ARCHITECTURE.md, pitfall 73).
+        Target::Current => {
+            let path = std::path::Path::new("/proc/thread-self/ns/net");
+            let file = std::fs::File::open(path).map_err(|err| crate::netns::NetnsError::Open {
+                path: path.to_path_buf(),
+                err,
+            })?;
+            let _held = crate::netns::lock_namespace(path, &file)?;
+            act(inv)
+        }
+        Target::Path(p) => crate::netns::run_locked(p, || act(inv))?,
     }
 }
 

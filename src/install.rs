@@ -1,6 +1,8 @@
 //! The node installer: copies the plugin binary, chains our entry into the conflist the runtime uses, keeps it there; removes it only when asked.
 //!
 //! - `conflist`: the pure patching rules (which file, where our entry goes, what is kept).
+//! - `chained`: our separate list in front of a `.conf`/`.json` primary, which stays untouched.
+//! - `compat`: which `cniVersion`s the plugin serves (others are refused, not chained into).
 //! - `files`: atomic writes and binary copies.
 //! - `cli`: flags -> `Command`.
 //! - `cache`, `reconcile`, `status`: pods set up without our entry, or whose rules drifted,
@@ -11,8 +13,9 @@
 //! both in one `poll(2)`. A periodic resync (default 10 s) refreshes the liveness file, copies
 //! back a binary that vanished from the bin dir (not watched), notices primary binaries that
 //! appeared or vanished, and catches anything inotify cannot see (e.g. a conf dir deleted and
-//! re-created, or replaced by a bind mount). Directories holding symlinked configs' targets
-//! are watched too.
+//! re-created, or replaced by a bind mount). Directories holding symlinked configs' targets,
+//! and every symlink on the way to the conf dir or a config, are watched too; a re-pointed
+//! link is re-resolved at once (`watch`).
 //!
 //! Guarantees:
 //! - an entry is written only into the config the runtime uses (`Runtime`), and only when every
@@ -20,15 +23,19 @@
 //!   first. A primary binary vanishing later leaves our entry (the node fails every ADD anyway;
 //!   removing ours would open a window for annotated pods when it comes back), not ready;
 //! - a write never replaces content we did not read (`replace_checked`);
-//! - only our entry's bytes change; symlinks are written through;
+//! - only our entry's bytes change; symlinks are written through; a single-config primary is
+//!   never rewritten (our chained copy stands in front of it and goes when it goes);
+//! - file names are bytes, ordered as the runtimes order them;
 //! - a failing pass backs off (0.5 s doubling to 30 s); only config names trigger passes;
 //! - an entry of ours that someone else rewrote with other settings after we asserted ours
 //!   is left alone (two installers settle after one write each);
 //! - SIGTERM leaves entry and binaries (upgrades have no window); `--remove-on-exit` or
 //!   `--uninstall` remove the entry first, then the binaries.
 
+pub mod chained;
 pub mod cache;
 pub mod cli;
+pub mod compat;
 pub mod conflist;
 pub mod reconcile;
 pub mod status;
@@ -36,16 +43,18 @@ pub mod status;
 // which the image links. One `unsafe` block, with its SAFETY note.
 #[allow(unsafe_code)]
 pub mod files;
+pub mod watch;
 
 use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::inotify::{InitFlags, Inotify};
 
 /// Everything the installer needs to know; built by `cli`.
 #[derive(Debug, Clone)]
@@ -127,14 +136,22 @@ pub enum Runtime {
 
 /// A config file as read for a pass.
 struct Config {
-    /// Its name in the conf dir.
-    name: String,
+    /// Its name in the conf dir (bytes: names need not be UTF-8).
+    name: OsString,
     /// The name is a symlink; `real` is where it points.
     linked: bool,
     /// The file we read and write (symlinks followed: the runtime reads through them).
     real: PathBuf,
     bytes: Vec<u8>,
     value: Value,
+}
+
+/// The conf dir's configs, primaries and our chained copies apart (each in byte order).
+#[derive(Default)]
+struct Listing {
+    foreign: Vec<OsString>,
+    /// Name, and the source it records.
+    chained: Vec<(OsString, String)>,
 }
 
 /// What reading one candidate gave.
@@ -167,7 +184,7 @@ const SWAP_ROUNDS: usize = 50;
 /// checked the same way. Without `RENAME_EXCHANGE` (some file systems) it falls back to
 /// compare-then-rename, which narrows the window but cannot close it.
 pub fn replace_checked(path: &Path, before: &[u8], desired: &[u8]) -> std::io::Result<Swap> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             "not a file path",
@@ -256,6 +273,8 @@ pub struct Installer {
     seen: HashMap<PathBuf, Map<String, Value>>,
     /// The pods' reconcile loop.
     pods: reconcile::Reconciler,
+    /// The chained copy the last pass wrote or confirmed (all others are removed).
+    keep: Option<OsString>,
 }
 
 impl Installer {
@@ -270,6 +289,7 @@ impl Installer {
             entry,
             last: None,
             seen: HashMap::new(),
+            keep: None,
         })
     }
 
@@ -308,17 +328,17 @@ impl Installer {
         Ok(())
     }
 
-    /// Names of the config files in the conf dir, in byte order. Symlinks count even when
-    /// their target is missing here: the runtime lists them too (and may resolve them).
-    fn config_names(&self) -> Result<Vec<String>, InstallError> {
+    /// Names of the config files in the conf dir, in byte order (Go's `sort.Strings`, what
+    /// containerd and CRI-O use; names are bytes and need not be UTF-8, docs/ARCHITECTURE.md,
+    /// pitfall 71). Symlinks count even when their target is missing here: the runtime lists
+    /// them too (and may resolve them).
+    fn config_names(&self) -> Result<Vec<OsString>, InstallError> {
         let dir = &self.opts.conf_dir;
         let mut names = Vec::new();
         for e in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let e = e.map_err(io_err(dir))?;
-            let Ok(name) = e.file_name().into_string() else {
-                continue;
-            };
-            if !conflist::is_config_name(&name) {
+            let name = e.file_name();
+            if !conflist::is_config_os(&name) {
                 continue;
             }
             let path = dir.join(&name);
@@ -328,8 +348,29 @@ impl Installer {
                 names.push(name);
             }
         }
+        // OsString orders by bytes on Unix.
         names.sort();
         Ok(names)
+    }
+
+    /// The config names split into the primaries' (`foreign`) and our chained copies of
+    /// single-config primaries (`chained`, with the source each records).
+    fn listing(&self) -> Result<Listing, InstallError> {
+        let mut out = Listing::default();
+        for name in self.config_names()? {
+            let path = self.opts.conf_dir.join(&name);
+            let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+            let source = regular
+                .then(|| std::fs::read(&path).ok())
+                .flatten()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|v| chained::source_of(&v).map(str::to_string));
+            match source {
+                Some(src) => out.chained.push((name, src)),
+                None => out.foreign.push(name),
+            }
+        }
+        Ok(out)
     }
 
     /// The plugin binaries `config` needs that are not executable files in the bin dir (ours
@@ -359,7 +400,7 @@ impl Installer {
     }
 
     /// Reads one config file (through a symlink) and judges it the way a runtime would.
-    fn load(&self, name: &str) -> Result<Loaded, InstallError> {
+    fn load(&self, name: &OsStr) -> Result<Loaded, InstallError> {
         let path = self.opts.conf_dir.join(name);
         let real = match std::fs::canonicalize(&path) {
             Ok(r) => r,
@@ -408,7 +449,7 @@ impl Installer {
         }
         let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
         Ok(Loaded::Valid(Config {
-            name: name.to_string(),
+            name: name.to_os_string(),
             linked,
             real,
             bytes,
@@ -418,7 +459,8 @@ impl Installer {
 
     /// The config the runtime uses (see `Runtime`), or why there is none to patch.
     fn select(&self) -> Result<Result<Config, Pass>, InstallError> {
-        let names = self.config_names()?;
+        // Our chained copies are not primaries: they stand in for one (`chained`).
+        let names = self.listing()?.foreign;
         let Some(first) = names.first() else {
             return Ok(Err(Pass::Done(State::NoPrimary)));
         };
@@ -426,7 +468,10 @@ impl Installer {
         match (self.opts.runtime, &self.opts.default_network) {
             (Runtime::Containerd, _) => match self.load(first)? {
                 Loaded::Valid(c) => Ok(Ok(c)),
-                Loaded::Vanished => Ok(Err(Pass::Raced(format!("{first} vanished while reading")))),
+                Loaded::Vanished => Ok(Err(Pass::Raced(format!(
+                    "{} vanished while reading",
+                    first.to_string_lossy()
+                )))),
                 // containerd loads only this file: the node is broken until it is fixed, and
                 // chaining into a later file would be chaining into something nobody reads.
                 Loaded::Invalid(why) => Ok(Err(Pass::Done(State::Blocked(format!(
@@ -443,7 +488,10 @@ impl Installer {
                             _ => return Ok(Ok(c)),
                         },
                         Loaded::Vanished => {
-                            return Ok(Err(Pass::Raced(format!("{name} vanished while reading"))))
+                            return Ok(Err(Pass::Raced(format!(
+                                "{} vanished while reading",
+                                name.to_string_lossy()
+                            ))))
                         }
                         Loaded::Invalid(why) => {
                             first_why.get_or_insert(why);
@@ -468,21 +516,50 @@ impl Installer {
     /// something changes, and never replaces content it did not read (see `replace_checked`).
     pub fn reconcile(&mut self) -> Result<State, InstallError> {
         let mut attempt = 0;
+        let mut settled = true;
         let state = loop {
+            self.keep = None;
             match self.reconcile_once()? {
                 Pass::Done(state) => break state,
                 // The primary CNI is writing right now: give it a moment, a few times, then
                 // leave it to the watch (its close/rename event brings us back).
-                Pass::Raced(msg) if attempt >= 5 => break State::Blocked(msg),
+                Pass::Raced(msg) if attempt >= 5 => {
+                    settled = false;
+                    break State::Blocked(msg);
+                }
                 Pass::Raced(_) => {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
         };
+        // A chained copy that is not the one in use now would shadow its source (or outlive
+        // it): gone, whatever the state, once a pass has settled (docs/ARCHITECTURE.md,
+        // pitfall 71). A source still being written keeps its copy until the next pass.
+        if settled {
+            self.remove_stale_chained()?;
+        }
         self.report(&state);
         self.update_ready(&state);
         Ok(state)
+    }
+
+    /// Someone else's settings in our entry of `value` (the file `real`), written after we
+    /// asserted ours: left alone, so two installers never rewrite a file back and forth.
+    fn foreign_entry(&self, real: &Path, value: &Value, name: &OsStr) -> Option<State> {
+        let found = conflist::our_entry(value)?;
+        let mine = self.seen.get(real)?;
+        (found != &self.entry && mine != found).then(|| {
+            State::Foreign(
+                name.to_string_lossy().into_owned(),
+                format!(
+                    "{}: our entry was rewritten with other settings by someone else (another \
+                     installer, or a hand edit); leaving it (restart this installer to apply \
+                     ours)",
+                    self.opts.conf_dir.join(name).display()
+                ),
+            )
+        })
     }
 
     fn reconcile_once(&mut self) -> Result<Pass, InstallError> {
@@ -491,30 +568,23 @@ impl Installer {
             Err(pass) => return Ok(pass),
         };
         let path = self.opts.conf_dir.join(&c.name);
-        // Two installers with different settings (or a hand edit of our entry): each asserts its
-        // own entry once after it starts; a later change to our entry by someone else is left
-        // alone, so they never rewrite the file back and forth.
-        if let Some(found) = conflist::our_entry(&c.value) {
-            if found != &self.entry {
-                if let Some(mine) = self.seen.get(&c.real) {
-                    if mine != found {
-                        return Ok(Pass::Done(State::Foreign(
-                            c.name.clone(),
-                            format!(
-                                "{}: our entry was rewritten with other settings by someone else \
-                                 (another installer, or a hand edit); leaving it (restart this \
-                                 installer to apply ours)",
-                                path.display()
-                            ),
-                        )));
-                    }
-                }
-            }
+        if let Some(why) = compat::unservable(&c.value) {
+            return Ok(Pass::Done(State::Blocked(format!(
+                "{} {why}; not chaining (every pod ADD on the node would fail)",
+                path.display()
+            ))));
         }
+        if c.value.get("plugins").is_none() {
+            return self.chain_single(c);
+        }
+        if let Some(state) = self.foreign_entry(&c.real, &c.value, &c.name) {
+            return Ok(Pass::Done(state));
+        }
+        let name = c.name.to_string_lossy().into_owned();
         let patched = match conflist::patch(&c.bytes, &c.value, &self.entry) {
             Ok(None) => {
                 self.seen.insert(c.real.clone(), self.entry.clone());
-                return Ok(Pass::Done(State::Ready(c.name)));
+                return Ok(Pass::Done(State::Ready(name)));
             }
             Ok(Some(p)) => p,
             Err(e) => {
@@ -524,93 +594,25 @@ impl Installer {
                 ))))
             }
         };
-        let target = conflist::target_name(&c.name, &c.value);
-        if target == c.name {
-            return match replace_checked(&c.real, &c.bytes, &patched).map_err(io_err(&c.real))? {
-                Swap::Raced => Ok(Pass::Raced(format!(
-                    "{} kept changing while we patched it",
-                    path.display()
-                ))),
-                Swap::Written => {
-                    self.seen.insert(c.real.clone(), self.entry.clone());
-                    if c.linked {
-                        log::info!(
-                            "added our entry to {} (the target of {})",
-                            c.real.display(),
-                            path.display()
-                        );
-                    } else {
-                        log::info!("added our entry to {}", path.display());
-                    }
-                    Ok(Pass::Done(State::Ready(c.name)))
+        match replace_checked(&c.real, &c.bytes, &patched).map_err(io_err(&c.real))? {
+            Swap::Raced => Ok(Pass::Raced(format!(
+                "{} kept changing while we patched it",
+                path.display()
+            ))),
+            Swap::Written => {
+                self.seen.insert(c.real.clone(), self.entry.clone());
+                if c.linked {
+                    log::info!(
+                        "added our entry to {} (the target of {})",
+                        c.real.display(),
+                        path.display()
+                    );
+                } else {
+                    log::info!("added our entry to {}", path.display());
                 }
-            };
-        }
-        self.convert(c, &target, &patched)
-    }
-
-    /// A lone `.conf` becomes `<stem>.conflist` holding our entry; the `.conf` is removed only
-    /// if it still holds what we converted (otherwise it is put back and converted again).
-    fn convert(&mut self, c: Config, target: &str, patched: &[u8]) -> Result<Pass, InstallError> {
-        let dir = &self.opts.conf_dir;
-        let path = dir.join(&c.name);
-        let target_path = dir.join(target);
-        if c.linked {
-            return Ok(Pass::Done(State::Blocked(format!(
-                "{} is a symlink to a single-plugin config; it would have to become a list \
-                 (.conflist) to chain, which we do not do through a link; not chaining",
-                path.display()
-            ))));
-        }
-        // Never overwrite a list someone else owns: only one we wrote before (it holds our
-        // entry) may be replaced.
-        if let Ok(existing) = std::fs::read(&target_path) {
-            let ours = conflist::parse(&existing)
-                .map(|c| conflist::contains_ours(&c))
-                .unwrap_or(false);
-            if !ours {
-                return Ok(Pass::Done(State::Blocked(format!(
-                    "{}: converting it would overwrite {}, which is not ours; fix the conf dir",
-                    path.display(),
-                    target_path.display()
-                ))));
+                Ok(Pass::Done(State::Ready(name)))
             }
         }
-        let mode = files::mode_of(&path).unwrap_or(0o644);
-        files::atomic_write(dir, target, patched, mode).map_err(io_err(&target_path))?;
-        // Take the .conf away atomically, then check what we took.
-        let taken = dir.join(format!(".{}.{}.taken.tmp", c.name, std::process::id()));
-        match std::fs::rename(&path, &taken) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Pass::Raced(format!("{} vanished", path.display())))
-            }
-            Err(e) => return Err(io_err(&path)(e)),
-        }
-        let took = std::fs::read(&taken).map_err(io_err(&taken))?;
-        if took != c.bytes {
-            // The primary wrote it again in between: put its newer file back (unless it wrote
-            // yet another one meanwhile), and convert that on the next attempt.
-            if path.exists() {
-                files::remove_if_present(&taken).map_err(io_err(&taken))?;
-            } else {
-                std::fs::rename(&taken, &path).map_err(io_err(&path))?;
-            }
-            return Ok(Pass::Raced(format!(
-                "{} changed while we converted it",
-                path.display()
-            )));
-        }
-        files::remove_if_present(&taken).map_err(io_err(&taken))?;
-        files::sync_dir(dir).map_err(io_err(dir))?;
-        self.seen
-            .insert(c.real.with_file_name(target), self.entry.clone());
-        log::info!(
-            "converted {} into {} and added our entry",
-            path.display(),
-            target_path.display()
-        );
-        Ok(Pass::Done(State::Ready(target.to_string())))
     }
 
     fn report(&mut self, state: &State) {
@@ -677,8 +679,20 @@ impl Installer {
             let _ = files::remove_if_present(&dir.join(READY_FILE));
         }
         let dir = &self.opts.conf_dir;
-        let names = match self.config_names() {
-            Ok(n) => n,
+        let names = match self.listing() {
+            Ok(l) => {
+                // Our chained copies go whole: without our entry they would only repeat (and
+                // shadow) their source.
+                for (name, _) in &l.chained {
+                    let path = dir.join(name);
+                    match files::remove_if_present(&path) {
+                        Ok(true) => log::info!("removed {}", path.display()),
+                        Ok(false) => {}
+                        Err(e) => log::warn!("uninstall: {}: {e}", path.display()),
+                    }
+                }
+                l.foreign
+            }
             Err(InstallError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
@@ -790,18 +804,18 @@ impl Installer {
         std::fs::create_dir_all(&self.opts.conf_dir).map_err(io_err(&self.opts.conf_dir))?;
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .map_err(|e| InstallError::Sys("inotify_init", e))?;
-        let mut conf_wd = self.watch(&inotify);
-        // Symlinked configs whose target lives in another directory: that directory's watch
-        // and the target names in it (refreshed after every pass).
-        let mut targets = HashMap::new();
+        let mut watches = watch::Watches::default();
+        watches.watch_conf(&inotify, &self.opts.conf_dir);
         // After a failed pass (a write that keeps failing: ENOSPC, EBUSY on a bind-mounted
         // file, a read-only mount) the next one waits, doubling up to BACKOFF_MAX; events in
         // between are collected, not acted on.
         let mut backoff = Duration::ZERO;
         let mut last_pass = Instant::now();
         let mut cache_watch = self.cache_watch();
+        // Links watched before the first read: a re-point during the pass is an event.
+        self.refresh_watches(&inotify, &mut watches);
         let mut pending = !self.pass();
-        self.watch_targets(&inotify, &mut targets);
+        pending |= self.refresh_watches(&inotify, &mut watches);
         // The pods after the watches: `ready` is already written, and a config write the
         // watches would miss meanwhile would wait for the next resync.
         self.reconcile_pods(None);
@@ -841,17 +855,23 @@ impl Installer {
                 // Writers often do several steps (write temp, rename, chmod): let them settle
                 // briefly, then handle everything in one pass.
                 std::thread::sleep(Duration::from_millis(30));
-                let events = drain(&inotify, conf_wd, &targets);
+                let events = watches.drain(&inotify);
                 if events.dir_gone {
                     // The conf dir itself went away or was replaced: re-establish the watch.
-                    conf_wd = None;
+                    watches.lose_conf();
+                }
+                if events.relink {
+                    // A link on the way to the conf dir or a config was re-pointed: watch
+                    // what the paths lead to now (docs/ARCHITECTURE.md, pitfall 72).
+                    watches.watch_conf(&inotify, &self.opts.conf_dir);
+                    self.refresh_watches(&inotify, &mut watches);
                 }
                 // Only config names matter: our own temp files (and the primary's) and other
                 // files such as kubeconfigs never trigger a pass.
                 pending |= events.configs || events.dir_gone;
             }
-            if conf_wd.is_none() {
-                conf_wd = self.watch(&inotify);
+            if !watches.has_conf() {
+                watches.watch_conf(&inotify, &self.opts.conf_dir);
             }
             if cache_event {
                 self.cache_event(cache_watch.as_mut());
@@ -859,14 +879,15 @@ impl Installer {
             let due = if pending { backoff } else { self.opts.resync };
             if last_pass.elapsed() >= due || (pending && backoff.is_zero()) {
                 let ok = self.pass();
-                self.watch_targets(&inotify, &mut targets);
+                let moved = self.refresh_watches(&inotify, &mut watches);
                 if let Some(w) = cache_watch.as_mut() {
                     w.rewatch();
                 }
                 self.reconcile_pods(None);
                 last_pass = Instant::now();
                 if ok {
-                    pending = false;
+                    // The conf dir's path moved during the pass: once more, where it leads now.
+                    pending = moved;
                     backoff = Duration::ZERO;
                 } else {
                     pending = true;
@@ -886,47 +907,19 @@ impl Installer {
         self.uninstall()
     }
 
-    /// Adds the conf-dir watch; `None` (logged) when the dir is missing, retried on resync.
-    fn watch(&self, inotify: &Inotify) -> Option<WatchDescriptor> {
-        let mask = FILE_EVENTS | AddWatchFlags::IN_DELETE_SELF | AddWatchFlags::IN_MOVE_SELF;
-        match inotify.add_watch(&self.opts.conf_dir, mask) {
-            Ok(wd) => Some(wd),
-            Err(e) => {
-                log::warn!("cannot watch {}: {e}", self.opts.conf_dir.display());
-                None
-            }
+    /// Watches the links and symlink targets on the way to the conf dir and its configs. True
+    /// when the conf dir's watch had to move (a pass is due: it may have read the old one).
+    fn refresh_watches(&self, inotify: &Inotify, watches: &mut watch::Watches) -> bool {
+        let names = self.config_names().unwrap_or_default();
+        let moved = watches.refresh(inotify, &self.opts.conf_dir, &names);
+        if moved {
+            log::info!(
+                "{} now leads somewhere else; watching it there",
+                self.opts.conf_dir.display()
+            );
+            watches.watch_conf(inotify, &self.opts.conf_dir);
         }
-    }
-
-    /// Watches the directories of symlinked configs' targets outside the conf dir, so an
-    /// update there (the file the runtime reads) is repaired as fast as one in the conf dir.
-    fn watch_targets(
-        &self,
-        inotify: &Inotify,
-        targets: &mut HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
-    ) {
-        targets.clear();
-        let Ok(conf) = std::fs::canonicalize(&self.opts.conf_dir) else {
-            return;
-        };
-        for name in self.config_names().unwrap_or_default() {
-            let Ok(real) = std::fs::canonicalize(conf.join(&name)) else {
-                continue;
-            };
-            let (Some(dir), Some(file)) = (real.parent(), real.file_name()) else {
-                continue;
-            };
-            if dir == conf {
-                continue;
-            }
-            // Watching the same directory again returns the same descriptor.
-            match inotify.add_watch(dir, FILE_EVENTS) {
-                Ok(wd) => {
-                    targets.entry(wd).or_default().insert(file.to_os_string());
-                }
-                Err(e) => log::debug!("cannot watch {}: {e}", dir.display()),
-            }
-        }
+        moved
     }
 
     /// A reconcile whose errors are logged, not fatal: the next event or resync retries.
@@ -946,71 +939,6 @@ impl Installer {
         }
         ok
     }
-}
-
-/// The events that can change a config file in a watched directory.
-const FILE_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
-    .union(AddWatchFlags::IN_CLOSE_WRITE)
-    .union(AddWatchFlags::IN_MOVED_TO)
-    .union(AddWatchFlags::IN_MOVED_FROM)
-    .union(AddWatchFlags::IN_DELETE)
-    .union(AddWatchFlags::IN_ATTRIB);
-
-/// What a batch of inotify events was about.
-struct Events {
-    /// The watched directory itself went away or was replaced.
-    dir_gone: bool,
-    /// Some event named a config file (or had no name).
-    configs: bool,
-}
-
-/// Reads all pending inotify events: the conf dir's (`conf_wd`) and those of symlink targets'
-/// directories (`targets`: which names there matter).
-fn drain(
-    inotify: &Inotify,
-    conf_wd: Option<WatchDescriptor>,
-    targets: &HashMap<WatchDescriptor, HashSet<std::ffi::OsString>>,
-) -> Events {
-    let mut out = Events {
-        dir_gone: false,
-        configs: false,
-    };
-    let mut seen = HashSet::new();
-    while let Ok(events) = inotify.read_events() {
-        if events.is_empty() {
-            break;
-        }
-        for ev in events {
-            if Some(ev.wd) != conf_wd {
-                if let Some(names) = targets.get(&ev.wd) {
-                    if ev.name.as_ref().is_some_and(|n| names.contains(n)) {
-                        out.configs = true;
-                    }
-                }
-                continue;
-            }
-            if ev.mask.intersects(
-                AddWatchFlags::IN_DELETE_SELF
-                    | AddWatchFlags::IN_MOVE_SELF
-                    | AddWatchFlags::IN_IGNORED,
-            ) {
-                out.dir_gone = true;
-            }
-            match ev.name {
-                Some(name) => {
-                    if name.to_str().is_some_and(conflist::is_config_name) {
-                        out.configs = true;
-                    }
-                    seen.insert(name);
-                }
-                None => out.configs = true,
-            }
-        }
-    }
-    if !seen.is_empty() {
-        log::debug!("conf dir events for {seen:?}");
-    }
-    out
 }
 
 /// `--probe ready|alive`: exit status for a kubelet exec probe. `alive` fails when the loop has

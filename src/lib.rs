@@ -29,6 +29,7 @@ pub mod logging;
 pub mod netaddr;
 pub mod netns;
 pub mod nft;
+pub mod nslock;
 pub mod plan;
 pub mod routing;
 pub mod sidecar;

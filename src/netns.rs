@@ -37,6 +37,13 @@ pub enum NetnsError {
     Enter { path: PathBuf, err: nix::Error },
     #[error("CNI_NETNS {}: the thread inside the network namespace panicked", show(.0))]
     Panicked(PathBuf),
+    /// Another caller holds the namespace's lock (`crate::nslock`) for too long, or the lock
+    /// file cannot be made.
+    #[error("CNI_NETNS {}: {err}", show(path))]
+    Lock {
+        path: PathBuf,
+        err: crate::nslock::LockError,
+    },
 }
 
 fn show(p: &Path) -> String {
@@ -49,6 +56,34 @@ pub fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, N
         return Err(NetnsError::Gone(path.to_path_buf()));
     }
     let file = open_namespace(path)?;
+    enter(path, &file, f)
+}
+
+/// `run_in` holding the namespace's lock (`crate::nslock`) around `f`: what every caller that
+/// changes or verifies our objects in a netns uses, so one netns has one writer at a time.
+pub fn run_locked<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+    if path.as_os_str().is_empty() {
+        return Err(NetnsError::Gone(path.to_path_buf()));
+    }
+    let file = open_namespace(path)?;
+    let _held = lock_namespace(path, &file)?;
+    enter(path, &file, f)
+}
+
+/// Takes the lock for the open namespace file `file` (opened from `path`).
+pub fn lock_namespace(path: &Path, file: &File) -> Result<crate::nslock::NetnsLock, NetnsError> {
+    crate::nslock::lock(
+        Path::new(crate::nslock::LOCK_DIR),
+        file,
+        crate::nslock::WAIT,
+    )
+    .map_err(|err| NetnsError::Lock {
+        path: path.to_path_buf(),
+        err,
+    })
+}
+
+fn enter<T: Send>(path: &Path, file: &File, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
     std::thread::scope(|s| {
         let h = s.spawn(|| {
             setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|err| NetnsError::Enter {

@@ -92,9 +92,15 @@ fn inject_matches_golden_and_is_idempotent() {
             golden.display()
         );
 
-        // Output name: lists keep theirs, a lone .conf becomes .conflist.
-        let target = conflist::target_name(&file, &before);
-        assert!(target.ends_with(".conflist"), "{name}: {target}");
+        // Output name: lists keep theirs; a lone .conf gets a chained copy that sorts first.
+        if before.get("plugins").is_none() {
+            let copy = tproxy_cni::install::chained::name_for(std::ffi::OsStr::new(&file))
+                .unwrap_or_else(|| panic!("{name}: no chained name for {file}"));
+            assert!(
+                copy.as_encoded_bytes() < file.as_bytes(),
+                "{name}: {copy:?}"
+            );
+        }
 
         // The list's version and all top-level keys stay, in order.
         let list = conflist::to_list(&before).unwrap();
@@ -309,7 +315,7 @@ fn truncated_and_mangled_fixtures_never_panic() {
                     let _ = conflist::unpatch(&v, &c);
                     let _ = conflist::remove(&c);
                     let _ = conflist::to_list(&c);
-                    let _ = conflist::target_name(&name, &c);
+                    let _ = tproxy_cni::install::chained::render(&v, &c, &entry, &name);
                 }
             }
         }

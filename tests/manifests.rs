@@ -801,8 +801,8 @@ fn installer_host_dirs(ds: &DaemonSet) -> (String, String) {
     (host_dir("--conf-dir="), host_dir("--bin-dir="))
 }
 
-/// Every hostPath of the pod: the installer must mount the CNI dirs, libcni's cache and the
-/// netns dir, and nothing else.
+/// Every hostPath of the pod: the installer must mount the CNI dirs, libcni's cache, the netns
+/// dir and the plugin's per-netns lock dir, and nothing else.
 fn host_paths(ds: &DaemonSet) -> BTreeSet<String> {
     let spec = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     spec.volumes
@@ -843,7 +843,7 @@ fn rendered_installers_use_the_dirs_of_their_platform_table_row() {
             "{at}"
         );
         // Besides the row's two dirs, the reconcile loop's libcni cache and netns dirs (the
-        // runtimes' defaults on every platform of the table).
+        // runtimes' defaults on every platform of the table) and the plugin's lock dir.
         assert_eq!(
             host_paths(&ds[0]),
             BTreeSet::from([
@@ -851,6 +851,7 @@ fn rendered_installers_use_the_dirs_of_their_platform_table_row() {
                 row.bin.clone(),
                 "/var/lib/cni".to_string(),
                 "/var/run/netns".to_string(),
+                "/run/tproxy-cni/locks".to_string(),
             ]),
             "{at}"
         );

@@ -125,39 +125,14 @@ impl NetConf {
         })
     }
 
-    /// The pod's addresses from `prevResult.ips` (`address` is `IP/prefix`). Entries we cannot
+    /// The pod's own addresses from `prevResult.ips` (`address` is `IP/prefix`; rules in
+    /// `podips`). Entries we cannot
     /// read are reported: a malformed prevResult is a broken chain, not something to guess at.
     pub fn pod_ips(&self) -> Result<Vec<IpAddr>, CniError> {
         let Some(prev) = &self.prev_result else {
             return Ok(Vec::new());
         };
-        let ips = match prev.get("ips") {
-            None | Some(Value::Null) => return Ok(Vec::new()),
-            Some(Value::Array(a)) => a,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "\"prevResult.ips\": must be a list, got {}",
-                    echo_json(other)
-                )))
-            }
-        };
-        let mut out = Vec::new();
-        for (i, ip) in ips.iter().enumerate() {
-            let addr = ip.get("address").and_then(Value::as_str).ok_or_else(|| {
-                invalid(format!(
-                    "\"prevResult.ips[{i}].address\" is missing or not a string"
-                ))
-            })?;
-            let host = addr.split('/').next().unwrap_or(addr);
-            let parsed: IpAddr = host.parse().map_err(|_| {
-                invalid(format!(
-                    "\"prevResult.ips[{i}].address\": {} is not an IP/prefix",
-                    echo(addr)
-                ))
-            })?;
-            out.push(parsed);
-        }
-        Ok(out)
+        super::podips::pod_addresses(prev)
     }
 }
 

@@ -12,6 +12,8 @@ pub mod code {
     pub const DECODE: u32 = 6;
     /// Invalid network config (also: invalid pod annotations, missing prevResult).
     pub const INVALID_CONFIG: u32 = 7;
+    /// Try again later (another caller holds the pod netns's lock too long).
+    pub const TRY_AGAIN: u32 = 11;
     /// Ours: programming the kernel (nftables / rtnetlink / netns) failed; nothing was left.
     pub const KERNEL: u32 = 100;
     /// Ours: CHECK found the pod's kernel state differs from the plan.
@@ -97,7 +99,14 @@ impl From<crate::annotations::PolicyError> for CniError {
 
 impl From<crate::netns::NetnsError> for CniError {
     fn from(e: crate::netns::NetnsError) -> Self {
-        CniError::new(code::KERNEL, e.to_string())
+        let c = match &e {
+            crate::netns::NetnsError::Lock {
+                err: crate::nslock::LockError::Busy { .. },
+                ..
+            } => code::TRY_AGAIN,
+            _ => code::KERNEL,
+        };
+        CniError::new(c, e.to_string())
     }
 }
 

@@ -9,8 +9,9 @@
 //!   decides which one per `--runtime`);
 //! - the file is patched as text (`patch`/`unpatch`): only our entry's bytes change, so numbers
 //!   (`1e3`, big integers, long fractions), spacing and order stay as the primary wrote them;
-//! - a lone `.conf` becomes a list the way libcni's `ConfListFromConf` does it (name and
-//!   cniVersion lifted to the list, the plugin object kept whole), because only lists chain;
+//! - a lone `.conf` is converted to a list the way libcni's `ConfListFromConf` does it (name
+//!   and cniVersion lifted to the list, the plugin object kept whole), because only lists
+//!   chain; the result goes into a separate file of ours (`chained`), never over the `.conf`;
 //! - our entry goes **last** when missing, but an entry already present stays where it is and is
 //!   updated in place: a second chained plugin that also wants to be last would otherwise fight
 //!   us forever, each rewrite triggering the other's watch;
@@ -43,25 +44,21 @@ pub fn is_config_name(name: &str) -> bool {
     CONFIG_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
 }
 
+/// `is_config_name` on a name as bytes (names need not be UTF-8).
+pub fn is_config_os(name: &std::ffi::OsStr) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let b = name.as_bytes();
+    CONFIG_EXTENSIONS
+        .iter()
+        .any(|ext| b.ends_with(ext.as_bytes()))
+}
+
 /// The primary config among a directory's file names: the lexically first config name.
 pub fn select_primary<'a, I>(names: I) -> Option<&'a str>
 where
     I: IntoIterator<Item = &'a str>,
 {
     names.into_iter().filter(|n| is_config_name(n)).min()
-}
-
-/// Where a patched config is written: `.conf`/`.json` single configs become `<stem>.conflist`,
-/// lists keep their name.
-pub fn target_name(name: &str, config: &Value) -> String {
-    if config.get("plugins").is_some() {
-        return name.to_string();
-    }
-    let stem = CONFIG_EXTENSIONS
-        .iter()
-        .find_map(|ext| name.strip_suffix(ext))
-        .unwrap_or(name);
-    format!("{stem}.conflist")
 }
 
 /// Parses a config file's bytes; a clear error for anything that is not a JSON object.
@@ -629,22 +626,6 @@ mod tests {
         assert_eq!(
             select_primary(["a.conf", "B.conf", "1.conf"].iter().copied()),
             Some("1.conf")
-        );
-    }
-
-    #[test]
-    fn target_names() {
-        assert_eq!(
-            target_name("10-x.conf", &json!({"type": "b"})),
-            "10-x.conflist"
-        );
-        assert_eq!(
-            target_name("10-x.json", &json!({"type": "b"})),
-            "10-x.conflist"
-        );
-        assert_eq!(
-            target_name("10-x.json", &json!({"plugins": []})),
-            "10-x.json"
         );
     }
 

@@ -4,23 +4,33 @@
 //! same directory means same file system, so the rename is atomic, and the dot name plus the
 //! `.tmp` suffix keep runtimes (which load `.conf`/`.conflist`/`.json`) from ever loading it.
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// A temporary path next to `dest`, unique per process and call.
-fn temp_path(dir: &Path, name: &str) -> PathBuf {
+/// A temporary path next to `dest`, unique per process and call. Names are bytes (a config
+/// name need not be UTF-8; docs/ARCHITECTURE.md, pitfall 71).
+fn temp_path(dir: &Path, name: &OsStr) -> PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static SEQ: AtomicU32 = AtomicU32::new(0);
     let n = SEQ.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()))
+    let mut tmp = OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".{}.{n}.tmp", std::process::id()));
+    dir.join(tmp)
 }
 
 /// Writes `bytes` to a new temporary file next to `dir/name` (mode `mode`, synced) and returns
 /// its path. The name starts with a dot and ends in `.tmp`: never a config name.
-pub fn write_temp(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
-    let tmp = temp_path(dir, name);
+pub fn write_temp(
+    dir: &Path,
+    name: impl AsRef<OsStr>,
+    bytes: &[u8],
+    mode: u32,
+) -> io::Result<PathBuf> {
+    let tmp = temp_path(dir, name.as_ref());
     let result = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -48,9 +58,14 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `dir/name` atomically with permission bits `mode`.
-pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = write_temp(dir, name, bytes, mode)?;
-    let result = fs::rename(&tmp, dir.join(name)).and_then(|()| sync_dir(dir));
+pub fn atomic_write(
+    dir: &Path,
+    name: impl AsRef<OsStr>,
+    bytes: &[u8],
+    mode: u32,
+) -> io::Result<()> {
+    let tmp = write_temp(dir, name.as_ref(), bytes, mode)?;
+    let result = fs::rename(&tmp, dir.join(name.as_ref())).and_then(|()| sync_dir(dir));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
