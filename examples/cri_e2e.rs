@@ -726,6 +726,7 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     std::fs::write(settings_dir.join("settings.json"), &settings)?;
     let health = node.a.work.join("health");
     std::fs::create_dir_all(&health)?;
+    std::fs::create_dir_all("/run/tproxy-cni/locks")?;
     // The DaemonSet's volumes, with the node's dirs being our temp ones.
     let host_of = |mount_path: &str| -> Option<PathBuf> {
         match mount_path {
@@ -733,6 +734,9 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
             "/host/etc/cni/net.d" => Some(node.conf_dir()),
             "/etc/tproxy-cni" => Some(settings_dir.clone()),
             "/run/tproxy-cni" => Some(health.clone()),
+            // The plugin's per-netns locks: the node's own dir, where the plugin that containerd
+            // runs takes them (hostPath DirectoryOrCreate: created below).
+            "/run/tproxy-cni/locks" => Some(PathBuf::from("/run/tproxy-cni/locks")),
             // containerd 1.6 keeps libcni's cache here, not configurable (pitfall 44).
             "/host/var/lib/cni" => Some(PathBuf::from("/var/lib/cni")),
             // Pod netns under containerd's state dir (netns_mounts_under_state_dir).

@@ -264,7 +264,8 @@ fn installer_daemonset_is_least_privilege_and_complete() {
         .iter()
         .any(|s| s.metadata.name.as_deref() == Some(sa)));
 
-    // Host paths: the CNI dirs, libcni's cache and the netns dir (the reconcile loop), nothing else.
+    // Host paths: the CNI dirs, libcni's cache, the netns dir and the plugin's per-netns locks
+    // (the reconcile loop), nothing else.
     let vols = spec.volumes.as_ref().unwrap();
     let host: BTreeSet<&str> = vols
         .iter()
@@ -276,7 +277,8 @@ fn installer_daemonset_is_least_privilege_and_complete() {
             "/etc/cni/net.d",
             "/opt/cni/bin",
             "/var/lib/cni",
-            "/var/run/netns"
+            "/var/run/netns",
+            "/run/tproxy-cni/locks"
         ])
     );
 
@@ -303,6 +305,9 @@ fn installer_daemonset_is_least_privilege_and_complete() {
     assert_eq!(mount("/host/var/lib/cni").read_only, Some(true));
     let netns = mount("/host/var/run/netns");
     assert_eq!(netns.mount_propagation.as_deref(), Some("HostToContainer"));
+    // The plugin's lock dir at the path the plugin uses, so repairs and the runtime's ADD/DEL
+    // of one pod take turns.
+    assert_eq!(mount("/run/tproxy-cni/locks").read_only, None);
     let res = c.resources.as_ref().unwrap();
     assert!(res.requests.is_some() && res.limits.is_some());
     assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
