@@ -63,6 +63,10 @@ pub struct Metrics {
     fd_exhausted: AtomicU64,
     /// Connections reset because their source IP held `--max-connections-per-source`.
     per_source_rejected: AtomicU64,
+    /// The open-file limit (0: unknown).
+    nofile: AtomicU64,
+    /// The splice pipe pool, for its gauges.
+    pipes: std::sync::OnceLock<std::sync::Arc<super::pipes::PipePool>>,
     /// The data listeners, for their accept queues. Weak: a listener closes when its accept
     /// loop drops it (drain), whatever the metrics hold.
     listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Weak<tokio::net::TcpListener>)>>,
@@ -103,6 +107,14 @@ const NS_COUNTERS: [(NsCounter, &str, &str, &str); 3] = [
         "HTTP requests on X-Forwarded-For ports: forwarded, or the status the sidecar answered.",
     ),
 ];
+
+/// Descriptors open in this process, counted in `/proc/self/fd` (`None` without procfs).
+fn open_descriptors() -> Option<usize> {
+    // The directory handle itself is one entry of the listing.
+    std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count().saturating_sub(1))
+}
 
 /// Slots held by one served connection; given back on drop.
 #[derive(Debug)]
@@ -154,6 +166,12 @@ impl Metrics {
     }
     pub fn set_limit(&self, n: usize) {
         self.limit.store(n as u64, Relaxed);
+    }
+    pub fn set_nofile(&self, n: Option<u64>) {
+        self.nofile.store(n.unwrap_or(0), Relaxed);
+    }
+    pub fn set_pipes(&self, pool: &std::sync::Arc<super::pipes::PipePool>) {
+        let _ = self.pipes.set(pool.clone());
     }
     pub fn slot_taken(&self) -> SlotGuard<'_> {
         self.in_use.fetch_add(1, Relaxed);
@@ -295,6 +313,44 @@ impl Metrics {
             "Accepts, sockets or pipes refused for lack of file descriptors (EMFILE/ENFILE).",
             self.fd_exhausted.load(Relaxed).to_string(),
         );
+        if let Some(p) = self.pipes.get() {
+            let st = p.stats();
+            gauge(
+                "tproxy_sidecar_pipes_limit",
+                "gauge",
+                "Splice pipes the pool may hold at once, idle or lent (a share of the open-file limit).",
+                st.limit.to_string(),
+            );
+            gauge(
+                "tproxy_sidecar_pipes_open",
+                "gauge",
+                "Splice pipes open: idle in the pool or lent (two descriptors each).",
+                st.open.to_string(),
+            );
+            gauge(
+                "tproxy_sidecar_pipes_in_use",
+                "gauge",
+                "Splice pipes lent to a relay direction that is moving bytes.",
+                st.in_use.to_string(),
+            );
+        }
+        if let Some(n) = open_descriptors() {
+            gauge(
+                "tproxy_sidecar_descriptors_open",
+                "gauge",
+                "File descriptors the process holds (sockets, pipes, listeners, log).",
+                n.to_string(),
+            );
+        }
+        let nofile = self.nofile.load(Relaxed);
+        if nofile > 0 {
+            gauge(
+                "tproxy_sidecar_descriptors_limit",
+                "gauge",
+                "The open-file limit (RLIMIT_NOFILE) that connection slots and pipes are sized to.",
+                nofile.to_string(),
+            );
+        }
         gauge(
             "tproxy_sidecar_per_source_rejected_total",
             "counter",

@@ -16,6 +16,7 @@ use super::addr::{unmap, ClientAddr, DownstreamLocal, OrigDst, UpstreamLocal};
 use super::config::{Config, InboundMode};
 use super::httprelay::{self, HttpConn};
 use super::metrics::{Direction, Metrics, NsCounter};
+use super::pipes::PipePool;
 use super::ports::PortBook;
 use super::proxy_protocol as pp;
 use super::relay;
@@ -52,6 +53,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub log: AccessLog,
     pub ports: Arc<PortBook>,
+    /// The splice pipes every connection borrows from (pipes.rs).
+    pub pipes: Arc<PipePool>,
     pub permits: Arc<Semaphore>,
     /// `SO_MARK` value, if the probe found we may set it.
     pub mark: Option<u32>,
@@ -553,7 +556,16 @@ async fn serve(
             idle: shared.cfg.idle_timeout,
             metrics: Some(&shared.metrics),
         };
-        let o = httprelay::relay_http(down, &up, early, conn, shared.hard_stop.clone()).await;
+        // Boxed: its state (about 2.7 KiB) would otherwise size every connection's task, the
+        // plain ones too (docs/ARCHITECTURE.md, pitfall 80).
+        let o = Box::pin(httprelay::relay_http(
+            down,
+            &up,
+            early,
+            conn,
+            shared.hard_stop.clone(),
+        ))
+        .await;
         c.http_requests = Some(o.requests);
         if let Some(first) = o.first_client {
             if let xff::Source::Xff { .. } | xff::Source::PeerMalformedXff = first.source {
@@ -592,14 +604,16 @@ async fn serve(
     let o = relay::relay(
         down,
         &up,
-        shared.cfg.pipe_size,
+        &shared.pipes,
         shared.cfg.idle_timeout,
         shared.hard_stop.clone(),
     )
     .await;
-    if o.end == EndReason::Overloaded {
+    if o.pipes_refused > 0 {
         shared.metrics.fd_exhausted();
-        shared.log_error(format_args!("relay pipe: out of file descriptors"));
+        shared.log_error(format_args!(
+            "relay pipe: out of file descriptors; copied through user space instead"
+        ));
     }
     // We sent the first FIN to the app, so our upstream socket now holds its tuple in
     // TIME_WAIT. Without TCP timestamps no connect() may take it over for 60 s: the port book
