@@ -396,6 +396,7 @@ async fn serve(
         permits: permits.clone(),
         mark,
         hard_stop: hard_rx,
+        cut: relay::Cut::default(),
         mode,
         outbound_ports: Arc::default(),
         sources: Arc::default(),
@@ -445,6 +446,7 @@ async fn serve(
     {
         log::warn!("drain deadline reached; cutting remaining connections");
         let _ = hard_tx.send(true);
+        shared.cut.cut();
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
     }

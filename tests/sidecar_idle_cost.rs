@@ -13,17 +13,9 @@ use sidecar_support::*;
 
 /// Idle connections held at once.
 const IDLE: usize = 1000;
-/// What they may add to the sidecar's RSS: 3 MiB for a release build (`SIDECAR_BIN`), which
-/// measures 3.0 MiB (4.6 MiB before: docs/ARCHITECTURE.md, pitfall 80); the debug build under
-/// `cargo test`, whose futures are laid out differently, measures 3.1 MiB (4.6 MiB before) and
-/// gets 3.5 MiB.
-fn max_growth_kib() -> u64 {
-    if std::env::var_os("SIDECAR_BIN").is_some() {
-        3 * 1024
-    } else {
-        3 * 1024 + 512
-    }
-}
+/// What they may add to the sidecar's RSS: 3 MiB (docs/ARCHITECTURE.md, pitfall 80; 4.6 MiB
+/// before, debug and release builds alike).
+const MAX_GROWTH_KIB: u64 = 3 * 1024;
 /// Bytes each "bulk" connection sends and gets back: more than the relay's copy buffer
 /// (16 KiB), so that direction moves them with `splice` through a pipe.
 const BULK: usize = 64 * 1024;
@@ -149,10 +141,9 @@ fn thousand_idle_connections_cost_little_memory_and_two_descriptors_each() {
         growth as f64 / IDLE as f64
     );
     drop(conns);
-    let max = max_growth_kib();
     assert!(
-        growth <= max,
-        "{IDLE} idle connections grew the RSS by {growth} KiB (at most {max})"
+        growth <= MAX_GROWTH_KIB,
+        "{IDLE} idle connections grew the RSS by {growth} KiB (at most {MAX_GROWTH_KIB})"
     );
     // Two sockets each; a few more for pipes the pool keeps (docs/ARCHITECTURE.md, pitfall 81).
     let extra = fds1.saturating_sub(fds0 + 2 * IDLE);

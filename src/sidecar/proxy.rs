@@ -60,6 +60,8 @@ pub struct Shared {
     pub mark: Option<u32>,
     /// Turns true at the drain deadline: relays still running are cut.
     pub hard_stop: watch::Receiver<bool>,
+    /// The same deadline for the plain relays (`relay::Cut`).
+    pub cut: relay::Cut,
     /// The inbound mode (decides whether outbound upstreams may carry the mark).
     pub mode: InboundMode,
     /// Source ports of our live outbound upstream sockets: a connection to the outbound
@@ -264,13 +266,13 @@ pub async fn accept_loop(
                 Some(g) => Some(g),
                 None => {
                     shared.metrics.per_source_rejected();
-                    tokio::spawn(handle(
-                        shared.clone(),
-                        stream,
+                    tokio::spawn(handle(Box::new(Accepted {
+                        shared: shared.clone(),
+                        down: stream,
                         peer,
                         role,
-                        Admission::SourceLimited,
-                    ));
+                        admit: Admission::SourceLimited,
+                    })));
                     continue;
                 }
             },
@@ -290,7 +292,13 @@ pub async fn accept_loop(
             _permit: permit,
             _source: source,
         };
-        tokio::spawn(handle(shared.clone(), stream, peer, role, admit));
+        tokio::spawn(handle(Box::new(Accepted {
+            shared: shared.clone(),
+            down: stream,
+            peer,
+            role,
+            admit,
+        })));
     }
 }
 
@@ -312,13 +320,31 @@ struct Conn {
     http_requests: Option<u64>,
 }
 
-async fn handle(
+/// An accepted connection, handed to `handle` in a box: an `async fn` keeps its arguments for
+/// its whole life beside the locals they move into, so passed one by one they would take their
+/// room twice in every connection's task (docs/ARCHITECTURE.md, pitfall 80).
+struct Accepted {
     shared: Arc<Shared>,
     down: TcpStream,
     peer: SocketAddr,
     role: Role,
     admit: Admission,
-) {
+}
+
+#[allow(clippy::boxed_local)] // the point: the box is dropped when this returns
+fn unbox(a: Box<Accepted>) -> Accepted {
+    *a
+}
+
+async fn handle(a: Box<Accepted>) {
+    // Moved out through a function, so the box is freed now, not when `handle` ends.
+    let Accepted {
+        shared,
+        down,
+        peer,
+        role,
+        admit,
+    } = unbox(a);
     let dir = role.direction();
     let _slot = match admit {
         Admission::Served { .. } => Some(shared.metrics.slot_taken()),
@@ -606,7 +632,7 @@ async fn serve(
         &up,
         &shared.pipes,
         shared.cfg.idle_timeout,
-        shared.hard_stop.clone(),
+        &shared.cut,
     )
     .await;
     if o.pipes_refused > 0 {

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::accesslog::EndReason;
 use super::pipes::PipePool;
@@ -66,14 +66,14 @@ enum Side {
 }
 
 /// Relays until both directions reached EOF, one side failed, the connection idled for
-/// `idle`, or `stop` turned true (drain deadline). Both sockets must already carry `SO_LINGER`
+/// `idle`, or `stop` was cut (drain deadline). Both sockets must already carry `SO_LINGER`
 /// 0 (`sockopt::reset_on_close`).
 pub async fn relay(
     down: &TcpStream,
     up: &TcpStream,
     pipes: &PipePool,
     idle: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: &Cut,
 ) -> Outcome {
     // Atomics rather than Cells only so the future stays `Send` for `tokio::spawn`; everything
     // runs on one task, so the orderings are moot.
@@ -121,15 +121,7 @@ pub async fn relay(
             tokio::time::sleep_until(deadline.into()).await;
         }
     };
-    let stopped = async {
-        // Already-set or later-set `true`; a dropped sender means "never". `changed` rather
-        // than `wait_for`: a smaller future, in every connection's task (pitfall 80).
-        while !*stop.borrow_and_update() {
-            if stop.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    };
+    let stopped = stop.wait();
     // A reset (or any error) on a socket its reading direction does not wait on: that
     // direction saw EOF (pitfalls 16 and 24) or waits to write. Watched only then, from a
     // boxed future: an idle connection, both directions waiting to read, carries no watcher
@@ -198,6 +190,36 @@ pub async fn relay(
         end,
         upstream_fin_first: last.first_eof.load(Relaxed) == EOF_DOWNSTREAM,
         pipes_refused: refused.load(Relaxed),
+    }
+}
+
+/// The drain deadline, for every relay of the process: a flag and a `Notify` rather than a
+/// `watch` receiver per connection, whose clone and wait took about 170 bytes of every
+/// connection's task (docs/ARCHITECTURE.md, pitfall 80).
+#[derive(Debug, Default)]
+pub struct Cut {
+    on: AtomicBool,
+    notify: Notify,
+}
+
+impl Cut {
+    /// Ends every relay, running or yet to start, with `EndReason::Drained`.
+    pub fn cut(&self) {
+        self.on.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once `cut` was called. The `Notified` exists before the flag is read, and
+    /// `notify_waiters` reaches every `Notified` already created, polled or not: no cut is
+    /// missed between the two.
+    async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.on.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
     }
 }
 
@@ -302,6 +324,8 @@ enum Step {
     Eof,
     /// The source has nothing more for now.
     Drained,
+    /// A short read: drained too, once its readiness is cleared.
+    Short,
     /// The buffer filled: more is probably waiting.
     Full,
 }
@@ -323,30 +347,41 @@ struct Dir<'a> {
     unwatched: AtomicBool,
 }
 
-/// One `recv` into the per-thread buffer and its `send`, waiting for the destination only for
-/// the part it could not take at once.
-async fn copy_once(d: &Dir<'_>) -> Result<Step, Side> {
+/// One `recv` into the per-thread buffer and its `send`. Returns what the direction does next
+/// and what the destination could not take at once, for `send_rest`. Not `async`: its state
+/// would sit in every connection's task (docs/ARCHITECTURE.md, pitfall 80).
+fn copy_once(d: &Dir<'_>) -> Result<(Step, Vec<u8>), Side> {
     let step = copy_step(d.src, d.dst).map_err(|s| match s {
         Side2::Src => d.src_side,
         Side2::Dst => d.dst_side,
     })?;
     match step {
-        Copied::Again => Ok(Step::Drained),
-        Copied::Eof => Ok(Step::Eof),
+        Copied::Again => Ok((Step::Drained, Vec::new())),
+        Copied::Eof => Ok((Step::Eof, Vec::new())),
         Copied::Data { n, unsent, full } => {
             d.last.touch();
             d.moved.fetch_add((n - unsent.len()) as u64, Relaxed);
-            if !unsent.is_empty() {
-                send_rest(d, unsent).await?;
-            }
-            if full {
-                Ok(Step::Full)
-            } else {
-                clear_readable(d.src);
-                Ok(Step::Drained)
-            }
+            Ok((if full { Step::Full } else { Step::Short }, unsent))
         }
     }
+}
+
+/// `copy_once`, then the rest sent, then a short read's readiness cleared (after the send, as
+/// the copy loop always did).
+macro_rules! copy_and_send {
+    ($d:expr) => {{
+        let d = $d;
+        let (step, unsent) = copy_once(d)?;
+        if !unsent.is_empty() {
+            send_rest(d, unsent).await?;
+        }
+        if let Step::Short = step {
+            clear_readable(d.src);
+            Step::Drained
+        } else {
+            step
+        }
+    }};
 }
 
 /// Sends what the destination could not take at once, waiting for it to drain (rare: its
@@ -398,9 +433,9 @@ async fn pump(d: &Dir<'_>) -> Result<(), Side> {
     // Copy phase.
     loop {
         read_ready(d.src).await.map_err(|_| d.src_side)?;
-        match copy_once(d).await? {
+        match copy_and_send!(d) {
             Step::Eof => return eof(),
-            Step::Drained => {}
+            Step::Drained | Step::Short => {}
             Step::Full => break,
         }
     }
@@ -421,9 +456,9 @@ async fn pump(d: &Dir<'_>) -> Result<(), Side> {
         };
         let Some(lease) = lease else {
             loop {
-                match copy_once(d).await? {
+                match copy_and_send!(d) {
                     Step::Eof => return eof(),
-                    Step::Drained => break,
+                    Step::Drained | Step::Short => break,
                     Step::Full => {}
                 }
             }
@@ -511,11 +546,8 @@ mod tests {
         // As the sidecar does when it gets each socket.
         sockopt::reset_on_close(&down);
         sockopt::reset_on_close(&up);
-        let (tx, rx) = watch::channel(false);
-        let h = tokio::spawn(async move {
-            let _keep = tx;
-            relay(&down, &up, &pool(), idle, rx).await
-        });
+        let h =
+            tokio::spawn(async move { relay(&down, &up, &pool(), idle, &Cut::default()).await });
         (client, app, h)
     }
 
@@ -715,13 +747,11 @@ mod tests {
         let (up, app) = pair().await;
         sockopt::reset_on_close(&down);
         sockopt::reset_on_close(&up);
-        let (tx, rx) = watch::channel(false);
         let down = std::sync::Arc::new(down);
         let up = std::sync::Arc::new(up);
         let (d, u) = (down.clone(), up.clone());
         let h = tokio::spawn(async move {
-            let _keep = tx;
-            relay(&d, &u, &pool(), Duration::from_secs(5), rx).await
+            relay(&d, &u, &pool(), Duration::from_secs(5), &Cut::default()).await
         });
         let linger = |s: &TcpStream| socket2::SockRef::from(s).linger().unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -739,6 +769,30 @@ mod tests {
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).await.unwrap(), 0);
         assert_eq!(app.read(&mut b).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_drain_deadline_cuts_running_and_later_relays() {
+        let cut = std::sync::Arc::new(Cut::default());
+        let start = |cut: std::sync::Arc<Cut>| async move {
+            let (client, down) = pair().await;
+            let (up, app) = pair().await;
+            sockopt::reset_on_close(&down);
+            sockopt::reset_on_close(&up);
+            let h = tokio::spawn(async move {
+                relay(&down, &up, &pool(), Duration::from_secs(30), &cut).await
+            });
+            (client, app, h)
+        };
+        let (mut client, _app, running) = start(cut.clone()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cut.cut();
+        assert_eq!(ended(running).await.end, EndReason::Drained);
+        let mut b = [0u8; 8];
+        assert!(client.read(&mut b).await.is_err(), "the client is reset");
+        // A relay that starts after the cut ends at once too.
+        let (_c, _a, later) = start(cut.clone()).await;
+        assert_eq!(ended(later).await.end, EndReason::Drained);
     }
 
     #[tokio::test]
