@@ -8,17 +8,19 @@
 //! - `ports`: upstream source-port choice that never recreates a client's tuple
 //!   (docs/ARCHITECTURE.md, pitfall 12).
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
-//! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation.
+//! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation;
+//!   `pipes`: the bounded pool of splice pipes it borrows from.
 //! - `proxy_protocol`, `xff`, `http1`, `acl`: north-south building blocks (pure);
 //!   `httprelay`: the HTTP/1.1 relay of the XFF ports that uses them.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
 //!
 //! Runtime: one current-thread tokio runtime per worker (`--workers`, by default as many as the
 //! CPUs the process may use), each accepting on its own `SO_REUSEPORT` listeners; the admin
-//! port, signals and the drain live on the first. Every connection is a task of a few hundred
-//! bytes plus two kernel pipes, served by the worker that accepted it; bytes never enter user
-//! space. State that must be per process (the port book, the connection slots, the per-source
-//! counts, our outbound ports) is shared by all workers behind short locks.
+//! port, signals and the drain live on the first. Every connection is a task of about 1.7 KiB
+//! and its two sockets, served by the worker that accepted it; a direction moving bulk bytes
+//! borrows a splice pipe from the process's pool (`pipes`), so bulk bytes never enter user
+//! space. State that must be per process (the port book, the connection slots, the pipe pool,
+//! the per-source counts, our outbound ports) is shared by all workers behind short locks.
 
 pub mod accesslog;
 pub mod acl;

@@ -519,4 +519,36 @@ mod tests {
             assert!(!m.render().contains("tproxy_sidecar_accept_queue{"));
         });
     }
+
+    #[test]
+    fn pipe_pool_and_descriptor_gauges() {
+        let m = Metrics::default();
+        assert!(
+            !m.render().contains("tproxy_sidecar_pipes_"),
+            "no pool, no gauges"
+        );
+        let pool = std::sync::Arc::new(crate::sidecar::pipes::PipePool::new(65536, 7));
+        m.set_pipes(&pool);
+        m.set_nofile(Some(20_000));
+        let lease = pool.take().unwrap().expect("a pipe");
+        let t = m.render();
+        for line in [
+            "tproxy_sidecar_pipes_limit 7\n",
+            "tproxy_sidecar_pipes_open 1\n",
+            "tproxy_sidecar_pipes_in_use 1\n",
+            "tproxy_sidecar_descriptors_limit 20000\n",
+        ] {
+            assert!(t.contains(line), "{line}: {t}");
+        }
+        let open: usize = t
+            .lines()
+            .find_map(|l| l.strip_prefix("tproxy_sidecar_descriptors_open "))
+            .and_then(|v| v.parse().ok())
+            .expect("descriptors_open");
+        assert!(open >= 3, "stdio and the pipe at least: {open}");
+        lease.drained();
+        let t = m.render();
+        assert!(t.contains("tproxy_sidecar_pipes_open 1\n"), "{t}");
+        assert!(t.contains("tproxy_sidecar_pipes_in_use 0\n"), "{t}");
+    }
 }
