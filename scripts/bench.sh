@@ -24,6 +24,9 @@
 # proxy under keep-alive and Connection: close load, kept in ${CARGO_TARGET_DIR:-target}/bench/;
 # BENCH_RULES=nft applies the pod's ruleset with `nft -f` instead of the plugin (only to develop
 # the harness while the plugin is unfinished: real figures come from the plugin's own rules).
+# BENCH_HOLD="1000 10000" holds that many idle connections in turn (RSS and descriptors of the
+# proxy with each; default 1000); BENCH_OLD_SIDECAR=PATH adds the row sidecar-old, that binary
+# on the same rules, for same-run ratios against an earlier build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,6 +55,7 @@ else
 fi
 REPS=${BENCH_REPS:-$REPS}
 HOLD_N=1000 PROBE_N=200 PROBE_S=5
+HOLD_SIZES=(${BENCH_HOLD:-$HOLD_N})
 ROWS=(${BENCH_ROWS:-direct sidecar-tproxy sidecar-redirect sidecar-w2 sidecar-1cpu haproxy haproxy-istio nginx})
 [[ -z ${BENCH_SKIP_MAIN:-} ]] || ROWS=()
 CHURN_ROWS=(${BENCH_CHURN_ROWS:-direct sidecar-tproxy})
@@ -113,7 +117,9 @@ if [[ -z ${BENCH_SKIP_BUILD:-} ]]; then
 fi
 for b in tproxy-cni tproxy-sidecar examples/churn; do [[ -x $BIN/$b ]] || die "$BIN/$b missing"; done
 mkdir -p "$OUT"
-ulimit -n "$(ulimit -Hn)"  # the proxies hold 2 fds per connection
+# The proxies hold 2 fds per connection (the sidecar before its pipe pool: up to 6); root may
+# raise the hard limit, so 10,000 idle connections fit every proxy.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 in_c() { ip netns exec "$C" "$@"; }
 in_p() { ip netns exec "$P" "$@"; }
@@ -282,11 +288,16 @@ start_row() {
       as_proxy "$SIDECAR_UID" taskset -c 0 "$BIN/tproxy-sidecar" --mode "$mode" \
         --access-log off --workers auto >"$RUN/sidecar.log" 2>&1 &
       ;;
+    sidecar-old)
+      [[ -x ${BENCH_OLD_SIDECAR:-} ]] || die "sidecar-old needs BENCH_OLD_SIDECAR=PATH"
+      as_proxy "$SIDECAR_UID" "$BENCH_OLD_SIDECAR" --mode "$mode" --access-log off \
+        --workers 1 --max-connections 20000 >"$RUN/sidecar.log" 2>&1 &
+      ;;
     sidecar-*)
       # One worker, like the peers' one thread; defaults but the access log (the peers log
       # nothing either).
       as_proxy "$SIDECAR_UID" "$BIN/tproxy-sidecar" --mode "$mode" --access-log off \
-        --workers 1 >"$RUN/sidecar.log" 2>&1 &
+        --workers 1 --max-connections 20000 >"$RUN/sidecar.log" 2>&1 &
       ;;
     haproxy-istio)
       # HAProxy on the rules its users would write: Istio's TPROXY recipe (connmark return
@@ -373,6 +384,13 @@ rss_kib() {
   echo "$t"
 }
 
+# Descriptors the proxy's processes hold.
+fds_n() {
+  local t=0 p
+  for p in $(proxy_pids); do t=$((t + $(ls "/proc/$p/fd" 2>/dev/null | wc -l))); done
+  echo "$t"
+}
+
 rep=0
 rec() { printf '%s\t%s\t%s\t%s\n' "$rep" "$1" "$2" "$3" >>"$RESULTS"; }
 
@@ -412,6 +430,7 @@ measure_row() {
   rec "$row" ip_seen "$seen"
   rec "$row" ip_expected "$(expected_ip "$row")"
   [[ $row == direct ]] || rec "$row" rss_idle_kib "$(rss_kib)"
+  [[ $row == direct ]] || rec "$row" fds_idle "$(fds_n)"
   reset_counters
   # 2. Keep-alive (c=50), one connection, new connections (Connection: close).
   run_wrk "$row" ka -t1 -c50 -d"${DUR}s"
@@ -425,16 +444,23 @@ measure_row() {
   rec "$row" bulk_mib_s "$(awk -v s="$speed" 'BEGIN {printf "%.1f", s / 1048576}')"
   [[ $row == direct ]] || rec "$row" cpu_s_per_gib \
     "$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v m="$BULK_MIB" 'BEGIN {printf "%.3f", d / hz * 1024 / m}')"
-  # 4. RSS with HOLD_N open connections (each did one request through the proxy).
-  rm -f "$RUN/hold.ready" "$RUN/hold.stop"
-  in_c python3 scripts/bench/hold.py "$POD_IP" "$APP_PORT" "$HOLD_N" "$RUN/hold.ready" "$RUN/hold.stop" 60 &
-  local hold=$!
-  for _ in $(seq 600); do [[ -e $RUN/hold.ready ]] && break; sleep 0.1; done
-  sleep 0.3
-  [[ $row == direct ]] || rec "$row" rss_1k_kib "$(rss_kib)"
-  rec "$row" hold_failed "$(awk '{print $2}' "$RUN/hold.ready" 2>/dev/null || echo "$HOLD_N")"
-  touch "$RUN/hold.stop"
-  wait "$hold" || true
+  # 4. RSS and descriptors with N open connections (each did one request through the proxy),
+  # for each N of BENCH_HOLD; `rss_1k_kib` / `hold_failed` are the 1,000 row of the report.
+  local n sfx
+  for n in "${HOLD_SIZES[@]}"; do
+    sfx=$([[ $n == 1000 ]] && echo 1k || echo "$n")
+    rm -f "$RUN/hold.ready" "$RUN/hold.stop"
+    in_c python3 scripts/bench/hold.py "$POD_IP" "$APP_PORT" "$n" "$RUN/hold.ready" "$RUN/hold.stop" 60 5 120 &
+    local hold=$!
+    for _ in $(seq 1300); do [[ -e $RUN/hold.ready ]] && break; sleep 0.1; done
+    sleep 0.3
+    [[ $row == direct ]] || rec "$row" "rss_${sfx}_kib" "$(rss_kib)"
+    [[ $row == direct ]] || rec "$row" "fds_${sfx}" "$(fds_n)"
+    rec "$row" "$([[ $n == 1000 ]] && echo hold_failed || echo "hold_${sfx}_failed")" \
+      "$(awk '{print $2}' "$RUN/hold.ready" 2>/dev/null || echo "$n")"
+    touch "$RUN/hold.stop"
+    wait "$hold" || true
+  done
   # 5. Clash probes: the client holds PROBE_N connections open with ports from the range HAProxy
   # and nginx dial from (the pod's ephemeral range), then from 1024-32767 (where the sidecar
   # dials from); a proxy whose upstream leg takes a tuple a live client flow uses stalls.

@@ -8,17 +8,19 @@
 //! - `ports`: upstream source-port choice that never recreates a client's tuple
 //!   (docs/ARCHITECTURE.md, pitfall 12).
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
-//! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation.
+//! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation;
+//!   `pipes`: the bounded pool of splice pipes it borrows from.
 //! - `proxy_protocol`, `xff`, `http1`, `acl`: north-south building blocks (pure);
 //!   `httprelay`: the HTTP/1.1 relay of the XFF ports that uses them.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
 //!
 //! Runtime: one current-thread tokio runtime per worker (`--workers`, by default as many as the
 //! CPUs the process may use), each accepting on its own `SO_REUSEPORT` listeners; the admin
-//! port, signals and the drain live on the first. Every connection is a task of a few hundred
-//! bytes plus two kernel pipes, served by the worker that accepted it; bytes never enter user
-//! space. State that must be per process (the port book, the connection slots, the per-source
-//! counts, our outbound ports) is shared by all workers behind short locks.
+//! port, signals and the drain live on the first. Every connection is a task of about 1.7 KiB
+//! and its two sockets, served by the worker that accepted it; a direction moving bulk bytes
+//! borrows a splice pipe from the process's pool (`pipes`), so bulk bytes never enter user
+//! space. State that must be per process (the port book, the connection slots, the pipe pool,
+//! the per-source counts, our outbound ports) is shared by all workers behind short locks.
 
 pub mod accesslog;
 pub mod acl;
@@ -32,6 +34,7 @@ pub mod http1;
 pub mod httprelay;
 pub mod metrics;
 pub mod netcheck;
+pub mod pipes;
 pub mod ports;
 pub mod proxy;
 pub mod proxy_protocol;
@@ -185,22 +188,23 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
             None
         }
     };
-    let slots = match sockopt::raise_nofile() {
+    let (slots, pipes, nofile) = match sockopt::raise_nofile() {
         Ok(n) => {
-            let slots = connection_budget(cfg.max_connections, n);
+            let Budget { slots, pipes } = connection_budget(cfg.max_connections, n);
             if slots < cfg.max_connections {
                 log::warn!(
                     "open-file limit {n} fits {slots} connections \
-                     ({FDS_PER_CONNECTION} descriptors each, {FD_RESERVE} kept for the admin \
-                     port and housekeeping); serving at most {slots}, not --max-connections {}",
+                     ({FDS_PER_CONNECTION} descriptors each, {pipes} splice pipes shared by all, \
+                     {FD_RESERVE} descriptors kept for the admin port and housekeeping); \
+                     serving at most {slots}, not --max-connections {}",
                     cfg.max_connections
                 );
             }
-            slots
+            (slots, pipes, Some(n))
         }
         Err(e) => {
             log::warn!("cannot read or raise the open-file limit: {e}");
-            cfg.max_connections
+            (cfg.max_connections, pipes::MAX_PIPES, None)
         }
     };
     let log = accesslog::AccessLog::open(&cfg.access_log).map_err(SidecarError::AccessLog)?;
@@ -219,28 +223,46 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
         mark,
         log,
         ports,
-        slots,
+        Budget { slots, pipes },
+        nofile,
         checker,
         north_south,
     ))
 }
 
-/// Descriptors each relayed connection may hold: two sockets and two splice pipes.
-pub const FDS_PER_CONNECTION: u64 = 6;
+/// Descriptors each relayed connection holds: its two sockets. Splice pipes come from a
+/// pool shared by all connections, budgeted apart (docs/ARCHITECTURE.md, pitfall 81).
+pub const FDS_PER_CONNECTION: u64 = 2;
 /// Descriptors kept out of the connection budget: stdio, the access log, the listeners, one
 /// accepted connection per listener waiting for a slot, the admin port's connections
 /// (`admin::MAX_CONCURRENT`), a netlink socket for the readiness check, and slack.
 pub const FD_RESERVE: u64 = 64;
 
-/// Connection slots that fit the open-file limit `nofile`: with every slot in use the
-/// process still has `FD_RESERVE` descriptors, so the admin port keeps answering probes and
-/// accepts never fail with EMFILE (issue 9.11). At least one.
-pub fn connection_budget(max_connections: usize, nofile: u64) -> usize {
-    let fit = nofile.saturating_sub(FD_RESERVE) / FDS_PER_CONNECTION;
-    usize::try_from(fit)
-        .unwrap_or(usize::MAX)
-        .min(max_connections)
-        .max(1)
+/// How the open-file limit is shared out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Connection slots.
+    pub slots: usize,
+    /// Splice pipes at most (`pipes::PipePool`), two descriptors each.
+    pub pipes: usize,
+}
+
+/// Connection slots and pipes that fit the open-file limit `nofile`: with every slot in use
+/// and every pipe open the process still has `FD_RESERVE` descriptors, so the admin port keeps
+/// answering probes and accepts never fail with EMFILE (issue 9.11). The pipes get an eighth
+/// of the descriptors, at most `pipes::MAX_PIPES`, the sockets the rest. At least one slot
+/// and one pipe.
+pub fn connection_budget(max_connections: usize, nofile: u64) -> Budget {
+    let free = nofile.saturating_sub(FD_RESERVE);
+    let pipes = (free / 16).clamp(1, pipes::MAX_PIPES as u64);
+    let fit = free.saturating_sub(2 * pipes) / FDS_PER_CONNECTION;
+    Budget {
+        slots: usize::try_from(fit)
+            .unwrap_or(usize::MAX)
+            .min(max_connections)
+            .max(1),
+        pipes: usize::try_from(pipes).unwrap_or(1),
+    }
 }
 
 /// The running binary's path, for the `setcap` command in the capability hint.
@@ -305,7 +327,8 @@ async fn serve(
     mark: Option<u32>,
     log: accesslog::AccessLog,
     ports: ports::PortBook,
-    slots: usize,
+    Budget { slots, pipes }: Budget,
+    nofile: Option<u64>,
     checker: Option<netcheck::Checker>,
     north_south: NorthSouth,
 ) -> Result<(), SidecarError> {
@@ -319,6 +342,9 @@ async fn serve(
     });
     let metrics = Arc::new(metrics::Metrics::default());
     metrics.set_limit(slots);
+    metrics.set_nofile(nofile);
+    let pipes = Arc::new(pipes::PipePool::new(cfg.pipe_size, pipes));
+    metrics.set_pipes(&pipes);
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin port outlives the drain: liveness stays 200 and readiness says 503 meanwhile.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
@@ -370,9 +396,11 @@ async fn serve(
         metrics,
         log,
         ports: Arc::new(ports),
+        pipes,
         permits: permits.clone(),
         mark,
         hard_stop: hard_rx,
+        cut: relay::Cut::default(),
         mode,
         outbound_ports: Arc::default(),
         sources: Arc::default(),
@@ -422,6 +450,7 @@ async fn serve(
     {
         log::warn!("drain deadline reached; cutting remaining connections");
         let _ = hard_tx.send(true);
+        shared.cut.cut();
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
     }
@@ -494,11 +523,14 @@ mod tests {
 
     #[test]
     fn connection_budget_fits_the_open_file_limit() {
-        assert_eq!(connection_budget(4096, 1 << 20), 4096);
-        // `ulimit -n 256`: (256 - 64) / 6.
-        assert_eq!(connection_budget(4096, 256), 32);
-        assert_eq!(connection_budget(10, 256), 10);
-        assert_eq!(connection_budget(4096, 10), 1);
+        let b = |slots, pipes| Budget { slots, pipes };
+        assert_eq!(connection_budget(4096, 1 << 20), b(4096, 256));
+        // `ulimit -n 256`: 192 free, 12 pipes (24 descriptors), (192 - 24) / 2 slots.
+        assert_eq!(connection_budget(4096, 256), b(84, 12));
+        assert_eq!(connection_budget(10, 256), b(10, 12));
+        // This machine's hard limit: 3,322 slots at six descriptors each before.
+        assert_eq!(connection_budget(100_000, 20_000), b(9712, 256));
+        assert_eq!(connection_budget(4096, 10), b(1, 1));
     }
 
     #[test]

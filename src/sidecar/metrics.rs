@@ -63,6 +63,10 @@ pub struct Metrics {
     fd_exhausted: AtomicU64,
     /// Connections reset because their source IP held `--max-connections-per-source`.
     per_source_rejected: AtomicU64,
+    /// The open-file limit (0: unknown).
+    nofile: AtomicU64,
+    /// The splice pipe pool, for its gauges.
+    pipes: std::sync::OnceLock<std::sync::Arc<super::pipes::PipePool>>,
     /// The data listeners, for their accept queues. Weak: a listener closes when its accept
     /// loop drops it (drain), whatever the metrics hold.
     listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Weak<tokio::net::TcpListener>)>>,
@@ -111,6 +115,14 @@ const NS_COUNTERS: [(NsCounter, &str, &str, &str); 4] = [
         "Clients named by a PROXY header or X-Forwarded-For that no remote client can have (loopback, unspecified, multicast, reserved, broadcast, the pod's own address): the peer was used instead.",
     ),
 ];
+
+/// Descriptors open in this process, counted in `/proc/self/fd` (`None` without procfs).
+fn open_descriptors() -> Option<usize> {
+    // The directory handle itself is one entry of the listing.
+    std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count().saturating_sub(1))
+}
 
 /// Slots held by one served connection; given back on drop.
 #[derive(Debug)]
@@ -162,6 +174,12 @@ impl Metrics {
     }
     pub fn set_limit(&self, n: usize) {
         self.limit.store(n as u64, Relaxed);
+    }
+    pub fn set_nofile(&self, n: Option<u64>) {
+        self.nofile.store(n.unwrap_or(0), Relaxed);
+    }
+    pub fn set_pipes(&self, pool: &std::sync::Arc<super::pipes::PipePool>) {
+        let _ = self.pipes.set(pool.clone());
     }
     pub fn slot_taken(&self) -> SlotGuard<'_> {
         self.in_use.fetch_add(1, Relaxed);
@@ -303,6 +321,44 @@ impl Metrics {
             "Accepts, sockets or pipes refused for lack of file descriptors (EMFILE/ENFILE).",
             self.fd_exhausted.load(Relaxed).to_string(),
         );
+        if let Some(p) = self.pipes.get() {
+            let st = p.stats();
+            gauge(
+                "tproxy_sidecar_pipes_limit",
+                "gauge",
+                "Splice pipes the pool may hold at once, idle or lent (a share of the open-file limit).",
+                st.limit.to_string(),
+            );
+            gauge(
+                "tproxy_sidecar_pipes_open",
+                "gauge",
+                "Splice pipes open: idle in the pool or lent (two descriptors each).",
+                st.open.to_string(),
+            );
+            gauge(
+                "tproxy_sidecar_pipes_in_use",
+                "gauge",
+                "Splice pipes lent to a relay direction that is moving bytes.",
+                st.in_use.to_string(),
+            );
+        }
+        if let Some(n) = open_descriptors() {
+            gauge(
+                "tproxy_sidecar_descriptors_open",
+                "gauge",
+                "File descriptors the process holds (sockets, pipes, listeners, log).",
+                n.to_string(),
+            );
+        }
+        let nofile = self.nofile.load(Relaxed);
+        if nofile > 0 {
+            gauge(
+                "tproxy_sidecar_descriptors_limit",
+                "gauge",
+                "The open-file limit (RLIMIT_NOFILE) that connection slots and pipes are sized to.",
+                nofile.to_string(),
+            );
+        }
         gauge(
             "tproxy_sidecar_per_source_rejected_total",
             "counter",
@@ -470,5 +526,37 @@ mod tests {
             drop(l);
             assert!(!m.render().contains("tproxy_sidecar_accept_queue{"));
         });
+    }
+
+    #[test]
+    fn pipe_pool_and_descriptor_gauges() {
+        let m = Metrics::default();
+        assert!(
+            !m.render().contains("tproxy_sidecar_pipes_"),
+            "no pool, no gauges"
+        );
+        let pool = std::sync::Arc::new(crate::sidecar::pipes::PipePool::new(65536, 7));
+        m.set_pipes(&pool);
+        m.set_nofile(Some(20_000));
+        let lease = pool.take().unwrap().expect("a pipe");
+        let t = m.render();
+        for line in [
+            "tproxy_sidecar_pipes_limit 7\n",
+            "tproxy_sidecar_pipes_open 1\n",
+            "tproxy_sidecar_pipes_in_use 1\n",
+            "tproxy_sidecar_descriptors_limit 20000\n",
+        ] {
+            assert!(t.contains(line), "{line}: {t}");
+        }
+        let open: usize = t
+            .lines()
+            .find_map(|l| l.strip_prefix("tproxy_sidecar_descriptors_open "))
+            .and_then(|v| v.parse().ok())
+            .expect("descriptors_open");
+        assert!(open >= 3, "stdio and the pipe at least: {open}");
+        lease.drained();
+        let t = m.render();
+        assert!(t.contains("tproxy_sidecar_pipes_open 1\n"), "{t}");
+        assert!(t.contains("tproxy_sidecar_pipes_in_use 0\n"), "{t}");
     }
 }

@@ -17,6 +17,7 @@ use super::client::{self, Claim, ClientCheck, PodAddrs};
 use super::config::{Config, InboundMode};
 use super::httprelay::{self, HttpConn};
 use super::metrics::{Direction, Metrics, NsCounter};
+use super::pipes::PipePool;
 use super::ports::PortBook;
 use super::proxy_protocol as pp;
 use super::relay;
@@ -53,11 +54,15 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub log: AccessLog,
     pub ports: Arc<PortBook>,
+    /// The splice pipes every connection borrows from (pipes.rs).
+    pub pipes: Arc<PipePool>,
     pub permits: Arc<Semaphore>,
     /// `SO_MARK` value, if the probe found we may set it.
     pub mark: Option<u32>,
     /// Turns true at the drain deadline: relays still running are cut.
     pub hard_stop: watch::Receiver<bool>,
+    /// The same deadline for the plain relays (`relay::Cut`).
+    pub cut: relay::Cut,
     /// The inbound mode (decides whether outbound upstreams may carry the mark).
     pub mode: InboundMode,
     /// Source ports of our live outbound upstream sockets: a connection to the outbound
@@ -269,13 +274,13 @@ pub async fn accept_loop(
                 Some(g) => Some(g),
                 None => {
                     shared.metrics.per_source_rejected();
-                    tokio::spawn(handle(
-                        shared.clone(),
-                        stream,
+                    tokio::spawn(handle(Box::new(Accepted {
+                        shared: shared.clone(),
+                        down: stream,
                         peer,
                         role,
-                        Admission::SourceLimited,
-                    ));
+                        admit: Admission::SourceLimited,
+                    })));
                     continue;
                 }
             },
@@ -295,7 +300,13 @@ pub async fn accept_loop(
             _permit: permit,
             _source: source,
         };
-        tokio::spawn(handle(shared.clone(), stream, peer, role, admit));
+        tokio::spawn(handle(Box::new(Accepted {
+            shared: shared.clone(),
+            down: stream,
+            peer,
+            role,
+            admit,
+        })));
     }
 }
 
@@ -317,13 +328,31 @@ struct Conn {
     http_requests: Option<u64>,
 }
 
-async fn handle(
+/// An accepted connection, handed to `handle` in a box: an `async fn` keeps its arguments for
+/// its whole life beside the locals they move into, so passed one by one they would take their
+/// room twice in every connection's task (docs/ARCHITECTURE.md, pitfall 80).
+struct Accepted {
     shared: Arc<Shared>,
     down: TcpStream,
     peer: SocketAddr,
     role: Role,
     admit: Admission,
-) {
+}
+
+#[allow(clippy::boxed_local)] // the point: the box is dropped when this returns
+fn unbox(a: Box<Accepted>) -> Accepted {
+    *a
+}
+
+async fn handle(a: Box<Accepted>) {
+    // Moved out through a function, so the box is freed now, not when `handle` ends.
+    let Accepted {
+        shared,
+        down,
+        peer,
+        role,
+        admit,
+    } = unbox(a);
     let dir = role.direction();
     let _slot = match admit {
         Admission::Served { .. } => Some(shared.metrics.slot_taken()),
@@ -580,7 +609,16 @@ async fn serve(
             idle: shared.cfg.idle_timeout,
             metrics: Some(&shared.metrics),
         };
-        let o = httprelay::relay_http(down, &up, early, conn, shared.hard_stop.clone()).await;
+        // Boxed: its state (about 2.7 KiB) would otherwise size every connection's task, the
+        // plain ones too (docs/ARCHITECTURE.md, pitfall 80).
+        let o = Box::pin(httprelay::relay_http(
+            down,
+            &up,
+            early,
+            conn,
+            shared.hard_stop.clone(),
+        ))
+        .await;
         c.http_requests = Some(o.requests);
         // The log names the request the sidecar answered (a 403's denied client), else the
         // first one.
@@ -624,14 +662,16 @@ async fn serve(
     let o = relay::relay(
         down,
         &up,
-        shared.cfg.pipe_size,
+        &shared.pipes,
         shared.cfg.idle_timeout,
-        shared.hard_stop.clone(),
+        &shared.cut,
     )
     .await;
-    if o.end == EndReason::Overloaded {
+    if o.pipes_refused > 0 {
         shared.metrics.fd_exhausted();
-        shared.log_error(format_args!("relay pipe: out of file descriptors"));
+        shared.log_error(format_args!(
+            "relay pipe: out of file descriptors; copied through user space instead"
+        ));
     }
     // We sent the first FIN to the app, so our upstream socket now holds its tuple in
     // TIME_WAIT. Without TCP timestamps no connect() may take it over for 60 s: the port book

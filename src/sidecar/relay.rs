@@ -5,11 +5,15 @@
 //! Each direction starts by copying through a small per-thread buffer: most request/response
 //! traffic is a few KiB, and a short `recv` reliably means "drained" (a short splice does not:
 //! it also stops when the pipe runs out of slots), so readiness is cleared without the extra
-//! EAGAIN call, and no pipes are made for connections that never need them. The first `recv`
-//! that fills the buffer switches the direction to `splice` for good: one pipe, filled from
-//! the source socket when empty and drained into the destination socket. EOF from the source becomes
-//! `shutdown(SHUT_WR)` on the destination (half-close passes through both ways). A reset or
-//! error on one side resets the other (`SO_LINGER` 0), so a failure is visible to both peers.
+//! EAGAIN call, and no pipes are used for connections that never need them. The first `recv`
+//! that fills the buffer switches the direction to `splice` for good: a pipe from the
+//! process's pool (`pipes.rs`), filled from the source socket when empty and drained into the
+//! destination socket, and given back, empty, as soon as the source has nothing more for now.
+//! An idle connection therefore holds its two sockets and nothing else (docs/ARCHITECTURE.md,
+//! pitfall 81); with every pipe lent, a direction copies through the buffer instead. EOF from
+//! the source becomes `shutdown(SHUT_WR)` on the destination (half-close passes through both
+//! ways). A reset or error on one side resets the other (`SO_LINGER` 0), so a failure is
+//! visible to both peers.
 //!
 //! Each direction only waits on the socket it reads from (or writes to), so it would miss a
 //! reset on the other socket: a client that half-closed and then reset, a client that reset
@@ -23,15 +27,16 @@
 //! kill), the kernel then closes both legs with a reset instead of a FIN, and neither peer can
 //! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::accesslog::EndReason;
-use super::sockopt::{self, Pipe};
+use super::pipes::PipePool;
+use super::sockopt;
 
 /// Bytes moved and how the relay ended.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +49,9 @@ pub struct Outcome {
     /// The downstream's FIN came before the upstream's, so we sent the first FIN on the
     /// upstream leg: after an orderly end our upstream socket holds its tuple in TIME_WAIT.
     pub upstream_fin_first: bool,
+    /// Pipes the kernel refused for lack of descriptors (EMFILE/ENFILE); those bursts were
+    /// copied instead.
+    pub pipes_refused: u64,
 }
 
 /// Which direction saw its EOF first (`EOF_NONE` until one did).
@@ -55,24 +63,23 @@ const EOF_UPSTREAM: u8 = 2;
 enum Side {
     Downstream,
     Upstream,
-    /// The relay itself: no descriptors left for the splice pipe.
-    Local,
 }
 
 /// Relays until both directions reached EOF, one side failed, the connection idled for
-/// `idle`, or `stop` turned true (drain deadline). Both sockets must already carry `SO_LINGER`
+/// `idle`, or `stop` was cut (drain deadline). Both sockets must already carry `SO_LINGER`
 /// 0 (`sockopt::reset_on_close`).
 pub async fn relay(
     down: &TcpStream,
     up: &TcpStream,
-    pipe_size: usize,
+    pipes: &PipePool,
     idle: Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: &Cut,
 ) -> Outcome {
     // Atomics rather than Cells only so the future stays `Send` for `tokio::spawn`; everything
     // runs on one task, so the orderings are moot.
     let sent_up = AtomicU64::new(0);
     let sent_down = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
     let t0 = Instant::now();
     let last = Activity {
         t0,
@@ -80,28 +87,31 @@ pub async fn relay(
         first_eof: AtomicU8::new(EOF_NONE),
     };
 
-    let both = async {
-        tokio::try_join!(
-            pump(
-                down,
-                up,
-                pipe_size,
-                Side::Downstream,
-                Side::Upstream,
-                &sent_up,
-                &last
-            ),
-            pump(
-                up,
-                down,
-                pipe_size,
-                Side::Upstream,
-                Side::Downstream,
-                &sent_down,
-                &last
-            ),
-        )
+    // Each direction's parameters in one place the pump borrows: passed one by one they were
+    // copied into every state of the pump's future (docs/ARCHITECTURE.md, pitfall 80).
+    let to_up = Dir {
+        src: down,
+        dst: up,
+        src_side: Side::Downstream,
+        dst_side: Side::Upstream,
+        moved: &sent_up,
+        pipes,
+        last: &last,
+        refused: &refused,
+        unwatched: AtomicBool::new(false),
     };
+    let to_down = Dir {
+        src: up,
+        dst: down,
+        src_side: Side::Upstream,
+        dst_side: Side::Downstream,
+        moved: &sent_down,
+        pipes,
+        last: &last,
+        refused: &refused,
+        unwatched: AtomicBool::new(false),
+    };
+    let both = async { tokio::try_join!(pump(&to_up), pump(&to_down)) };
     let idle_watch = async {
         loop {
             let deadline = last.get() + idle;
@@ -111,14 +121,30 @@ pub async fn relay(
             tokio::time::sleep_until(deadline.into()).await;
         }
     };
-    let stopped = async {
-        // Already-set or later-set `true`; a dropped sender means "never".
-        if stop.wait_for(|v| *v).await.is_err() {
-            std::future::pending::<()>().await;
+    let stopped = stop.wait();
+    // A reset (or any error) on a socket its reading direction does not wait on: that
+    // direction saw EOF (pitfalls 16 and 24) or waits to write. Watched only then, from a
+    // boxed future: an idle connection, both directions waiting to read, carries no watcher
+    // (docs/ARCHITECTURE.md, pitfall 80). Polled after `both` (`biased`), so a direction that
+    // just stopped reading is watched before the task sleeps; an error that came earlier is
+    // still reported (tokio keeps the readiness bit).
+    let mut watchers: [Option<Failed<'_>>; 2] = [None, None];
+    let watch = std::future::poll_fn(|cx| {
+        for (d, w) in [&to_up, &to_down].into_iter().zip(watchers.iter_mut()) {
+            if !d.unwatched.load(Relaxed) {
+                *w = None;
+                continue;
+            }
+            let f = w.get_or_insert_with(|| Box::pin(failed(d.src)));
+            if f.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(d.src_side);
+            }
         }
-    };
+        std::task::Poll::Pending
+    });
 
     let end = tokio::select! {
+        biased;
         r = both => match r {
             Ok(_) => {
                 // Both FINs passed on: an orderly close from here on.
@@ -134,19 +160,19 @@ pub async fn relay(
                 match side {
                     Side::Downstream => EndReason::DownstreamTermination,
                     Side::Upstream => EndReason::UpstreamTermination,
-                    Side::Local => EndReason::Overloaded,
                 }
             }
         },
-        // A reset (or any error) on either socket while the directions wait elsewhere.
-        _ = failed(down) => {
-            sockopt::reset_on_close(up);
-            EndReason::DownstreamTermination
-        }
-        _ = failed(up) => {
-            sockopt::reset_on_close(down);
-            EndReason::UpstreamTermination
-        }
+        side = watch => match side {
+            Side::Downstream => {
+                sockopt::reset_on_close(up);
+                EndReason::DownstreamTermination
+            }
+            Side::Upstream => {
+                sockopt::reset_on_close(down);
+                EndReason::UpstreamTermination
+            }
+        },
         _ = idle_watch => {
             sockopt::reset_on_close(down);
             sockopt::reset_on_close(up);
@@ -163,8 +189,42 @@ pub async fn relay(
         to_downstream: sent_down.load(Relaxed),
         end,
         upstream_fin_first: last.first_eof.load(Relaxed) == EOF_DOWNSTREAM,
+        pipes_refused: refused.load(Relaxed),
     }
 }
+
+/// The drain deadline, for every relay of the process: a flag and a `Notify` rather than a
+/// `watch` receiver per connection, whose clone and wait took about 170 bytes of every
+/// connection's task (docs/ARCHITECTURE.md, pitfall 80).
+#[derive(Debug, Default)]
+pub struct Cut {
+    on: AtomicBool,
+    notify: Notify,
+}
+
+impl Cut {
+    /// Ends every relay, running or yet to start, with `EndReason::Drained`.
+    pub fn cut(&self) {
+        self.on.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Resolves once `cut` was called. The `Notified` exists before the flag is read, and
+    /// `notify_waiters` reaches every `Notified` already created, polled or not: no cut is
+    /// missed between the two.
+    async fn wait(&self) {
+        loop {
+            let n = self.notify.notified();
+            if self.on.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// A boxed `failed`.
+type Failed<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
 
 /// Resolves when the kernel reports an error on `s` (`EPOLLERR`: a reset arrived, or a send
 /// failed). A pending error stays reported until read, which the directions do not do while
@@ -238,18 +298,120 @@ fn clear_readable(src: &TcpStream) {
     });
 }
 
-/// One direction. `Err` names the side whose socket failed.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    pipe_size: usize,
+/// Waits until `s` is readable (or closed). `poll_read_ready` keeps the waker in the socket's
+/// own read slot, so the wait costs the connection's task no waiter node (docs/ARCHITECTURE.md,
+/// pitfall 80); that slot holds one waker, which is enough: only this relay's task reads `s`.
+async fn read_ready(s: &TcpStream) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+}
+
+/// The write-side twin of `read_ready`: only this relay's task writes `s`.
+async fn write_ready(s: &TcpStream) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
+}
+
+/// `write_ready` on the direction's destination, with its source watched for errors
+/// meanwhile.
+async fn write_ready_watched(d: &Dir<'_>) -> std::io::Result<()> {
+    d.unwatched.store(true, Relaxed);
+    let r = write_ready(d.dst).await;
+    d.unwatched.store(false, Relaxed);
+    r
+}
+
+/// What one direction does next after a copy step.
+enum Step {
+    Eof,
+    /// The source has nothing more for now.
+    Drained,
+    /// A short read: drained too, once its readiness is cleared.
+    Short,
+    /// The buffer filled: more is probably waiting.
+    Full,
+}
+
+/// One relay direction.
+struct Dir<'a> {
+    src: &'a TcpStream,
+    dst: &'a TcpStream,
     src_side: Side,
     dst_side: Side,
-    moved: &AtomicU64,
-    last: &Activity,
-) -> Result<(), Side> {
+    /// Bytes written to `dst`.
+    moved: &'a AtomicU64,
+    pipes: &'a PipePool,
+    last: &'a Activity,
+    /// Pipes the kernel refused (EMFILE/ENFILE), both directions.
+    refused: &'a AtomicU64,
+    /// The direction does not wait for `src` to be readable (it saw EOF, or waits to write),
+    /// so it would miss a reset there: the relay watches `src` for errors meanwhile.
+    unwatched: AtomicBool,
+}
+
+/// One `recv` into the per-thread buffer and its `send`. Returns what the direction does next
+/// and what the destination could not take at once, for `send_rest`. Not `async`: its state
+/// would sit in every connection's task (docs/ARCHITECTURE.md, pitfall 80).
+fn copy_once(d: &Dir<'_>) -> Result<(Step, Vec<u8>), Side> {
+    let step = copy_step(d.src, d.dst).map_err(|s| match s {
+        Side2::Src => d.src_side,
+        Side2::Dst => d.dst_side,
+    })?;
+    match step {
+        Copied::Again => Ok((Step::Drained, Vec::new())),
+        Copied::Eof => Ok((Step::Eof, Vec::new())),
+        Copied::Data { n, unsent, full } => {
+            d.last.touch();
+            d.moved.fetch_add((n - unsent.len()) as u64, Relaxed);
+            Ok((if full { Step::Full } else { Step::Short }, unsent))
+        }
+    }
+}
+
+/// `copy_once`, then the rest sent, then a short read's readiness cleared (after the send, as
+/// the copy loop always did).
+macro_rules! copy_and_send {
+    ($d:expr) => {{
+        let d = $d;
+        let (step, unsent) = copy_once(d)?;
+        if !unsent.is_empty() {
+            send_rest(d, unsent).await?;
+        }
+        if let Step::Short = step {
+            clear_readable(d.src);
+            Step::Drained
+        } else {
+            step
+        }
+    }};
+}
+
+/// Sends what the destination could not take at once, waiting for it to drain (rare: its
+/// own future, boxed, so it does not size every idle connection's task).
+fn send_rest<'a>(
+    d: &'a Dir<'a>,
+    unsent: Vec<u8>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Side>> + Send + 'a>> {
+    Box::pin(async move {
+        let mut rest = &unsent[..];
+        while !rest.is_empty() {
+            write_ready_watched(d).await.map_err(|_| d.dst_side)?;
+            match d.dst.try_write(rest) {
+                Ok(w) => {
+                    rest = &rest[w..];
+                    d.moved.fetch_add(w as u64, Relaxed);
+                    d.last.touch();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(d.dst_side),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// One direction. `Err` names the side whose socket failed.
+async fn pump(d: &Dir<'_>) -> Result<(), Side> {
     let eof = || {
-        let me = if src_side == Side::Downstream {
+        let me = if d.src_side == Side::Downstream {
             EOF_DOWNSTREAM
         } else {
             EOF_UPSTREAM
@@ -257,78 +419,93 @@ async fn pump(
         // The first EOF passes a half-close on. At the second, both directions are over: the
         // relay ends and closing the socket (normal linger) sends the FIN, so the shutdown
         // call is saved.
-        last.first_eof
+        // Its source is no longer read: watched for a reset from now on.
+        d.unwatched.store(true, Relaxed);
+        if d.last
+            .first_eof
             .compare_exchange(EOF_NONE, me, Relaxed, Relaxed)
             .is_ok()
+        {
+            sockopt::shutdown_write(d.dst).map_err(|_| d.dst_side)?;
+        }
+        Ok(())
     };
     // Copy phase.
     loop {
-        src.readable().await.map_err(|_| src_side)?;
-        let step = copy_step(src, dst).map_err(|s| match s {
-            Side2::Src => src_side,
-            Side2::Dst => dst_side,
-        })?;
-        match step {
-            Copied::Again => continue,
-            Copied::Eof => {
-                if eof() {
-                    sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
-                }
-                return Ok(());
-            }
-            Copied::Data { n, unsent, full } => {
-                last.touch();
-                moved.fetch_add((n - unsent.len()) as u64, Relaxed);
-                let mut rest = &unsent[..];
-                while !rest.is_empty() {
-                    dst.writable().await.map_err(|_| dst_side)?;
-                    match dst.try_write(rest) {
-                        Ok(w) => {
-                            rest = &rest[w..];
-                            moved.fetch_add(w as u64, Relaxed);
-                            last.touch();
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Err(dst_side),
-                    }
-                }
-                if full {
-                    break;
-                }
-                clear_readable(src);
-            }
+        read_ready(d.src).await.map_err(|_| d.src_side)?;
+        match copy_and_send!(d) {
+            Step::Eof => return eof(),
+            Step::Drained | Step::Short => {}
+            Step::Full => break,
         }
     }
 
-    // Splice phase (bulk). Out of descriptors for the pipe: fail loudly, not silently slow.
-    let pipe = Pipe::new(pipe_size).map_err(|_| Side::Local)?;
+    // Splice phase (bulk): a pipe from the pool for as long as the source has bytes, given
+    // back drained when it has none for now.
     loop {
-        // The pipe is always empty here, so a full-capacity splice cannot block on the pipe:
-        // EAGAIN can only mean "socket has no data", which is what the readiness wait expects.
-        let n = src
-            .async_io(Interest::READABLE, || {
-                sockopt::splice(src, &pipe.w, pipe.cap)
-            })
-            .await
-            .map_err(|_| src_side)?;
-        if n == 0 {
-            if eof() {
-                sockopt::shutdown_write(dst).map_err(|_| dst_side)?;
+        let lease = match d.pipes.take() {
+            Ok(Some(l)) => Some(l),
+            // Every pipe is lent, or the kernel refused one: copy this burst instead.
+            Ok(None) => None,
+            Err(e) => {
+                if sockopt::is_fd_exhaustion(&e) {
+                    d.refused.fetch_add(1, Relaxed);
+                }
+                None
             }
-            return Ok(());
+        };
+        let Some(lease) = lease else {
+            loop {
+                match copy_and_send!(d) {
+                    Step::Eof => return eof(),
+                    Step::Drained | Step::Short => break,
+                    Step::Full => {}
+                }
+            }
+            read_ready(d.src).await.map_err(|_| d.src_side)?;
+            continue;
+        };
+        let pipe = lease.pipe();
+        loop {
+            // The pipe is always empty here, so a full-capacity splice cannot block on the
+            // pipe: EAGAIN can only mean "socket has no data", and clears its readiness.
+            let n = match d.src.try_io(Interest::READABLE, || {
+                sockopt::splice(d.src, &pipe.w, pipe.cap)
+            }) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // Nothing entered the pipe: it is still empty.
+                Err(_) => {
+                    lease.drained();
+                    return Err(d.src_side);
+                }
+            };
+            if n == 0 {
+                lease.drained();
+                return eof();
+            }
+            d.last.touch();
+            let mut left = n;
+            while left > 0 {
+                // Symmetrically, the pipe holds `left` bytes, so EAGAIN means "socket buffer
+                // full". A failure here leaves bytes in the pipe: the lease, dropped, closes it.
+                write_ready_watched(d).await.map_err(|_| d.dst_side)?;
+                match d
+                    .dst
+                    .try_io(Interest::WRITABLE, || sockopt::splice(&pipe.r, d.dst, left))
+                {
+                    Ok(w) => {
+                        left -= w;
+                        d.moved.fetch_add(w as u64, Relaxed);
+                        d.last.touch();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(d.dst_side),
+                }
+            }
         }
-        last.touch();
-        let mut left = n;
-        while left > 0 {
-            // Symmetrically, the pipe holds `left` bytes, so EAGAIN means "socket buffer full".
-            let w = dst
-                .async_io(Interest::WRITABLE, || sockopt::splice(&pipe.r, dst, left))
-                .await
-                .map_err(|_| dst_side)?;
-            left -= w;
-            moved.fetch_add(w as u64, Relaxed);
-            last.touch();
-        }
+        lease.drained();
+        read_ready(d.src).await.map_err(|_| d.src_side)?;
     }
 }
 
@@ -357,6 +534,11 @@ mod tests {
 
     use crate::sidecar::testutil::tcp_pair as pair;
 
+    /// A pool of small pipes per relay, so a transfer refills them many times.
+    fn pool() -> PipePool {
+        PipePool::new(4096, 4)
+    }
+
     /// client <-> [down | relay | up] <-> app
     async fn setup(idle: Duration) -> (TcpStream, TcpStream, tokio::task::JoinHandle<Outcome>) {
         let (client, down) = pair().await;
@@ -364,11 +546,8 @@ mod tests {
         // As the sidecar does when it gets each socket.
         sockopt::reset_on_close(&down);
         sockopt::reset_on_close(&up);
-        let (tx, rx) = watch::channel(false);
-        let h = tokio::spawn(async move {
-            let _keep = tx;
-            relay(&down, &up, 4096, idle, rx).await
-        });
+        let h =
+            tokio::spawn(async move { relay(&down, &up, &pool(), idle, &Cut::default()).await });
         (client, app, h)
     }
 
@@ -568,13 +747,11 @@ mod tests {
         let (up, app) = pair().await;
         sockopt::reset_on_close(&down);
         sockopt::reset_on_close(&up);
-        let (tx, rx) = watch::channel(false);
         let down = std::sync::Arc::new(down);
         let up = std::sync::Arc::new(up);
         let (d, u) = (down.clone(), up.clone());
         let h = tokio::spawn(async move {
-            let _keep = tx;
-            relay(&d, &u, 4096, Duration::from_secs(5), rx).await
+            relay(&d, &u, &pool(), Duration::from_secs(5), &Cut::default()).await
         });
         let linger = |s: &TcpStream| socket2::SockRef::from(s).linger().unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -592,6 +769,30 @@ mod tests {
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).await.unwrap(), 0);
         assert_eq!(app.read(&mut b).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_drain_deadline_cuts_running_and_later_relays() {
+        let cut = std::sync::Arc::new(Cut::default());
+        let start = |cut: std::sync::Arc<Cut>| async move {
+            let (client, down) = pair().await;
+            let (up, app) = pair().await;
+            sockopt::reset_on_close(&down);
+            sockopt::reset_on_close(&up);
+            let h = tokio::spawn(async move {
+                relay(&down, &up, &pool(), Duration::from_secs(30), &cut).await
+            });
+            (client, app, h)
+        };
+        let (mut client, _app, running) = start(cut.clone()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        cut.cut();
+        assert_eq!(ended(running).await.end, EndReason::Drained);
+        let mut b = [0u8; 8];
+        assert!(client.read(&mut b).await.is_err(), "the client is reset");
+        // A relay that starts after the cut ends at once too.
+        let (_c, _a, later) = start(cut.clone()).await;
+        assert_eq!(ended(later).await.end, EndReason::Drained);
     }
 
     #[tokio::test]

@@ -301,8 +301,8 @@ pub fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit (each relayed connection holds two sockets
-/// and two pipes: six descriptors). Returns the new soft limit.
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (each relayed connection holds two sockets;
+/// the splice pipes come from a pool). Returns the new soft limit.
 pub fn raise_nofile() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
