@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tproxy_cni::annotations::{Defaults, PodPolicy};
-use tproxy_cni::plan::{self, PlanConfig};
+use tproxy_cni_plugin::plan::{self, PlanConfig};
+use tproxy_cni_policy::annotations::{Defaults, PodPolicy};
 
 const PARALLEL: usize = 20;
 
@@ -262,7 +262,8 @@ fn bench(o: &Opts, nss: &Namespaces, stop: &AtomicBool) -> bool {
     let policy = PodPolicy::from_annotations(&ann, &Defaults::default()).expect("policy");
     let ip: IpAddr = "10.77.0.2".parse().unwrap();
     let plan = plan::build(&PlanConfig::default(), &policy, &[ip], &[]);
-    let text = tproxy_cni::nft::render(plan.table.as_ref().expect("tproxy mode has a table"));
+    let text =
+        tproxy_cni_plugin::nft::render(plan.table.as_ref().expect("tproxy mode has a table"));
     let rules_file = rules_file(o);
     std::fs::write(&rules_file, &text).expect("write rules");
     let rules_path = rules_file.to_str().unwrap().to_string();

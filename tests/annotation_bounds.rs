@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::chain::{Node, Pod};
 use serde_json::{json, Map, Value};
-use tproxy_cni::consts::POD_ANNOTATIONS_CAPABILITY;
+use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_tproxy-cni");
 /// `ulimit -v` counts KiB: 64 MiB.

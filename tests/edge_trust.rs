@@ -29,7 +29,7 @@ use common::chain::{Node, Pod};
 use common::tools::have_tool;
 use serde_json::{json, Value};
 use sidecar_support::*;
-use tproxy_cni::sidecar::proxy_protocol::{encode_v1, parse, Parse};
+use tproxy_cni_sidecar::proxy_protocol::{encode_v1, parse, Parse};
 
 const NODE_V4: &str = "10.88.0.1";
 const NODE_V6: &str = "fd00:88::1";

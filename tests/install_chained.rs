@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tproxy_cni::consts::{POD_ANNOTATIONS_CAPABILITY, TABLE_NAME};
+use tproxy_cni_policy::consts::{POD_ANNOTATIONS_CAPABILITY, TABLE_NAME};
 
 /// Links the reference plugins into `bin`, as a node's single CNI bin dir holds them all.
 fn link_reference_plugins(bin: &Path) {
@@ -76,7 +76,7 @@ fn installed_conflist_runs_and_pod_gets_rules() {
     // in the host's root netns (deleting the netns removes them, also when an assertion fails).
     let node = common::Netns::new("tpnode");
     let in_node = |f: &(dyn Fn() -> Result<Value, String> + Sync)| {
-        tproxy_cni::netns::run_in(&node.path(), f).expect("enter the node netns")
+        tproxy_cni_plugin::netns::run_in(&node.path(), f).expect("enter the node netns")
     };
 
     let out = Command::new(env!("CARGO_BIN_EXE_tproxy-cni-install"))

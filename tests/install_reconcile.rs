@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Netns;
-use tproxy_cni::consts::TABLE_NAME;
+use tproxy_cni_policy::consts::TABLE_NAME;
 
 const INSTALL: &str = env!("CARGO_BIN_EXE_tproxy-cni-install");
 const RUN: &str = env!("CARGO_BIN_EXE_tproxy-cni-run");
@@ -242,7 +242,7 @@ fn states(v: &Value) -> Vec<(String, String)> {
 }
 
 fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    tproxy_cni::netns::run_in(&ns.path(), f).expect("enter netns")
+    tproxy_cni_plugin::netns::run_in(&ns.path(), f).expect("enter netns")
 }
 
 /// Echoes every connection it accepts; the count of accepted connections is the app's view.

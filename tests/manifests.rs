@@ -353,9 +353,9 @@ fn configmap_settings_are_accepted_by_the_installer() {
     let p = parse_all();
     let data = p.config_maps[0].data.as_ref().unwrap();
     let settings: Value = serde_json::from_str(&data["settings.json"]).unwrap();
-    let entry = tproxy_cni::install::conflist::entry(&settings).unwrap();
+    let entry = tproxy_cni_install::conflist::entry(&settings).unwrap();
     // The defaults the plugin documents (consts.rs), so the ConfigMap cannot drift from them.
-    use tproxy_cni::consts as c;
+    use tproxy_cni_policy::consts as c;
     assert_eq!(entry["inboundPort"], c::INBOUND_PORT);
     assert_eq!(entry["outboundPort"], c::OUTBOUND_PORT);
     assert_eq!(entry["mark"], c::MARK);
@@ -373,7 +373,7 @@ fn configmap_settings_are_accepted_by_the_installer() {
         serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}),
     );
     let bytes = serde_json::to_vec(&stdin).unwrap();
-    if let Err(e) = tproxy_cni::cni::conf::NetConf::parse(&bytes) {
+    if let Err(e) = tproxy_cni_plugin::cni::conf::NetConf::parse(&bytes) {
         panic!("the plugin rejects the ConfigMap's settings: {e:?}");
     }
 }
@@ -400,7 +400,7 @@ fn example_apps_carry_annotation_and_hardened_sidecar() {
         assert_eq!(sc.run_as_non_root, Some(true), "{name}");
         assert_eq!(
             sc.run_as_user,
-            Some(i64::from(tproxy_cni::consts::PROXY_UID))
+            Some(i64::from(tproxy_cni_policy::consts::PROXY_UID))
         );
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -436,7 +436,7 @@ fn example_apps_carry_annotation_and_hardened_sidecar() {
                 .unwrap_or_else(|| panic!("{name}: no httpGet {what}"));
             assert_eq!(
                 serde_json::to_value(&get.port).unwrap(),
-                Value::from(tproxy_cni::consts::ADMIN_PORT),
+                Value::from(tproxy_cni_policy::consts::ADMIN_PORT),
                 "{name}: {what}"
             );
             assert_eq!(get.path.as_deref(), Some(path), "{name}: {what}");

@@ -3,13 +3,13 @@
 mod common;
 
 use common::Netns;
-use tproxy_cni::netaddr::{Family, PortRange};
-use tproxy_cni::nft;
-use tproxy_cni::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Rule, Table};
+use tproxy_cni_plugin::nft;
+use tproxy_cni_plugin::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Rule, Table};
+use tproxy_cni_policy::netaddr::{Family, PortRange};
 
 /// Runs `f` on a fresh thread inside `ns` (the test thread never changes netns).
 fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    tproxy_cni::netns::run_in(&ns.path(), f).expect("enter the test netns")
+    tproxy_cni_plugin::netns::run_in(&ns.path(), f).expect("enter the test netns")
 }
 
 fn rule(matches: Vec<Match>, actions: Vec<Action>, comment: &str) -> Rule {

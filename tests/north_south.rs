@@ -21,7 +21,7 @@ use common::chain::{Node, Pod};
 use common::tools::{have_tool, Haproxy};
 use serde_json::json;
 use sidecar_support::*;
-use tproxy_cni::sidecar::proxy_protocol::{encode_v1, encode_v2, encode_v2_local};
+use tproxy_cni_sidecar::proxy_protocol::{encode_v1, encode_v2, encode_v2_local};
 
 /// The node's addresses on the pod network (the bridge's gateway addresses).
 const NODE_V4: &str = "10.88.0.1";
@@ -269,7 +269,7 @@ fn chain_proxy_protocol_from_a_real_balancer_v4_v6() {
     );
 
     // Oversized: a v2 length past the 4 KiB limit, a v1 line past 107 bytes: refused at once.
-    let mut big = tproxy_cni::sidecar::proxy_protocol::V2_SIGNATURE.to_vec();
+    let mut big = tproxy_cni_sidecar::proxy_protocol::V2_SIGNATURE.to_vec();
     big.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
     let (r, t) = outcome(&node.ns.name, sa(&s4, PP_PORT), big, false);
     assert_eq!(
@@ -897,8 +897,8 @@ fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
     pre.extend_from_slice(b"payload");
     let (got, _) = outcome(&node.ns.name, dst, pre, true);
     let got = got.expect("echo");
-    match tproxy_cni::sidecar::proxy_protocol::parse(&got, &Default::default()) {
-        tproxy_cni::sidecar::proxy_protocol::Parse::Header(h) => {
+    match tproxy_cni_sidecar::proxy_protocol::parse(&got, &Default::default()) {
+        tproxy_cni_sidecar::proxy_protocol::Parse::Header(h) => {
             assert_eq!(h.client(), Some(sa("198.51.100.20", 4321)));
             assert_eq!(&got[h.header_len..], b"payload");
         }
@@ -907,8 +907,8 @@ fn chain_redirect_mode_passes_the_client_on_by_xff_and_proxy_protocol_out() {
     // Without a PROXY header from an untrusted client: PROXY out carries the TCP peer.
     let (got, _) = outcome(&client.ns.name, dst, b"x".to_vec(), true);
     let got = got.expect("echo");
-    match tproxy_cni::sidecar::proxy_protocol::parse(&got, &Default::default()) {
-        tproxy_cni::sidecar::proxy_protocol::Parse::Header(h) => {
+    match tproxy_cni_sidecar::proxy_protocol::parse(&got, &Default::default()) {
+        tproxy_cni_sidecar::proxy_protocol::Parse::Header(h) => {
             assert_eq!(h.client().map(|a| a.ip().to_string()), Some(client.addr(4)));
         }
         other => panic!("{other:?}: {got:?}"),

@@ -12,12 +12,12 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Value};
 
-use tproxy_cni::annotations::{
+use tproxy_cni_plugin::cni::conf::NetConf;
+use tproxy_cni_plugin::plan::{self, Action, Match, Plan, PlanConfig};
+use tproxy_cni_policy::annotations::{
     parse_downward_api, Defaults, FailMode, Mode, PodPolicy, Selector, MESH_MARKS,
 };
-use tproxy_cni::cni::conf::NetConf;
-use tproxy_cni::netaddr::{Cidr, PortRange};
-use tproxy_cni::plan::{self, Action, Match, Plan, PlanConfig};
+use tproxy_cni_policy::netaddr::{Cidr, PortRange};
 
 /// Enough cases to find edge cases, few enough that the file runs in seconds.
 const CASES: u32 = 256;
@@ -425,7 +425,7 @@ proptest! {
         ),
     ) {
         let _ = PodPolicy::from_annotations(&ann, &Defaults::default());
-        let _ = tproxy_cni::annotations::skip_reason(&ann);
+        let _ = tproxy_cni_policy::annotations::skip_reason(&ann);
     }
 
     #[test]
@@ -434,7 +434,7 @@ proptest! {
             return Ok(());
         };
         // Another mesh's pod without our mode is skipped: nothing to round-trip.
-        prop_assume!(tproxy_cni::annotations::skip_reason(&ann).is_none());
+        prop_assume!(tproxy_cni_policy::annotations::skip_reason(&ann).is_none());
         let back = PodPolicy::from_annotations(&to_annotations(&p), &Defaults::default())
             .map_err(|e| TestCaseError::fail(format!("re-parse: {e}")))?;
         prop_assert_eq!(back, p);
@@ -485,8 +485,8 @@ proptest! {
     #[test]
     fn arbitrary_bytes_as_config_never_panic(b in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = NetConf::parse(&b);
-        let _ = tproxy_cni::cni::conf::peek_version(&b);
-        let _ = tproxy_cni::cni::conf::peek_bad_table_name(&b);
+        let _ = tproxy_cni_plugin::cni::conf::peek_version(&b);
+        let _ = tproxy_cni_plugin::cni::conf::peek_bad_table_name(&b);
     }
 }
 

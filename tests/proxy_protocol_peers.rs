@@ -13,7 +13,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::tools::{free_port, have_tool, Haproxy};
-use tproxy_cni::sidecar::proxy_protocol::{
+use tproxy_cni_sidecar::proxy_protocol::{
     parse, tlvs, Command as PpCommand, Endpoints, Family, Header, Limits, Parse, Version,
 };
 

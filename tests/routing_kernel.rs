@@ -3,9 +3,9 @@
 mod common;
 
 use common::Netns;
-use tproxy_cni::netaddr::Family;
-use tproxy_cni::plan::{FwmarkRule, LocalRoute, Routing};
-use tproxy_cni::{netns, routing};
+use tproxy_cni_plugin::plan::{FwmarkRule, LocalRoute, Routing};
+use tproxy_cni_plugin::{netns, routing};
+use tproxy_cni_policy::netaddr::Family;
 
 fn plan(families: &[Family]) -> Routing {
     let mut r = Routing::default();

@@ -1043,7 +1043,7 @@ fn not_ready_until_the_netns_is_programmed_for_the_mode() {
     assert!(
         body.starts_with(&format!(
             "not intercepted: no ipv4 policy rule sends fwmark {:#x}",
-            tproxy_cni::consts::MARK
+            tproxy_cni_policy::consts::MARK
         )),
         "{body}"
     );
@@ -1065,7 +1065,7 @@ fn not_ready_until_the_netns_is_programmed_for_the_mode() {
     );
     assert!(sc.stderr().contains("interception rules found"));
     // The IPv6 rule is required too in this dual-stack pod.
-    let m = tproxy_cni::consts::MARK;
+    let m = tproxy_cni_policy::consts::MARK;
     t.pod
         .sh(&format!("ip -6 rule del fwmark {m:#x}/{m:#x} lookup 29808"));
     let body = wait_ready_code(&t.pod.name, 503, Duration::from_secs(5));

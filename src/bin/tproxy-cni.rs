@@ -8,6 +8,10 @@ fn main() {
         eprintln!("tproxy-cni: reading stdin: {e}");
     }
     let mut stdout = std::io::stdout().lock();
-    let code = tproxy_cni::cni::run(&tproxy_cni::cni::env::ProcessEnv, &stdin, &mut stdout);
+    let code = tproxy_cni_plugin::cni::run(
+        &tproxy_cni_plugin::cni::env::ProcessEnv,
+        &stdin,
+        &mut stdout,
+    );
     std::process::exit(code);
 }

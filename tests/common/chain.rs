@@ -1,16 +1,16 @@
 //! A node made of network namespaces, with the reference bridge + host-local plugins as the
 //! cluster network and tproxy-cni chained after them, run by the one libcni emulator (the
-//! `tproxy-cni-run` binary's `cnirun` module, included here) from inside the node's netns.
+//! `tproxy_cni_run` crate, which the `tproxy-cni-run` binary runs too) from inside the node's
+//! netns.
 #![allow(dead_code)]
 
-#[path = "../../src/bin/tproxy-cni-run/cnirun.rs"]
-pub mod cnirun;
+pub use tproxy_cni_run as cnirun;
 
 use std::path::PathBuf;
 
 use serde_json::{json, Map, Value};
-use tproxy_cni::cni::error::CniError;
-use tproxy_cni::consts::POD_ANNOTATIONS_CAPABILITY;
+use tproxy_cni_plugin::cni::error::CniError;
+use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
 
 use super::{unique, Netns};
 pub use cnirun::RunError;
@@ -134,7 +134,7 @@ impl Node {
     /// Runs `f` in the node's netns, where the runtime runs plugins: the plugin processes
     /// inherit the netns of the thread that spawns them.
     fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        tproxy_cni::netns::run_in(&self.ns.path(), f).expect("enter the node's netns")
+        tproxy_cni_plugin::netns::run_in(&self.ns.path(), f).expect("enter the node's netns")
     }
 
     /// Runs one plugin by itself as libcni would, with `prev` as its `prevResult`.

@@ -1,0 +1,1111 @@
+//! The HTTP/1.1 relay of the X-Forwarded-For ports (issue 11.3). Ports not listed keep the
+//! splice relay (`relay.rs`); this one reads each request head, rewrites it with
+//! `http1::rewrite_xff`, checks the effective client against the access control, and relays
+//! bodies by their framing, so every request of a keep-alive or pipelined connection is
+//! rewritten.
+//!
+//! Two directions run concurrently and share a little state:
+//! - client -> app: heads are parsed and rewritten; bodies (`Content-Length`, chunked) are
+//!   copied as they arrive. A request that asks to leave HTTP (`Upgrade`, `CONNECT`) is sent,
+//!   then no further client byte is read until the app's answer is known: after a `101` (or a
+//!   2xx to `CONNECT`) both directions copy plain bytes; otherwise parsing goes on, so a
+//!   declined upgrade cannot smuggle unrewritten requests past us.
+//! - app -> client: response heads are found only to know where each response ends (`HEAD`,
+//!   1xx interim responses such as `100 Continue`, `101`); bytes are passed unchanged.
+//!
+//! A request the sidecar refuses (`400`/`431`/`505` for a bad head, `403` for a denied client)
+//! is answered after the responses to the requests before it have been relayed in full, with
+//! `connection: close`; then the connection ends. A malformed body or response cannot be
+//! answered cleanly any more (part of it was passed on): both sides are reset.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::{watch, Notify};
+
+use super::accesslog::EndReason;
+use super::acl::{Acl, Denied};
+use super::client::{ClientCheck, Decided};
+use super::edge;
+use super::http1::{self, Body, HeadParse, HeadReader, ResponseParse, ResponseReader, ResponseTo};
+use super::sockopt;
+use super::xff::Trust;
+
+/// Envoy's RBAC answer.
+pub const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
+
+/// What the relay needs to know about the connection.
+pub struct HttpConn<'a> {
+    /// The address appended to `X-Forwarded-For`: the TCP peer, or the client a trusted
+    /// PROXY header named (as Envoy does after its PROXY protocol listener filter), already
+    /// checked (module `client`).
+    pub peer: IpAddr,
+    /// How `peer` was found (`client_address_source` when XFF does not name the client).
+    pub peer_source: &'static str,
+    /// What a client named in X-Forwarded-For is checked against.
+    pub check: ClientCheck<'a>,
+    /// `CONNECT` is forwarded (this port opted in); else it is answered 403.
+    pub connect: bool,
+    pub trust: &'a Trust,
+    pub acl: &'a Acl,
+    pub limits: http1::Limits,
+    pub idle: Duration,
+    /// Where forwarded requests are counted as they go (`None` in unit tests).
+    pub metrics: Option<&'a super::metrics::Metrics>,
+}
+
+/// How the HTTP relay ended.
+#[derive(Debug, Clone)]
+pub struct HttpOutcome {
+    pub from_downstream: u64,
+    pub to_downstream: u64,
+    pub end: EndReason,
+    pub requests: u64,
+    /// The effective client of the first request.
+    pub first_client: Option<Decided>,
+    /// The effective client of the request the sidecar answered itself (a 403 names the
+    /// denied request's client, not an earlier one's).
+    pub answered_client: Option<Decided>,
+    /// Requests whose claimed client was refused (module `client`), by reason.
+    pub refused: Vec<&'static str>,
+    /// A status the sidecar answered itself, with the reason.
+    pub answered: Option<(u16, &'static str)>,
+    /// Set when the access control refused a request.
+    pub denied: Option<Denied>,
+}
+
+/// A request sent to the app whose response has not been relayed in full.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    to: ResponseTo,
+    /// `Upgrade` or `CONNECT`: the client side waits for the app's answer.
+    leaves_http: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Requests whose final response head has not arrived yet, oldest first.
+    awaiting_head: VecDeque<Sent>,
+    /// Requests whose response has not been relayed in full (head and body).
+    outstanding: usize,
+    /// The app's answer to a request that leaves HTTP: `Some(true)` = tunnel.
+    tunnel: Option<bool>,
+    /// Requests forwarded, and the effective client of the first one.
+    requests: u64,
+    first: Option<Decided>,
+    /// Why claimed clients were refused, one entry per request that fell back.
+    refused: Vec<&'static str>,
+}
+
+struct Shared<'a> {
+    st: Mutex<State>,
+    changed: Notify,
+    from_down: AtomicU64,
+    to_down: AtomicU64,
+    last: AtomicU64,
+    t0: Instant,
+    conn: HttpConn<'a>,
+}
+
+impl Shared<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    fn touch(&self) {
+        let ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Relaxed);
+    }
+    /// Sends `b` to the client and counts it.
+    async fn send_down(&self, down: &TcpStream, b: &[u8]) -> io::Result<()> {
+        write_all(down, b).await?;
+        self.to_down.fetch_add(b.len() as u64, Relaxed);
+        Ok(())
+    }
+    fn last(&self) -> Instant {
+        self.t0 + Duration::from_millis(self.last.load(Relaxed))
+    }
+    /// Waits until `f` holds on the state.
+    async fn wait_for(&self, f: impl Fn(&State) -> bool) {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if f(&self.lock()) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Down,
+    Up,
+}
+
+/// How the client -> app direction ended.
+enum ReqEnd {
+    /// The client closed; the app was told (FIN).
+    Eof,
+    /// Plain bytes until both close.
+    Tunnel,
+    /// We answered and the connection ends.
+    Answered {
+        status: u16,
+        details: &'static str,
+        denied: Option<Denied>,
+        effective: Option<Decided>,
+    },
+    Failed(Side, Option<&'static str>),
+}
+
+enum RespEnd {
+    Eof,
+    Tunnel,
+    Failed(Side, Option<&'static str>),
+}
+
+/// Why a copy in one direction stopped before the message ended.
+enum Stop {
+    /// The sender closed; the receiver was told (FIN).
+    Eof,
+    Failed(Side, Option<&'static str>),
+}
+
+impl From<Stop> for ReqEnd {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Eof => ReqEnd::Eof,
+            Stop::Failed(side, why) => ReqEnd::Failed(side, why),
+        }
+    }
+}
+
+impl From<Stop> for RespEnd {
+    fn from(s: Stop) -> Self {
+        match s {
+            Stop::Eof => RespEnd::Eof,
+            Stop::Failed(side, why) => RespEnd::Failed(side, why),
+        }
+    }
+}
+
+/// A direction of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    ToApp,
+    ToClient,
+}
+
+impl Dir {
+    /// The socket this direction reads and the one it writes.
+    fn ends<'s>(self, down: &'s TcpStream, up: &'s TcpStream) -> (&'s TcpStream, &'s TcpStream) {
+        match self {
+            Dir::ToApp => (down, up),
+            Dir::ToClient => (up, down),
+        }
+    }
+    /// Who failed when reading, and when writing.
+    fn sides(self) -> (Side, Side) {
+        match self {
+            Dir::ToApp => (Side::Down, Side::Up),
+            Dir::ToClient => (Side::Up, Side::Down),
+        }
+    }
+}
+
+/// The sender closed: passes the close on to `dst`, the socket `dir` writes.
+fn pass_close(dst: &TcpStream, dir: Dir) -> Stop {
+    match sockopt::shutdown_write(dst) {
+        Ok(()) => Stop::Eof,
+        Err(_) => Stop::Failed(dir.sides().1, None),
+    }
+}
+
+/// Reads what is there (at least one byte, or EOF = 0) onto the end of `buf`.
+pub(crate) async fn read_more(s: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    const CHUNK: usize = 16 * 1024;
+    loop {
+        s.readable().await?;
+        // Into spare capacity: no zero-filling per read.
+        buf.reserve(CHUNK);
+        match s.try_read_buf(buf) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub(crate) async fn write_all(s: &TcpStream, mut b: &[u8]) -> io::Result<()> {
+    while !b.is_empty() {
+        s.writable().await?;
+        match s.try_write(b) {
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Plain bytes in direction `dir` until EOF (then FIN), counted as they are read.
+async fn copy_raw(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, dir: Dir) -> Result<(), Side> {
+    let (src, dst) = dir.ends(down, up);
+    let sides = dir.sides();
+    let count = match dir {
+        Dir::ToApp => &sh.from_down,
+        Dir::ToClient => &sh.to_down,
+    };
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        buf.clear();
+        let n = read_more(src, &mut buf).await.map_err(|_| sides.0)?;
+        if n == 0 {
+            sockopt::shutdown_write(dst).map_err(|_| sides.1)?;
+            return Ok(());
+        }
+        sh.touch();
+        count.fetch_add(n as u64, Relaxed);
+        write_all(dst, &buf).await.map_err(|_| sides.1)?;
+    }
+}
+
+/// Relays the body of one message in direction `dir`, framed by `body`. `buf[..held]` is the
+/// message's head, ready to go: it leaves with the body bytes already in `buf`, so a message
+/// usually takes one send. What was sent is drained from `buf`; bytes after the body stay.
+/// Client bytes are counted as they are read, bytes to the client as they are sent.
+async fn copy_body(
+    sh: &Shared<'_>,
+    down: &TcpStream,
+    up: &TcpStream,
+    dir: Dir,
+    buf: &mut Vec<u8>,
+    mut held: usize,
+    mut body: Body,
+) -> Result<(), Stop> {
+    let (src, dst) = dir.ends(down, up);
+    let (src_side, dst_side) = dir.sides();
+    let malformed = match dir {
+        Dir::ToApp => "http_malformed_body",
+        Dir::ToClient => "http_malformed_response",
+    };
+    loop {
+        let fed = match dir {
+            Dir::ToApp => body.feed_dropping_trailers(&buf[held..]),
+            Dir::ToClient => body.feed(&buf[held..]).map(|n| (n, 0..0)),
+        };
+        let (n, dropped) = fed.map_err(|_| Stop::Failed(src_side, Some(malformed)))?;
+        // Request trailers stay here (pitfall 67).
+        buf.drain(held + dropped.start..held + dropped.end);
+        let out = held + n - dropped.len();
+        held = 0;
+        if out > 0 {
+            let sent = match dir {
+                Dir::ToApp => write_all(dst, &buf[..out]).await,
+                Dir::ToClient => sh.send_down(dst, &buf[..out]).await,
+            };
+            sent.map_err(|_| Stop::Failed(dst_side, None))?;
+            buf.drain(..out);
+        }
+        if body.is_done() {
+            return Ok(());
+        }
+        match read_more(src, buf).await {
+            // The sender gave up mid-body: the receiver sees the same.
+            Ok(0) => return Err(pass_close(dst, dir)),
+            Ok(n) => {
+                if dir == Dir::ToApp {
+                    sh.from_down.fetch_add(n as u64, Relaxed);
+                }
+                sh.touch();
+            }
+            Err(_) => return Err(Stop::Failed(src_side, None)),
+        }
+    }
+}
+
+/// Client -> app.
+async fn requests(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream, early: Vec<u8>) -> ReqEnd {
+    let c = &sh.conn;
+    let mut buf = early;
+    let mut reader = HeadReader::new(c.limits);
+    loop {
+        // Fed first with what is already buffered (pipelined requests, bytes after a header).
+        let head = loop {
+            match reader.feed(&buf) {
+                HeadParse::Head(h) => break h,
+                HeadParse::Error(e) => {
+                    return ReqEnd::Answered {
+                        status: e.status(),
+                        details: e.label(),
+                        denied: None,
+                        effective: None,
+                    }
+                }
+                HeadParse::NeedMore => {}
+            }
+            let n = match read_more(down, &mut buf).await {
+                Ok(n) => n,
+                Err(_) => return ReqEnd::Failed(Side::Down, None),
+            };
+            if n == 0 {
+                // Between requests (or mid-head: nothing of it was sent): pass the close on.
+                return pass_close(up, Dir::ToApp).into();
+            }
+            sh.from_down.fetch_add(n as u64, Relaxed);
+            sh.touch();
+        };
+        let rw = edge::rewrite(&buf, &head, c.peer, c.peer_source, c.trust, &c.check);
+        if let Some(r) = rw.decided.refused {
+            sh.lock().refused.push(r.label());
+        }
+        if head.connect && !c.connect {
+            // Envoy answers an upgrade its route does not allow with 403 (pitfall 68).
+            return ReqEnd::Answered {
+                status: 403,
+                details: "connect_refused",
+                denied: None,
+                effective: Some(rw.decided),
+            };
+        }
+        if let Err(d) = c.acl.check_client(rw.decided.client) {
+            return ReqEnd::Answered {
+                status: 403,
+                details: d.label(),
+                denied: Some(d),
+                effective: Some(rw.decided),
+            };
+        }
+        let leaves_http = rw.upgrade || head.connect;
+        {
+            let mut st = sh.lock();
+            st.first.get_or_insert(rw.decided);
+            st.requests += 1;
+            if let Some(m) = c.metrics {
+                m.count(super::metrics::NsCounter::HttpRequests, "forwarded");
+            }
+            st.awaiting_head.push_back(Sent {
+                to: head.response_to(&buf),
+                leaves_http,
+            });
+            st.outstanding += 1;
+            st.tunnel = None;
+        }
+        sh.changed.notify_waiters();
+        // The rewritten head takes the place of the client's and goes out with the body bytes
+        // already here.
+        let held = rw.head.len();
+        buf.splice(..head.head_len, rw.head);
+        reader.reset();
+        let body = Body::new(head.framing, c.limits.max_head);
+        if let Err(stop) = copy_body(sh, down, up, Dir::ToApp, &mut buf, held, body).await {
+            return stop.into();
+        }
+
+        if leaves_http {
+            sh.wait_for(|st| st.tunnel.is_some()).await;
+            if sh.lock().tunnel == Some(true) {
+                if write_all(up, &buf).await.is_err() {
+                    return ReqEnd::Failed(Side::Up, None);
+                }
+                return match copy_raw(sh, down, up, Dir::ToApp).await {
+                    Ok(()) => ReqEnd::Tunnel,
+                    Err(s) => ReqEnd::Failed(s, None),
+                };
+            }
+        }
+    }
+}
+
+/// App -> client.
+async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd {
+    let c = &sh.conn;
+    let mut buf = Vec::new();
+    let mut reader = ResponseReader::new(c.limits);
+    loop {
+        let (head, front) = loop {
+            // Read afresh each time: the request may be sent while we wait for bytes.
+            let front = sh.lock().awaiting_head.front().copied();
+            let to = front.map(|s| s.to).unwrap_or(ResponseTo {
+                head_method: false,
+                connect: false,
+            });
+            match reader.feed(&buf, to) {
+                ResponseParse::Head(h) => break (h, front),
+                ResponseParse::Error(_) => {
+                    return RespEnd::Failed(Side::Up, Some("http_malformed_response"))
+                }
+                ResponseParse::NeedMore => {}
+            }
+            match read_more(up, &mut buf).await {
+                Ok(0) => {
+                    // The app closed: whatever partial response there is goes on, then FIN.
+                    if sh.send_down(down, &buf).await.is_err() {
+                        return RespEnd::Failed(Side::Down, None);
+                    }
+                    return pass_close(down, Dir::ToClient).into();
+                }
+                Ok(_) => sh.touch(),
+                Err(_) => return RespEnd::Failed(Side::Up, None),
+            }
+        };
+        if front.is_none() {
+            // A response nobody asked for: the app does not speak HTTP/1.1 as we understand it.
+            return RespEnd::Failed(Side::Up, Some("http_unsolicited_response"));
+        }
+        reader.reset();
+        let hl = head.head_len;
+        if head.interim {
+            if sh.send_down(down, &buf[..hl]).await.is_err() {
+                return RespEnd::Failed(Side::Down, None);
+            }
+            buf.drain(..hl);
+            continue;
+        }
+        let sent = {
+            let mut st = sh.lock();
+            st.awaiting_head.pop_front()
+        };
+        let leaves_http = sent.is_some_and(|s| s.leaves_http);
+        match Body::from_response(head.framing, c.limits.max_head) {
+            None => {
+                if !leaves_http {
+                    return RespEnd::Failed(Side::Up, Some("http_unexpected_upgrade"));
+                }
+                sh.lock().tunnel = Some(true);
+                sh.changed.notify_waiters();
+                // The head and whatever followed it.
+                if sh.send_down(down, &buf).await.is_err() {
+                    return RespEnd::Failed(Side::Down, None);
+                }
+                return match copy_raw(sh, down, up, Dir::ToClient).await {
+                    Ok(()) => RespEnd::Tunnel,
+                    Err(s) => RespEnd::Failed(s, None),
+                };
+            }
+            Some(body) => {
+                if leaves_http {
+                    sh.lock().tunnel = Some(false);
+                    sh.changed.notify_waiters();
+                }
+                // The head goes out with the body bytes already here: one send per response
+                // in the common case.
+                if let Err(stop) = copy_body(sh, down, up, Dir::ToClient, &mut buf, hl, body).await
+                {
+                    return stop.into();
+                }
+                sh.lock().outstanding -= 1;
+                sh.changed.notify_waiters();
+            }
+        }
+    }
+}
+
+/// Relays one connection of an XFF port. `early` holds client bytes already read (after a
+/// PROXY header). Ends like `relay::relay`: both closed, a failure (reset passed on), idle,
+/// or `stop`.
+pub async fn relay_http(
+    down: &TcpStream,
+    up: &TcpStream,
+    early: Vec<u8>,
+    conn: HttpConn<'_>,
+    mut stop: watch::Receiver<bool>,
+) -> HttpOutcome {
+    sockopt::reset_on_close(down);
+    sockopt::reset_on_close(up);
+    let idle = conn.idle;
+    let sh = Shared {
+        st: Mutex::new(State::default()),
+        changed: Notify::new(),
+        from_down: AtomicU64::new(early.len() as u64),
+        to_down: AtomicU64::new(0),
+        last: AtomicU64::new(0),
+        t0: Instant::now(),
+        conn,
+    };
+    let req = requests(&sh, down, up, early);
+    let resp = responses(&sh, down, up);
+    tokio::pin!(req, resp);
+    let idle_watch = async {
+        loop {
+            let deadline = sh.last() + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    };
+    tokio::pin!(idle_watch);
+    let stopped = async {
+        if stop.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(stopped);
+
+    let mut req_done: Option<ReqEnd> = None;
+    let mut resp_done: Option<RespEnd> = None;
+    let mut answered = None;
+    let mut answered_client = None;
+    let mut denied = None;
+    let mut details = None;
+    let end = loop {
+        tokio::select! {
+            r = &mut req, if req_done.is_none() => match r {
+                ReqEnd::Answered { status, details: why, denied: d, effective } => {
+                    answered_client = effective;
+                    // Answer once the responses to earlier requests are through (or the app
+                    // closed); a failure on the way ends the connection as a failure.
+                    if resp_done.is_none() {
+                        tokio::select! {
+                            _ = sh.wait_for(|st| st.outstanding == 0) => {}
+                            r = &mut resp => {
+                                if let RespEnd::Failed(side, why) = r {
+                                    details = why;
+                                    break fail(down, up, side, false);
+                                }
+                            }
+                        }
+                    }
+                    let reply = if d.is_some() { FORBIDDEN } else { reply_for(status) };
+                    let _ = sh.send_down(down, reply).await;
+                    // The answer must arrive whole: an orderly close, not a reset. Closing with
+                    // unread client bytes would send a reset that can overtake the answer, so
+                    // read and drop what the client still sends, briefly and boundedly.
+                    sockopt::linger_normally(down);
+                    let _ = sockopt::shutdown_write(down);
+                    let discard = async {
+                        let mut sink = Vec::new();
+                        let mut total = 0usize;
+                        while total < (1 << 20) {
+                            sink.clear();
+                            match read_more(down, &mut sink).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => total += n,
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout(Duration::from_millis(500), discard).await;
+                    answered = Some((status, why));
+                    denied = d;
+                    break if d.is_some() { EndReason::Rbac } else { EndReason::ProtocolError };
+                }
+                ReqEnd::Failed(side, why) => {
+                    details = why;
+                    break fail(down, up, side, why.is_some());
+                }
+                other => req_done = Some(other),
+            },
+            r = &mut resp, if resp_done.is_none() => match r {
+                RespEnd::Failed(side, why) => {
+                    details = why;
+                    break fail(down, up, side, false);
+                }
+                other => {
+                    // The app is done: a request waiting for its answer to an upgrade goes on
+                    // as HTTP (and sees the client's close).
+                    sh.lock().tunnel.get_or_insert(false);
+                    sh.changed.notify_waiters();
+                    resp_done = Some(other);
+                }
+            },
+            // A reset on either socket while the directions wait elsewhere (pitfall 16).
+            _ = failed(down) => break fail(down, up, Side::Down, false),
+            _ = failed(up) => break fail(down, up, Side::Up, false),
+            _ = &mut idle_watch => {
+                sockopt::reset_on_close(down);
+                sockopt::reset_on_close(up);
+                break EndReason::IdleTimeout;
+            }
+            _ = &mut stopped => {
+                sockopt::reset_on_close(down);
+                sockopt::reset_on_close(up);
+                break EndReason::Drained;
+            }
+        }
+        if req_done.is_some() && resp_done.is_some() {
+            sockopt::linger_normally(down);
+            sockopt::linger_normally(up);
+            break EndReason::Normal;
+        }
+    };
+    if answered.is_none() {
+        answered = details.map(|d| (0, d));
+    }
+    let (requests, first_client, refused) = {
+        let mut st = sh.lock();
+        (st.requests, st.first, std::mem::take(&mut st.refused))
+    };
+    HttpOutcome {
+        from_downstream: sh.from_down.load(Relaxed),
+        to_downstream: sh.to_down.load(Relaxed),
+        end,
+        requests,
+        first_client,
+        answered_client,
+        refused,
+        answered,
+        denied,
+    }
+}
+
+/// Resolves when the kernel reports an error on `s` (a reset arrived): each direction reads
+/// only one socket, so a reset on the other would otherwise wait for the next write
+/// (docs/ARCHITECTURE.md, pitfall 16).
+async fn failed(s: &TcpStream) {
+    loop {
+        match s.ready(tokio::io::Interest::ERROR).await {
+            Ok(r) if r.is_error() => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// The answer to a CONNECT on a port that did not opt in.
+pub const CONNECT_FORBIDDEN: &[u8] =
+    b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The complete answer for a status the sidecar gives itself (403: the access control's
+/// answer is chosen by the caller).
+fn reply_for(status: u16) -> &'static [u8] {
+    match status {
+        403 => CONNECT_FORBIDDEN,
+        431 => http1::HeadError::TooLarge(0).response(),
+        505 => http1::HeadError::Version.response(),
+        _ => http1::HeadError::Malformed("").response(),
+    }
+}
+
+fn fail(down: &TcpStream, up: &TcpStream, side: Side, protocol: bool) -> EndReason {
+    sockopt::reset_on_close(down);
+    sockopt::reset_on_close(up);
+    if protocol {
+        return EndReason::ProtocolError;
+    }
+    match side {
+        Side::Down => EndReason::DownstreamTermination,
+        Side::Up => EndReason::UpstreamTermination,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::testutil::tcp_pair as pair;
+
+    /// client <-> [down | relay_http | up] <-> app, peer 192.0.2.9, numTrustedProxies 1.
+    async fn setup(
+        acl: Acl,
+        max_head: usize,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<HttpOutcome>) {
+        setup_connect(acl, max_head, false).await
+    }
+
+    /// `connect`: the port opted in to CONNECT.
+    async fn setup_connect(
+        acl: Acl,
+        max_head: usize,
+        connect: bool,
+    ) -> (TcpStream, TcpStream, tokio::task::JoinHandle<HttpOutcome>) {
+        let (client, down) = pair().await;
+        let (up, app) = pair().await;
+        let h = tokio::spawn(async move {
+            let (tx, rx) = watch::channel(false);
+            let _keep = tx;
+            let trust = Trust::Hops(1);
+            let pod = crate::client::PodAddrs::new(vec!["10.1.0.5".parse().unwrap()], vec![]);
+            let conn = HttpConn {
+                peer: "192.0.2.9".parse().unwrap(),
+                peer_source: "peer",
+                check: ClientCheck {
+                    pod: &pod,
+                    local: None,
+                },
+                connect,
+                trust: &trust,
+                acl: &acl,
+                limits: http1::Limits {
+                    max_head,
+                    ..Default::default()
+                },
+                idle: Duration::from_secs(10),
+                metrics: None,
+            };
+            relay_http(&down, &up, Vec::new(), conn, rx).await
+        });
+        (client, app, h)
+    }
+
+    /// Reads until `buf` holds `n` occurrences of `marker` (bounded by 5 s).
+    async fn read_until(s: &mut TcpStream, marker: &[u8], n: usize) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while buf.windows(marker.len()).filter(|w| *w == marker).count() < n {
+                let k = s.read(&mut chunk).await.unwrap();
+                if k == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..k]);
+            }
+        })
+        .await
+        .expect("timed out");
+        buf
+    }
+
+    fn text(b: &[u8]) -> String {
+        String::from_utf8_lossy(b).into_owned()
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+    #[tokio::test]
+    async fn pipelined_keep_alive_requests_are_all_rewritten() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        // Three pipelined requests in one write: a chunked body, a Content-Length body, none.
+        client
+            .write_all(
+                b"POST /a HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.1, 10.0.0.1\r\n\
+                  x-envoy-external-address: 6.6.6.6\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  3\r\nabc\r\n0\r\n\r\n\
+                  PUT /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+                  GET /c HTTP/1.1\r\nHost: x\r\nx-forwarded-for: 198.51.100.7\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut app, b"\r\n\r\n", 4).await);
+        let heads: Vec<&str> = got.split("\r\n\r\n").collect();
+        assert!(heads[0].starts_with("POST /a HTTP/1.1\r\n"), "{got}");
+        assert!(
+            heads[0].contains("x-forwarded-for: 203.0.113.1, 10.0.0.1, 192.0.2.9"),
+            "{got}"
+        );
+        // numTrustedProxies 1: the rightmost incoming entry is the client.
+        assert!(
+            heads[0].contains("x-envoy-external-address: 10.0.0.1"),
+            "{got}"
+        );
+        assert!(
+            !got.contains("6.6.6.6"),
+            "client-sent external address stripped: {got}"
+        );
+        assert!(
+            heads[1].starts_with("3\r\nabc\r\n0"),
+            "chunked body intact: {got}"
+        );
+        assert!(heads[2].starts_with("PUT /b") && heads[2].contains("x-forwarded-for: 192.0.2.9"));
+        assert!(
+            heads[2].contains("x-envoy-external-address: 192.0.2.9"),
+            "{got}"
+        );
+        assert!(heads[3].starts_with("helloGET /c"), "{got}");
+        assert!(heads[3].contains("x-forwarded-for: 198.51.100.7, 192.0.2.9"));
+        assert!(heads[3].contains("x-envoy-external-address: 198.51.100.7"));
+        for _ in 0..3 {
+            app.write_all(OK).await.unwrap();
+        }
+        let back = read_until(&mut client, b"ok", 3).await;
+        assert_eq!(back, [OK, OK, OK].concat());
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        app.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        app.shutdown().await.unwrap();
+        let o = h.await.unwrap();
+        assert_eq!(o.end, EndReason::Normal);
+        assert_eq!(o.requests, 3);
+        assert_eq!(o.first_client.unwrap().client.to_string(), "10.0.0.1");
+        assert_eq!(o.first_client.unwrap().source, "xff");
+        assert_eq!(o.to_downstream, 3 * OK.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn continue_then_final_response() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(
+                b"POST /u HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        app.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, b"\r\n\r\n", 1).await;
+        client.write_all(b"data").await.unwrap();
+        read_until(&mut app, b"data", 1).await;
+        app.write_all(OK).await.unwrap();
+        assert_eq!(read_until(&mut client, b"ok", 1).await, OK);
+        drop(client);
+        drop(app);
+        let o = h.await.unwrap();
+        assert_eq!(o.requests, 1);
+    }
+
+    #[tokio::test]
+    async fn websocket_upgrade_becomes_plain_bytes_and_declined_upgrade_stays_http() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        let up_req =
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        // Declined first: the next request must still be parsed and rewritten.
+        client.write_all(up_req).await.unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        app.write_all(OK).await.unwrap();
+        read_until(&mut client, b"ok", 1).await;
+        client.write_all(up_req).await.unwrap();
+        let second = text(&read_until(&mut app, b"\r\n\r\n", 1).await);
+        assert!(second.contains("x-forwarded-for: 192.0.2.9"), "{second}");
+        // Accepted now: after 101, bytes that look like HTTP pass unchanged both ways.
+        app.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut client, b"\r\n\r\n", 1).await;
+        let raw = b"GET /not-http HTTP/1.1\r\nHost: y\r\n\r\n";
+        client.write_all(raw).await.unwrap();
+        assert_eq!(read_until(&mut app, b"\r\n\r\n", 1).await, raw);
+        app.write_all(b"\x81\x02hi").await.unwrap();
+        assert_eq!(read_until(&mut client, b"hi", 1).await, b"\x81\x02hi");
+        client.shutdown().await.unwrap();
+        app.shutdown().await.unwrap();
+        let o = h.await.unwrap();
+        assert_eq!((o.end, o.requests), (EndReason::Normal, 2));
+    }
+
+    #[tokio::test]
+    async fn bad_heads_get_400_and_431_after_earlier_responses() {
+        for (req, status) in [
+            (&b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n"[..], 400u16),
+            (&b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: 0123456789012345678901234567890123456789\r\n\r\n"[..], 431),
+        ] {
+            let (mut client, mut app, h) = setup(Acl::default(), 64).await;
+            let mut both = b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+            both.extend_from_slice(req);
+            client.write_all(&both).await.unwrap();
+            read_until(&mut app, b"\r\n\r\n", 1).await;
+            // The answer waits for the response to the first request.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            app.write_all(OK).await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            let back = text(&back);
+            assert!(back.starts_with("HTTP/1.1 200 OK"), "{back}");
+            assert!(back.contains(&format!("HTTP/1.1 {status} ")), "{back}");
+            let o = h.await.unwrap();
+            assert_eq!(o.end, EndReason::ProtocolError);
+            assert_eq!(o.answered.map(|a| a.0), Some(status));
+            assert_eq!(o.requests, 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn app_closing_instead_of_answering_an_upgrade_does_not_hang() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        app.shutdown().await.unwrap();
+        drop(app);
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back))
+            .await
+            .expect("client sees the close")
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(5), h)
+            .await
+            .expect("relay ends")
+            .unwrap();
+        assert_eq!(o.requests, 1);
+    }
+
+    #[tokio::test]
+    async fn client_reset_while_the_app_is_silent_resets_the_app() {
+        // An upgrade request: the client side is not read until the app answers, so only the
+        // error watch can see the client's reset.
+        let (client, mut app, h) = setup(Acl::default(), 8192).await;
+        let mut client = client;
+        client
+            .write_all(
+                b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        sockopt::reset_on_close(&client);
+        drop(client);
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut rest))
+            .await
+            .expect("the app hears of it");
+        assert!(r.is_err(), "a reset, not a clean close: {r:?}");
+        let o = h.await.unwrap();
+        assert_eq!(o.end, EndReason::DownstreamTermination);
+    }
+
+    #[tokio::test]
+    async fn tls_and_http2_clients_are_answered_not_relayed() {
+        for (hello, status) in [
+            (&b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..], "400"),
+            (&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], "505"),
+        ] {
+            let (mut client, _app, h) = setup(Acl::default(), 8192).await;
+            client.write_all(hello).await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert!(
+                text(&back).starts_with(&format!("HTTP/1.1 {status} ")),
+                "{}",
+                text(&back)
+            );
+            assert_eq!(h.await.unwrap().requests, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn denied_client_gets_403() {
+        let acl = Acl {
+            deny_client: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Acl::default()
+        };
+        let (mut client, _app, h) = setup(acl, 8192).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.5\r\n\r\n")
+            .await
+            .unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert!(
+            text(&back).starts_with("HTTP/1.1 403 Forbidden"),
+            "{}",
+            text(&back)
+        );
+        let o = h.await.unwrap();
+        assert_eq!(o.end, EndReason::Rbac);
+        assert_eq!(o.denied, Some(Denied::ClientDenied));
+        assert_eq!(o.requests, 0);
+    }
+
+    async fn read_all(s: &mut TcpStream) -> Vec<u8> {
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+            .await
+            .expect("closed in time")
+            .unwrap();
+        back
+    }
+
+    #[tokio::test]
+    async fn connect_is_refused_unless_the_port_opted_in() {
+        // An ordinary app answers CONNECT with 200 and stays in HTTP: before, the sidecar then
+        // relayed raw bytes, and the next request reached the app unrewritten.
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(b"CONNECT / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nx-envoy-external-address: 6.6.6.6\r\n\r\n")
+            .await
+            .unwrap();
+        let back = text(&read_all(&mut client).await);
+        assert!(back.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{back}");
+        assert!(
+            !back.contains("RBAC"),
+            "not the access control's answer: {back}"
+        );
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut seen)).await;
+        assert!(seen.is_empty(), "the app saw {:?}", text(&seen));
+        let o = h.await.unwrap();
+        assert_eq!(
+            (o.answered, o.requests),
+            (Some((403, "connect_refused")), 0)
+        );
+
+        // Opted in: CONNECT goes to the app, and a 2xx makes a tunnel.
+        let (mut client, mut app, h) = setup_connect(Acl::default(), 8192, true).await;
+        client
+            .write_all(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut app, b"\r\n\r\n", 1).await);
+        assert!(got.starts_with("CONNECT db:5432 HTTP/1.1\r\n"), "{got}");
+        app.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+        read_until(&mut client, b"\r\n\r\n", 1).await;
+        client.write_all(b"raw bytes").await.unwrap();
+        assert_eq!(read_until(&mut app, b"bytes", 1).await, b"raw bytes");
+        client.shutdown().await.unwrap();
+        app.shutdown().await.unwrap();
+        assert_eq!(h.await.unwrap().end, EndReason::Normal);
+    }
+
+    #[tokio::test]
+    async fn h2c_upgrade_reaches_the_app_as_plain_http() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMA\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // Not an upgrade any more: both requests go out at once, rewritten.
+        let got = text(&read_until(&mut app, b"\r\n\r\n", 2).await);
+        assert!(!got.to_ascii_lowercase().contains("upgrade"), "{got}");
+        assert_eq!(
+            got.matches("x-forwarded-for: 192.0.2.9").count(),
+            2,
+            "{got}"
+        );
+        drop(client);
+        drop(app);
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn request_trailers_never_reach_the_app() {
+        let (mut client, mut app, h) = setup(Acl::default(), 8192).await;
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nx-envoy-external-address: 6.6.6.6\r\n\r\nGET /n HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let got = text(&read_until(&mut app, b"\r\n\r\n", 3).await);
+        assert!(!got.contains("6.6.6.6"), "{got}");
+        assert!(
+            got.contains("3\r\nabc\r\n0\r\n\r\nGET /n HTTP/1.1\r\n"),
+            "{got}"
+        );
+        drop(client);
+        drop(app);
+        assert_eq!(h.await.unwrap().requests, 2);
+    }
+
+    #[tokio::test]
+    async fn a_403_on_keep_alive_names_the_denied_requests_client() {
+        let acl = Acl {
+            deny_client: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Acl::default()
+        };
+        let (mut client, mut app, h) = setup(acl, 8192).await;
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.5\r\n\r\n")
+            .await
+            .unwrap();
+        read_until(&mut app, b"\r\n\r\n", 1).await;
+        app.write_all(OK).await.unwrap();
+        let back = text(&read_all(&mut client).await);
+        assert!(back.contains("RBAC: access denied"), "{back}");
+        let o = h.await.unwrap();
+        assert_eq!(o.first_client.unwrap().client.to_string(), "198.51.100.1");
+        assert_eq!(o.answered_client.unwrap().client.to_string(), "203.0.113.5");
+    }
+}
