@@ -512,29 +512,7 @@ impl Expr {
         let e = match name.as_str() {
             // Same numbers for meta and ct keys and dregs; the sreg differs, and ct's 3 is
             // its direction.
-            "meta" | "ct" => match (
-                u(NFTA_META_KEY),
-                u(NFTA_META_DREG),
-                u(if name == "ct" {
-                    NFTA_CT_SREG
-                } else {
-                    NFTA_META_SREG
-                }),
-            ) {
-                (Some(key), Some(dreg), None) if name == "meta" => {
-                    Some(Expr::MetaLoad { key, dreg })
-                }
-                (Some(key), Some(dreg), None) if find(d, NFTA_CT_DIRECTION).is_none() => {
-                    Some(Expr::CtLoad { key, dreg })
-                }
-                (Some(key), None, Some(sreg)) if name == "meta" => {
-                    Some(Expr::MetaSet { key, sreg })
-                }
-                (Some(key), None, Some(sreg)) if find(d, NFTA_CT_DIRECTION).is_none() => {
-                    Some(Expr::CtSet { key, sreg })
-                }
-                _ => None,
-            },
+            "meta" | "ct" => decode_load_set(&name, d),
             "payload" => match (
                 u(NFTA_PAYLOAD_DREG),
                 u(NFTA_PAYLOAD_BASE),
@@ -573,27 +551,7 @@ impl Expr {
                 (Some(sreg), Some(op), Some(data)) => Some(Expr::Cmp { sreg, op, data }),
                 _ => None,
             },
-            "immediate" => {
-                let dreg = u(NFTA_IMMEDIATE_DREG);
-                let data = find(d, NFTA_IMMEDIATE_DATA);
-                match (dreg, data) {
-                    (Some(0), Some(data)) => find(data, wire::NFTA_DATA_VERDICT)
-                        .and_then(|v| {
-                            if find(v, NFTA_VERDICT_CHAIN).is_some() {
-                                return None;
-                            }
-                            find(v, wire::NFTA_VERDICT_CODE).and_then(be32)
-                        })
-                        .map(|c| Expr::Verdict { code: c as i32 }),
-                    (Some(dreg), Some(data)) => {
-                        find(data, wire::NFTA_DATA_VALUE).map(|v| Expr::Immediate {
-                            dreg,
-                            data: v.to_vec(),
-                        })
-                    }
-                    _ => None,
-                }
-            }
+            "immediate" => decode_immediate(d),
             "tproxy" => u(NFTA_TPROXY_FAMILY).map(|family| Expr::Tproxy {
                 family,
                 reg_addr: u(NFTA_TPROXY_REG_ADDR),
@@ -618,21 +576,77 @@ impl Expr {
                     .and_then(|c| c.first().copied())
                     .unwrap_or(0),
             }),
-            "counter" => {
-                let be64 = |t: u16| {
-                    find(d, t)
-                        .and_then(|v| v.get(..8))
-                        .and_then(|v| v.try_into().ok())
-                        .map(u64::from_be_bytes)
-                };
-                match (be64(NFTA_COUNTER_PACKETS), be64(NFTA_COUNTER_BYTES)) {
-                    (Some(packets), Some(bytes)) => Some(Expr::Counter(Counts { packets, bytes })),
-                    _ => None,
-                }
-            }
+            "counter" => decode_counter(d),
             _ => None,
         };
         e.unwrap_or_else(other)
+    }
+}
+
+/// One 32-bit attribute of an expression's data.
+fn attr32(d: &[u8], t: u16) -> Option<u32> {
+    find(d, t).and_then(be32)
+}
+
+/// `meta` / `ct` loads and sets. Same numbers for meta and ct keys and dregs; the sreg
+/// differs, and ct's 3 is its direction.
+fn decode_load_set(name: &str, d: &[u8]) -> Option<Expr> {
+    let u = |t: u16| attr32(d, t);
+    match (
+        u(NFTA_META_KEY),
+        u(NFTA_META_DREG),
+        u(if name == "ct" {
+            NFTA_CT_SREG
+        } else {
+            NFTA_META_SREG
+        }),
+    ) {
+        (Some(key), Some(dreg), None) if name == "meta" => Some(Expr::MetaLoad { key, dreg }),
+        (Some(key), Some(dreg), None) if find(d, NFTA_CT_DIRECTION).is_none() => {
+            Some(Expr::CtLoad { key, dreg })
+        }
+        (Some(key), None, Some(sreg)) if name == "meta" => Some(Expr::MetaSet { key, sreg }),
+        (Some(key), None, Some(sreg)) if find(d, NFTA_CT_DIRECTION).is_none() => {
+            Some(Expr::CtSet { key, sreg })
+        }
+        _ => None,
+    }
+}
+
+/// `immediate`: a verdict (register 0) or a value.
+fn decode_immediate(d: &[u8]) -> Option<Expr> {
+    let u = |t: u16| attr32(d, t);
+
+    let dreg = u(NFTA_IMMEDIATE_DREG);
+    let data = find(d, NFTA_IMMEDIATE_DATA);
+    match (dreg, data) {
+        (Some(0), Some(data)) => find(data, wire::NFTA_DATA_VERDICT)
+            .and_then(|v| {
+                if find(v, NFTA_VERDICT_CHAIN).is_some() {
+                    return None;
+                }
+                find(v, wire::NFTA_VERDICT_CODE).and_then(be32)
+            })
+            .map(|c| Expr::Verdict { code: c as i32 }),
+        (Some(dreg), Some(data)) => find(data, wire::NFTA_DATA_VALUE).map(|v| Expr::Immediate {
+            dreg,
+            data: v.to_vec(),
+        }),
+        _ => None,
+    }
+}
+
+/// `counter`: packets and bytes.
+fn decode_counter(d: &[u8]) -> Option<Expr> {
+    let be64 = |t: u16| {
+        find(d, t)
+            .and_then(|v| v.get(..8))
+            .and_then(|v| v.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    match (be64(NFTA_COUNTER_PACKETS), be64(NFTA_COUNTER_BYTES)) {
+        (Some(packets), Some(bytes)) => Some(Expr::Counter(Counts { packets, bytes })),
+        _ => None,
     }
 }
 
