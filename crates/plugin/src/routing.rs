@@ -11,28 +11,37 @@
 //! requests per pod, and a runtime's threads must never meet `setns` (docs/ARCHITECTURE.md,
 //! pitfall 7). Call these
 //! from a thread already inside the pod netns (see `netns`).
+//!
+//! - `msg`: the messages for the plan's objects; `rtnl`: the socket (also the sidecar's);
+//!   `check`: the kernel compared with the plan; `node`: the node's own addresses.
+//!   This file: apply and delete, and the sweep of tagged objects the plan does not want.
+
+mod check;
+mod msg;
+mod node;
+mod rtnl;
+
+pub use check::check;
+pub use node::node_addresses;
+pub use rtnl::Rtnl;
+
+use check::{route_matches, rule_fields, rule_matches};
+use msg::{
+    addr_msg, describe_route, describe_rule, family, lo_index, route_msg, rule_msg,
+    untagged_route_msg, untagged_rule_msg,
+};
 
 use std::io;
-use std::net::IpAddr;
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
-};
-use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP};
 use netlink_packet_route::link::{LinkFlags, LinkMessage};
-use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::route::{RouteAttribute, RouteMessage};
+use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::plan::{FwmarkRule, LocalRoute, Routing};
 use tproxy_cni_policy::consts::RT_PROTOCOL;
-use tproxy_cni_policy::netaddr::{Cidr, Family};
+use tproxy_cni_policy::netaddr::Family;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -44,234 +53,30 @@ pub enum RoutingError {
     Decode { what: String, detail: String },
 }
 
-fn family(f: Family) -> AddressFamily {
-    match f {
-        Family::V4 => AddressFamily::Inet,
-        Family::V6 => AddressFamily::Inet6,
-    }
-}
-
-fn describe_rule(r: &FwmarkRule) -> String {
-    format!(
-        "{} rule fwmark {:#x}/{:#x} lookup {} priority {}",
-        r.family, r.mark, r.mask, r.table, r.priority
-    )
-}
-
-fn describe_route(r: &LocalRoute) -> String {
-    format!("{} route local default dev lo table {}", r.family, r.table)
-}
-
-/// The rule as we add it: with our protocol tag.
-fn rule_msg(r: &FwmarkRule) -> RuleMessage {
-    let mut m = untagged_rule_msg(r);
-    m.attributes
-        .push(RuleAttribute::Protocol(RouteProtocol::from(RT_PROTOCOL)));
-    m
-}
-
-/// Without a protocol, a delete matches the rule whatever its protocol (rules of releases
-/// from before the tag).
-fn untagged_rule_msg(r: &FwmarkRule) -> RuleMessage {
-    let mut m = RuleMessage::default();
-    m.header.family = family(r.family);
-    // docs/ARCHITECTURE.md, pitfall 4: without an explicit action the kernel accepts the rule
-    // and every lookup fails.
-    m.header.action = RuleAction::ToTable;
-    m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
-    m.attributes = vec![
-        RuleAttribute::Priority(r.priority),
-        RuleAttribute::FwMark(r.mark),
-        RuleAttribute::FwMask(r.mask),
-        RuleAttribute::Table(r.table),
-    ];
-    m
-}
-
-fn lo_index() -> Result<u32, RoutingError> {
-    nix::net::if_::if_nametoindex("lo").map_err(|e| RoutingError::Kernel {
-        what: "looking up interface lo".into(),
-        err: io::Error::from_raw_os_error(e as i32),
-    })
-}
-
-fn route_msg(r: &LocalRoute, lo: u32) -> RouteMessage {
-    let mut m = RouteMessage::default();
-    m.header.address_family = family(r.family);
-    m.header.destination_prefix_length = 0;
-    m.header.table = if r.table < 256 { r.table as u8 } else { 0 };
-    m.header.protocol = RouteProtocol::from(RT_PROTOCOL);
-    // docs/ARCHITECTURE.md, pitfall 4: a `local` route must be host-scoped or the kernel
-    // refuses it.
-    m.header.scope = RouteScope::Host;
-    m.header.kind = RouteType::Local;
-    m.attributes = vec![RouteAttribute::Table(r.table), RouteAttribute::Oif(lo)];
-    m
-}
-
-/// With protocol unspecified, a delete matches the route whatever its protocol.
-fn untagged_route_msg(r: &LocalRoute, lo: u32) -> RouteMessage {
-    let mut m = route_msg(r, lo);
-    m.header.protocol = RouteProtocol::Unspec;
-    m
-}
-
-fn addr_msg(c: &Cidr, lo: u32) -> AddressMessage {
-    let mut m = AddressMessage::default();
-    m.header.family = family(c.family());
-    m.header.prefix_len = c.prefix();
-    m.header.scope = AddressScope::Host;
-    m.header.index = lo;
-    // No duplicate address detection: the address only lives on lo.
-    m.header.flags = AddressHeaderFlags::Nodad;
-    m.attributes = vec![
-        AddressAttribute::Local(c.addr()),
-        AddressAttribute::Address(c.addr()),
-        AddressAttribute::Flags(AddressFlags::Nodad),
-    ];
-    m
-}
-
-/// One rtnetlink socket in the current netns.
-pub struct Rtnl {
-    sock: Socket,
-    seq: u32,
-}
-
-impl Rtnl {
-    pub fn open() -> Result<Rtnl, RoutingError> {
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(RoutingError::Socket)?;
-        sock.bind_auto().map_err(RoutingError::Socket)?;
-        sock.connect(&SocketAddr::new(0, 0))
-            .map_err(RoutingError::Socket)?;
-        Ok(Rtnl { sock, seq: 0 })
-    }
-
-    /// Sends one request and collects replies until ACK/error (or DONE for dumps).
-    pub fn request(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-        what: &str,
-    ) -> Result<Vec<RouteNetlinkMessage>, RoutingError> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.seq;
-        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        nl.finalize();
-        let mut buf = vec![0u8; nl.buffer_len()];
-        nl.serialize(&mut buf);
-        self.sock.send(&buf, 0).map_err(RoutingError::Socket)?;
-
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        let mut out = Vec::new();
-        let mut rx = vec![0u8; 64 * 1024];
-        loop {
-            let n = self
-                .sock
-                .recv(&mut &mut rx[..], 0)
-                .map_err(RoutingError::Socket)?;
-            let mut off = 0;
-            while off < n {
-                let bytes = &rx[off..n];
-                let reply =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
-                        RoutingError::Decode {
-                            what: what.into(),
-                            detail: e.to_string(),
-                        }
-                    })?;
-                let len = reply.header.length as usize;
-                if len == 0 {
-                    return Err(RoutingError::Decode {
-                        what: what.into(),
-                        detail: "zero-length message".into(),
-                    });
-                }
-                off += (len + 3) & !3;
-                if reply.header.sequence_number != self.seq {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(out),
-                            Some(code) => Err(RoutingError::Kernel {
-                                what: what.into(),
-                                err: io::Error::from_raw_os_error(-code.get()),
-                            }),
-                        };
-                    }
-                    NetlinkPayload::Done(_) => return Ok(out),
-                    NetlinkPayload::InnerMessage(m) => {
-                        out.push(m);
-                        if !dump {
-                            continue;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    fn create(&mut self, msg: RouteNetlinkMessage, what: &str) -> Result<(), RoutingError> {
-        match self.request(msg, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, what) {
-            Ok(_) => Ok(()),
-            // Idempotent ADD: an identical object is already there.
-            Err(RoutingError::Kernel { err, .. }) if err.raw_os_error() == Some(libc::EEXIST) => {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Deletes; `Ok(false)` when the object was already absent.
-    fn remove(&mut self, msg: RouteNetlinkMessage, what: &str) -> Result<bool, RoutingError> {
-        match self.request(msg, NLM_F_ACK, what) {
-            Ok(_) => Ok(true),
-            Err(RoutingError::Kernel { err, .. })
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::ENOENT)
-                        | Some(libc::ESRCH)
-                        | Some(libc::EADDRNOTAVAIL)
-                        | Some(libc::EAFNOSUPPORT)
-                        | Some(libc::ENODEV)
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(e),
-        }
-    }
-}
-
-fn is_no_family(e: &RoutingError) -> bool {
+pub(super) fn is_no_family(e: &RoutingError) -> bool {
     matches!(e, RoutingError::Kernel { err, .. } if err.raw_os_error() == Some(libc::EAFNOSUPPORT))
 }
 
-fn is_ours_rule(m: &RuleMessage) -> bool {
+pub(super) fn is_ours_rule(m: &RuleMessage) -> bool {
     m.attributes
         .iter()
         .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == RT_PROTOCOL))
 }
 
-fn is_ours_route(m: &RouteMessage) -> bool {
+pub(super) fn is_ours_route(m: &RouteMessage) -> bool {
     u8::from(m.header.protocol) == RT_PROTOCOL
 }
 
 /// Our tagged rules and routes of one family as the kernel lists them (routes of every
 /// table), and every rule of the family (for duplicates). A kernel without the family has
 /// none.
-struct Tagged {
+pub(super) struct Tagged {
     rules: Vec<RuleMessage>,
     routes: Vec<RouteMessage>,
     all_rules: Vec<RuleMessage>,
 }
 
-fn tagged(nl: &mut Rtnl, f: Family) -> Result<Tagged, RoutingError> {
+pub(super) fn tagged(nl: &mut Rtnl, f: Family) -> Result<Tagged, RoutingError> {
     let mut q = RuleMessage::default();
     q.header.family = family(f);
     let rules = match nl.request(RouteNetlinkMessage::GetRule(q), NLM_F_DUMP, "listing rules") {
@@ -313,7 +118,7 @@ fn tagged(nl: &mut Rtnl, f: Family) -> Result<Tagged, RoutingError> {
 }
 
 /// One line naming a rule as the kernel lists it.
-fn describe_krule(m: &RuleMessage) -> String {
+pub(super) fn describe_krule(m: &RuleMessage) -> String {
     let (table, prio, mark, mask) = rule_fields(m);
     let fam = if m.header.family == AddressFamily::Inet6 {
         "ipv6"
@@ -328,7 +133,7 @@ fn describe_krule(m: &RuleMessage) -> String {
     )
 }
 
-fn describe_kroute(m: &RouteMessage) -> String {
+pub(super) fn describe_kroute(m: &RouteMessage) -> String {
     let fam = if m.header.address_family == AddressFamily::Inet6 {
         "ipv6"
     } else {
@@ -350,7 +155,7 @@ fn describe_kroute(m: &RouteMessage) -> String {
 
 /// Removes the tagged rules and routes of `f` that `keep` does not want; a second copy of a
 /// wanted rule or route counts as unwanted.
-fn sweep(nl: &mut Rtnl, f: Family, keep: &Routing, lo: u32) -> Result<(), RoutingError> {
+pub(super) fn sweep(nl: &mut Rtnl, f: Family, keep: &Routing, lo: u32) -> Result<(), RoutingError> {
     let t = tagged(nl, f)?;
     let mut kept_rules: Vec<FwmarkRule> = Vec::new();
     for m in t.rules {
@@ -554,189 +359,4 @@ fn delete_with(nl: &mut Rtnl, r: &Routing) -> Vec<RoutingError> {
         Err(e) => keep(Err(e)),
     }
     errs
-}
-
-/// Compares the kernel's rules, routes and lo addresses with the plan: one line per missing,
-/// duplicated or extra object (empty when they agree); `Err` when they could not be read.
-/// Only tagged rules and routes count as ours (an untagged one is another release's layout
-/// or someone else's, and the plan's object is then missing).
-pub fn check(r: &Routing) -> Result<Vec<String>, RoutingError> {
-    let mut diffs = Vec::new();
-    let mut nl = Rtnl::open()?;
-    let lo = lo_index()?;
-    for f in [Family::V4, Family::V6] {
-        let t = tagged(&mut nl, f)?;
-        for rule in r.rules.iter().filter(|x| x.family == f) {
-            // A copy without our tag (someone re-adding the rule by hand, an older release)
-            // is still a duplicate; but the plan's rule is only there if it carries the tag.
-            let copies = t.all_rules.iter().filter(|m| rule_matches(m, rule)).count();
-            if !t.rules.iter().any(|m| rule_matches(m, rule)) {
-                diffs.push(format!("missing {}", describe_rule(rule)));
-            } else if copies > 1 {
-                diffs.push(format!("{copies} copies of {}", describe_rule(rule)));
-            }
-        }
-        for m in &t.rules {
-            if !r.rules.iter().any(|x| x.family == f && rule_matches(m, x)) {
-                diffs.push(format!("extra {} (not in the plan)", describe_krule(m)));
-            }
-        }
-        for route in r.local_routes.iter().filter(|x| x.family == f) {
-            match t
-                .routes
-                .iter()
-                .filter(|m| route_matches(m, route, lo))
-                .count()
-            {
-                0 => diffs.push(format!("missing {}", describe_route(route))),
-                1 => {}
-                n => diffs.push(format!("{n} copies of {}", describe_route(route))),
-            }
-        }
-        for m in &t.routes {
-            if !r
-                .local_routes
-                .iter()
-                .any(|x| x.family == f && route_matches(m, x, lo))
-            {
-                diffs.push(format!("extra {} (not in the plan)", describe_kroute(m)));
-            }
-        }
-    }
-    for a in &r.lo_addresses {
-        let mut q = AddressMessage::default();
-        q.header.family = family(a.family());
-        let found = nl
-            .request(RouteNetlinkMessage::GetAddress(q), NLM_F_DUMP, "listing addresses")?
-            .into_iter()
-            .any(|m| match m {
-                RouteNetlinkMessage::NewAddress(m) => {
-                    m.header.index == lo
-                        && m.header.prefix_len == a.prefix()
-                        && m.attributes.iter().any(|x| {
-                            matches!(x, AddressAttribute::Address(ip) | AddressAttribute::Local(ip) if *ip == a.addr())
-                        })
-                }
-                _ => false,
-            });
-        if !found {
-            diffs.push(format!("missing address {a} on lo"));
-        }
-    }
-    Ok(diffs)
-}
-
-fn rule_fields(m: &RuleMessage) -> (u32, Option<u32>, Option<u32>, Option<u32>) {
-    let mut table = u32::from(m.header.table);
-    let (mut prio, mut mark, mut mask) = (None, None, None);
-    for a in &m.attributes {
-        match a {
-            RuleAttribute::Table(t) => table = *t,
-            RuleAttribute::Priority(p) => prio = Some(*p),
-            RuleAttribute::FwMark(x) => mark = Some(*x),
-            RuleAttribute::FwMask(x) => mask = Some(*x),
-            _ => {}
-        }
-    }
-    (table, prio, mark, mask)
-}
-
-fn rule_matches(m: &RuleMessage, want: &FwmarkRule) -> bool {
-    let (table, prio, mark, mask) = rule_fields(m);
-    m.header.family == family(want.family)
-        && m.header.action == RuleAction::ToTable
-        && table == want.table
-        && prio == Some(want.priority)
-        && mark == Some(want.mark)
-        && mask.unwrap_or(u32::MAX) == want.mask
-}
-
-fn route_matches(m: &RouteMessage, want: &LocalRoute, lo: u32) -> bool {
-    let mut table = u32::from(m.header.table);
-    let mut oif = None;
-    let mut dst = None;
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Oif(o) => oif = Some(*o),
-            RouteAttribute::Destination(d) => dst = Some(d.clone()),
-            _ => {}
-        }
-    }
-    let default_dst = match dst {
-        None => true,
-        Some(RouteAddress::Inet(a)) => a.is_unspecified(),
-        Some(RouteAddress::Inet6(a)) => a.is_unspecified(),
-        Some(_) => false,
-    };
-    m.header.address_family == family(want.family)
-        && table == want.table
-        && m.header.kind == RouteType::Local
-        && m.header.destination_prefix_length == 0
-        && default_dst
-        && oif == Some(lo)
-}
-
-/// Interface that kube-proxy in IPVS mode fills with every Service IP: not the node's own
-/// addresses in the sense of where its connections come from, and possibly thousands.
-const IPVS_DUMMY: &str = "kube-ipvs0";
-
-/// The node's own global addresses (call in the host netns): where kubelet probes and other
-/// node-local connections to a pod come from. Loopback, link-local, kube-ipvs0, IPv6
-/// temporary, deprecated and DAD-failed addresses are left out; sorted and deduplicated so the
-/// plan built from them is stable.
-pub fn node_addresses() -> Result<Vec<IpAddr>, RoutingError> {
-    let mut nl = Rtnl::open()?;
-    let skip: Vec<u32> = ["lo", IPVS_DUMMY]
-        .iter()
-        .filter_map(|n| nix::net::if_::if_nametoindex(*n).ok())
-        .collect();
-    let mut out = Vec::new();
-    for f in [Family::V4, Family::V6] {
-        let mut q = AddressMessage::default();
-        q.header.family = family(f);
-        let msgs = match nl.request(
-            RouteNetlinkMessage::GetAddress(q),
-            NLM_F_DUMP,
-            "listing the node's addresses",
-        ) {
-            Err(e) if is_no_family(&e) => Vec::new(),
-            other => other?,
-        };
-        for m in msgs {
-            let RouteNetlinkMessage::NewAddress(m) = m else {
-                continue;
-            };
-            if m.header.scope != AddressScope::Universe || skip.contains(&m.header.index) {
-                continue;
-            }
-            // Addresses that come and go on their own (IPv6 privacy addresses, which share
-            // the bit of IPv4's "secondary"; deprecated and failed ones) would make CHECK
-            // report drift on long-lived pods.
-            let fl = m.header.flags;
-            if fl.intersects(AddressHeaderFlags::Deprecated | AddressHeaderFlags::Dadfailed)
-                || (f == Family::V6 && fl.contains(AddressHeaderFlags::Secondary))
-            {
-                continue;
-            }
-            // IFA_LOCAL is the address itself (IFA_ADDRESS is the peer on point-to-point
-            // links); IPv6 has only IFA_ADDRESS.
-            let local = m.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(ip) => Some(*ip),
-                _ => None,
-            });
-            let addr = local.or_else(|| {
-                m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })
-            });
-            if let Some(ip) = addr {
-                out.push(ip);
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    Ok(out)
 }
