@@ -184,3 +184,86 @@ mod tests {
         assert!(!remove_if_present(&bin.join("tool")).unwrap());
     }
 }
+
+/// What `replace_checked` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Swap {
+    /// Our bytes are in place and replaced exactly what we had read.
+    Written,
+    /// Someone wrote the file in between; their newer file is in place, ours is not.
+    Raced,
+}
+
+/// How many exchanges `replace_checked` tries while a writer keeps writing.
+const SWAP_ROUNDS: usize = 50;
+
+/// Replaces the file `path`, whose content we read as `before`, by `desired` without ever
+/// losing a write made in between (docs/ARCHITECTURE.md, pitfall 15). The new file is
+/// exchanged with the old one atomically (`renameat2(RENAME_EXCHANGE)`), which hands back what
+/// was replaced: if that is not what we read, someone wrote after our read, so their file
+/// (the same inode, so an in-place writer keeps writing where the runtime reads) is exchanged
+/// back and `Raced` returned for the caller to re-read and patch again. Each exchange back is
+/// checked the same way. Without `RENAME_EXCHANGE` (some file systems) it falls back to
+/// compare-then-rename, which narrows the window but cannot close it.
+pub fn replace_checked(path: &Path, before: &[u8], desired: &[u8]) -> std::io::Result<Swap> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file path",
+        ));
+    };
+    let mode = mode_of(path).unwrap_or(0o644);
+    let tmp = write_temp(dir, name, desired, mode)?;
+    // What the path holds as far as we know, and what we are about to put there.
+    let mut believed = before.to_vec();
+    let mut in_tmp = desired.to_vec();
+    for round in 0..SWAP_ROUNDS {
+        match exchange(&tmp, path) {
+            Ok(()) => {}
+            Err(e) if round == 0 && exchange_unsupported(&e) => {
+                let result = match std::fs::read(path) {
+                    Ok(now) if now == before => std::fs::rename(&tmp, path)
+                        .and_then(|()| sync_dir(dir))
+                        .map(|()| Swap::Written),
+                    Ok(_) => Ok(Swap::Raced),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Swap::Raced),
+                    Err(e) => Err(e),
+                };
+                let _ = remove_if_present(&tmp);
+                return result;
+            }
+            Err(e) => {
+                let _ = remove_if_present(&tmp);
+                return match e.kind() {
+                    // The file was renamed away or deleted: the watch brings us back.
+                    std::io::ErrorKind::NotFound => Ok(Swap::Raced),
+                    _ => Err(e),
+                };
+            }
+        }
+        // `tmp` now holds what was at `path`.
+        let came = std::fs::read(&tmp)?;
+        if came == believed {
+            remove_if_present(&tmp)?;
+            sync_dir(dir)?;
+            return Ok(if round == 0 {
+                Swap::Written
+            } else {
+                Swap::Raced
+            });
+        }
+        // A write landed after our read: it is newer than what we just put in place. Put it
+        // back on the next round, then check that what comes out is ours.
+        log::debug!(
+            "{} changed under us (round {round}); giving the newer file back",
+            path.display()
+        );
+        believed = std::mem::replace(&mut in_tmp, came);
+    }
+    // A writer that rewrites faster than two renames: leave its last file where it is.
+    Err(std::io::Error::other(format!(
+        "kept changing through {SWAP_ROUNDS} exchanges; the last version it replaced is kept \
+         in {}",
+        tmp.display()
+    )))
+}
