@@ -237,10 +237,10 @@ fn read_config(file: Option<PathBuf>) -> Result<(PlanConfig, Defaults), HostErro
             }
         }
     };
-    let (config, admin_port) =
-        crate::cni::conf::parse_plan_config(&obj).map_err(|e| HostError::Config(e.msg))?;
-    let mut defaults = crate::cni::conf::parse_defaults(&obj, &config, admin_port)
-        .map_err(|e| HostError::Config(e.msg))?;
+    let (config, admin_port) = PlanConfig::from_json(&obj).map_err(|e| HostError::Config(e.msg))?;
+    let sidecar_ports = [config.inbound_port, config.outbound_port, admin_port];
+    let mut defaults =
+        Defaults::from_json(&obj, &sidecar_ports).map_err(|e| HostError::Config(e.msg))?;
     if !obj.contains_key("defaultMode") {
         defaults.mode = Mode::Tproxy;
     }

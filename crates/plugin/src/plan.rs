@@ -3,6 +3,10 @@
 //! The planner never reads kernel state. `nft.rs` turns `Plan::table` into one nf_tables batch,
 //! `routing.rs` turns `Plan::routing` into rtnetlink rules/routes/addresses.
 
+mod config;
+
+pub use config::{check_table_name, TABLE_NAME_MAX};
+
 use tproxy_cni_policy::netaddr::{Cidr, Family, PortRange};
 
 /// Everything tproxy-cni owns in one pod netns.

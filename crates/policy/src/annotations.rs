@@ -9,6 +9,7 @@
 
 #[cfg(test)]
 mod bounded_tests;
+mod defaults;
 mod downward;
 pub mod kuma;
 mod lists;

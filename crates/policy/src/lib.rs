@@ -5,6 +5,7 @@
 //! - `netaddr`: CIDR and port-range value types.
 //! - `annotations`: pod annotations (ours, Istio's, Kuma's) -> `PodPolicy` (pure).
 //! - `echo`: how any input is quoted back in an error message.
+//! - `json`: typed reads of a network config's values, with `ConfigError`.
 //! - `logging`: the one log backend and timestamp format of all binaries.
 
 #![deny(unsafe_code)]
@@ -12,7 +13,8 @@
 pub mod annotations;
 pub mod consts;
 mod echo;
+pub mod json;
 pub mod logging;
 pub mod netaddr;
 
-pub use echo::{echo, ECHO_MAX};
+pub use echo::{echo, echo_json, ECHO_MAX};

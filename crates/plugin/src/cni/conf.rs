@@ -9,11 +9,11 @@ use std::net::IpAddr;
 use serde_json::{Map, Value};
 
 use super::error::{code, echo_json, CniError};
-use crate::plan::PlanConfig;
-use tproxy_cni_policy::annotations::{Defaults, FailMode, Mode};
-use tproxy_cni_policy::consts::{self, POD_ANNOTATIONS_CAPABILITY};
+use crate::plan::{check_table_name, PlanConfig};
+use tproxy_cni_policy::annotations::Defaults;
+use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
 use tproxy_cni_policy::echo;
-use tproxy_cni_policy::netaddr::PortRange;
+use tproxy_cni_policy::json::{opt_bool, opt_str};
 
 /// CNI versions whose configs we accept; the newest first is what VERSION reports.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -43,33 +43,6 @@ fn invalid(msg: impl Into<String>) -> CniError {
 /// True for versions that know CHECK (0.4.0 and later).
 pub fn version_has_check(v: &str) -> bool {
     !matches!(v, "0.3.0" | "0.3.1")
-}
-
-/// Longest nftables table name: the kernel's `NFT_TABLE_MAXNAMELEN` (256) less the NUL.
-pub const TABLE_NAME_MAX: usize = 255;
-
-/// A table name the kernel and `nft` both take unquoted: a letter or `_` first, then letters,
-/// digits, `_`, `-` and `.`, at most 255 bytes. nft's scanner also allows `/` and a leading
-/// `.`, the kernel checks only the length; this is the part all three agree on, and what the
-/// nftables encoder accepts, so a name passing here never fails later with code 100.
-pub fn check_table_name(name: &str) -> Result<(), &'static str> {
-    let first_ok = name
-        .bytes()
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
-    if name.len() > TABLE_NAME_MAX {
-        return Err("is longer than 255 bytes (the kernel's limit)");
-    }
-    if !first_ok
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-    {
-        return Err(
-            "must start with a letter or '_' and hold only letters, digits, '_', '-' and '.'",
-        );
-    }
-    Ok(())
 }
 
 /// The config's `tableName` (as JSON text) when this plugin refuses it: a string that fails
@@ -106,8 +79,9 @@ impl NetConf {
             )
         })?;
         let (cni_version, name) = parse_header(obj)?;
-        let (plan, admin_port) = parse_plan_config(obj)?;
-        let defaults = parse_defaults(obj, &plan, admin_port)?;
+        let (plan, admin_port) = PlanConfig::from_json(obj)?;
+        let sidecar_ports = [plan.inbound_port, plan.outbound_port, admin_port];
+        let defaults = Defaults::from_json(obj, &sidecar_ports)?;
         let log_level = parse_log_level(obj)?;
         let log_file = opt_str(obj, "logFile")?;
         let node_bypass = opt_bool(obj, "nodeBypass")?.unwrap_or(true);
@@ -170,126 +144,6 @@ fn parse_header(obj: &Map<String, Value>) -> Result<(String, String), CniError> 
         None => return Err(invalid("\"name\" is missing")),
     };
     Ok((cni_version, name))
-}
-
-/// The numbers of the plan (table, ports, mark, route table, rule priority) and the admin
-/// port, each checked.
-pub fn parse_plan_config(obj: &Map<String, Value>) -> Result<(PlanConfig, u16), CniError> {
-    let d = PlanConfig::default();
-    let table_name = opt_str(obj, "tableName")?.unwrap_or(d.table_name);
-    if let Err(why) = check_table_name(&table_name) {
-        return Err(invalid(format!(
-            "\"tableName\": {} {why}",
-            echo(&table_name)
-        )));
-    }
-    let inbound_port = opt_port(obj, "inboundPort")?.unwrap_or(d.inbound_port);
-    let outbound_port = opt_port(obj, "outboundPort")?.unwrap_or(d.outbound_port);
-    let admin_port = opt_port(obj, "adminPort")?.unwrap_or(consts::ADMIN_PORT);
-    if inbound_port == outbound_port {
-        return Err(invalid(format!(
-            "\"outboundPort\": {outbound_port} must differ from \"inboundPort\""
-        )));
-    }
-    let mark = opt_u32(obj, "mark")?.unwrap_or(d.mark);
-    if mark == 0 {
-        return Err(invalid(
-            "\"mark\": must be non-zero (0 is every unmarked packet)",
-        ));
-    }
-    let route_table = opt_u32(obj, "routeTable")?.unwrap_or(d.route_table);
-    // 0 = unspec, 253 default, 254 main, 255 local: never ours to fill.
-    if matches!(route_table, 0 | 253 | 254 | 255) {
-        return Err(invalid(format!(
-            "\"routeTable\": {route_table} is reserved (0, 253, 254, 255); pick another id"
-        )));
-    }
-    let rule_priority = opt_u32(obj, "rulePriority")?.unwrap_or(d.rule_priority);
-    if rule_priority == 0 || rule_priority >= 32766 {
-        return Err(invalid(format!(
-            "\"rulePriority\": {rule_priority} must be between 1 and 32765 (before the main table)"
-        )));
-    }
-    Ok((
-        PlanConfig {
-            table_name,
-            inbound_port,
-            outbound_port,
-            mark,
-            route_table,
-            rule_priority,
-        },
-        admin_port,
-    ))
-}
-
-/// What a pod without annotations gets: mode, fail mode, proxy ids, excluded inbound ports
-/// (the sidecar's own ports always among them).
-pub fn parse_defaults(
-    obj: &Map<String, Value>,
-    plan: &PlanConfig,
-    admin_port: u16,
-) -> Result<Defaults, CniError> {
-    let proxy_uid = opt_u32(obj, "proxyUid")?.unwrap_or(consts::PROXY_UID);
-    let proxy_gid = opt_u32(obj, "proxyGid")?;
-    let fail = match obj.get("failClosed") {
-        None | Some(Value::Null) => FailMode::Open,
-        Some(Value::Bool(true)) => FailMode::Closed,
-        Some(Value::Bool(false)) => FailMode::Open,
-        Some(other) => {
-            return Err(invalid(format!(
-                "\"failClosed\": must be true or false, got {}",
-                echo_json(other)
-            )))
-        }
-    };
-    let mode = match opt_str(obj, "defaultMode")? {
-        None => Mode::None,
-        Some(s) => Mode::parse(&s).ok_or_else(|| {
-            invalid(format!(
-                "\"defaultMode\": {} must be tproxy, redirect or none",
-                echo(&s)
-            ))
-        })?,
-    };
-    let mut exclude_inbound_ports: Vec<PortRange> = vec![
-        PortRange::single(plan.inbound_port),
-        PortRange::single(plan.outbound_port),
-        PortRange::single(admin_port),
-    ];
-    match obj.get("excludeInboundPorts") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(items)) => {
-            for it in items {
-                let r = match it {
-                    Value::Number(n) => n.to_string().parse::<PortRange>(),
-                    Value::String(s) => s.parse::<PortRange>(),
-                    other => Err(tproxy_cni_policy::netaddr::ParseError::BadPort(echo_json(
-                        other,
-                    ))),
-                };
-                exclude_inbound_ports.push(r.map_err(|_| {
-                    invalid(format!(
-                        "\"excludeInboundPorts\": {} is not a port (1-65535) or \"lo-hi\" range",
-                        echo_json(it)
-                    ))
-                })?);
-            }
-        }
-        Some(other) => {
-            return Err(invalid(format!(
-                "\"excludeInboundPorts\": must be a list of ports or \"lo-hi\" ranges, got {}",
-                echo_json(other)
-            )))
-        }
-    }
-    Ok(Defaults {
-        mode,
-        fail,
-        proxy_uid,
-        proxy_gid,
-        exclude_inbound_ports,
-    })
 }
 
 fn parse_log_level(obj: &Map<String, Value>) -> Result<log::LevelFilter, CniError> {
@@ -365,55 +219,11 @@ fn parse_annotations(obj: &Map<String, Value>) -> Result<BTreeMap<String, String
     Ok(out)
 }
 
-fn opt_str(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, CniError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(invalid(format!(
-            "\"{key}\": must be a string, got {}",
-            echo_json(other)
-        ))),
-    }
-}
-
-fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, CniError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(invalid(format!(
-            "\"{key}\": must be true or false, got {}",
-            echo_json(other)
-        ))),
-    }
-}
-
-fn opt_u32(obj: &Map<String, Value>, key: &str) -> Result<Option<u32>, CniError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(x) if x <= u64::from(u32::MAX) => Ok(Some(x as u32)),
-            _ => Err(invalid(format!(
-                "\"{key}\": {n} must be an integer from 0 to 4294967295"
-            ))),
-        },
-        Some(other) => Err(invalid(format!(
-            "\"{key}\": must be an integer, got {}",
-            echo_json(other)
-        ))),
-    }
-}
-
-fn opt_port(obj: &Map<String, Value>, key: &str) -> Result<Option<u16>, CniError> {
-    match opt_u32(obj, key)? {
-        None => Ok(None),
-        Some(p) if (1..=65535).contains(&p) => Ok(Some(p as u16)),
-        Some(p) => Err(invalid(format!("\"{key}\": {p} is not a port (1-65535)"))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tproxy_cni_policy::annotations::{FailMode, Mode};
+    use tproxy_cni_policy::netaddr::PortRange;
 
     fn conf(extra: &str) -> Result<NetConf, CniError> {
         let s = format!(r#"{{"cniVersion":"1.0.0","name":"k8s","type":"tproxy-cni"{extra}}}"#);

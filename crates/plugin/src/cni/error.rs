@@ -20,16 +20,8 @@ pub mod code {
     pub const CHECK_MISMATCH: u32 = 101;
 }
 
-use tproxy_cni_policy::ECHO_MAX;
-
-/// A JSON value as an error message shows it, cut like [`echo`] (without the quotes).
-pub fn echo_json(v: &serde_json::Value) -> String {
-    let s = v.to_string();
-    match s.char_indices().nth(ECHO_MAX) {
-        None => s,
-        Some((cut, _)) => format!("{}… ({} bytes)", &s[..cut], s.len()),
-    }
-}
+pub use tproxy_cni_policy::echo_json;
+use tproxy_cni_policy::json::ConfigError;
 
 /// A CNI error: printed as the spec's JSON error object on stdout, exit code 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +29,13 @@ pub struct CniError {
     pub code: u32,
     pub msg: String,
     pub details: String,
+}
+
+/// A value of the network config that could not be used: the spec's "invalid network config".
+impl From<ConfigError> for CniError {
+    fn from(e: ConfigError) -> CniError {
+        CniError::new(code::INVALID_CONFIG, e.msg)
+    }
 }
 
 impl CniError {
@@ -135,24 +134,5 @@ impl CniError {
 impl From<crate::nft::NftError> for CniError {
     fn from(e: crate::nft::NftError) -> Self {
         CniError::new(code::KERNEL, format!("nftables: {e}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tproxy_cni_policy::echo;
-
-    #[test]
-    fn echo_cuts_long_values_on_a_char_boundary() {
-        assert_eq!(echo("80,x"), "\"80,x\"");
-        let long = "é".repeat(100);
-        let e = echo(&long);
-        assert!(e.starts_with(&format!("\"{}", "é".repeat(ECHO_MAX))), "{e}");
-        assert!(e.ends_with("… (200 bytes)"), "{e}");
-        let v = serde_json::Value::String("x".repeat(1000));
-        let e = echo_json(&v);
-        assert!(e.len() < 100 && e.ends_with("(1002 bytes)"), "{e}");
-        assert_eq!(echo_json(&serde_json::json!(1)), "1");
     }
 }
