@@ -368,19 +368,9 @@ async fn serve(
     // taken fails the start-up rather than one worker.
     let workers = cfg.workers.unwrap_or_else(default_workers).max(1);
     let reuse = workers > 1;
-    let mut sets = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let mut set = Vec::new();
-        for l in bind_pair_std(cfg.inbound_port, mode == InboundMode::Tproxy, reuse)? {
-            set.push((l, Role::Inbound(mode)));
-        }
-        if let Some(p) = cfg.outbound_port {
-            for l in bind_pair_std(p, false, reuse)? {
-                set.push((l, Role::Outbound));
-            }
-        }
-        sets.push(set);
-    }
+    let sets = (0..workers)
+        .map(|_| bind_worker_set(&cfg, mode, reuse))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let max = slots;
     let permits = Arc::new(Semaphore::new(max));
@@ -415,6 +405,57 @@ async fn serve(
     let (done_tx, done_rx) = watch::channel(false);
     let mut sets = sets.into_iter();
     let first = sets.next().unwrap_or_default();
+    let threads = spawn_workers(sets, &shared, &stop_rx, &done_rx)?;
+    let accept_tasks = spawn_accept_loops(&shared, first, &stop_rx);
+    health.ready.store(true, Ordering::Relaxed);
+
+    wait_for_signal().await?;
+    log::info!("draining (up to {drain_timeout:?})");
+    health.draining.store(true, Ordering::Relaxed);
+    // Stop accepting: each accept loop returns and drops (closes) its listener.
+    let _ = stop_tx.send(true);
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    drain(&shared, &permits, max, drain_timeout, &hard_tx).await;
+    let _ = done_tx.send(true);
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = admin_stop_tx.send(true);
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    log::info!("stopped");
+    Ok(())
+}
+
+/// One worker's listeners: inbound, and outbound when configured.
+fn bind_worker_set(
+    cfg: &Config,
+    mode: InboundMode,
+    reuse: bool,
+) -> Result<Vec<(std::net::TcpListener, Role)>, SidecarError> {
+    let mut set = Vec::new();
+    for l in bind_pair_std(cfg.inbound_port, mode == InboundMode::Tproxy, reuse)? {
+        set.push((l, Role::Inbound(mode)));
+    }
+    if let Some(p) = cfg.outbound_port {
+        for l in bind_pair_std(p, false, reuse)? {
+            set.push((l, Role::Outbound));
+        }
+    }
+    Ok(set)
+}
+
+/// Workers 2..n: each on its own thread and current-thread runtime, which lives until `done`
+/// (its connection tasks run on it through the drain).
+fn spawn_workers(
+    sets: impl Iterator<Item = Vec<(std::net::TcpListener, Role)>>,
+    shared: &Arc<Shared>,
+    stop_rx: &watch::Receiver<bool>,
+    done_rx: &watch::Receiver<bool>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, SidecarError> {
     let mut threads = Vec::new();
     for (i, set) in sets.enumerate() {
         let (shared, stop, mut done) = (shared.clone(), stop_rx.clone(), done_rx.clone());
@@ -434,17 +475,17 @@ async fn serve(
             })?;
         threads.push(t);
     }
-    let accept_tasks = spawn_accept_loops(&shared, first, &stop_rx);
-    health.ready.store(true, Ordering::Relaxed);
+    Ok(threads)
+}
 
-    wait_for_signal().await?;
-    log::info!("draining (up to {drain_timeout:?})");
-    health.draining.store(true, Ordering::Relaxed);
-    // Stop accepting: each accept loop returns and drops (closes) its listener.
-    let _ = stop_tx.send(true);
-    for t in accept_tasks {
-        let _ = t.await;
-    }
+/// Waits for the in-flight connections up to `drain_timeout`, then cuts the rest.
+async fn drain(
+    shared: &Shared,
+    permits: &Semaphore,
+    max: usize,
+    drain_timeout: Duration,
+    hard_tx: &watch::Sender<bool>,
+) {
     // Every in-flight connection holds a permit; all permits back = all connections done.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     if tokio::time::timeout(drain_timeout, permits.acquire_many(all))
@@ -457,16 +498,6 @@ async fn serve(
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
     }
-    let _ = done_tx.send(true);
-    for t in threads {
-        let _ = t.join();
-    }
-    let _ = admin_stop_tx.send(true);
-    if let Some(t) = admin_task {
-        let _ = t.await;
-    }
-    log::info!("stopped");
-    Ok(())
 }
 
 /// Registers one worker's listeners with the current runtime and starts their accept loops.

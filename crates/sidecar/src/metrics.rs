@@ -253,6 +253,16 @@ impl Metrics {
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let mut s = String::with_capacity(4096);
+        self.render_per_direction(&mut s);
+        self.render_gauges(&mut s);
+        self.render_accept_queues(&mut s);
+        self.render_labeled(&mut s);
+        self.render_connect_seconds(&mut s);
+        s
+    }
+
+    /// The per-direction connection and byte counters.
+    fn render_per_direction(&self, s: &mut String) {
         let mut family = |name: &str, kind: &str, help: &str, get: &dyn Fn(&PerDir) -> String| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for d in DIRS {
@@ -294,6 +304,10 @@ impl Metrics {
             "Upstream connects that failed or timed out.",
             &|m| m.connect_failures.load(Relaxed).to_string(),
         );
+    }
+
+    /// Slots, pipes, descriptors and the per-source refusals.
+    fn render_gauges(&self, s: &mut String) {
         let mut gauge = |name: &str, kind: &str, help: &str, v: String| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
@@ -365,6 +379,10 @@ impl Metrics {
             "Connections reset because their source IP held --max-connections-per-source.",
             self.per_source_rejected.load(Relaxed).to_string(),
         );
+    }
+
+    /// The kernel accept queues of our listeners, and their capacity.
+    fn render_accept_queues(&self, s: &mut String) {
         let queues = self.accept_queues();
         for (name, help, pick) in [
             (
@@ -389,15 +407,21 @@ impl Metrics {
                 );
             }
         }
-        {
-            let labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
-            for (c, name, label, help) in NS_COUNTERS {
-                let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-                for ((_, value), n) in labeled.range((c, "")..).take_while(|((k, _), _)| *k == c) {
-                    let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
-                }
+    }
+
+    /// The north-south counters, one series per label value.
+    fn render_labeled(&self, s: &mut String) {
+        let labeled = self.labeled.lock().unwrap_or_else(|p| p.into_inner());
+        for (c, name, label, help) in NS_COUNTERS {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((_, value), n) in labeled.range((c, "")..).take_while(|((k, _), _)| *k == c) {
+                let _ = writeln!(s, "{name}{{{label}=\"{value}\"}} {n}");
             }
         }
+    }
+
+    /// The upstream connect latency histogram, per direction.
+    fn render_connect_seconds(&self, s: &mut String) {
         let name = "tproxy_sidecar_upstream_connect_seconds";
         let _ = writeln!(
             s,
@@ -417,7 +441,6 @@ impl Metrics {
             let _ = writeln!(s, "{name}_sum{{direction=\"{dl}\"}} {sum}");
             let _ = writeln!(s, "{name}_count{{direction=\"{dl}\"}} {count}");
         }
-        s
     }
 }
 
