@@ -249,7 +249,7 @@ pub struct Budget {
 
 /// Connection slots and pipes that fit the open-file limit `nofile`: with every slot in use
 /// and every pipe open the process still has `FD_RESERVE` descriptors, so the admin port keeps
-/// answering probes and accepts never fail with EMFILE (issue 9.11). The pipes get an eighth
+/// answering probes and accepts never fail with EMFILE. The pipes get an eighth
 /// of the descriptors, at most `pipes::MAX_PIPES`, the sockets the rest. At least one slot
 /// and one pipe.
 pub fn connection_budget(max_connections: usize, nofile: u64) -> Budget {

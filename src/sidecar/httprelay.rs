@@ -1,4 +1,4 @@
-//! The HTTP/1.1 relay of the X-Forwarded-For ports (issue 11.3). Ports not listed keep the
+//! The HTTP/1.1 relay of the X-Forwarded-For ports. Ports not listed keep the
 //! splice relay (`relay.rs`); this one reads each request head, rewrites it with
 //! `http1::rewrite_xff`, checks the effective client against the access control, and relays
 //! bodies by their framing, so every request of a keep-alive or pipelined connection is

@@ -684,7 +684,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_half_close_then_reset_reaches_the_app() {
-        // Issue 9.9: only the app -> client direction is still waiting (on the app), so
+        // Pitfall 16: only the app -> client direction is still waiting (on the app), so
         // without an error watch the reset went unnoticed until the idle timeout.
         let (mut client, mut app, h) = setup(Duration::from_secs(30)).await;
         client.write_all(b"req").await.unwrap();
@@ -700,7 +700,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_reset_while_the_app_is_not_reading_resets_the_app() {
-        // Issue 9.9: client -> app is stuck writing to a full app socket; the client's reset
+        // Pitfall 16: client -> app is stuck writing to a full app socket; the client's reset
         // must still end the relay at once, flagged DC (the client ended it), not UC.
         let (client, mut app, h) = setup(Duration::from_secs(30)).await;
         let mut client = client;
@@ -726,7 +726,7 @@ mod tests {
 
     #[tokio::test]
     async fn app_fin_then_reset_reaches_the_client() {
-        // Issue 9.9: after the app's FIN only client -> app is waiting (on the client).
+        // Pitfall 16: after the app's FIN only client -> app is waiting (on the client).
         let (mut client, mut app, h) = setup(Duration::from_secs(30)).await;
         app.write_all(b"resp").await.unwrap();
         app.shutdown().await.unwrap();
@@ -741,7 +741,7 @@ mod tests {
 
     #[tokio::test]
     async fn legs_reset_while_relaying_and_close_normally_after_both_fins() {
-        // Issue 9.10: SO_LINGER 0 while relaying (death = RST), normal linger after an
+        // Pitfall 16: SO_LINGER 0 while relaying (death = RST), normal linger after an
         // orderly end (the e2e test kills the process; this checks the socket state).
         let (client, down) = pair().await;
         let (up, app) = pair().await;
