@@ -7,6 +7,7 @@
 //! left alone unless our own `tproxy-cni.io/mode` says otherwise, and Istio's and Kuma's keys
 //! are then ignored, since they configure that mesh's own interception of the same pod.
 
+pub mod acl;
 #[cfg(test)]
 mod bounded_tests;
 pub mod kuma;
@@ -142,10 +143,7 @@ pub struct NorthSouth {
     pub xff_connect_ports: Vec<PortRange>,
     pub xff_trust: XffTrust,
     /// `ipBlocks` (TCP peer) and `remoteIpBlocks` (effective client) allow/deny lists.
-    pub allow_peer: Vec<Cidr>,
-    pub deny_peer: Vec<Cidr>,
-    pub allow_client: Vec<Cidr>,
-    pub deny_client: Vec<Cidr>,
+    pub acl: acl::Acl,
 }
 
 impl Default for NorthSouth {
@@ -157,10 +155,7 @@ impl Default for NorthSouth {
             xff_ports: Vec::new(),
             xff_connect_ports: Vec::new(),
             xff_trust: XffTrust::Hops(0),
-            allow_peer: Vec::new(),
-            deny_peer: Vec::new(),
-            allow_client: Vec::new(),
-            deny_client: Vec::new(),
+            acl: acl::Acl::default(),
         }
     }
 }
@@ -809,10 +804,10 @@ impl NorthSouth {
         }
 
         for (name, list) in [
-            ("allow-peer-cidrs", &mut ns.allow_peer),
-            ("deny-peer-cidrs", &mut ns.deny_peer),
-            ("allow-client-cidrs", &mut ns.allow_client),
-            ("deny-client-cidrs", &mut ns.deny_client),
+            ("allow-peer-cidrs", &mut ns.acl.allow_peer),
+            ("deny-peer-cidrs", &mut ns.acl.deny_peer),
+            ("allow-client-cidrs", &mut ns.acl.allow_client),
+            ("deny-client-cidrs", &mut ns.acl.deny_client),
         ] {
             if let Some((key, v)) = get(name) {
                 *list = cidr_list(&key, v)?;
@@ -1406,8 +1401,8 @@ mod tests {
         assert_eq!(ns.proxy_protocol_out_on(8443), None);
         assert!(ns.xff_on(8080) && !ns.xff_on(8443));
         assert_eq!(ns.xff_trust, XffTrust::Hops(2));
-        assert_eq!(ns.deny_client.len(), 2);
-        assert_eq!(ns.deny_peer, vec!["10.9.0.0/16".parse().unwrap()]);
+        assert_eq!(ns.acl.deny_client.len(), 2);
+        assert_eq!(ns.acl.deny_peer, vec!["10.9.0.0/16".parse().unwrap()]);
         let p = policy(&[
             ("tproxy-cni.io/xff-ports", "8080"),
             ("tproxy-cni.io/xff-trusted-cidrs", "10.0.0.0/8"),
@@ -1601,7 +1596,7 @@ mod tests {
         assert!(e.reason.contains("write 192.0.2.7/32"), "{e}");
         // Plain IPv6 ranges, even ones that contain the mapped block, stay.
         let p = policy(&[("tproxy-cni.io/deny-client-cidrs", "::/0, 2001:db8::/32")]).unwrap();
-        assert_eq!(p.north_south.deny_client.len(), 2);
+        assert_eq!(p.north_south.acl.deny_client.len(), 2);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
 //! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation;
 //!   `pipes`: the bounded pool of splice pipes it borrows from.
-//! - `proxy_protocol`, `xff`, `http1`, `acl`: north-south building blocks (pure);
+//! - `proxy_protocol`, `xff`, `http1`: north-south building blocks (pure; the access control
+//!   and the XFF trust are the policy layer's `annotations::acl` and `annotations::XffTrust`);
 //!   `httprelay`: the HTTP/1.1 relay of the XFF ports that uses them.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
 //!
@@ -23,7 +24,6 @@
 //! the per-source counts, our outbound ports) is shared by all workers behind short locks.
 
 pub mod accesslog;
-pub mod acl;
 pub mod addr;
 pub mod admin;
 pub mod caps;
@@ -545,7 +545,7 @@ mod tests {
         assert_eq!(r.mode, InboundMode::Tproxy);
         assert!(ns.xff_on(8080));
         assert_eq!(ns.xff_trust, XffTrust::Hops(2), "the flag wins");
-        assert_eq!(ns.deny_client.len(), 1);
+        assert_eq!(ns.acl.deny_client.len(), 1);
         // A flag that makes the pod's annotations inconsistent is refused, naming the key.
         let c = cfg(&[
             "--annotations-file",
@@ -566,7 +566,7 @@ mod tests {
         ]);
         let (_, ns) = resolve(&c, |_| panic!("not read")).unwrap();
         assert!(ns.xff_on(80));
-        assert_eq!(ns.allow_peer.len(), 1);
+        assert_eq!(ns.acl.allow_peer.len(), 1);
         let (_, ns) = resolve(&cfg(&[]), |_| panic!()).unwrap();
         assert_eq!(ns, NorthSouth::default());
     }

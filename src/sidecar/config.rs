@@ -506,7 +506,7 @@ mod tests {
         .unwrap();
         assert!(ns.xff_on(8080));
         assert_eq!(ns.xff_trust, crate::annotations::XffTrust::Hops(2));
-        assert_eq!(ns.deny_client.len(), 1);
+        assert_eq!(ns.acl.deny_client.len(), 1);
         assert_eq!(c.max_request_head, 60 * 1024);
         assert_eq!(c.proxy_protocol_timeout, Duration::from_secs(3));
         assert!(run(&[], &[]).unwrap().north_south.is_empty());

@@ -29,12 +29,12 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 
 use super::accesslog::EndReason;
-use super::acl::{Acl, Denied};
 use super::client::{ClientCheck, Decided};
 use super::edge;
 use super::http1::{self, Body, HeadParse, HeadReader, ResponseParse, ResponseReader, ResponseTo};
 use super::sockopt;
-use super::xff::Trust;
+use crate::annotations::acl::{Acl, Denied};
+use crate::annotations::XffTrust;
 
 /// Envoy's RBAC answer.
 pub const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
@@ -51,7 +51,7 @@ pub struct HttpConn<'a> {
     pub check: ClientCheck<'a>,
     /// `CONNECT` is forwarded (this port opted in); else it is answered 403.
     pub connect: bool,
-    pub trust: &'a Trust,
+    pub trust: &'a XffTrust,
     pub acl: &'a Acl,
     pub limits: http1::Limits,
     pub idle: Duration,
@@ -722,7 +722,7 @@ mod tests {
         let h = tokio::spawn(async move {
             let (tx, rx) = watch::channel(false);
             let _keep = tx;
-            let trust = Trust::Hops(1);
+            let trust = XffTrust::Hops(1);
             let pod =
                 crate::sidecar::client::PodAddrs::new(vec!["10.1.0.5".parse().unwrap()], vec![]);
             let conn = HttpConn {

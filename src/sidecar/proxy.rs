@@ -11,7 +11,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::accesslog::{rfc3339, AccessLog, EndReason, Entry};
-use super::acl::Acl;
 use super::addr::{unmap, ClientAddr, DownstreamLocal, OrigDst, UpstreamLocal};
 use super::client::PodAddrs;
 use super::config::{Config, InboundMode};
@@ -20,8 +19,7 @@ use super::pipes::PipePool;
 use super::ports::PortBook;
 use super::relay;
 use super::sockopt::{self, UpstreamOpts};
-use super::xff::Trust;
-use crate::annotations::{NorthSouth, XffTrust};
+use crate::annotations::NorthSouth;
 use crate::consts::{REDIRECT_SOURCE_V4, REDIRECT_SOURCE_V6};
 
 mod serve;
@@ -76,32 +74,20 @@ pub struct Shared {
     pub ns: NorthSouthRt,
 }
 
-/// The north-south settings in the shapes the data path uses.
+/// The north-south settings as the policy layer parsed them (access control and XFF trust
+/// included: one definition, `annotations::acl` and `annotations::XffTrust`), with the pod's
+/// own addresses the data path checks claimed clients against.
 #[derive(Debug)]
 pub struct NorthSouthRt {
     pub cfg: NorthSouth,
-    pub acl: Acl,
-    pub trust: Trust,
     /// What a claimed client may not be (module `client`).
     pub pod: PodAddrs,
 }
 
 impl NorthSouthRt {
     pub fn new(cfg: NorthSouth) -> NorthSouthRt {
-        let acl = Acl {
-            allow_peer: cfg.allow_peer.clone(),
-            deny_peer: cfg.deny_peer.clone(),
-            allow_client: cfg.allow_client.clone(),
-            deny_client: cfg.deny_client.clone(),
-        };
-        let trust = match &cfg.xff_trust {
-            XffTrust::Hops(n) => Trust::Hops(*n),
-            XffTrust::Cidrs(c) => Trust::Cidrs(c.clone()),
-        };
         NorthSouthRt {
             cfg,
-            acl,
-            trust,
             pod: PodAddrs::from_interfaces(),
         }
     }

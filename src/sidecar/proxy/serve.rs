@@ -9,9 +9,9 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 
 use super::{dial, is_own_port, usable_source, Conn, OwnPortGuard, Role, Shared};
+use crate::annotations::acl::Denied;
 use crate::annotations::PpVersion;
 use crate::sidecar::accesslog::EndReason;
-use crate::sidecar::acl::Denied;
 use crate::sidecar::addr::{unmap, ClientAddr, OrigDst};
 use crate::sidecar::client::{self, Claim, ClientCheck};
 use crate::sidecar::config::InboundMode;
@@ -169,7 +169,7 @@ async fn admission(
         xff_port: ns.cfg.xff_on(orig.port()),
         ..Admitted::default()
     };
-    if let Err(d) = ns.acl.check_peer(peer_ip) {
+    if let Err(d) = ns.cfg.acl.check_peer(peer_ip) {
         return Err(deny(shared, c, d, 0));
     }
     if ns.cfg.proxy_protocol_on(orig.port()) {
@@ -187,7 +187,7 @@ async fn admission(
     }
     if !adm.xff_port {
         let client = c.effective.map(|a| a.ip()).unwrap_or(peer_ip);
-        if let Err(d) = ns.acl.check_client(client) {
+        if let Err(d) = ns.cfg.acl.check_client(client) {
             return Err(deny(shared, c, d, adm.early.len() as u64));
         }
     }
@@ -365,8 +365,8 @@ async fn relay_http(
             local: Some(orig.0.ip()),
         },
         connect: shared.ns.cfg.xff_connect_on(orig.port()),
-        trust: &shared.ns.trust,
-        acl: &shared.ns.acl,
+        trust: &shared.ns.cfg.xff_trust,
+        acl: &shared.ns.cfg.acl,
         limits: crate::sidecar::http1::Limits {
             max_head: shared.cfg.max_request_head,
             ..Default::default()
