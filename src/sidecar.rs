@@ -45,6 +45,7 @@ pub mod relay;
 pub mod sockopt;
 #[cfg(test)]
 mod testutil;
+pub mod watchdog;
 pub mod xff;
 
 use std::io;
@@ -348,7 +349,6 @@ async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin port outlives the drain: liveness stays 200 and readiness says 503 meanwhile.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let (hard_tx, hard_rx) = watch::channel(false);
 
     // Admin first, so /healthz answers (and /ready says "starting") while listeners come up.
     let mut admin_task = None;
@@ -399,8 +399,7 @@ async fn serve(
         pipes,
         permits: permits.clone(),
         mark,
-        hard_stop: hard_rx,
-        cut: relay::Cut::default(),
+        cut: watchdog::Cut::default(),
         mode,
         outbound_ports: Arc::default(),
         sources: Arc::default(),
@@ -449,7 +448,6 @@ async fn serve(
         .is_err()
     {
         log::warn!("drain deadline reached; cutting remaining connections");
-        let _ = hard_tx.send(true);
         shared.cut.cut();
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;

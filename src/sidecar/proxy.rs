@@ -17,7 +17,7 @@ use super::config::{Config, InboundMode};
 use super::metrics::{Direction, Metrics};
 use super::pipes::PipePool;
 use super::ports::PortBook;
-use super::relay;
+use super::watchdog::Cut;
 use super::sockopt::{self, UpstreamOpts};
 use crate::annotations::NorthSouth;
 use crate::consts::{REDIRECT_SOURCE_V4, REDIRECT_SOURCE_V6};
@@ -57,10 +57,8 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// `SO_MARK` value, if the probe found we may set it.
     pub mark: Option<u32>,
-    /// Turns true at the drain deadline: relays still running are cut.
-    pub hard_stop: watch::Receiver<bool>,
-    /// The same deadline for the plain relays (`relay::Cut`).
-    pub cut: relay::Cut,
+    /// Cut at the drain deadline: relays still running, plain or HTTP, end (watchdog.rs).
+    pub cut: Cut,
     /// The inbound mode (decides whether outbound upstreams may carry the mark).
     pub mode: InboundMode,
     /// Source ports of our live outbound upstream sockets: a connection to the outbound

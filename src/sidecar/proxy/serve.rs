@@ -381,7 +381,7 @@ async fn relay_http(
         up,
         early,
         conn,
-        shared.hard_stop.clone(),
+        &shared.cut,
     ))
     .await;
     c.http_requests = Some(o.requests);
