@@ -17,10 +17,10 @@ use std::thread;
 use std::time::Duration;
 
 use common::tools::{free_port, have_tool, Haproxy};
+use tproxy_cni::annotations::XffTrust;
 use tproxy_cni::sidecar::client::{ClientCheck, PodAddrs};
 use tproxy_cni::sidecar::edge::{self, EXTERNAL_ADDRESS, XFF};
 use tproxy_cni::sidecar::http1::{Body, HeadParse, HeadReader, Limits};
-use tproxy_cni::annotations::XffTrust;
 
 /// Serves every request of one connection; the response body describes what was parsed.
 fn serve(mut s: TcpStream, peer: IpAddr, trust: XffTrust) -> Result<(), String> {

@@ -17,8 +17,8 @@ use super::config::{Config, InboundMode};
 use super::metrics::{Direction, Metrics};
 use super::pipes::PipePool;
 use super::ports::PortBook;
-use super::watchdog::Cut;
 use super::sockopt::{self, UpstreamOpts};
+use super::watchdog::Cut;
 use crate::annotations::NorthSouth;
 use crate::consts::{REDIRECT_SOURCE_V4, REDIRECT_SOURCE_V6};
 

@@ -376,14 +376,7 @@ async fn relay_http(
     };
     // Boxed: its state (about 2.7 KiB) would otherwise size every connection's task, the
     // plain ones too (docs/ARCHITECTURE.md, pitfall 80).
-    let o = Box::pin(httprelay::relay_http(
-        down,
-        up,
-        early,
-        conn,
-        &shared.cut,
-    ))
-    .await;
+    let o = Box::pin(httprelay::relay_http(down, up, early, conn, &shared.cut)).await;
     c.http_requests = Some(o.requests);
     // The log names the request the sidecar answered (a 403's denied client), else the
     // first one.
