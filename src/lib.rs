@@ -23,6 +23,7 @@ pub mod annotations;
 pub mod apply;
 pub mod cni;
 pub mod consts;
+pub mod flags;
 pub mod host;
 pub mod install;
 pub mod logging;
