@@ -1,4 +1,4 @@
-//! Plugin benchmark (issue 5): tproxy-cni ADD/DEL latency in fresh netns, leaks after parallel
+//! Plugin benchmark: tproxy-cni ADD/DEL latency in fresh netns, leaks after parallel
 //! ADD/DEL cycles, and the same ruleset loaded with `nft -f` in the same run for comparison.
 //!
 //! Needs root. Run by `scripts/bench.sh`, or alone: `cargo build --release --bins && cargo bench

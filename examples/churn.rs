@@ -1,5 +1,5 @@
 //! One client IP -> one app port, one request per connection, at a fixed rate (open loop): the
-//! churn row of `scripts/bench.sh` (issue 12). Not part of the product.
+//! churn row of `scripts/bench.sh`. Not part of the product.
 //!
 //! ```text
 //! churn --target IP:PORT --rate N --seconds S --close client|app [--timeout-ms MS]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark of issues 5 and 12, in one command: the data path (direct, tproxy-sidecar in tproxy and
+# The benchmark (BENCHMARKS.md), in one command: the data path (direct, tproxy-sidecar in tproxy and
 # redirect mode, HAProxy and nginx as transparent proxies) and the plugin at scale.
 #
 #   sudo ./scripts/bench.sh            # full run, about 21 min (with the 60 s churn cells)
@@ -528,7 +528,7 @@ for rep in $(seq "$REPS"); do
 done
 
 # ---------------------------------------------------------------------------------- churn
-# Issue 12: one client IP -> one app port, one request per connection, at CHURN_RATE new
+# Churn (docs/ARCHITECTURE.md, pitfalls 12 and 54): one client IP -> one app port, one request per connection, at CHURN_RATE new
 # connections/s for CHURN_S seconds (open loop: a stall shows as a slow connect, not as a lower
 # rate), with the client closing first (keep-alive request, the client closes once it has the
 # response) and the app closing first (`Connection: close`), TCP timestamps on and off in the

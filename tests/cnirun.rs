@@ -367,6 +367,54 @@ fn run_binary_add_and_del() {
     assert!(err.contains("failx") && err.contains("boom"), "{err}");
 }
 
+/// `--flag=value` works like `--flag value`, as in the other command lines (Kubernetes args
+/// and scripts write both); a value may itself hold `=`. An unknown flag and a flag without
+/// its value are named, in the shared parser's words (src/flags.rs).
+#[test]
+fn run_binary_takes_flag_equals_value() {
+    let f = fakes(&["first", "second", "third"]);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("10-test.conflist");
+    std::fs::write(&conf, serde_json::to_vec(&list()).unwrap()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_tproxy-cni-run");
+    let out = std::process::Command::new(bin)
+        .arg("add")
+        .arg(format!("--conflist={}", conf.display()))
+        .args(["--netns=/var/run/netns/x", "--id=c9"])
+        .args([
+            "--annotation=tproxy-cni.io/mode=tproxy",
+            "--arg=K8S_POD_NAME=p",
+        ])
+        .arg(format!("--cni-path={}", f.bin.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["by"], "third");
+    let c = calls(&f.log);
+    assert_eq!(
+        c[2].1["runtimeConfig"]["io.kubernetes.cri.pod-annotations"],
+        json!({"tproxy-cni.io/mode": "tproxy"})
+    );
+    assert!(c[0].2.lines().any(|l| l == "CNI_ARGS=K8S_POD_NAME=p"));
+    assert!(c[0].2.lines().any(|l| l == "CNI_CONTAINERID=c9"));
+    assert!(c[0].2.lines().any(|l| l == "CNI_NETNS=/var/run/netns/x"));
+
+    for (args, want) in [
+        (&["add", "--bogus=1"][..], "unknown flag \"--bogus\""),
+        (&["add", "--conflist"][..], "--conflist needs a value"),
+    ] {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
+
 /// The real reference plugins: bridge + host-local in a throwaway netns, ADD/CHECK/DEL.
 #[test]
 fn real_bridge_host_local() {

@@ -17,13 +17,13 @@ use std::thread;
 use std::time::Duration;
 
 use common::tools::{free_port, have_tool, Haproxy};
+use tproxy_cni_policy::annotations::XffTrust;
 use tproxy_cni_sidecar::client::{ClientCheck, PodAddrs};
 use tproxy_cni_sidecar::edge::{self, EXTERNAL_ADDRESS, XFF};
 use tproxy_cni_sidecar::http1::{Body, HeadParse, HeadReader, Limits};
-use tproxy_cni_sidecar::xff::Trust;
 
 /// Serves every request of one connection; the response body describes what was parsed.
-fn serve(mut s: TcpStream, peer: IpAddr, trust: Trust) -> Result<(), String> {
+fn serve(mut s: TcpStream, peer: IpAddr, trust: XffTrust) -> Result<(), String> {
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let mut buf: Vec<u8> = Vec::new();
@@ -108,7 +108,7 @@ fn serve(mut s: TcpStream, peer: IpAddr, trust: Trust) -> Result<(), String> {
 }
 
 /// A server on `addr` serving connections until the test ends; counts connections.
-fn server(addr: &str, trust: Trust) -> (SocketAddr, Arc<AtomicUsize>) {
+fn server(addr: &str, trust: XffTrust) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind(addr).unwrap();
     let local = l.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
@@ -144,7 +144,7 @@ fn curl_keep_alive_chunked_and_expect_continue() {
     if !have_tool("curl", "--version") {
         return;
     }
-    let (addr, conns) = server("127.0.0.1:0", Trust::Hops(1));
+    let (addr, conns) = server("127.0.0.1:0", XffTrust::Hops(1));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("body");
     std::fs::write(&file, vec![b'x'; 100_000]).unwrap();
@@ -218,8 +218,8 @@ fn haproxy_forwardfor_is_one_trusted_hop() {
         return;
     }
     // client 127.0.0.2 -> HAProxy (frontend 127.0.0.1) -> server, dialled from 127.0.0.3.
-    let (be, _) = server("127.0.0.1:0", Trust::Hops(1));
-    let (be0, _) = server("127.0.0.1:0", Trust::Hops(0));
+    let (be, _) = server("127.0.0.1:0", XffTrust::Hops(1));
+    let (be0, _) = server("127.0.0.1:0", XffTrust::Hops(0));
     let (fe, fe0) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
     let _hap = Haproxy::start(
         None,

@@ -311,7 +311,7 @@ fn create_pods(node: &str, conf: &Path, bin: &Path, stop: &AtomicBool) -> Vec<Po
     out
 }
 
-/// Issue 14.2: a rolling upgrade (new installer pod started, old one SIGTERMed) never leaves a
+/// A rolling upgrade (new installer pod started, old one SIGTERMed) never leaves a
 /// moment where pods are created without our entry or where the conflist names a binary the
 /// runtime cannot find. The node is a netns; the installers are the real binary against temp
 /// dirs (standing in for the host's /etc/cni/net.d and /opt/cni/bin); pods are created by

@@ -20,7 +20,7 @@ fn rule(matches: Vec<Match>, actions: Vec<Action>, comment: &str) -> Rule {
     }
 }
 
-/// One bit of ours, matched and set alone (the plan's form since issue 9.15).
+/// One bit of ours, matched and set alone (the plan's form; docs/ARCHITECTURE.md, pitfall 31).
 const M: MarkBits = MarkBits {
     value: 0x1000,
     mask: 0x1000,
@@ -551,7 +551,7 @@ fn big_batches_apply_and_report_errors() {
     assert!(!in_ns(&ns, || nft::exists("tproxy_cni")).unwrap());
 }
 
-/// Issue 9.2: CHECK reports a dormant table (no rule runs), an extra set, an extra chain and a
+/// CHECK reports a dormant table (no rule runs), an extra set, an extra chain and a
 /// table of another layout; before, all of these passed.
 #[test]
 fn check_reports_dormant_table_extra_objects_and_old_layout() {
@@ -604,7 +604,7 @@ fn check_reports_dormant_table_extra_objects_and_old_layout() {
     }
 }
 
-/// Issue 14.3: tables are found by their owner comment, whatever their name; foreign tables
+/// docs/ARCHITECTURE.md, pitfall 64: tables are found by their owner comment, whatever their name; foreign tables
 /// (no comment, or someone else's) are never listed or deleted.
 #[test]
 fn owned_tables_are_found_by_comment_not_name() {

@@ -1,4 +1,4 @@
-//! North-south through the real chain (issue 11): PROXY protocol from a real balancer, XFF on
+//! North-south through the real chain: PROXY protocol from a real balancer, XFF on
 //! HTTP/1.1 ports, and IP access control, with pods made by bridge + host-local + tproxy-cni
 //! and the sidecar in `auto` mode reading the same annotations (downward-API file).
 //!

@@ -426,7 +426,7 @@ fn port_list(start: u16, n: u16) -> String {
         .join(",")
 }
 
-/// Issue 9.1 (docs/ARCHITECTURE.md, pitfall 14): the largest policies the parser accepts apply
+/// docs/ARCHITECTURE.md, pitfall 14: the largest policies the parser accepts apply
 /// in one ADD, CHECK passes and DEL leaves nothing. Before the fix every batch message asked for
 /// an ACK, the ACKs overflowed the receive buffer after the commit (ENOBUFS) and ~257 rules
 /// stayed in the pod after a failed ADD.
@@ -547,9 +547,9 @@ fn check_err_with(node: &Node, pod: &common::chain::Pod, ann: &Value) -> (u64, S
     (u64::from(cni(&e).code), cni(&e).msg.clone())
 }
 
-/// Issue 9.2: CHECK fails with 101 naming the difference for a dormant table, an extra set
+/// CHECK fails with 101 naming the difference for a dormant table, an extra set
 /// or chain in our table, a duplicate fwmark rule; a re-ADD from tproxy to redirect removes
-/// the fwmark rules and routes and CHECK then passes. Issue 10.1: a read failure is 100.
+/// the fwmark rules and routes and CHECK then passes. A read failure is 100.
 #[test]
 fn check_is_strict_and_readd_converges() {
     require_root!();
@@ -664,7 +664,7 @@ fn del_with_a_config_that_no_longer_parses_removes_ours_by_tag() {
     }
 }
 
-/// Issue 14.3: a pod programmed with other numbers (as a release with other defaults would
+/// A pod programmed with other numbers (as a release with other defaults would
 /// leave it: table name, mark, route table, rule priority) is drift for CHECK and is cleaned
 /// by DEL of this configuration; rules without our tag survive.
 #[test]
@@ -746,7 +746,7 @@ fn tagged_routing_lines(ns: &Netns) -> Vec<String> {
     out
 }
 
-/// Issue 15.2: CRI-O runs CHECK right after every ADD, so for every golden plan ADD then CHECK
+/// CRI-O runs CHECK right after every ADD, so for every golden plan ADD then CHECK
 /// must pass; the kernel then holds exactly the golden table and routing objects, and DEL
 /// leaves nothing.
 #[test]
@@ -814,7 +814,7 @@ fn every_golden_plan_adds_checks_and_deletes() {
     }
 }
 
-/// Issue 9.15: foreign marks in the pod (Istio 0x539, kube-proxy 0x4000/0x8000, Calico
+/// Foreign marks in the pod (Istio 0x539, kube-proxy 0x4000/0x8000, Calico
 /// 0xffff0000, Cilium 0x0f00) set on every packet and conntrack entry before our chains run do
 /// not break interception, and our rules leave their bits alone. Before, our rules matched
 /// the whole mark (the proxy leg was never tagged, replies missed the proxy) and overwrote it.
@@ -906,7 +906,7 @@ fn foreign_marks_coexist_with_ours() {
     assert!(server.ns.sh("nft list tables").contains("foreign"));
 }
 
-/// Issue 14.3: a pod programmed by the release before owner tags (table without comment,
+/// A pod programmed by the release before owner tags (table without comment,
 /// whole-mark fwmark 0x7470 rules and routes without protocol) is drift for CHECK and is
 /// cleaned by DEL; a foreign rule survives.
 #[test]
@@ -949,7 +949,7 @@ fn del_cleans_a_pod_of_the_previous_release() {
     assert!(pod.ns.sh("ip rule").contains("fwmark 0x539 lookup 133"));
 }
 
-/// Issue 9.13 (docs/ARCHITECTURE.md, pitfall 17): connections from the node's own addresses
+/// docs/ARCHITECTURE.md, pitfall 17: connections from the node's own addresses
 /// (kubelet `tcpSocket` probes) are not intercepted, so with the app down and the sidecar up a
 /// TCP connect from the node fails, while one from another pod is still taken by the sidecar.
 /// Before, the sidecar completed every handshake and the probe saw a live app.
@@ -1044,7 +1044,7 @@ fn node_bypass_off_intercepts_the_node_too() {
     assert_clean(&server.ns);
 }
 
-/// Issue 9.3 (DEL side): a `tableName` the config accepts but nftables cannot take fails ADD
+/// DEL side of docs/ARCHITECTURE.md, pitfall 36: a `tableName` the config accepts but nftables cannot take fails ADD
 /// with nothing left, and DEL succeeds (a table we refuse to create cannot exist).
 #[test]
 fn unusable_table_name_fails_add_and_del_succeeds() {

@@ -188,7 +188,7 @@ fn ours_of(ns: &Netns, fam: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Issue 9.2: a second copy of our fwmark rule is drift, and objects of ours that the plan
+/// A second copy of our fwmark rule is drift, and objects of ours that the plan
 /// does not want (another mode) are reported as extra.
 #[test]
 fn check_reports_duplicates_and_unwanted_objects() {
@@ -221,7 +221,7 @@ fn check_reports_duplicates_and_unwanted_objects() {
     assert!(d.iter().all(|x| x.starts_with("extra ")), "{d:?}");
 }
 
-/// Issue 9.2 / 14.3: apply converges (tagged objects of another plan go, foreign ones stay),
+/// Apply converges (tagged objects of another plan go, foreign ones stay),
 /// and delete removes tagged objects whatever mark, table and priority made them.
 #[test]
 fn apply_and_delete_find_ours_by_tag() {
@@ -280,7 +280,7 @@ fn apply_and_delete_find_ours_by_tag() {
         .contains("local default dev lo"));
 }
 
-/// The node's addresses that bypass interception (issue 9.13): global ones only, IPv4
+/// The node's addresses that bypass interception (docs/ARCHITECTURE.md, pitfall 17): global ones only, IPv4
 /// secondaries included; loopback, link-local, deprecated IPv6 and kube-ipvs0 left out.
 #[test]
 fn node_addresses_are_the_stable_global_ones() {

@@ -411,7 +411,7 @@ fn churn_10k_short_connections_all_proxied_none_stalls() {
 
 /// The churn check with an upstream range of 100 odd ports starting at the fixed client ports:
 /// the port cursor then sweeps the fixed ports many times, usually during the warm-up too, so
-/// the check's "not yet used by the client" bookkeeping (issue 9.17) and the port book's
+/// the check's "not yet used by the client" bookkeeping and the port book's
 /// avoidance of used ones are both exercised in every run rather than in ~2% of them.
 #[test]
 fn churn_upstream_range_over_the_fixed_client_ports() {
@@ -819,7 +819,7 @@ fn bench_wrk_direct_vs_sidecar() {
     bulk("direct");
 }
 
-/// Issue 9.10: SIGKILL mid-transfer. Both peers must see a reset, never a clean EOF that makes
+/// docs/ARCHITECTURE.md, pitfall 16: SIGKILL mid-transfer. Both peers must see a reset, never a clean EOF that makes
 /// a cut-off upload or download look complete.
 #[test]
 fn killed_sidecar_resets_both_peers_mid_transfer() {
@@ -891,7 +891,7 @@ fn metric(body: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-/// Issues 9.11 and 9.12: with `ulimit -n 256` and 1,000 idle clients the admin port keeps
+/// With `ulimit -n 256` and 1,000 idle clients the admin port keeps
 /// answering, EMFILE never happens (slots fit the descriptors), and the saturation is visible:
 /// /ready 503 "saturated", the slot gauges at the limit, the accept queue in /metrics.
 #[test]
@@ -961,7 +961,7 @@ fn fd_limit_keeps_admin_answering_and_shows_saturation() {
     assert_eq!(r.origin, CLIENT_V4);
 }
 
-/// Issue 9.12: `--max-connections-per-source` resets a client IP's connections beyond the cap
+/// `--max-connections-per-source` resets a client IP's connections beyond the cap
 /// at once (flag RL, counted), instead of letting one IP take every slot.
 #[test]
 fn per_source_cap_resets_the_excess_and_counts_it() {
@@ -1029,7 +1029,7 @@ fn wait_ready_code(ns: &str, code: u16, within: Duration) -> String {
     panic!("/ready never returned {code}; last {last:?}");
 }
 
-/// Issue 9.14: a sidecar whose pod netns the plugin never programmed (the pod started before
+/// A sidecar whose pod netns the plugin never programmed (the pod started before
 /// the plugin was chained) stays not-ready and says why; once the rules appear it turns ready,
 /// and it notices when they go away again. Tproxy mode (fwmark rule + local route, as uid 1337
 /// with only NET_RAW: rtnetlink needs no privilege) and redirect mode (`::6` on lo).
@@ -1087,7 +1087,7 @@ fn not_ready_until_the_netns_is_programmed_for_the_mode() {
     wait_ready_code(&t.pod.name, 200, Duration::from_secs(5));
 }
 
-/// Issue 12: the client closes first, so the sidecar sends the first FIN on the app leg and its
+/// docs/ARCHITECTURE.md, pitfall 54: the client closes first, so the sidecar sends the first FIN on the app leg and its
 /// upstream socket keeps `client_ip:p -> app` in TIME_WAIT for 60 s. With
 /// `net.ipv4.tcp_timestamps=0` in the pod a `connect()` from that explicitly bound port is
 /// refused for the whole 60 s, so once every odd port of the range was used the sidecar must
@@ -1177,7 +1177,7 @@ fn client_closing_first_without_timestamps_moves_to_free_upstream_ports() {
     assert!(bad.is_empty(), "{bad:?}");
 }
 
-/// Issue 12: `--workers 3` runs three accept loops on `SO_REUSEPORT` listeners. The kernel
+/// docs/ARCHITECTURE.md, pitfall 57: `--workers 3` runs three accept loops on `SO_REUSEPORT` listeners. The kernel
 /// holds three listeners per family on the port, every connection (spread by flow hash, so a
 /// worker that did not serve would leave about a third of them hanging) reaches the app from
 /// the client's address, and SIGTERM still drains and stops every worker.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# North-south rows (issue 11), called by scripts/bench.sh or alone:
+# North-south rows, called by scripts/bench.sh or alone:
 #
 #   sudo ./scripts/bench/northsouth.sh [--quick]
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Turns bench.sh's raw results into the table of BENCHMARKS.md and checks issue 5's goals.
+"""Turns bench.sh's raw results into the table of BENCHMARKS.md and checks the plugin's goals.
 
 Usage: report.py RESULTS.tsv [PLUGIN.tsv]
 RESULTS.tsv lines: rep, row, metric, value (tab separated). PLUGIN.tsv lines: metric, value.

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
+use tproxy_cni_policy::flags;
 
 const USAGE: &str = "\
 usage: tproxy-cni-run add|check|del|status|gc --conflist FILE [options]
@@ -21,7 +22,26 @@ usage: tproxy-cni-run add|check|del|status|gc --conflist FILE [options]
   --cache-dir DIR        libcni's cache dir (e.g. /var/lib/cni): add writes DIR/results/NET-ID-IFNAME
                          as libcni does, check/del read the result from it, del removes it
   --valid ID/IFNAME      gc: an attachment to keep (repeatable)
+Every flag may also be written --flag=value.
 add prints the final result JSON on stdout.";
+
+/// Every flag takes a value: `--flag value` or `--flag=value` (src/flags.rs).
+const SPEC: flags::Spec<'static> = flags::Spec {
+    values: &[
+        "conflist",
+        "netns",
+        "id",
+        "ifname",
+        "annotation",
+        "arg",
+        "runtime-config",
+        "cni-path",
+        "prev-result",
+        "cache-dir",
+        "valid",
+    ],
+    switches: &[],
+};
 
 fn split_kv(s: &str, flag: &str) -> Result<(String, String)> {
     match s.split_once('=') {
@@ -83,14 +103,17 @@ fn run() -> Result<()> {
         ifname: "eth0".into(),
         ..Invocation::default()
     };
-    while let Some(flag) = args.next() {
-        if flag == "-h" || flag == "--help" {
+    let parsed = flags::parse(args, &SPEC).map_err(|e| anyhow::anyhow!("{e}\n{USAGE}"))?;
+    let given = match parsed {
+        flags::Parsed::Help => {
             println!("{USAGE}");
             return Ok(());
         }
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
+        flags::Parsed::Flags(given) => given,
+    };
+    for f in given {
+        let flag = format!("--{}", f.name);
+        let value = f.into_value();
         match flag.as_str() {
             "--conflist" => conflist = Some(PathBuf::from(value)),
             "--netns" => inv.netns = value.into(),

@@ -6,6 +6,7 @@ use log::LevelFilter;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
+use tproxy_cni_policy::flags;
 
 pub const USAGE: &str = "\
 tproxy-cni-install: chain tproxy-cni into the node's primary CNI config and keep it there.
@@ -133,23 +134,34 @@ impl Default for Flags {
     }
 }
 
-const VALUE_FLAGS: [&str; 15] = [
-    "--cni-cache-dir",
-    "--netns-dir",
-    "--reconcile",
-    "--runtime",
-    "--default-network",
-    "--conf-dir",
-    "--bin-dir",
-    "--binary",
-    "--settings",
-    "--settings-json",
-    "--health-dir",
-    "--resync",
-    "--max-age",
-    "--probe",
-    "--log-level",
-];
+/// The flags that take a value, and those that take none (src/flags.rs).
+const SPEC: flags::Spec<'static> = flags::Spec {
+    values: &[
+        "cni-cache-dir",
+        "netns-dir",
+        "reconcile",
+        "runtime",
+        "default-network",
+        "conf-dir",
+        "bin-dir",
+        "binary",
+        "settings",
+        "settings-json",
+        "health-dir",
+        "resync",
+        "max-age",
+        "probe",
+        "log-level",
+    ],
+    switches: &[
+        "keep-on-exit",
+        "remove-on-exit",
+        "once",
+        "uninstall",
+        "status",
+        "json",
+    ],
+};
 
 /// Parses the arguments after the program name.
 pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
@@ -202,74 +214,54 @@ pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
 
 /// Every flag into `Flags`; `None` for `--help`.
 fn read_flags(args: Vec<String>) -> Result<Option<Flags>, InstallError> {
+    let flags::Parsed::Flags(given) =
+        flags::parse(args, &SPEC).map_err(|e| usage(e.to_string()))?
+    else {
+        return Ok(None);
+    };
     let mut f = Flags::default();
-    let mut it = args.into_iter();
-    while let Some(flag) = it.next() {
-        // Flags without a value first.
-        match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
-            "--keep-on-exit" | "--remove-on-exit" => {
-                f.keep_on_exit = flag == "--keep-on-exit";
-                continue;
-            }
-            "--once" | "--uninstall" | "--status" => {
+    for flag in given {
+        match flag.name {
+            "keep-on-exit" | "remove-on-exit" => f.keep_on_exit = flag.name == "keep-on-exit",
+            "once" | "uninstall" | "status" => {
                 if f.mode != Mode::Daemon {
                     return Err(usage("--once, --uninstall and --status exclude each other"));
                 }
-                f.mode = match flag.as_str() {
-                    "--once" => Mode::Once,
-                    "--uninstall" => Mode::Uninstall,
+                f.mode = match flag.name {
+                    "once" => Mode::Once,
+                    "uninstall" => Mode::Uninstall,
                     _ => Mode::Status { json: false },
                 };
-                continue;
             }
-            "--json" => {
-                f.json = true;
-                continue;
-            }
-            _ => {}
+            "json" => f.json = true,
+            name => set_value(&mut f, name, flag.into_value())?,
         }
-        let bare = flag.split_once('=').map_or(flag.as_str(), |(n, _)| n);
-        if !VALUE_FLAGS.contains(&bare) {
-            return Err(usage(format!("unknown flag {bare}")));
-        }
-        // `--flag=value` and `--flag value` both work (Kubernetes args are often written inline).
-        let (name, value) = match flag.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n.to_string(), v.to_string()),
-            _ => {
-                let v = it
-                    .next()
-                    .ok_or_else(|| usage(format!("{flag} needs a value")))?;
-                (flag, v)
-            }
-        };
-        set_value(&mut f, &name, value)?;
     }
     Ok(Some(f))
 }
 
-/// One `--flag value`.
+/// One `--flag value`, by the flag's name without `--`.
 fn set_value(f: &mut Flags, name: &str, value: String) -> Result<(), InstallError> {
     match name {
-        "--conf-dir" => f.conf_dir = value.into(),
-        "--bin-dir" => f.bin_dir = value.into(),
-        "--binary" => f.binaries.push(PathBuf::from(value)),
-        "--settings" => f.settings_file = Some(value.into()),
-        "--settings-json" => f.settings_json = Some(value),
-        "--health-dir" => f.health_dir = (!value.is_empty()).then(|| value.into()),
-        "--resync" => f.resync = secs(name, &value)?,
-        "--max-age" => f.max_age = secs(name, &value)?,
-        "--probe" => f.probe = Some(value),
-        "--cni-cache-dir" => f.reconcile.cache_dir = value.into(),
-        "--netns-dir" => f.reconcile.netns_dir = value.into(),
-        "--reconcile" => {
+        "conf-dir" => f.conf_dir = value.into(),
+        "bin-dir" => f.bin_dir = value.into(),
+        "binary" => f.binaries.push(PathBuf::from(value)),
+        "settings" => f.settings_file = Some(value.into()),
+        "settings-json" => f.settings_json = Some(value),
+        "health-dir" => f.health_dir = (!value.is_empty()).then(|| value.into()),
+        "resync" => f.resync = secs("--resync", &value)?,
+        "max-age" => f.max_age = secs("--max-age", &value)?,
+        "probe" => f.probe = Some(value),
+        "cni-cache-dir" => f.reconcile.cache_dir = value.into(),
+        "netns-dir" => f.reconcile.netns_dir = value.into(),
+        "reconcile" => {
             f.reconcile.mode = reconcile::Mode::parse(&value).ok_or_else(|| {
                 usage(format!(
                     "--reconcile takes repair, report or off, got {value:?}"
                 ))
             })?
         }
-        "--runtime" => {
+        "runtime" => {
             f.runtime = match value.as_str() {
                 "containerd" => Runtime::Containerd,
                 "crio" | "cri-o" => Runtime::Crio,
@@ -280,14 +272,14 @@ fn set_value(f: &mut Flags, name: &str, value: String) -> Result<(), InstallErro
                 }
             }
         }
-        "--default-network" if value.is_empty() => f.default_network = None,
-        "--default-network" => f.default_network = Some(value),
-        "--log-level" => {
+        "default-network" if value.is_empty() => f.default_network = None,
+        "default-network" => f.default_network = Some(value),
+        "log-level" => {
             f.level = value
                 .parse()
                 .map_err(|_| usage(format!("--log-level: unknown level {value:?}")))?
         }
-        _ => return Err(usage(format!("unknown flag {name}"))),
+        _ => return Err(usage(format!("unknown flag --{name}"))),
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use crate::netns::{self, NetnsError};
 use crate::plan::{self, Plan};
 use crate::routing;
 use conf::{NetConf, SUPPORTED_VERSIONS};
-use env::{CniEnv, Env};
+use env::{CniEnv, Command, Env};
 use error::{code, CniError};
 use tproxy_cni_policy::annotations::PodPolicy;
 
@@ -57,50 +57,38 @@ fn write_json(out: &mut dyn Write, v: &Value) -> std::io::Result<()> {
 
 fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     let cni = CniEnv::read(env)?;
-    if cni.command == "VERSION" {
+    if cni.command == Command::Version {
         return Ok(Some(json!({
             "cniVersion": LATEST_VERSION,
             "supportedVersions": SUPPORTED_VERSIONS,
         })));
     }
-    if !matches!(
-        cni.command.as_str(),
-        "ADD" | "DEL" | "CHECK" | "STATUS" | "GC"
-    ) {
-        return Err(CniError::new(
-            code::INVALID_ENV,
-            format!(
-                "CNI_COMMAND {} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION",
-                tproxy_cni_policy::echo(&cni.command)
-            ),
-        ));
-    }
     let conf = match NetConf::parse(stdin) {
         Ok(c) => c,
         // A table name ADD always refuses cannot name a table of ours: nothing to remove, and a
         // failing DEL would keep the primary plugin from freeing the pod's IP (docs/ARCHITECTURE.md, pitfall 9).
-        Err(_) if cni.command == "DEL" && conf::peek_bad_table_name(stdin).is_some() => {
+        Err(_) if cni.command == Command::Del && conf::peek_bad_table_name(stdin).is_some() => {
             return Ok(None);
         }
         // Any other config DEL cannot read (the conflist changed since ADD): what ADD made is
         // still found by its owner tags, whatever numbers it used, so remove that and succeed.
-        Err(e) if cni.command == "DEL" => {
+        Err(e) if cni.command == Command::Del => {
             return del_by_owner_tags(&cni, &e).map(|()| None);
         }
         Err(e) => return Err(e),
     };
     tproxy_cni_policy::logging::init("tproxy-cni", conf.log_level, conf.log_file.as_deref());
-    let res = match cni.command.as_str() {
-        "ADD" => add(&cni, &conf).map(Some),
-        "DEL" => del(&cni, &conf).map(|()| {
+    let res = match cni.command {
+        Command::Add => add(&cni, &conf).map(Some),
+        Command::Del => del(&cni, &conf).map(|()| {
             log::info!("{}: DEL done", cni.pod());
             None
         }),
-        "CHECK" => check(&cni, &conf).map(|()| None),
+        Command::Check => check(&cni, &conf).map(|()| None),
         // All our state lives in pod netns that the runtime owns: nothing node-wide to report
         // or collect, and failing these would mark the whole network not ready
         // (docs/ARCHITECTURE.md, pitfall 10).
-        _ => Ok(None),
+        Command::Status | Command::Gc | Command::Version => Ok(None),
     };
     if let Err(e) = &res {
         log::error!("{}: {} failed: {e}", cni.pod(), cni.command);

@@ -19,6 +19,7 @@ use crate::apply::{self, Drift, Kernel};
 use crate::plan::{Action, Plan, PlanConfig};
 use tproxy_cni_policy::annotations::{Defaults, Mode, PodPolicy, OUR_KEYS};
 use tproxy_cni_policy::consts::ANNOTATION_PREFIX;
+use tproxy_cni_policy::flags;
 use tproxy_cni_policy::netaddr::Cidr;
 
 pub const USAGE: &str = "\
@@ -145,40 +146,32 @@ pub fn parse(args: &[String]) -> Result<Parsed, HostError> {
             )))
         }
     };
+    let names: Vec<&'static str> = ["netns", "pid", "config"]
+        .into_iter()
+        .chain(OUR_KEYS.iter().copied())
+        .collect();
+    let spec = flags::Spec {
+        values: &names,
+        switches: &[],
+    };
+    let flags::Parsed::Flags(given) =
+        flags::parse(it.cloned(), &spec).map_err(|e| usage(e.to_string()))?
+    else {
+        return Ok(Parsed::Help);
+    };
     let mut target = Target::Current;
     let mut config_file: Option<PathBuf> = None;
     let mut ann: BTreeMap<String, String> = BTreeMap::new();
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            return Ok(Parsed::Help);
-        }
-        let (name, inline) = match flag.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (flag.as_str(), None),
-        };
-        let known = name
-            .strip_prefix("--")
-            .is_some_and(|k| OUR_KEYS.contains(&k) || matches!(k, "netns" | "pid" | "config"));
-        if !known {
-            return Err(usage(format!(
-                "unknown flag {}",
-                tproxy_cni_policy::echo(name)
-            )));
-        }
-        let value = match inline {
-            Some(v) => v,
-            None => it
-                .next()
-                .cloned()
-                .ok_or_else(|| usage(format!("{name} needs a value")))?,
-        };
+    for f in given {
+        let name = f.name;
+        let value = f.into_value();
         match name {
-            "--netns" | "--pid" if target != Target::Current => {
+            "netns" | "pid" if target != Target::Current => {
                 return Err(usage("--netns and --pid name one target: give one, once"))
             }
-            "--netns" if value.is_empty() => return Err(usage("--netns needs a path")),
-            "--netns" => target = Target::Path(value.into()),
-            "--pid" => match value.parse::<u32>() {
+            "netns" if value.is_empty() => return Err(usage("--netns needs a path")),
+            "netns" => target = Target::Path(value.into()),
+            "pid" => match value.parse::<u32>() {
                 Ok(pid) if pid > 0 => {
                     target = Target::Path(format!("/proc/{pid}/ns/net").into());
                 }
@@ -189,9 +182,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, HostError> {
                     )))
                 }
             },
-            "--config" => config_file = Some(value.into()),
+            "config" => config_file = Some(value.into()),
             _ => {
-                let key = format!("{ANNOTATION_PREFIX}{}", name.trim_start_matches("--"));
+                let key = format!("{ANNOTATION_PREFIX}{name}");
                 ann.entry(key)
                     .and_modify(|v| {
                         v.push(',');

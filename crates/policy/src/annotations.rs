@@ -7,6 +7,7 @@
 //! left alone unless our own `tproxy-cni.io/mode` says otherwise, and Istio's and Kuma's keys
 //! are then ignored, since they configure that mesh's own interception of the same pod.
 
+pub mod acl;
 #[cfg(test)]
 mod bounded_tests;
 mod defaults;
@@ -153,10 +154,7 @@ pub struct NorthSouth {
     pub xff_connect_ports: Vec<PortRange>,
     pub xff_trust: XffTrust,
     /// `ipBlocks` (TCP peer) and `remoteIpBlocks` (effective client) allow/deny lists.
-    pub allow_peer: Vec<Cidr>,
-    pub deny_peer: Vec<Cidr>,
-    pub allow_client: Vec<Cidr>,
-    pub deny_client: Vec<Cidr>,
+    pub acl: acl::Acl,
 }
 
 impl Default for NorthSouth {
@@ -168,10 +166,7 @@ impl Default for NorthSouth {
             xff_ports: Vec::new(),
             xff_connect_ports: Vec::new(),
             xff_trust: XffTrust::Hops(0),
-            allow_peer: Vec::new(),
-            deny_peer: Vec::new(),
-            allow_client: Vec::new(),
-            deny_client: Vec::new(),
+            acl: acl::Acl::default(),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - `annotations`: pod annotations (ours, Istio's, Kuma's) -> `PodPolicy` (pure).
 //! - `echo`: how any input is quoted back in an error message.
 //! - `json`: typed reads of a network config's values, with `ConfigError`.
+//! - `flags`: the one flag parser of the four command lines.
 //! - `logging`: the one log backend and timestamp format of all binaries.
 
 #![deny(unsafe_code)]
@@ -13,6 +14,7 @@
 pub mod annotations;
 pub mod consts;
 mod echo;
+pub mod flags;
 pub mod json;
 pub mod logging;
 pub mod netaddr;

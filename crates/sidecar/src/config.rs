@@ -88,10 +88,9 @@ pub enum Parsed {
 /// A flag or environment value that could not be used; names where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unknown argument {0:?}")]
-    Unknown(String),
-    #[error("{0} needs a value")]
-    MissingValue(String),
+    /// The command line itself (src/flags.rs).
+    #[error(transparent)]
+    Flag(#[from] tproxy_cni_policy::flags::FlagError),
     #[error("{source_name}={value:?}: {reason}")]
     Bad {
         source_name: String,
@@ -143,10 +142,7 @@ const SPECS: &[Spec] = &[
 const ENV_PREFIX: &str = "TPROXY_SIDECAR_";
 
 fn env_name(flag: &str) -> String {
-    format!(
-        "{ENV_PREFIX}{}",
-        flag.to_ascii_uppercase().replace('-', "_")
-    )
+    tproxy_cni_policy::flags::env_name(ENV_PREFIX, flag)
 }
 
 /// The `--help` text, generated from `SPECS`.
@@ -176,11 +172,13 @@ pub fn help() -> String {
     s
 }
 
-/// Parses flags (`args` without the program name) over environment values over defaults.
-/// `env` holds the process environment (only `TPROXY_SIDECAR_*` keys are looked at).
-pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, ConfigError> {
-    // (value, where it came from) per flag.
-    let mut vals: BTreeMap<&'static str, (String, String)> = BTreeMap::new();
+/// (value, where it came from) per flag: flags over environment values over defaults; `None`
+/// for `--help`. `env` holds the process environment (only `TPROXY_SIDECAR_*` keys are looked
+/// at).
+type Values = BTreeMap<&'static str, (String, String)>;
+
+fn values(args: &[String], env: &BTreeMap<String, String>) -> Result<Option<Values>, ConfigError> {
+    let mut vals = Values::new();
     for sp in SPECS {
         vals.insert(
             sp.flag,
@@ -191,34 +189,29 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
             vals.insert(sp.flag, (v.clone(), en));
         }
     }
-    let mut i = 0;
-    while i < args.len() {
-        let a = &args[i];
-        if a == "-h" || a == "--help" {
-            return Ok(Parsed::Help);
-        }
-        let Some(body) = a.strip_prefix("--") else {
-            return Err(ConfigError::Unknown(a.clone()));
-        };
-        let (name, inline) = match body.split_once('=') {
-            Some((n, v)) => (n, Some(v.to_string())),
-            None => (body, None),
-        };
-        let Some(sp) = SPECS.iter().find(|s| s.flag == name) else {
-            return Err(ConfigError::Unknown(a.clone()));
-        };
-        let v = match inline {
-            Some(v) => v,
-            None => {
-                i += 1;
-                args.get(i)
-                    .cloned()
-                    .ok_or_else(|| ConfigError::MissingValue(format!("--{name}")))?
-            }
-        };
-        vals.insert(sp.flag, (v, format!("--{name}")));
-        i += 1;
+    let names: Vec<&'static str> = SPECS.iter().map(|s| s.flag).collect();
+    let spec = tproxy_cni_policy::flags::Spec {
+        values: &names,
+        switches: &[],
+    };
+    let tproxy_cni_policy::flags::Parsed::Flags(given) =
+        tproxy_cni_policy::flags::parse(args.iter().cloned(), &spec)?
+    else {
+        return Ok(None);
+    };
+    for f in given {
+        let source = format!("--{}", f.name);
+        vals.insert(f.name, (f.into_value(), source));
     }
+    Ok(Some(vals))
+}
+
+/// Parses flags (`args` without the program name) over environment values over defaults.
+/// `env` holds the process environment (only `TPROXY_SIDECAR_*` keys are looked at).
+pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, ConfigError> {
+    let Some(vals) = values(args, env)? else {
+        return Ok(Parsed::Help);
+    };
 
     let get = |flag: &str| -> (&str, &str) {
         vals.get(flag)
@@ -299,17 +292,7 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
         })?;
     }
     let max_request_head = count("max-request-headers-kb", 8192)? * 1024;
-    let mut ports_seen = vec![inbound_port];
-    for p in [outbound_port, admin_port].into_iter().flatten() {
-        if ports_seen.contains(&p) {
-            return Err(ConfigError::Bad {
-                source_name: "--inbound-port/--outbound-port/--admin-port".into(),
-                value: p.to_string(),
-                reason: "the sidecar's ports must differ".into(),
-            });
-        }
-        ports_seen.push(p);
-    }
+    distinct_ports(inbound_port, outbound_port, admin_port)?;
     Ok(Parsed::Run(Box::new(Config {
         mode,
         annotations_file,
@@ -337,6 +320,26 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
             _ => Some(count("workers", MAX_WORKERS)?),
         },
     })))
+}
+
+/// The sidecar's own ports must differ.
+fn distinct_ports(
+    inbound: u16,
+    outbound: Option<u16>,
+    admin: Option<u16>,
+) -> Result<(), ConfigError> {
+    let mut seen = vec![inbound];
+    for p in [outbound, admin].into_iter().flatten() {
+        if seen.contains(&p) {
+            return Err(ConfigError::Bad {
+                source_name: "--inbound-port/--outbound-port/--admin-port".into(),
+                value: p.to_string(),
+                reason: "the sidecar's ports must differ".into(),
+            });
+        }
+        seen.push(p);
+    }
+    Ok(())
 }
 
 /// The annotation map the north-south flags stand for (`tproxy-cni.io/<flag>`).
@@ -455,18 +458,19 @@ mod tests {
         assert!(e.to_string().contains("--idle-timeout"), "{e}");
         let e = run(&[], &[("TPROXY_SIDECAR_MARK", "zz")]).unwrap_err();
         assert!(e.to_string().contains("TPROXY_SIDECAR_MARK"), "{e}");
-        assert!(matches!(
+        use tproxy_cni_policy::flags::FlagError;
+        assert_eq!(
             run(&["--bogus", "1"], &[]),
-            Err(ConfigError::Unknown(_))
-        ));
-        assert!(matches!(
+            Err(ConfigError::Flag(FlagError::Unknown("--bogus".into())))
+        );
+        assert_eq!(
             run(&["--mode"], &[]),
-            Err(ConfigError::MissingValue(_))
-        ));
-        assert!(matches!(
+            Err(ConfigError::Flag(FlagError::MissingValue("mode")))
+        );
+        assert_eq!(
             run(&["positional"], &[]),
-            Err(ConfigError::Unknown(_))
-        ));
+            Err(ConfigError::Flag(FlagError::Unknown("positional".into())))
+        );
         assert!(run(&["--admin-port", "15006"], &[]).is_err());
         assert!(run(&["--upstream-ports", "4-4"], &[]).is_err());
         assert!(run(&["--max-connections", "0"], &[]).is_err());
@@ -509,7 +513,7 @@ mod tests {
             ns.xff_trust,
             tproxy_cni_policy::annotations::XffTrust::Hops(2)
         );
-        assert_eq!(ns.deny_client.len(), 1);
+        assert_eq!(ns.acl.deny_client.len(), 1);
         assert_eq!(c.max_request_head, 60 * 1024);
         assert_eq!(c.proxy_protocol_timeout, Duration::from_secs(3));
         assert!(run(&[], &[]).unwrap().north_south.is_empty());

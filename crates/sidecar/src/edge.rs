@@ -21,7 +21,8 @@ use std::net::IpAddr;
 
 use super::client::{self, Claim, ClientCheck, Decided};
 use super::http1::{list_elements, RequestHead, Version};
-use super::xff::{self, Effective, Trust};
+use super::xff::{self, Effective};
+use tproxy_cni_policy::annotations::XffTrust;
 
 pub const XFF: &str = "x-forwarded-for";
 pub const EXTERNAL_ADDRESS: &str = "x-envoy-external-address";
@@ -61,7 +62,7 @@ pub fn rewrite(
     head: &RequestHead,
     peer: IpAddr,
     peer_source: &'static str,
-    trust: &Trust,
+    trust: &XffTrust,
     ck: &ClientCheck<'_>,
 ) -> EdgeRewrite {
     let named = |name: &'static str| {
@@ -76,8 +77,8 @@ pub fn rewrite(
     let appended = xff::appended_xff(&incoming, peer);
 
     let trusted_downstream = match trust {
-        Trust::Hops(n) => *n > 0,
-        Trust::Cidrs(c) => c.iter().any(|c| c.contains(&peer.to_canonical())),
+        XffTrust::Hops(n) => *n > 0,
+        XffTrust::Cidrs(c) => c.iter().any(|c| c.contains(&peer.to_canonical())),
     };
     let protos: Vec<&[u8]> = named(PROTO).collect();
     let proto: &[u8] = match protos.as_slice() {

@@ -1,4 +1,4 @@
-//! The HTTP/1.1 relay of the X-Forwarded-For ports (issue 11.3). Ports not listed keep the
+//! The HTTP/1.1 relay of the X-Forwarded-For ports. Ports not listed keep the
 //! splice relay (`relay.rs`); this one reads each request head, rewrites it with
 //! `http1::rewrite_xff`, checks the effective client against the access control, and relays
 //! bodies by their framing, so every request of a keep-alive or pipelined connection is
@@ -23,18 +23,19 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 
 use super::accesslog::EndReason;
-use super::acl::{Acl, Denied};
 use super::client::{ClientCheck, Decided};
 use super::edge;
 use super::http1::{self, Body, HeadParse, HeadReader, ResponseParse, ResponseReader, ResponseTo};
 use super::sockopt;
-use super::xff::Trust;
+use super::watchdog::{self, Clock, Cut};
+use tproxy_cni_policy::annotations::acl::{Acl, Denied};
+use tproxy_cni_policy::annotations::XffTrust;
 
 /// Envoy's RBAC answer.
 pub const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
@@ -51,7 +52,7 @@ pub struct HttpConn<'a> {
     pub check: ClientCheck<'a>,
     /// `CONNECT` is forwarded (this port opted in); else it is answered 403.
     pub connect: bool,
-    pub trust: &'a Trust,
+    pub trust: &'a XffTrust,
     pub acl: &'a Acl,
     pub limits: http1::Limits,
     pub idle: Duration,
@@ -107,8 +108,8 @@ struct Shared<'a> {
     changed: Notify,
     from_down: AtomicU64,
     to_down: AtomicU64,
-    last: AtomicU64,
-    t0: Instant,
+    /// When bytes last moved (the watchdog's clock).
+    clock: Clock,
     conn: HttpConn<'a>,
 }
 
@@ -117,17 +118,13 @@ impl Shared<'_> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
     fn touch(&self) {
-        let ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Relaxed);
+        self.clock.touch();
     }
     /// Sends `b` to the client and counts it.
     async fn send_down(&self, down: &TcpStream, b: &[u8]) -> io::Result<()> {
         write_all(down, b).await?;
         self.to_down.fetch_add(b.len() as u64, Relaxed);
         Ok(())
-    }
-    fn last(&self) -> Instant {
-        self.t0 + Duration::from_millis(self.last.load(Relaxed))
     }
     /// Waits until `f` holds on the state.
     async fn wait_for(&self, f: impl Fn(&State) -> bool) {
@@ -509,14 +506,14 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
 }
 
 /// Relays one connection of an XFF port. `early` holds client bytes already read (after a
-/// PROXY header). Ends like `relay::relay`: both closed, a failure (reset passed on), idle,
-/// or `stop`.
+/// PROXY header). Ends like `relay::relay`: both closed, a failure (reset passed on), or by
+/// the watchdog (idle, or `stop` cut at the drain deadline).
 pub async fn relay_http(
     down: &TcpStream,
     up: &TcpStream,
     early: Vec<u8>,
     conn: HttpConn<'_>,
-    mut stop: watch::Receiver<bool>,
+    stop: &Cut,
 ) -> HttpOutcome {
     sockopt::reset_on_close(down);
     sockopt::reset_on_close(up);
@@ -526,29 +523,14 @@ pub async fn relay_http(
         changed: Notify::new(),
         from_down: AtomicU64::new(early.len() as u64),
         to_down: AtomicU64::new(0),
-        last: AtomicU64::new(0),
-        t0: Instant::now(),
+        clock: Clock::new(),
         conn,
     };
     let req = requests(&sh, down, up, early);
     let resp = responses(&sh, down, up);
     tokio::pin!(req, resp);
-    let idle_watch = async {
-        loop {
-            let deadline = sh.last() + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline.into()).await;
-        }
-    };
-    tokio::pin!(idle_watch);
-    let stopped = async {
-        if stop.wait_for(|v| *v).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::pin!(stopped);
+    let dog = watchdog::watch(&sh.clock, idle, stop, down, up);
+    tokio::pin!(dog);
 
     let mut req_done: Option<ReqEnd> = None;
     let mut resp_done: Option<RespEnd> = None;
@@ -619,16 +601,7 @@ pub async fn relay_http(
             // A reset on either socket while the directions wait elsewhere (pitfall 16).
             _ = failed(down) => break fail(down, up, Side::Down, false),
             _ = failed(up) => break fail(down, up, Side::Up, false),
-            _ = &mut idle_watch => {
-                sockopt::reset_on_close(down);
-                sockopt::reset_on_close(up);
-                break EndReason::IdleTimeout;
-            }
-            _ = &mut stopped => {
-                sockopt::reset_on_close(down);
-                sockopt::reset_on_close(up);
-                break EndReason::Drained;
-            }
+            end = &mut dog => break end,
         }
         if req_done.is_some() && resp_done.is_some() {
             sockopt::linger_normally(down);
@@ -720,9 +693,8 @@ mod tests {
         let (client, down) = pair().await;
         let (up, app) = pair().await;
         let h = tokio::spawn(async move {
-            let (tx, rx) = watch::channel(false);
-            let _keep = tx;
-            let trust = Trust::Hops(1);
+            let cut = Cut::default();
+            let trust = XffTrust::Hops(1);
             let pod = crate::client::PodAddrs::new(vec!["10.1.0.5".parse().unwrap()], vec![]);
             let conn = HttpConn {
                 peer: "192.0.2.9".parse().unwrap(),
@@ -741,7 +713,7 @@ mod tests {
                 idle: Duration::from_secs(10),
                 metrics: None,
             };
-            relay_http(&down, &up, Vec::new(), conn, rx).await
+            relay_http(&down, &up, Vec::new(), conn, &cut).await
         });
         (client, app, h)
     }

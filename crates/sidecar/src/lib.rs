@@ -10,7 +10,8 @@
 //! - `proxy`: accept loops, original destination, upstream dial, per-connection log.
 //! - `relay`: the splice(2) data path with half-close, idle timeout and reset propagation;
 //!   `pipes`: the bounded pool of splice pipes it borrows from.
-//! - `proxy_protocol`, `xff`, `http1`, `acl`: north-south building blocks (pure);
+//! - `proxy_protocol`, `xff`, `http1`: north-south building blocks (pure; the access control
+//!   and the XFF trust are the policy layer's `annotations::acl` and `annotations::XffTrust`);
 //!   `httprelay`: the HTTP/1.1 relay of the XFF ports that uses them.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
 //!
@@ -26,7 +27,6 @@
 #![deny(unsafe_code)]
 
 pub mod accesslog;
-pub mod acl;
 pub mod addr;
 pub mod admin;
 pub mod caps;
@@ -48,6 +48,7 @@ pub mod relay;
 pub mod sockopt;
 #[cfg(test)]
 mod testutil;
+pub mod watchdog;
 pub mod xff;
 
 use std::io;
@@ -252,7 +253,7 @@ pub struct Budget {
 
 /// Connection slots and pipes that fit the open-file limit `nofile`: with every slot in use
 /// and every pipe open the process still has `FD_RESERVE` descriptors, so the admin port keeps
-/// answering probes and accepts never fail with EMFILE (issue 9.11). The pipes get an eighth
+/// answering probes and accepts never fail with EMFILE. The pipes get an eighth
 /// of the descriptors, at most `pipes::MAX_PIPES`, the sockets the rest. At least one slot
 /// and one pipe.
 pub fn connection_budget(max_connections: usize, nofile: u64) -> Budget {
@@ -351,7 +352,6 @@ async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     // The admin port outlives the drain: liveness stays 200 and readiness says 503 meanwhile.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let (hard_tx, hard_rx) = watch::channel(false);
 
     // Admin first, so /healthz answers (and /ready says "starting") while listeners come up.
     let mut admin_task = None;
@@ -392,8 +392,7 @@ async fn serve(
         pipes,
         permits: permits.clone(),
         mark,
-        hard_stop: hard_rx,
-        cut: relay::Cut::default(),
+        cut: watchdog::Cut::default(),
         mode,
         outbound_ports: Arc::default(),
         sources: Arc::default(),
@@ -417,7 +416,7 @@ async fn serve(
     for t in accept_tasks {
         let _ = t.await;
     }
-    drain(&shared, &permits, max, drain_timeout, &hard_tx).await;
+    drain(&shared, &permits, max, drain_timeout).await;
     let _ = done_tx.send(true);
     for t in threads {
         let _ = t.join();
@@ -479,13 +478,7 @@ fn spawn_workers(
 }
 
 /// Waits for the in-flight connections up to `drain_timeout`, then cuts the rest.
-async fn drain(
-    shared: &Shared,
-    permits: &Semaphore,
-    max: usize,
-    drain_timeout: Duration,
-    hard_tx: &watch::Sender<bool>,
-) {
+async fn drain(shared: &Shared, permits: &Semaphore, max: usize, drain_timeout: Duration) {
     // Every in-flight connection holds a permit; all permits back = all connections done.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     if tokio::time::timeout(drain_timeout, permits.acquire_many(all))
@@ -493,7 +486,6 @@ async fn drain(
         .is_err()
     {
         log::warn!("drain deadline reached; cutting remaining connections");
-        let _ = hard_tx.send(true);
         shared.cut.cut();
         // Let the cut connections write their access-log lines.
         let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
@@ -579,7 +571,7 @@ mod tests {
         assert_eq!(r.mode, InboundMode::Tproxy);
         assert!(ns.xff_on(8080));
         assert_eq!(ns.xff_trust, XffTrust::Hops(2), "the flag wins");
-        assert_eq!(ns.deny_client.len(), 1);
+        assert_eq!(ns.acl.deny_client.len(), 1);
         // A flag that makes the pod's annotations inconsistent is refused, naming the key.
         let c = cfg(&[
             "--annotations-file",
@@ -600,7 +592,7 @@ mod tests {
         ]);
         let (_, ns) = resolve(&c, |_| panic!("not read")).unwrap();
         assert!(ns.xff_on(80));
-        assert_eq!(ns.allow_peer.len(), 1);
+        assert_eq!(ns.acl.allow_peer.len(), 1);
         let (_, ns) = resolve(&cfg(&[]), |_| panic!()).unwrap();
         assert_eq!(ns, NorthSouth::default());
     }

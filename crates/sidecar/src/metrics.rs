@@ -71,7 +71,7 @@ pub struct Metrics {
     /// loop drops it (drain), whatever the metrics hold.
     listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Weak<tokio::net::TcpListener>)>>,
     /// North-south counters by (family, label value); labels come from fixed sets
-    /// (`proxy_protocol::Error::label`, `acl::Denied::label`, HTTP statuses), never from input.
+    /// (`proxy_protocol::Error::label`, `annotations::acl::Denied::label`, HTTP statuses), never from input.
     labeled: std::sync::Mutex<std::collections::BTreeMap<(NsCounter, &'static str), u64>>,
 }
 

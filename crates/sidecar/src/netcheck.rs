@@ -1,4 +1,4 @@
-//! Is this pod's network namespace programmed for our mode? (issue 9.14)
+//! Is this pod's network namespace programmed for our mode?
 //!
 //! A pod created before the plugin was chained into the node's CNI configuration runs with no
 //! interception at all: TPROXY fails open (docs/ARCHITECTURE.md, pitfall 1), so the app is

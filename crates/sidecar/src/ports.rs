@@ -303,7 +303,7 @@ mod tests {
 
     #[test]
     fn skips_upstream_time_wait_and_falls_back_to_even_ports() {
-        // Issue 12: without TCP timestamps, a tuple our socket holds in TIME_WAIT cannot be
+        // Pitfall 54: without TCP timestamps, a tuple our socket holds in TIME_WAIT cannot be
         // connected from for 60 s; a pick must not offer it, and must not run dry while even
         // ports are free.
         let b = book(2001, 2010, 10);

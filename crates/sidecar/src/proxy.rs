@@ -11,20 +11,18 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::accesslog::{rfc3339, AccessLog, EndReason, Entry};
-use super::acl::{Acl, Denied};
 use super::addr::{unmap, ClientAddr, DownstreamLocal, OrigDst, UpstreamLocal};
-use super::client::{self, Claim, ClientCheck, PodAddrs};
+use super::client::PodAddrs;
 use super::config::{Config, InboundMode};
-use super::httprelay::{self, HttpConn};
-use super::metrics::{Direction, Metrics, NsCounter};
+use super::metrics::{Direction, Metrics};
 use super::pipes::PipePool;
 use super::ports::PortBook;
-use super::proxy_protocol as pp;
-use super::relay;
 use super::sockopt::{self, UpstreamOpts};
-use super::xff::{self, Trust};
-use tproxy_cni_policy::annotations::{NorthSouth, PpVersion, XffTrust};
+use super::watchdog::Cut;
+use tproxy_cni_policy::annotations::NorthSouth;
 use tproxy_cni_policy::consts::{REDIRECT_SOURCE_V4, REDIRECT_SOURCE_V6};
+
+mod serve;
 
 /// What a listener does with its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +57,8 @@ pub struct Shared {
     pub permits: Arc<Semaphore>,
     /// `SO_MARK` value, if the probe found we may set it.
     pub mark: Option<u32>,
-    /// Turns true at the drain deadline: relays still running are cut.
-    pub hard_stop: watch::Receiver<bool>,
-    /// The same deadline for the plain relays (`relay::Cut`).
-    pub cut: relay::Cut,
+    /// Cut at the drain deadline: relays still running, plain or HTTP, end (watchdog.rs).
+    pub cut: Cut,
     /// The inbound mode (decides whether outbound upstreams may carry the mark).
     pub mode: InboundMode,
     /// Source ports of our live outbound upstream sockets: a connection to the outbound
@@ -76,32 +72,20 @@ pub struct Shared {
     pub ns: NorthSouthRt,
 }
 
-/// The north-south settings in the shapes the data path uses.
+/// The north-south settings as the policy layer parsed them (access control and XFF trust
+/// included: one definition, `annotations::acl` and `annotations::XffTrust`), with the pod's
+/// own addresses the data path checks claimed clients against.
 #[derive(Debug)]
 pub struct NorthSouthRt {
     pub cfg: NorthSouth,
-    pub acl: Acl,
-    pub trust: Trust,
     /// What a claimed client may not be (module `client`).
     pub pod: PodAddrs,
 }
 
 impl NorthSouthRt {
     pub fn new(cfg: NorthSouth) -> NorthSouthRt {
-        let acl = Acl {
-            allow_peer: cfg.allow_peer.clone(),
-            deny_peer: cfg.deny_peer.clone(),
-            allow_client: cfg.allow_client.clone(),
-            deny_client: cfg.deny_client.clone(),
-        };
-        let trust = match &cfg.xff_trust {
-            XffTrust::Hops(n) => Trust::Hops(*n),
-            XffTrust::Cidrs(c) => Trust::Cidrs(c.clone()),
-        };
         NorthSouthRt {
             cfg,
-            acl,
-            trust,
             pod: PodAddrs::from_interfaces(),
         }
     }
@@ -376,11 +360,8 @@ async fn handle(a: Box<Accepted>) {
         http_requests: None,
     };
     let (outcome_bytes, end) = match admit {
-        Admission::Served { .. } => serve(&shared, &down, role, &mut c).await,
-        Admission::SourceLimited => {
-            sockopt::reset_on_close(&down);
-            ((0, 0), EndReason::SourceLimited)
-        }
+        Admission::Served { .. } => serve::serve(&shared, &down, role, &mut c).await,
+        Admission::SourceLimited => serve::Stop::new(EndReason::SourceLimited).reset(&down),
     };
     shared
         .metrics
@@ -412,323 +393,6 @@ async fn handle(a: Box<Accepted>) {
         http_requests: c.http_requests,
         mode: role.log_mode(),
     });
-}
-
-/// Returns ((bytes from downstream, bytes to downstream), end reason).
-async fn serve(
-    shared: &Shared,
-    down: &TcpStream,
-    role: Role,
-    c: &mut Conn,
-) -> ((u64, u64), EndReason) {
-    sockopt::set_nodelay(down);
-    // Dying before the relay ends must reset the client, not close it cleanly (relay.rs).
-    sockopt::reset_on_close(down);
-    let v6 = c.local.0.is_ipv6();
-    let orig = match role {
-        // TPROXY keeps the packet's destination: the accepted socket's own address.
-        Role::Inbound(InboundMode::Tproxy) => Ok(OrigDst(c.local.0)),
-        Role::Inbound(InboundMode::Redirect) | Role::Outbound => {
-            sockopt::original_dst(down, v6).map(|a| OrigDst(unmap(a)))
-        }
-    };
-    if role == Role::Outbound && shared.outbound_ports.contains(c.client.0) {
-        // Our own upstream came back through the capture: the plugin exempts the proxy by uid
-        // (and, in redirect mode, by mark); we run as neither. Said once; the access log has
-        // every occurrence (NR).
-        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            log::warn!(
-                "outbound loop from {}: run the sidecar as the proxy uid (1337) \
-             that the plugin exempts from outbound capture",
-                c.client
-            );
-        }
-        sockopt::reset_on_close(down);
-        return ((0, 0), EndReason::NoRoute);
-    }
-    let orig = match orig {
-        Ok(o) if !is_own_port(&shared.cfg, o.port()) => o,
-        // Addressed to the sidecar itself (not diverted), or no NAT record: dialing it would
-        // loop back into us.
-        _ => {
-            sockopt::reset_on_close(down);
-            return ((0, 0), EndReason::NoRoute);
-        }
-    };
-    c.orig = Some(orig);
-
-    // North-south (inbound only): access control on the peer, the PROXY header, the client.
-    let mut early = Vec::new();
-    let mut pp_dst = None;
-    let xff_port = matches!(role, Role::Inbound(_)) && shared.ns.cfg.xff_on(orig.port());
-    if let Role::Inbound(_) = role {
-        let ns = &shared.ns;
-        let peer_ip = c.client.ip();
-        if let Err(d) = ns.acl.check_peer(peer_ip) {
-            return ((0, 0), deny(shared, down, c, d));
-        }
-        if ns.cfg.proxy_protocol_on(orig.port()) {
-            if ns
-                .cfg
-                .proxy_protocol_trusted
-                .iter()
-                .any(|n| n.contains(&peer_ip))
-            {
-                match read_proxy_header(down, shared.cfg.proxy_protocol_timeout).await {
-                    Ok((h, rest)) => {
-                        early = rest;
-                        match h.addrs {
-                            Some(a) => {
-                                let ck = ClientCheck {
-                                    pod: &ns.pod,
-                                    local: Some(orig.0.ip()),
-                                };
-                                let claim = Claim::ProxyProtocol(a.src.ip());
-                                let d = client::decide(peer_ip, "peer", claim, &ck);
-                                if let Some(r) = d.refused {
-                                    shared.metrics.count(NsCounter::ClientFallback, r.label());
-                                } else {
-                                    c.effective = Some(SocketAddr::new(d.client, a.src.port()));
-                                }
-                                c.source = d.source;
-                                pp_dst = Some(unmap(a.dst));
-                                shared.metrics.count(NsCounter::ProxyProtocol, "proxy");
-                            }
-                            None => {
-                                // v2 LOCAL (a balancer's health check), v1 UNKNOWN: the peer.
-                                c.source = "proxy_protocol_local";
-                                shared.metrics.count(NsCounter::ProxyProtocol, "local");
-                            }
-                        }
-                    }
-                    Err((why, got)) => {
-                        shared.metrics.count(NsCounter::ProxyProtocol, why);
-                        c.details = Some(format!("proxy_protocol_{why}"));
-                        shared.log_error(format_args!(
-                            "PROXY protocol from {}: {why}; connection reset",
-                            c.client
-                        ));
-                        sockopt::reset_on_close(down);
-                        return ((got, 0), EndReason::ProtocolError);
-                    }
-                }
-            } else {
-                // Never parsed: the bytes reach the app untouched.
-                shared.metrics.count(NsCounter::ProxyProtocol, "untrusted");
-            }
-        }
-        // On XFF ports the client is decided per request (403 there).
-        if !xff_port {
-            let client = c.effective.map(|a| a.ip()).unwrap_or(peer_ip);
-            if let Err(d) = ns.acl.check_client(client) {
-                return ((early.len() as u64, 0), deny(shared, down, c, d));
-            }
-        }
-    }
-
-    // In tproxy mode the client's port is recorded for as long as the connection lives (and
-    // the linger time after), so no upstream of ours reuses its tuple (ports.rs).
-    let _guard = match role {
-        Role::Inbound(InboundMode::Tproxy) => Some(shared.ports.inbound_open(c.client.0, orig.0)),
-        _ => None,
-    };
-
-    let t = Instant::now();
-    // The app sees the client a trusted PROXY header named as its TCP peer (tproxy mode), when
-    // that address can be a source for this destination; else the TCP peer.
-    let source = match c.effective {
-        Some(e) if usable_source(e.ip(), orig.0.ip()) => ClientAddr(e),
-        _ => c.client,
-    };
-    let dialed =
-        tokio::time::timeout(shared.cfg.connect_timeout, dial(shared, role, source, orig)).await;
-    let dir = role.direction();
-    // `_own_port` keeps an outbound upstream's port registered for loop detection until the
-    // relay is over.
-    let (up, _own_port) = match dialed {
-        Ok(Ok((up, local, own))) => {
-            shared.metrics.connect_latency(dir, t.elapsed());
-            c.connect_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
-            c.upstream_local = Some(local);
-            (up, own)
-        }
-        Ok(Err(e)) if sockopt::is_fd_exhaustion(&e) => {
-            // Our own shortage, not the app's: not UF, and said at a bounded rate.
-            shared.metrics.fd_exhausted();
-            shared.log_error(format_args!("upstream socket: {e}"));
-            sockopt::reset_on_close(down);
-            return ((0, 0), EndReason::Overloaded);
-        }
-        Ok(Err(_)) | Err(_) => {
-            shared.metrics.connect_failed(dir);
-            c.connect_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
-            // The client sees what it would have seen without us: a reset.
-            sockopt::reset_on_close(down);
-            let end = if dialed.is_err() {
-                EndReason::UpstreamConnectTimeout
-            } else {
-                EndReason::UpstreamConnectFailure
-            };
-            return ((0, 0), end);
-        }
-    };
-    if let Role::Inbound(_) = role {
-        if let Some(v) = shared.ns.cfg.proxy_protocol_out_on(orig.port()) {
-            let src = c.effective.unwrap_or(c.client.0);
-            let dst = pp_dst.unwrap_or(orig.0);
-            let hdr = match v {
-                PpVersion::V1 => pp::encode_v1(src, dst),
-                PpVersion::V2 => pp::encode_v2(src, dst),
-            };
-            if httprelay::write_all(&up, &hdr).await.is_err() {
-                sockopt::reset_on_close(down);
-                return ((early.len() as u64, 0), EndReason::UpstreamTermination);
-            }
-        }
-    }
-    if xff_port {
-        let peer = xff::peer_ip(SocketAddr::new(
-            c.effective.map(|a| a.ip()).unwrap_or(c.client.ip()),
-            0,
-        ));
-        let conn = HttpConn {
-            peer,
-            peer_source: c.source,
-            check: ClientCheck {
-                pod: &shared.ns.pod,
-                local: Some(orig.0.ip()),
-            },
-            connect: shared.ns.cfg.xff_connect_on(orig.port()),
-            trust: &shared.ns.trust,
-            acl: &shared.ns.acl,
-            limits: crate::http1::Limits {
-                max_head: shared.cfg.max_request_head,
-                ..Default::default()
-            },
-            idle: shared.cfg.idle_timeout,
-            metrics: Some(&shared.metrics),
-        };
-        // Boxed: its state (about 2.7 KiB) would otherwise size every connection's task, the
-        // plain ones too (docs/ARCHITECTURE.md, pitfall 80).
-        let o = Box::pin(httprelay::relay_http(
-            down,
-            &up,
-            early,
-            conn,
-            shared.hard_stop.clone(),
-        ))
-        .await;
-        c.http_requests = Some(o.requests);
-        // The log names the request the sidecar answered (a 403's denied client), else the
-        // first one.
-        if let Some(d) = o.answered_client.or(o.first_client) {
-            if d.client != peer {
-                c.effective = Some(SocketAddr::new(d.client, 0));
-            }
-            c.source = d.source;
-        }
-        for r in &o.refused {
-            shared.metrics.count(NsCounter::ClientFallback, r);
-        }
-        if let Some((status, why)) = o.answered {
-            if status != 0 {
-                c.response_code = Some(status);
-                let result = match status {
-                    400 => "400",
-                    403 => "403",
-                    431 => "431",
-                    _ => "505",
-                };
-                shared.metrics.count(NsCounter::HttpRequests, result);
-            }
-            // The relay's own failure reasons already read `http_...`; head errors do not.
-            c.details = Some(match (o.denied, status) {
-                (Some(d), _) => format!("rbac_{}", d.label()),
-                (None, 0) => why.to_string(),
-                (None, _) => format!("http_{why}"),
-            });
-        }
-        if let Some(d) = o.denied {
-            shared.metrics.count(NsCounter::RbacDenied, d.label());
-        }
-        return ((o.from_downstream, o.to_downstream), o.end);
-    }
-    let pre = early.len() as u64;
-    if !early.is_empty() && httprelay::write_all(&up, &early).await.is_err() {
-        sockopt::reset_on_close(down);
-        return ((pre, 0), EndReason::UpstreamTermination);
-    }
-    let o = relay::relay(
-        down,
-        &up,
-        &shared.pipes,
-        shared.cfg.idle_timeout,
-        &shared.cut,
-    )
-    .await;
-    if o.pipes_refused > 0 {
-        shared.metrics.fd_exhausted();
-        shared.log_error(format_args!(
-            "relay pipe: out of file descriptors; copied through user space instead"
-        ));
-    }
-    // We sent the first FIN to the app, so our upstream socket now holds its tuple in
-    // TIME_WAIT. Without TCP timestamps no connect() may take it over for 60 s: the port book
-    // must not offer it (ports.rs). The book is keyed by the address the upstream was bound
-    // to: the client's, or the one its PROXY header carried.
-    if role == Role::Inbound(InboundMode::Tproxy)
-        && o.end == EndReason::Normal
-        && o.upstream_fin_first
-        && sockopt::has_timestamps(&up) != Some(true)
-    {
-        if let Some(local) = c.upstream_local {
-            shared
-                .ports
-                .upstream_time_wait(local.0.ip(), orig.0, local.0.port());
-        }
-    }
-    ((pre + o.from_downstream, o.to_downstream), o.end)
-}
-
-/// Refuses a connection by the access control: reset, counted, logged with `RBAC`.
-fn deny(shared: &Shared, down: &TcpStream, c: &mut Conn, d: Denied) -> EndReason {
-    shared.metrics.count(NsCounter::RbacDenied, d.label());
-    c.details = Some(format!("rbac_{}", d.label()));
-    sockopt::reset_on_close(down);
-    EndReason::Rbac
-}
-
-/// Reads a PROXY protocol header within `timeout`. Returns the header and the bytes read after
-/// it (they belong to the app), or why not and how many bytes were read.
-async fn read_proxy_header(
-    down: &TcpStream,
-    timeout: Duration,
-) -> Result<(pp::Header, Vec<u8>), (&'static str, u64)> {
-    let limits = pp::Limits::default();
-    let mut buf = Vec::with_capacity(512);
-    let read = async {
-        loop {
-            // `parse` never asks for more than the header limit, so `buf` stays bounded.
-            match pp::parse(&buf, &limits) {
-                pp::Parse::Header(h) => {
-                    let rest = buf[h.header_len..].to_vec();
-                    return Ok((h, rest));
-                }
-                pp::Parse::Error(e) => return Err(e.label()),
-                pp::Parse::NeedMore { .. } => {}
-            }
-            match httprelay::read_more(down, &mut buf).await {
-                Ok(0) => return Err("truncated"),
-                Ok(_) => {}
-                Err(_) => return Err("read_error"),
-            }
-        }
-    };
-    let r = tokio::time::timeout(timeout, read)
-        .await
-        .unwrap_or(Err("timeout"));
-    r.map_err(|why| (why, buf.len() as u64))
 }
 
 /// Whether the app can be dialled from `client` to reach `dst`: same family, and an address

@@ -28,15 +28,15 @@
 //! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 use super::accesslog::EndReason;
 use super::pipes::PipePool;
 use super::sockopt;
+use super::watchdog::{self, Clock, Cut};
 
 /// Bytes moved and how the relay ended.
 #[derive(Debug, Clone, Copy)]
@@ -80,10 +80,8 @@ pub async fn relay(
     let sent_up = AtomicU64::new(0);
     let sent_down = AtomicU64::new(0);
     let refused = AtomicU64::new(0);
-    let t0 = Instant::now();
     let last = Activity {
-        t0,
-        ms: AtomicU64::new(0),
+        clock: Clock::new(),
         first_eof: AtomicU8::new(EOF_NONE),
     };
 
@@ -112,16 +110,7 @@ pub async fn relay(
         unwatched: AtomicBool::new(false),
     };
     let both = async { tokio::try_join!(pump(&to_up), pump(&to_down)) };
-    let idle_watch = async {
-        loop {
-            let deadline = last.get() + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline.into()).await;
-        }
-    };
-    let stopped = stop.wait();
+    let dog = watchdog::watch(&last.clock, idle, stop, down, up);
     // A reset (or any error) on a socket its reading direction does not wait on: that
     // direction saw EOF (pitfalls 16 and 24) or waits to write. Watched only then, from a
     // boxed future: an idle connection, both directions waiting to read, carries no watcher
@@ -173,16 +162,7 @@ pub async fn relay(
                 EndReason::UpstreamTermination
             }
         },
-        _ = idle_watch => {
-            sockopt::reset_on_close(down);
-            sockopt::reset_on_close(up);
-            EndReason::IdleTimeout
-        }
-        _ = stopped => {
-            sockopt::reset_on_close(down);
-            sockopt::reset_on_close(up);
-            EndReason::Drained
-        }
+        end = dog => end,
     };
     Outcome {
         from_downstream: sent_up.load(Relaxed),
@@ -190,36 +170,6 @@ pub async fn relay(
         end,
         upstream_fin_first: last.first_eof.load(Relaxed) == EOF_DOWNSTREAM,
         pipes_refused: refused.load(Relaxed),
-    }
-}
-
-/// The drain deadline, for every relay of the process: a flag and a `Notify` rather than a
-/// `watch` receiver per connection, whose clone and wait took about 170 bytes of every
-/// connection's task (docs/ARCHITECTURE.md, pitfall 80).
-#[derive(Debug, Default)]
-pub struct Cut {
-    on: AtomicBool,
-    notify: Notify,
-}
-
-impl Cut {
-    /// Ends every relay, running or yet to start, with `EndReason::Drained`.
-    pub fn cut(&self) {
-        self.on.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.notify.notify_waiters();
-    }
-
-    /// Resolves once `cut` was called. The `Notified` exists before the flag is read, and
-    /// `notify_waiters` reaches every `Notified` already created, polled or not: no cut is
-    /// missed between the two.
-    async fn wait(&self) {
-        loop {
-            let n = self.notify.notified();
-            if self.on.load(std::sync::atomic::Ordering::SeqCst) {
-                return;
-            }
-            n.await;
-        }
     }
 }
 
@@ -509,27 +459,22 @@ async fn pump(d: &Dir<'_>) -> Result<(), Side> {
     }
 }
 
-/// When bytes last moved, as milliseconds since the relay started, and which direction saw its
-/// EOF first.
+/// When bytes last moved (the watchdog's clock), and which direction saw its EOF first.
 struct Activity {
     first_eof: AtomicU8,
-    t0: Instant,
-    ms: AtomicU64,
+    clock: Clock,
 }
 
 impl Activity {
     fn touch(&self) {
-        let ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.ms.store(ms, Relaxed);
-    }
-    fn get(&self) -> Instant {
-        self.t0 + Duration::from_millis(self.ms.load(Relaxed))
+        self.clock.touch();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use crate::testutil::tcp_pair as pair;
@@ -684,7 +629,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_half_close_then_reset_reaches_the_app() {
-        // Issue 9.9: only the app -> client direction is still waiting (on the app), so
+        // Pitfall 16: only the app -> client direction is still waiting (on the app), so
         // without an error watch the reset went unnoticed until the idle timeout.
         let (mut client, mut app, h) = setup(Duration::from_secs(30)).await;
         client.write_all(b"req").await.unwrap();
@@ -700,7 +645,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_reset_while_the_app_is_not_reading_resets_the_app() {
-        // Issue 9.9: client -> app is stuck writing to a full app socket; the client's reset
+        // Pitfall 16: client -> app is stuck writing to a full app socket; the client's reset
         // must still end the relay at once, flagged DC (the client ended it), not UC.
         let (client, mut app, h) = setup(Duration::from_secs(30)).await;
         let mut client = client;
@@ -726,7 +671,7 @@ mod tests {
 
     #[tokio::test]
     async fn app_fin_then_reset_reaches_the_client() {
-        // Issue 9.9: after the app's FIN only client -> app is waiting (on the client).
+        // Pitfall 16: after the app's FIN only client -> app is waiting (on the client).
         let (mut client, mut app, h) = setup(Duration::from_secs(30)).await;
         app.write_all(b"resp").await.unwrap();
         app.shutdown().await.unwrap();
@@ -741,7 +686,7 @@ mod tests {
 
     #[tokio::test]
     async fn legs_reset_while_relaying_and_close_normally_after_both_fins() {
-        // Issue 9.10: SO_LINGER 0 while relaying (death = RST), normal linger after an
+        // Pitfall 16: SO_LINGER 0 while relaying (death = RST), normal linger after an
         // orderly end (the e2e test kills the process; this checks the socket state).
         let (client, down) = pair().await;
         let (up, app) = pair().await;

@@ -44,16 +44,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tproxy_cni_policy::netaddr::Cidr;
-
-/// How far XFF is trusted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Trust {
-    /// Istio's `numTrustedProxies` / Envoy's `xff_num_trusted_hops`.
-    Hops(u32),
-    /// Envoy's `xff_trusted_cidrs`.
-    Cidrs(Vec<Cidr>),
-}
+use tproxy_cni_policy::annotations::XffTrust;
 
 /// Where the effective client came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,15 +125,15 @@ fn elements_from_right<'a>(values: &'a [&'a [u8]]) -> impl Iterator<Item = &'a [
 }
 
 /// The effective client of a request from `peer` carrying the XFF field lines `xff` (in order).
-pub fn effective_client(xff: &[&[u8]], peer: IpAddr, trust: &Trust) -> Effective {
+pub fn effective_client(xff: &[&[u8]], peer: IpAddr, trust: &XffTrust) -> Effective {
     let peer = peer.to_canonical();
     let from_peer = |source| Effective {
         client: peer,
         source,
     };
     match trust {
-        Trust::Hops(0) => from_peer(Source::Peer),
-        Trust::Hops(n) => {
+        XffTrust::Hops(0) => from_peer(Source::Peer),
+        XffTrust::Hops(n) => {
             let n = *n as usize;
             match elements_from_right(xff).nth(n - 1) {
                 None => from_peer(Source::Peer),
@@ -155,7 +146,7 @@ pub fn effective_client(xff: &[&[u8]], peer: IpAddr, trust: &Trust) -> Effective
                 },
             }
         }
-        Trust::Cidrs(cidrs) => {
+        XffTrust::Cidrs(cidrs) => {
             let trusted = |ip: &IpAddr| cidrs.iter().any(|c| c.contains(ip));
             if !trusted(&peer) {
                 return from_peer(Source::Peer);

@@ -23,10 +23,61 @@ impl Env for HashMap<String, String> {
     }
 }
 
+/// `CNI_COMMAND`, parsed once: the dispatcher matches on this, never on the string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Status,
+    Gc,
+    Version,
+}
+
+impl Command {
+    /// The spelling of the CNI specification; anything else is a code-4 error naming it.
+    pub fn parse(s: &str) -> Result<Command, CniError> {
+        Ok(match s {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
+            "VERSION" => Command::Version,
+            _ => {
+                return Err(CniError::new(
+                    code::INVALID_ENV,
+                    format!(
+                        "CNI_COMMAND {} is not one of ADD, DEL, CHECK, STATUS, GC, VERSION",
+                        tproxy_cni_policy::echo(s)
+                    ),
+                ))
+            }
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+            Command::Version => "VERSION",
+        }
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The `CNI_*` variables of one invocation.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CniEnv {
-    pub command: String,
+    pub command: Command,
     pub container_id: String,
     pub netns: String,
     pub ifname: String,
@@ -40,6 +91,7 @@ impl CniEnv {
             .var("CNI_COMMAND")
             .filter(|s| !s.is_empty())
             .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_COMMAND is not set"))?;
+        let command = Command::parse(&command)?;
         let get = |k: &str| env.var(k).unwrap_or_default();
         let e = CniEnv {
             container_id: get("CNI_CONTAINERID"),
@@ -48,11 +100,11 @@ impl CniEnv {
             args: parse_args(&get("CNI_ARGS")),
             command,
         };
-        let required: &[&str] = match e.command.as_str() {
-            "ADD" | "CHECK" => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
+        let required: &[&str] = match e.command {
+            Command::Add | Command::Check => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
             // DEL must work after the sandbox's netns is gone, so CNI_NETNS may be empty.
-            "DEL" => &["CNI_CONTAINERID", "CNI_IFNAME"],
-            _ => &[],
+            Command::Del => &["CNI_CONTAINERID", "CNI_IFNAME"],
+            Command::Status | Command::Gc | Command::Version => &[],
         };
         let missing: Vec<&str> = required
             .iter()
@@ -132,7 +184,31 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(ok.pod(), "default/httpbin (container abc)");
-        assert!(CniEnv::read(&env(&[("CNI_COMMAND", "STATUS")])).is_ok());
+        assert_eq!(ok.command, Command::Del);
+        let status = CniEnv::read(&env(&[("CNI_COMMAND", "STATUS")])).unwrap();
+        assert_eq!(status.command, Command::Status);
         assert_eq!(CniEnv::read(&env(&[])).unwrap_err().code, code::INVALID_ENV);
+    }
+
+    #[test]
+    fn command_parsed_once_and_unknown_named() {
+        for c in [
+            Command::Add,
+            Command::Del,
+            Command::Check,
+            Command::Status,
+            Command::Gc,
+            Command::Version,
+        ] {
+            assert_eq!(Command::parse(c.as_str()).unwrap(), c);
+            assert_eq!(c.to_string(), c.as_str());
+        }
+        // The specification's spelling only: lower case is not a command.
+        for bad in ["add", "UPDATE", "ADD "] {
+            let e = CniEnv::read(&env(&[("CNI_COMMAND", bad)])).unwrap_err();
+            assert_eq!(e.code, code::INVALID_ENV);
+            assert!(e.msg.starts_with("CNI_COMMAND "), "{}", e.msg);
+            assert!(e.msg.contains("is not one of ADD, DEL"), "{}", e.msg);
+        }
     }
 }

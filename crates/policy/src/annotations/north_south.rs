@@ -185,10 +185,10 @@ impl NorthSouth {
         }
 
         for (name, list) in [
-            ("allow-peer-cidrs", &mut ns.allow_peer),
-            ("deny-peer-cidrs", &mut ns.deny_peer),
-            ("allow-client-cidrs", &mut ns.allow_client),
-            ("deny-client-cidrs", &mut ns.deny_client),
+            ("allow-peer-cidrs", &mut ns.acl.allow_peer),
+            ("deny-peer-cidrs", &mut ns.acl.deny_peer),
+            ("allow-client-cidrs", &mut ns.acl.allow_client),
+            ("deny-client-cidrs", &mut ns.acl.deny_client),
         ] {
             if let Some((key, v)) = get(name) {
                 *list = cidr_list(&key, v)?;

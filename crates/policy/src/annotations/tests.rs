@@ -389,8 +389,8 @@ fn north_south_keys() {
     assert_eq!(ns.proxy_protocol_out_on(8443), None);
     assert!(ns.xff_on(8080) && !ns.xff_on(8443));
     assert_eq!(ns.xff_trust, XffTrust::Hops(2));
-    assert_eq!(ns.deny_client.len(), 2);
-    assert_eq!(ns.deny_peer, vec!["10.9.0.0/16".parse().unwrap()]);
+    assert_eq!(ns.acl.deny_client.len(), 2);
+    assert_eq!(ns.acl.deny_peer, vec!["10.9.0.0/16".parse().unwrap()]);
     let p = policy(&[
         ("tproxy-cni.io/xff-ports", "8080"),
         ("tproxy-cni.io/xff-trusted-cidrs", "10.0.0.0/8"),
@@ -583,7 +583,7 @@ fn ipv4_mapped_cidrs_are_refused_with_the_ipv4_spelling() {
     assert!(e.reason.contains("write 192.0.2.7/32"), "{e}");
     // Plain IPv6 ranges, even ones that contain the mapped block, stay.
     let p = policy(&[("tproxy-cni.io/deny-client-cidrs", "::/0, 2001:db8::/32")]).unwrap();
-    assert_eq!(p.north_south.deny_client.len(), 2);
+    assert_eq!(p.north_south.acl.deny_client.len(), 2);
 }
 
 #[test]

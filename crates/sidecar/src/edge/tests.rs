@@ -13,7 +13,7 @@ fn head(buf: &[u8]) -> RequestHead {
     }
 }
 
-fn run(buf: &[u8], peer: &str, trust: &Trust) -> EdgeRewrite {
+fn run(buf: &[u8], peer: &str, trust: &XffTrust) -> EdgeRewrite {
     let pod = PodAddrs::new(vec![ip("10.1.0.5")], vec!["10.1.0.255".parse().unwrap()]);
     let ck = ClientCheck {
         pod: &pod,
@@ -29,7 +29,7 @@ fn text(r: &EdgeRewrite) -> String {
 #[test]
 fn forwarding_headers_are_replaced_and_the_rest_kept() {
     let buf: &[u8] = b"GET /p HTTP/1.1\r\nHost: app\r\nX-Forwarded-For: 203.0.113.128, 203.0.113.10\r\nX-Envoy-External-Address: 6.6.6.6\r\nAccept: */*\r\nx-forwarded-for: 203.0.113.1\r\nX-Other: keep\r\n\r\n";
-    let r = run(buf, "192.0.2.5", &Trust::Hops(2));
+    let r = run(buf, "192.0.2.5", &XffTrust::Hops(2));
     assert_eq!(r.decided.client, ip("203.0.113.10"));
     assert_eq!(
         text(&r),
@@ -51,7 +51,7 @@ fn no_request_is_internal() {
     // (the default since 1.33) counts it as external: the client's own x-envoy-internal and
     // x-envoy-external-address never pass, ours name the peer.
     let buf: &[u8] = b"POST / HTTP/1.1\r\nHost: a\r\nx-envoy-external-address: 1.1.1.1\r\nX-Envoy-Internal: true\r\nContent-Length: 2\r\n\r\n";
-    let r = run(buf, "10.0.0.7", &Trust::Hops(1));
+    let r = run(buf, "10.0.0.7", &XffTrust::Hops(1));
     assert_eq!(r.decided.client, ip("10.0.0.7"));
     assert_eq!(
         text(&r),
@@ -62,7 +62,7 @@ fn no_request_is_internal() {
     let r = run(
         b"\r\nGET / HTTP/1.0\r\n\r\n",
         "2001:db8::1",
-        &Trust::Hops(0),
+        &XffTrust::Hops(0),
     );
     assert_eq!(
         text(&r),
@@ -74,7 +74,7 @@ fn no_request_is_internal() {
 #[test]
 fn underscore_spellings_of_protected_names_are_dropped() {
     let buf: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nX_Envoy_External_Address: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.7\r\nx-forwarded_for: 6.6.6.8\r\nX_ENVOY_INTERNAL: true\r\nx_forwarded_proto: https\r\nX_Other_Thing: kept\r\nX-Forwarded-Forx: kept\r\n\r\n";
-    let r = run(buf, "192.0.2.5", &Trust::Hops(0));
+    let r = run(buf, "192.0.2.5", &XffTrust::Hops(0));
     let t = text(&r);
     assert!(!t.contains("6.6.6."), "{t}");
     assert!(!t.to_ascii_lowercase().contains("internal"), "{t}");
@@ -83,7 +83,7 @@ fn underscore_spellings_of_protected_names_are_dropped() {
     assert!(t.contains("x-forwarded-proto: http\r\n"), "{t}");
     // Underscore spellings are not read as XFF either (with one trusted hop, the peer stays).
     assert_eq!(
-        run(buf, "192.0.2.5", &Trust::Hops(1)).decided.client,
+        run(buf, "192.0.2.5", &XffTrust::Hops(1)).decided.client,
         ip("192.0.2.5")
     );
     for name in [
@@ -108,12 +108,12 @@ fn forwarded_proto_is_believed_only_from_a_trusted_downstream() {
     let one = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: HTTPS\r\n\r\n";
     let two = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Proto: https\r\n\r\n";
     let odd = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: ftp\r\n\r\n";
-    let cidrs = Trust::Cidrs(vec!["192.0.2.0/24".parse().unwrap()]);
+    let cidrs = XffTrust::Cidrs(vec!["192.0.2.0/24".parse().unwrap()]);
     for (buf, peer, trust, want) in [
-        (&one[..], "192.0.2.5", Trust::Hops(0), "http"),
-        (&one[..], "192.0.2.5", Trust::Hops(1), "https"),
-        (&two[..], "192.0.2.5", Trust::Hops(1), "http"),
-        (&odd[..], "192.0.2.5", Trust::Hops(1), "http"),
+        (&one[..], "192.0.2.5", XffTrust::Hops(0), "http"),
+        (&one[..], "192.0.2.5", XffTrust::Hops(1), "https"),
+        (&two[..], "192.0.2.5", XffTrust::Hops(1), "http"),
+        (&odd[..], "192.0.2.5", XffTrust::Hops(1), "http"),
         (&one[..], "192.0.2.5", cidrs.clone(), "https"),
         (&one[..], "198.51.100.5", cidrs.clone(), "http"),
     ] {
@@ -128,7 +128,7 @@ fn forwarded_proto_is_believed_only_from_a_trusted_downstream() {
 fn h2c_upgrade_is_stripped_and_other_upgrades_kept() {
     let buf: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings, keep-alive\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
     assert!(head(buf).upgrade);
-    let r = run(buf, "192.0.2.5", &Trust::Hops(0));
+    let r = run(buf, "192.0.2.5", &XffTrust::Hops(0));
     assert!(!r.upgrade);
     let t = text(&r);
     assert!(t.contains("connection: keep-alive\r\n"), "{t}");
@@ -139,16 +139,16 @@ fn h2c_upgrade_is_stripped_and_other_upgrades_kept() {
     );
     // Only h2c tokens: the Connection field goes entirely.
     let buf: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: H2C\r\nHTTP2-Settings: AAMA\r\n\r\n";
-    let r = run(buf, "192.0.2.5", &Trust::Hops(0));
+    let r = run(buf, "192.0.2.5", &XffTrust::Hops(0));
     assert!(!r.upgrade && !text(&r).to_ascii_lowercase().contains("connection"));
     // A lone `Upgrade: h2c` (no Connection token) goes too.
     let buf: &[u8] = b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\n\r\n";
-    let r = run(buf, "192.0.2.5", &Trust::Hops(0));
+    let r = run(buf, "192.0.2.5", &XffTrust::Hops(0));
     assert!(!text(&r).to_ascii_lowercase().contains("upgrade"));
     // A WebSocket upgrade passes untouched.
     let ws: &[u8] =
         b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
-    let r = run(ws, "192.0.2.5", &Trust::Hops(0));
+    let r = run(ws, "192.0.2.5", &XffTrust::Hops(0));
     assert!(r.upgrade);
     assert!(text(&r).contains("Connection: Upgrade\r\nUpgrade: websocket\r\n"));
 }
@@ -241,7 +241,7 @@ fn envoy_documented_xff_examples() {
             req.extend_from_slice(format!("X-Forwarded-For: {x}\r\n").as_bytes());
         }
         req.extend_from_slice(b"\r\n");
-        let out = run(&req, r.peer, &Trust::Hops(hops));
+        let out = run(&req, r.peer, &XffTrust::Hops(hops));
         let ex = r.example;
         assert_eq!(out.decided.client, ip(r.trusted_client), "example {ex}");
         let sent = head(&out.head);
@@ -268,7 +268,7 @@ fn a_refused_xff_client_falls_back_to_the_peer_everywhere() {
         "224.0.0.9",
     ] {
         let buf = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: {claimed}\r\n\r\n");
-        let r = run(buf.as_bytes(), "192.0.2.5", &Trust::Hops(1));
+        let r = run(buf.as_bytes(), "192.0.2.5", &XffTrust::Hops(1));
         assert_eq!(r.decided.client, ip("192.0.2.5"), "{claimed}");
         assert_eq!(r.decided.source, "peer_refused_xff");
         assert!(r.decided.refused.is_some());

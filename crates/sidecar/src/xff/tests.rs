@@ -4,7 +4,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn eff(xff: &[&str], peer: &str, trust: &Trust) -> Effective {
+fn eff(xff: &[&str], peer: &str, trust: &XffTrust) -> Effective {
     let lines: Vec<&[u8]> = xff.iter().map(|s| s.as_bytes()).collect();
     effective_client(&lines, ip(peer), trust)
 }
@@ -53,7 +53,7 @@ fn num_trusted_proxies_table() {
         (1, &["  "], P, Source::Peer),
     ];
     for (n, xff, want, source) in cases {
-        let got = eff(xff, P, &Trust::Hops(*n));
+        let got = eff(xff, P, &XffTrust::Hops(*n));
         assert_eq!(
             (got.client, got.source),
             (ip(want), *source),
@@ -85,7 +85,7 @@ fn malformed_picked_element_falls_back_to_peer() {
         "2001:db8::1:80:80:80:80:80",
     ];
     for b in bad {
-        let got = eff(&[&format!("10.0.0.9, {b}")], P, &Trust::Hops(1));
+        let got = eff(&[&format!("10.0.0.9, {b}")], P, &XffTrust::Hops(1));
         assert_eq!(
             (got.client, got.source),
             (ip(P), Source::PeerMalformedXff),
@@ -94,16 +94,16 @@ fn malformed_picked_element_falls_back_to_peer() {
         assert_eq!(parse_element(b.as_bytes()), None, "{b:?}");
     }
     // Non-UTF-8 bytes.
-    let got = effective_client(&[b"10.0.0.9, \xff\xfe"], ip(P), &Trust::Hops(1));
+    let got = effective_client(&[b"10.0.0.9, \xff\xfe"], ip(P), &XffTrust::Hops(1));
     assert_eq!(got.source, Source::PeerMalformedXff);
     // Empty element from a trailing comma, or two commas in a row.
-    assert_eq!(eff(&["10.0.0.9,"], P, &Trust::Hops(1)).client, ip(P));
+    assert_eq!(eff(&["10.0.0.9,"], P, &XffTrust::Hops(1)).client, ip(P));
     assert_eq!(
-        eff(&["10.0.0.9,,10.0.0.8"], P, &Trust::Hops(2)).client,
+        eff(&["10.0.0.9,,10.0.0.8"], P, &XffTrust::Hops(2)).client,
         ip(P)
     );
     // Malformed elements left of the picked one are never looked at.
-    let got = eff(&["garbage, 10.0.0.7"], P, &Trust::Hops(1));
+    let got = eff(&["garbage, 10.0.0.7"], P, &XffTrust::Hops(1));
     assert_eq!(got.client, ip("10.0.0.7"));
 }
 
@@ -126,18 +126,18 @@ fn element_forms_ipv4_ipv6_brackets_ports() {
     ];
     for (raw, want) in ok {
         assert_eq!(parse_element(raw.as_bytes()), Some(ip(want)), "{raw:?}");
-        let got = eff(&[&format!("10.0.0.1, {raw}")], P, &Trust::Hops(1));
+        let got = eff(&[&format!("10.0.0.1, {raw}")], P, &XffTrust::Hops(1));
         assert_eq!(got.client, ip(want), "{raw:?}");
     }
     // An IPv6 peer: N=0 keeps it, canonical.
-    let got = eff(&["10.0.0.1"], "2001:db8::99", &Trust::Hops(0));
+    let got = eff(&["10.0.0.1"], "2001:db8::99", &XffTrust::Hops(0));
     assert_eq!(got.client, ip("2001:db8::99"));
-    let got = eff(&[], "::ffff:192.0.2.5", &Trust::Hops(0));
+    let got = eff(&[], "::ffff:192.0.2.5", &XffTrust::Hops(0));
     assert_eq!(got.client, ip("192.0.2.5"));
 }
 
-fn cidrs(list: &[&str]) -> Trust {
-    Trust::Cidrs(list.iter().map(|c| c.parse().unwrap()).collect())
+fn cidrs(list: &[&str]) -> XffTrust {
+    XffTrust::Cidrs(list.iter().map(|c| c.parse().unwrap()).collect())
 }
 
 #[test]
@@ -223,9 +223,9 @@ fn appended_value() {
 #[test]
 fn huge_hop_counts_and_long_lists_are_safe() {
     let long = vec!["10.0.0.1"; 1000].join(", ");
-    assert_eq!(eff(&[&long], P, &Trust::Hops(u32::MAX)).client, ip(P));
+    assert_eq!(eff(&[&long], P, &XffTrust::Hops(u32::MAX)).client, ip(P));
     assert_eq!(
-        eff(&[&long], P, &Trust::Hops(1000)).source,
+        eff(&[&long], P, &XffTrust::Hops(1000)).source,
         Source::Xff { from_right: 1000 }
     );
     let all = cidrs(&["0.0.0.0/0"]);

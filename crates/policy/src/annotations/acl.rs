@@ -14,7 +14,7 @@
 
 use std::net::IpAddr;
 
-use tproxy_cni_policy::netaddr::Cidr;
+use crate::netaddr::Cidr;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Acl {
