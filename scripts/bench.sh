@@ -62,7 +62,7 @@ CHURN_ROWS=(${BENCH_CHURN_ROWS:-direct sidecar-tproxy})
 [[ -z ${BENCH_SKIP_CHURN:-} ]] || CHURN_ROWS=()
 CHURN_RATE=${BENCH_CHURN_RATE:-2000}
 
-# Fixed numbers, the same as src/consts.rs (the harness reads no Rust).
+# Fixed numbers, the same as crates/policy/src/consts.rs (the harness reads no Rust).
 MARK=0x1000 INBOUND_PORT=15006 APP_PORT=8080
 CLIENT_IP=10.77.0.1 POD_IP=10.77.0.2
 SIDECAR_UID=1337 HAPROXY_UID=1338 NGINX_UID=1339

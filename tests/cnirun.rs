@@ -369,7 +369,7 @@ fn run_binary_add_and_del() {
 
 /// `--flag=value` works like `--flag value`, as in the other command lines (Kubernetes args
 /// and scripts write both); a value may itself hold `=`. An unknown flag and a flag without
-/// its value are named, in the shared parser's words (src/flags.rs).
+/// its value are named, in the shared parser's words (crates/policy/src/flags.rs).
 #[test]
 fn run_binary_takes_flag_equals_value() {
     let f = fakes(&["first", "second", "third"]);

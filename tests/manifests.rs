@@ -424,7 +424,7 @@ fn example_apps_carry_annotation_and_hardened_sidecar() {
                 == Some("metadata.annotations")));
         // Probes hit the admin port, which the plugin never intercepts. The startup probe asks
         // /ready, which turns 200 only once every listener is bound (/healthz answers as soon as
-        // the admin port does, before the proxy listens: src/sidecar/admin.rs).
+        // the admin port does, before the proxy listens: crates/sidecar/src/admin.rs).
         for (what, probe, path) in [
             ("startupProbe", &s.startup_probe, "/ready"),
             ("readinessProbe", &s.readiness_probe, "/ready"),

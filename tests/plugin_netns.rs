@@ -757,7 +757,7 @@ fn every_golden_plan_adds_checks_and_deletes() {
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/cases.json")).unwrap())
             .unwrap();
     let node = Node::new(json!({}));
-    // The node's own addresses, as in src/cni/golden.rs (NODE_IPS): their traffic bypasses
+    // The node's own addresses, as in crates/plugin/src/cni/golden.rs (NODE_IPS): their traffic bypasses
     // interception, so the plans hold them.
     node.ns.sh("ip link add gold0 type veth peer name gold1");
     node.ns.sh("ip link set gold0 up");

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use tproxy_cni_sidecar::{self as sidecar, config};
 
 fn main() -> ExitCode {
-    // One log format for every binary (src/logging.rs): stderr, which kubectl logs shows.
+    // One log format for every binary (crates/policy/src/logging.rs): stderr, which kubectl logs shows.
     tproxy_cni_policy::logging::init("tproxy-sidecar", log::LevelFilter::Info, None);
     let args: Vec<String> = std::env::args_os()
         .skip(1)

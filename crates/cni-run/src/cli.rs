@@ -25,7 +25,7 @@ usage: tproxy-cni-run add|check|del|status|gc --conflist FILE [options]
 Every flag may also be written --flag=value.
 add prints the final result JSON on stdout.";
 
-/// Every flag takes a value: `--flag value` or `--flag=value` (src/flags.rs).
+/// Every flag takes a value: `--flag value` or `--flag=value` (crates/policy/src/flags.rs).
 const SPEC: flags::Spec<'static> = flags::Spec {
     values: &[
         "conflist",

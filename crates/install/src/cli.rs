@@ -134,7 +134,7 @@ impl Default for Flags {
     }
 }
 
-/// The flags that take a value, and those that take none (src/flags.rs).
+/// The flags that take a value, and those that take none (crates/policy/src/flags.rs).
 const SPEC: flags::Spec<'static> = flags::Spec {
     values: &[
         "cni-cache-dir",

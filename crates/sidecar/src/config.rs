@@ -88,7 +88,7 @@ pub enum Parsed {
 /// A flag or environment value that could not be used; names where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// The command line itself (src/flags.rs).
+    /// The command line itself (crates/policy/src/flags.rs).
     #[error(transparent)]
     Flag(#[from] tproxy_cni_policy::flags::FlagError),
     #[error("{source_name}={value:?}: {reason}")]
