@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::Invocation;
 
 /// `<dir>/results/<network>-<container>-<ifname>`.
-pub fn path(dir: &Path, network: &str, inv: &Invocation) -> PathBuf {
+pub(crate) fn path(dir: &Path, network: &str, inv: &Invocation) -> PathBuf {
     dir.join("results")
         .join(format!("{network}-{}-{}", inv.container_id, inv.ifname))
 }
@@ -40,7 +40,12 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 /// Writes the entry for a successful list ADD.
-pub fn add(dir: &Path, list: &Value, inv: &Invocation, result: &Value) -> std::io::Result<()> {
+pub(crate) fn add(
+    dir: &Path,
+    list: &Value,
+    inv: &Invocation,
+    result: &Value,
+) -> std::io::Result<()> {
     let network = list.get("name").and_then(Value::as_str).unwrap_or_default();
     let file = path(dir, network, inv);
     let args: Vec<Value> = inv.cni_args.iter().map(|(k, v)| json!([k, v])).collect();
@@ -82,7 +87,7 @@ pub fn add(dir: &Path, list: &Value, inv: &Invocation, result: &Value) -> std::i
 }
 
 /// The cached result of the attachment, if there is an entry.
-pub fn result(dir: &Path, list: &Value, inv: &Invocation) -> Option<Value> {
+pub(crate) fn result(dir: &Path, list: &Value, inv: &Invocation) -> Option<Value> {
     let network = list.get("name").and_then(Value::as_str).unwrap_or_default();
     let bytes = std::fs::read(path(dir, network, inv)).ok()?;
     let v: Value = serde_json::from_slice(&bytes).ok()?;
@@ -90,7 +95,7 @@ pub fn result(dir: &Path, list: &Value, inv: &Invocation) -> Option<Value> {
 }
 
 /// Removes the entry after a successful DEL (absent is fine).
-pub fn del(dir: &Path, list: &Value, inv: &Invocation) -> std::io::Result<()> {
+pub(crate) fn del(dir: &Path, list: &Value, inv: &Invocation) -> std::io::Result<()> {
     let network = list.get("name").and_then(Value::as_str).unwrap_or_default();
     match std::fs::remove_file(path(dir, network, inv)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),

@@ -16,13 +16,13 @@ use serde_json::{Map, Value};
 use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
 
 /// The `kind` libcni writes (and the only one it reads back).
-pub const CACHE_KIND: &str = "cniCacheV1";
+pub(crate) const CACHE_KIND: &str = "cniCacheV1";
 /// Largest cache file read: results are a few KiB; anything bigger is not libcni's.
 const MAX_FILE: u64 = 1 << 20;
 
 /// One cached attachment.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Attachment {
+pub(crate) struct Attachment {
     /// The cache file it came from.
     pub file: PathBuf,
     pub container_id: String,
@@ -37,7 +37,7 @@ pub struct Attachment {
 
 /// The pod's annotations as the cache holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Annotations {
+pub(crate) enum Annotations {
     /// The runtime cached no pod annotations (an older runtime): never guessed.
     Absent,
     /// Present but not an object of strings: the key named.
@@ -47,7 +47,7 @@ pub enum Annotations {
 
 /// Where the pod's netns is, according to the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Sandbox {
+pub(crate) enum Sandbox {
     /// One path (from `result.interfaces[].sandbox`, else the cached `netns`).
     Path(String),
     /// No interface names a sandbox and no `netns` is cached.
@@ -58,7 +58,7 @@ pub enum Sandbox {
 
 impl Attachment {
     /// Parses one cache file's bytes; the error says what is wrong with it.
-    pub fn parse(file: &Path, bytes: &[u8]) -> Result<Attachment, String> {
+    pub(crate) fn parse(file: &Path, bytes: &[u8]) -> Result<Attachment, String> {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
         let o = v.as_object().ok_or("not a JSON object")?;
         let kind = o.get("kind").and_then(Value::as_str).unwrap_or_default();
@@ -126,7 +126,7 @@ impl Attachment {
     }
 
     /// `namespace/name` from the cached CNI args, else the container id.
-    pub fn pod(&self) -> String {
+    pub(crate) fn pod(&self) -> String {
         match (self.arg("K8S_POD_NAMESPACE"), self.arg("K8S_POD_NAME")) {
             (Some(ns), Some(n)) => format!("{ns}/{n}"),
             _ => format!("container {}", self.container_id),
@@ -134,7 +134,7 @@ impl Attachment {
     }
 
     /// The pod annotations the runtime cached (`capabilityArgs`).
-    pub fn annotations(&self) -> Annotations {
+    pub(crate) fn annotations(&self) -> Annotations {
         let key = format!("capabilityArgs.{POD_ANNOTATIONS_CAPABILITY}");
         match self.capability_args.get(POD_ANNOTATIONS_CAPABILITY) {
             None | Some(Value::Null) => Annotations::Absent,
@@ -158,7 +158,7 @@ impl Attachment {
 
     /// The addresses of the cached result (`result.ips[].address`, prefix dropped); entries
     /// that do not parse are skipped (the plugin's own parser reports them).
-    pub fn ips(&self) -> Vec<IpAddr> {
+    pub(crate) fn ips(&self) -> Vec<IpAddr> {
         self.result
             .get("ips")
             .and_then(Value::as_array)
@@ -170,7 +170,7 @@ impl Attachment {
 
     /// The pod's netns path: the `sandbox` of the result's interfaces (all must agree), else
     /// the cached `netns`.
-    pub fn sandbox(&self) -> Sandbox {
+    pub(crate) fn sandbox(&self) -> Sandbox {
         let mut paths: Vec<String> = self
             .result
             .get("interfaces")
@@ -192,7 +192,7 @@ impl Attachment {
     }
 
     /// `CNI_ARGS` as the runtime passed it (`K=V;K=V`, cached order).
-    pub fn cni_args_env(&self) -> String {
+    pub(crate) fn cni_args_env(&self) -> String {
         self.cni_args
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
@@ -203,7 +203,7 @@ impl Attachment {
 
 /// The netns path to enter: `sandbox`'s file name under `netns_dir` (the runtime's netns
 /// directory as mounted here). `None` for a name that could walk out of the directory.
-pub fn map_sandbox(sandbox: &str, netns_dir: &Path) -> Option<PathBuf> {
+pub(crate) fn map_sandbox(sandbox: &str, netns_dir: &Path) -> Option<PathBuf> {
     let name = Path::new(sandbox).file_name()?.to_str()?;
     if name.is_empty() || name == "." || name == ".." {
         return None;
@@ -214,7 +214,7 @@ pub fn map_sandbox(sandbox: &str, netns_dir: &Path) -> Option<PathBuf> {
 /// The stdin libcni gives a plugin of the list (libcni/api.go `buildOneConfig`): the entry with
 /// the list's `name` and `cniVersion`, the cached result as `prevResult`, and `runtimeConfig`
 /// holding the capability arguments the entry declares.
-pub fn plugin_stdin(list: &Value, entry: &Map<String, Value>, att: &Attachment) -> Value {
+pub(crate) fn plugin_stdin(list: &Value, entry: &Map<String, Value>, att: &Attachment) -> Value {
     let mut o = entry.clone();
     for k in ["name", "cniVersion"] {
         if let Some(v) = list.get(k) {
@@ -245,7 +245,7 @@ pub fn plugin_stdin(list: &Value, entry: &Map<String, Value>, att: &Attachment) 
 
 /// Every cache entry of `network` under `<cache_dir>/results`, in name order: the attachment,
 /// or the file and why it was not read. A missing results dir is an empty node.
-pub fn read(
+pub(crate) fn read(
     cache_dir: &Path,
     network: &str,
 ) -> std::io::Result<Vec<Result<Attachment, (PathBuf, String)>>> {

@@ -21,10 +21,10 @@ use super::conflist::{self, ConflistError};
 use super::{InstallError, Installer};
 
 /// The top-level key of our list that names its source file (in the same directory).
-pub const SOURCE_KEY: &str = "tproxyCniSource";
+pub(crate) const SOURCE_KEY: &str = "tproxyCniSource";
 
 /// What the chained list's name adds to the source's stem.
-pub const SUFFIX: &str = "-tproxy-cni.conflist";
+pub(crate) const SUFFIX: &str = "-tproxy-cni.conflist";
 
 /// The chained list's name for the single-config file `source` (`.conf` or `.json`); `None`
 /// for other names (a single config in a `.conflist` file loads nowhere).
@@ -40,7 +40,7 @@ pub fn name_for(source: &OsStr) -> Option<OsString> {
 }
 
 /// The source a list of ours records (only lists holding our entry count).
-pub fn source_of(value: &Value) -> Option<&str> {
+pub(crate) fn source_of(value: &Value) -> Option<&str> {
     if !conflist::contains_ours(value) {
         return None;
     }
@@ -80,7 +80,7 @@ pub fn render(
 /// place (it deleted the `.conf`): our entry, the same network name, and exactly one other
 /// plugin, of the same type. When the primary writes its `.conf` again, that list is dead
 /// weight that would outlive the primary; it is removed.
-pub fn is_old_conversion(list: &Value, conf: &Value) -> bool {
+pub(crate) fn is_old_conversion(list: &Value, conf: &Value) -> bool {
     let Some(plugins) = list.get("plugins").and_then(Value::as_array) else {
         return false;
     };

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tproxy_cni_policy::flags;
 
-pub const USAGE: &str = "\
+pub(crate) const USAGE: &str = "\
 tproxy-cni-install: chain tproxy-cni into the node's primary CNI config and keep it there.
 
 usage: tproxy-cni-install [--once | --uninstall] [flags]
@@ -44,7 +44,7 @@ usage: tproxy-cni-install [--once | --uninstall] [flags]
 // Built once per process; boxing `Options` would only add noise at every use.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     Help,
     Run {
         opts: Options,
@@ -59,7 +59,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Daemon,
     Once,
     Uninstall,
@@ -164,7 +164,7 @@ const SPEC: flags::Spec<'static> = flags::Spec {
 };
 
 /// Parses the arguments after the program name.
-pub fn parse(args: Vec<String>) -> Result<Command, InstallError> {
+pub(crate) fn parse(args: Vec<String>) -> Result<Command, InstallError> {
     let Some(f) = read_flags(args)? else {
         return Ok(Command::Help);
     };

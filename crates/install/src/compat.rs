@@ -15,7 +15,7 @@ fn parse(v: &str) -> Option<(u64, u64, u64)> {
 
 /// Why the plugin cannot serve `config` (one clause naming the version and what to do), or
 /// `None` when it can.
-pub fn unservable(config: &Value) -> Option<String> {
+pub(crate) fn unservable(config: &Value) -> Option<String> {
     let oldest = SUPPORTED_VERSIONS.first().copied().unwrap_or("0.3.0");
     let newest = SUPPORTED_VERSIONS.last().copied().unwrap_or("1.1.0");
     let speaks = format!("tproxy-cni speaks {}", SUPPORTED_VERSIONS.join(", "));

@@ -235,7 +235,7 @@ impl Installer {
 
     /// One pass: make sure our entry is in the config the runtime uses. Writes only when
     /// something changes, and never replaces content it did not read (see `replace_checked`).
-    pub fn reconcile(&mut self) -> Result<State, InstallError> {
+    pub(crate) fn reconcile(&mut self) -> Result<State, InstallError> {
         let mut attempt = 0;
         let mut settled = true;
         let state = loop {
@@ -338,7 +338,7 @@ impl Installer {
 
     /// Removes our entry from every config in the conf dir that has one, then the ready file.
     /// Keeps going past errors (a malformed file must not stop the others) and reports the first.
-    pub fn remove_entries(&self) -> Result<(), InstallError> {
+    pub(crate) fn remove_entries(&self) -> Result<(), InstallError> {
         if let Some(dir) = &self.opts.health_dir {
             let _ = files::remove_if_present(&dir.join(READY_FILE));
         }

@@ -25,7 +25,7 @@ use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
 pub const PLUGIN_TYPE: &str = "tproxy-cni";
 
 /// File extensions runtimes load from the conf dir (libcni `ConfFiles` with these three).
-pub const CONFIG_EXTENSIONS: [&str; 3] = [".conf", ".conflist", ".json"];
+pub(crate) const CONFIG_EXTENSIONS: [&str; 3] = [".conf", ".conflist", ".json"];
 
 /// Why a config cannot be patched. The daemon prefixes the file name.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,12 +40,12 @@ pub enum ConflistError {
 
 /// True for names a runtime would load as a network config: libcni matches the extension only
 /// (dot files included), so we do too; our temporary files end in `.tmp` for that reason.
-pub fn is_config_name(name: &str) -> bool {
+pub(crate) fn is_config_name(name: &str) -> bool {
     CONFIG_EXTENSIONS.iter().any(|ext| name.ends_with(ext))
 }
 
 /// `is_config_name` on a name as bytes (names need not be UTF-8).
-pub fn is_config_os(name: &std::ffi::OsStr) -> bool {
+pub(crate) fn is_config_os(name: &std::ffi::OsStr) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let b = name.as_bytes();
     CONFIG_EXTENSIONS
@@ -240,7 +240,7 @@ pub fn remove(config: &Value) -> Result<Option<Value>, ConflistError> {
 
 /// The plugin `type`s a runtime must find in its bin dir for `config` (a list's plugins, or a
 /// single config's own type), in order, without duplicates.
-pub fn plugin_types(config: &Value) -> Vec<String> {
+pub(crate) fn plugin_types(config: &Value) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut push = |t: Option<&str>| {
         if let Some(t) = t {
@@ -259,7 +259,7 @@ pub fn plugin_types(config: &Value) -> Vec<String> {
 }
 
 /// The first entry of ours in a list, whatever its settings.
-pub fn our_entry(config: &Value) -> Option<&Map<String, Value>> {
+pub(crate) fn our_entry(config: &Value) -> Option<&Map<String, Value>> {
     config
         .get("plugins")
         .and_then(Value::as_array)?

@@ -1,7 +1,6 @@
 //! The daemon loop: binaries in place, passes on inotify events and on the resync timer with
 //! a backoff after failures, the health files, and what happens on SIGTERM.
 
-use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -21,7 +20,7 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl Installer {
-    pub fn new(opts: Options) -> Result<Installer, InstallError> {
+    pub(crate) fn new(opts: Options) -> Result<Installer, InstallError> {
         let entry = conflist::entry(&opts.settings).map_err(|source| InstallError::Config {
             path: PathBuf::from("--settings"),
             source,
@@ -36,13 +35,8 @@ impl Installer {
         })
     }
 
-    /// The entry this installer writes.
-    pub fn entry(&self) -> &Map<String, Value> {
-        &self.entry
-    }
-
     /// Copies every binary into the bin dir (atomic, 0755, skipped when identical).
-    pub fn install_binaries(&self) -> Result<(), InstallError> {
+    pub(crate) fn install_binaries(&self) -> Result<(), InstallError> {
         std::fs::create_dir_all(&self.opts.bin_dir).map_err(io_err(&self.opts.bin_dir))?;
         for src in &self.opts.binaries {
             let (dest, what) = files::copy_binary(src, &self.opts.bin_dir).map_err(io_err(src))?;
@@ -56,7 +50,7 @@ impl Installer {
 
     /// Copies back any binary that disappeared from the bin dir (k3s swaps its bin dir on
     /// upgrade; node clean-up scripts wipe it). A `stat` per binary, so cheap on every pass.
-    pub fn restore_binaries(&self) -> Result<(), InstallError> {
+    pub(crate) fn restore_binaries(&self) -> Result<(), InstallError> {
         for src in &self.opts.binaries {
             let Some(name) = src.file_name() else {
                 continue;
@@ -130,7 +124,7 @@ impl Installer {
 
     /// Removes the binaries we installed (after the entries: a runtime must never find an
     /// entry whose binary is missing, or every pod ADD on the node fails).
-    pub fn remove_binaries(&self) -> Result<(), InstallError> {
+    pub(crate) fn remove_binaries(&self) -> Result<(), InstallError> {
         for src in &self.opts.binaries {
             let Some(name) = src.file_name() else {
                 continue;
@@ -144,7 +138,7 @@ impl Installer {
     }
 
     /// Full uninstall: entries first, then binaries.
-    pub fn uninstall(&self) -> Result<(), InstallError> {
+    pub(crate) fn uninstall(&self) -> Result<(), InstallError> {
         let entries = self.remove_entries();
         // Binaries go only once no config references them any more.
         entries?;
@@ -152,7 +146,7 @@ impl Installer {
     }
 
     /// Installs, then watches until SIGTERM/SIGINT; then uninstalls unless `keep_on_exit`.
-    pub fn run(mut self) -> Result<(), InstallError> {
+    pub(crate) fn run(mut self) -> Result<(), InstallError> {
         let sig_read = signal_pipe()?;
         if let Some(dir) = &self.opts.health_dir {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;

@@ -24,7 +24,7 @@ fn temp_path(dir: &Path, name: &OsStr) -> PathBuf {
 
 /// Writes `bytes` to a new temporary file next to `dir/name` (mode `mode`, synced) and returns
 /// its path. The name starts with a dot and ends in `.tmp`: never a config name.
-pub fn write_temp(
+pub(crate) fn write_temp(
     dir: &Path,
     name: impl AsRef<OsStr>,
     bytes: &[u8],
@@ -53,12 +53,12 @@ pub fn write_temp(
 }
 
 /// Makes renames in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
 /// Writes `bytes` to `dir/name` atomically with permission bits `mode`.
-pub fn atomic_write(
+pub(crate) fn atomic_write(
     dir: &Path,
     name: impl AsRef<OsStr>,
     bytes: &[u8],
@@ -75,7 +75,7 @@ pub fn atomic_write(
 /// Swaps two directory entries atomically (`renameat2(RENAME_EXCHANGE)`): each name then points
 /// at the other's inode. Both must exist, on one file system. File systems without the flag
 /// give `EINVAL`; see [`exchange_unsupported`].
-pub fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+pub(crate) fn exchange(a: &Path, b: &Path) -> io::Result<()> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let ca = CString::new(a.as_os_str().as_bytes())?;
@@ -100,7 +100,7 @@ pub fn exchange(a: &Path, b: &Path) -> io::Result<()> {
 }
 
 /// True when `exchange` failed because the kernel or file system lacks `RENAME_EXCHANGE`.
-pub fn exchange_unsupported(e: &io::Error) -> bool {
+pub(crate) fn exchange_unsupported(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
@@ -109,7 +109,7 @@ pub fn exchange_unsupported(e: &io::Error) -> bool {
 
 /// What `copy_binary` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Copied {
+pub(crate) enum Copied {
     Installed,
     /// The destination already had the same bytes and mode 0755.
     Unchanged,
@@ -117,7 +117,7 @@ pub enum Copied {
 
 /// Copies the executable `src` into `dir` under its own file name, atomically, mode 0755.
 /// Replacing a binary a runtime is executing is safe: the old inode lives until it exits.
-pub fn copy_binary(src: &Path, dir: &Path) -> io::Result<(PathBuf, Copied)> {
+pub(crate) fn copy_binary(src: &Path, dir: &Path) -> io::Result<(PathBuf, Copied)> {
     let name = src.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, "binary path has no file name")
     })?;
@@ -133,14 +133,14 @@ pub fn copy_binary(src: &Path, dir: &Path) -> io::Result<(PathBuf, Copied)> {
 }
 
 /// Permission bits of an existing file, to keep them when we rewrite it (some primaries use 0600).
-pub fn mode_of(path: &Path) -> Option<u32> {
+pub(crate) fn mode_of(path: &Path) -> Option<u32> {
     fs::metadata(path)
         .ok()
         .map(|m| m.permissions().mode() & 0o7777)
 }
 
 /// Removes a file; a file that is already gone is success (uninstall must be re-runnable).
-pub fn remove_if_present(path: &Path) -> io::Result<bool> {
+pub(crate) fn remove_if_present(path: &Path) -> io::Result<bool> {
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -187,7 +187,7 @@ mod tests {
 
 /// What `replace_checked` did.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Swap {
+pub(crate) enum Swap {
     /// Our bytes are in place and replaced exactly what we had read.
     Written,
     /// Someone wrote the file in between; their newer file is in place, ours is not.
@@ -205,7 +205,7 @@ const SWAP_ROUNDS: usize = 50;
 /// back and `Raced` returned for the caller to re-read and patch again. Each exchange back is
 /// checked the same way. Without `RENAME_EXCHANGE` (some file systems) it falls back to
 /// compare-then-rename, which narrows the window but cannot close it.
-pub fn replace_checked(path: &Path, before: &[u8], desired: &[u8]) -> std::io::Result<Swap> {
+pub(crate) fn replace_checked(path: &Path, before: &[u8], desired: &[u8]) -> std::io::Result<Swap> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,

@@ -37,18 +37,18 @@
 // Only the modules that allow it below may use `unsafe`.
 #![deny(unsafe_code)]
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod chained;
-pub mod cli;
-pub mod compat;
+pub(crate) mod cli;
+pub(crate) mod compat;
 pub mod conflist;
-pub mod reconcile;
-pub mod status;
+pub(crate) mod reconcile;
+pub(crate) mod status;
 // `renameat2(RENAME_EXCHANGE)` through a raw syscall: the libc wrapper is missing on musl,
 // which the image links. One `unsafe` block, with its SAFETY note.
 #[allow(unsafe_code)]
-pub mod files;
-pub mod watch;
+pub(crate) mod files;
+pub(crate) mod watch;
 
 mod config;
 mod daemon;
@@ -56,7 +56,7 @@ mod daemon;
 mod tests;
 
 use config::{Config, Pass};
-pub use files::{replace_checked, Swap};
+pub(crate) use files::{replace_checked, Swap};
 
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -66,7 +66,7 @@ use std::time::Duration;
 
 /// Everything the installer needs to know; built by `cli`.
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
     /// Where the runtime reads network configs (`/etc/cni/net.d` on the host).
     pub conf_dir: PathBuf,
     /// Where the runtime finds plugin binaries (`/opt/cni/bin` on the host).
@@ -118,7 +118,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
 
 /// The outcome of one reconcile pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     /// Our entry is in the named primary config.
     Ready(String),
     /// The conf dir holds no config yet (the primary CNI has not started).
@@ -133,7 +133,7 @@ pub enum State {
 
 /// Which config file the node's container runtime uses; decides which file we patch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Runtime {
+pub(crate) enum Runtime {
     /// containerd (and libcni's own default): the first config file in byte order, even if it
     /// is broken. A broken first file is refused (the node is broken anyway), never skipped.
     Containerd,
@@ -143,13 +143,13 @@ pub enum Runtime {
 }
 
 /// Health file names inside `health_dir`.
-pub const READY_FILE: &str = "ready";
-pub const ALIVE_FILE: &str = "alive";
+pub(crate) const READY_FILE: &str = "ready";
+pub(crate) const ALIVE_FILE: &str = "alive";
 /// Why the installer is not ready (the last reason), for the readiness probe's output.
-pub const REASON_FILE: &str = "reason";
+pub(crate) const REASON_FILE: &str = "reason";
 
 /// The installer's state between passes.
-pub struct Installer {
+pub(crate) struct Installer {
     opts: Options,
     entry: Map<String, Value>,
     /// The last state logged, so a waiting or blocked installer logs once per change, not per wake.
@@ -164,7 +164,7 @@ pub struct Installer {
 
 /// `--probe ready|alive`: exit status for a kubelet exec probe. `alive` fails when the loop has
 /// not refreshed its file for `max_age` (a stuck installer).
-pub fn probe(health_dir: &Path, what: &str, max_age: Duration) -> Result<(), InstallError> {
+pub(crate) fn probe(health_dir: &Path, what: &str, max_age: Duration) -> Result<(), InstallError> {
     let file = match what {
         "ready" => READY_FILE,
         "alive" => ALIVE_FILE,

@@ -26,7 +26,7 @@ use tproxy_cni_plugin::nft::RuleStatus;
 
 /// What the loop does with what it finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// Apply the plugin's layout where it is absent or differs (the default).
     Repair,
     /// Look and log, never write.
@@ -36,7 +36,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn parse(s: &str) -> Option<Mode> {
+    pub(crate) fn parse(s: &str) -> Option<Mode> {
         match s {
             "repair" => Some(Mode::Repair),
             "report" => Some(Mode::Report),
@@ -48,7 +48,7 @@ impl Mode {
 
 /// Where the loop looks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// libcni's cache dir as mounted here (results live in `<dir>/results`).
     pub cache_dir: PathBuf,
     /// The runtime's netns dir as mounted here.
@@ -68,7 +68,7 @@ impl Default for Settings {
 
 /// A pod's state as the loop sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum State {
+pub(crate) enum State {
     /// Our layout is in place and agrees with the plan.
     Programmed,
     /// Our table is absent.
@@ -92,7 +92,7 @@ pub enum State {
 }
 
 impl State {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Programmed => "programmed",
             State::Missing => "missing",
@@ -108,14 +108,14 @@ impl State {
     }
 
     /// States a repair (the plugin's ADD) fixes.
-    pub fn repairable(self) -> bool {
+    pub(crate) fn repairable(self) -> bool {
         matches!(self, State::Missing | State::Drift | State::OlderLayout)
     }
 }
 
 /// One pod (attachment) on the node.
 #[derive(Debug, Clone)]
-pub struct PodStatus {
+pub(crate) struct PodStatus {
     /// `namespace/name`, or the container when the runtime cached no pod name.
     pub pod: String,
     pub container_id: String,
@@ -149,7 +149,7 @@ impl PodStatus {
     }
 
     /// Packets counted by our rules (the sum over rules with a counter).
-    pub fn packets(&self) -> Option<u64> {
+    pub(crate) fn packets(&self) -> Option<u64> {
         self.rules.as_ref().map(|r| {
             r.iter()
                 .filter_map(|r| r.counter.map(|(p, _)| p))
@@ -157,7 +157,7 @@ impl PodStatus {
         })
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "pod": self.pod,
             "containerId": self.container_id,
@@ -179,13 +179,13 @@ impl PodStatus {
 }
 
 /// The chained network: the conflist the runtime uses and our entry in it.
-pub struct Network<'a> {
+pub(crate) struct Network<'a> {
     pub list: &'a Value,
     pub entry: &'a Map<String, Value>,
 }
 
 impl Network<'_> {
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.list.get("name").and_then(Value::as_str).unwrap_or("")
     }
 }
@@ -356,7 +356,7 @@ fn run_add(att: &Attachment, r: &Repair) -> Result<(), String> {
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// Most repairs in one pass; the rest wait for the next (a resync later).
-pub const MAX_REPAIRS_PER_PASS: usize = 20;
+pub(crate) const MAX_REPAIRS_PER_PASS: usize = 20;
 
 /// A pod's repair history.
 struct History {
@@ -365,7 +365,7 @@ struct History {
 }
 
 /// The loop's state between passes.
-pub struct Reconciler {
+pub(crate) struct Reconciler {
     pub settings: Settings,
     history: HashMap<String, History>,
     /// The last line logged per pod: a pod is logged when its state or action changes.
@@ -379,7 +379,7 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(settings: Settings) -> Reconciler {
+    pub(crate) fn new(settings: Settings) -> Reconciler {
         Reconciler {
             settings,
             history: HashMap::new(),
@@ -394,7 +394,7 @@ impl Reconciler {
 
     /// One pass over the cached attachments of `net` (only the cache files named in `only`,
     /// when given); repairs in `Repair` mode. Returns every pod's status.
-    pub fn pass(&mut self, net: &Network, only: Option<&HashSet<String>>) -> Vec<PodStatus> {
+    pub(crate) fn pass(&mut self, net: &Network, only: Option<&HashSet<String>>) -> Vec<PodStatus> {
         if self.settings.mode == Mode::Off {
             return Vec::new();
         }
@@ -545,7 +545,7 @@ impl Reconciler {
     }
 
     /// The counters in Prometheus' text format.
-    pub fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         let mut s = String::new();
         let counter = |s: &mut String, name: &str, help: &str, v: u64| {
             s.push_str(&format!(
@@ -585,14 +585,14 @@ impl Reconciler {
 }
 
 /// Watches libcni's results dir (and the cache dir, until the results dir exists).
-pub struct CacheWatch {
+pub(crate) struct CacheWatch {
     inotify: nix::sys::inotify::Inotify,
     results: Option<nix::sys::inotify::WatchDescriptor>,
     dir: PathBuf,
 }
 
 impl CacheWatch {
-    pub fn new(cache_dir: &Path) -> Option<CacheWatch> {
+    pub(crate) fn new(cache_dir: &Path) -> Option<CacheWatch> {
         use nix::sys::inotify::{InitFlags, Inotify};
         let inotify = match Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC) {
             Ok(i) => i,
@@ -611,7 +611,7 @@ impl CacheWatch {
     }
 
     /// (Re)adds the watches; cheap when they are in place.
-    pub fn rewatch(&mut self) {
+    pub(crate) fn rewatch(&mut self) {
         use nix::sys::inotify::AddWatchFlags as F;
         if self.results.is_some() {
             return;
@@ -631,13 +631,13 @@ impl CacheWatch {
         }
     }
 
-    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.inotify.as_fd()
     }
 
     /// The cache file names written since the last call (`None`: re-read everything).
-    pub fn drain(&mut self) -> Option<HashSet<String>> {
+    pub(crate) fn drain(&mut self) -> Option<HashSet<String>> {
         use nix::sys::inotify::AddWatchFlags as F;
         let mut names = HashSet::new();
         let mut all = false;

@@ -11,7 +11,7 @@ use super::{files, InstallError, Installer, State};
 
 /// The metrics file in the health dir (Prometheus text format; a node exporter's textfile
 /// collector can read it from a shared directory).
-pub const METRICS_FILE: &str = "reconcile.prom";
+pub(crate) const METRICS_FILE: &str = "reconcile.prom";
 
 impl Installer {
     /// The config the runtime uses and the entry of ours in it; `None` when the runtime's
@@ -69,7 +69,7 @@ impl Installer {
     }
 
     /// `--status [--json]`: every pod of the network the runtime uses, looked at, not touched.
-    pub fn print_status(&self, json: bool) -> Result<(), InstallError> {
+    pub(crate) fn print_status(&self, json: bool) -> Result<(), InstallError> {
         let c = match self.select()? {
             Ok(c) => c,
             Err(_) => {
@@ -125,7 +125,10 @@ impl Installer {
 }
 
 /// `--status`: a table, one line per pod.
-pub fn render_table(pods: &[PodStatus], out: &mut dyn std::io::Write) -> std::io::Result<()> {
+pub(crate) fn render_table(
+    pods: &[PodStatus],
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
     writeln!(
         out,
         "{:<40} {:<9} {:<14} {:>9}  detail",
@@ -157,7 +160,7 @@ pub fn render_table(pods: &[PodStatus], out: &mut dyn std::io::Write) -> std::io
 }
 
 /// `--status --json`: every pod with its rules' counters.
-pub fn render_json(network: &str, pods: &[PodStatus]) -> Value {
+pub(crate) fn render_json(network: &str, pods: &[PodStatus]) -> Value {
     json!({
         "network": network,
         "pods": pods.iter().map(PodStatus::to_json).collect::<Vec<_>>(),

@@ -17,7 +17,7 @@ use nix::sys::inotify::{AddWatchFlags, Inotify, WatchDescriptor};
 use super::conflist;
 
 /// The events that can change a config file (or a link) in a watched directory.
-pub const FILE_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
+pub(crate) const FILE_EVENTS: AddWatchFlags = AddWatchFlags::IN_CREATE
     .union(AddWatchFlags::IN_CLOSE_WRITE)
     .union(AddWatchFlags::IN_MOVED_TO)
     .union(AddWatchFlags::IN_MOVED_FROM)
@@ -35,7 +35,7 @@ const MAX_LINKS: usize = 40;
 
 /// Every symlink met while resolving `path`, as (directory holding it, its name), in order,
 /// and where the path leads. Relative links resolve against their own directory.
-pub fn links_on(path: &Path) -> (Vec<(PathBuf, OsString)>, PathBuf) {
+pub(crate) fn links_on(path: &Path) -> (Vec<(PathBuf, OsString)>, PathBuf) {
     let mut links = Vec::new();
     let abs = if path.is_absolute() {
         path.to_path_buf()
@@ -77,7 +77,7 @@ pub fn links_on(path: &Path) -> (Vec<(PathBuf, OsString)>, PathBuf) {
 
 /// What a batch of events was about.
 #[derive(Debug, Default)]
-pub struct Events {
+pub(crate) struct Events {
     /// The conf dir itself went away or was replaced.
     pub dir_gone: bool,
     /// Some event named a config file (or had no name).
@@ -97,7 +97,7 @@ struct Interest {
 
 /// The daemon's watches.
 #[derive(Debug, Default)]
-pub struct Watches {
+pub(crate) struct Watches {
     conf: Option<WatchDescriptor>,
     /// Where the conf dir's path led when its watch was added.
     conf_real: Option<PathBuf>,
@@ -106,13 +106,13 @@ pub struct Watches {
 
 impl Watches {
     /// True while the conf dir has a watch.
-    pub fn has_conf(&self) -> bool {
+    pub(crate) fn has_conf(&self) -> bool {
         self.conf.is_some()
     }
 
     /// (Re)adds the conf dir's watch through whatever its path resolves to now; logs and
     /// leaves it unset when the dir is missing (retried on resync).
-    pub fn watch_conf(&mut self, inotify: &Inotify, conf_dir: &Path) {
+    pub(crate) fn watch_conf(&mut self, inotify: &Inotify, conf_dir: &Path) {
         // Resolved after the watch is added: a link re-pointed in between shows up as a
         // difference at the next `refresh`, never as a silently stale watch.
         let added = inotify.add_watch(conf_dir, MASK);
@@ -133,7 +133,7 @@ impl Watches {
     }
 
     /// Forgets the conf dir's watch (it went away); `watch_conf` adds it again.
-    pub fn lose_conf(&mut self) {
+    pub(crate) fn lose_conf(&mut self) {
         self.conf = None;
     }
 
@@ -141,7 +141,12 @@ impl Watches {
     /// config names in it); watches no longer needed are removed. True when the conf dir's
     /// path now leads somewhere else than its watch (a link changed before its own watch was
     /// in place): the caller watches it again and runs a pass.
-    pub fn refresh(&mut self, inotify: &Inotify, conf_dir: &Path, names: &[OsString]) -> bool {
+    pub(crate) fn refresh(
+        &mut self,
+        inotify: &Inotify,
+        conf_dir: &Path,
+        names: &[OsString],
+    ) -> bool {
         let mut want: HashMap<PathBuf, Interest> = HashMap::new();
         let (conf_links, conf_real) = links_on(conf_dir);
         for (dir, name) in conf_links {
@@ -185,7 +190,7 @@ impl Watches {
     }
 
     /// Reads all pending events.
-    pub fn drain(&self, inotify: &Inotify) -> Events {
+    pub(crate) fn drain(&self, inotify: &Inotify) -> Events {
         let mut out = Events::default();
         let mut seen = HashSet::new();
         while let Ok(events) = inotify.read_events() {

@@ -92,7 +92,7 @@ pub enum Error {
 impl Error {
     /// Whether some failure is a table of our name that is not ours (left alone on purpose,
     /// docs/ARCHITECTURE.md, pitfall 64): a configuration mistake, not a kernel failure.
-    pub fn has_foreign_table(&self) -> bool {
+    pub(crate) fn has_foreign_table(&self) -> bool {
         match self {
             Error::Nft(NftError::NotOurs { .. }) => true,
             Error::Teardown(v) => v.iter().any(Error::has_foreign_table),
@@ -100,7 +100,7 @@ impl Error {
         }
     }
     /// Whether every failure is such a table (everything of ours was removed).
-    pub fn only_foreign_tables(&self) -> bool {
+    pub(crate) fn only_foreign_tables(&self) -> bool {
         match self {
             Error::Nft(NftError::NotOurs { .. }) => true,
             Error::Teardown(v) => v.iter().all(Error::only_foreign_tables),
@@ -136,7 +136,7 @@ impl fmt::Display for Drift {
 /// go, then routing. If a later step fails, the table goes too, so a failed apply leaves
 /// nothing of this plan behind (routing undoes itself). Both steps also remove what is ours
 /// but not in the plan (another mode's rules, another release's numbers).
-pub fn apply(t: &dyn Tables, r: &dyn Routes, plan: &Plan) -> Result<(), Error> {
+pub(crate) fn apply(t: &dyn Tables, r: &dyn Routes, plan: &Plan) -> Result<(), Error> {
     if let Some(table) = &plan.table {
         t.apply(table)?;
         if let Err(e) = t.delete_others(Some(&table.name)) {
@@ -164,7 +164,7 @@ fn undo_table(t: &dyn Tables, name: &str, why: &str) {
 /// Absent objects are not errors. A table `table_name` without our owner comment is left alone
 /// and reported ([`Error::only_foreign_tables`] tells the caller nothing else failed). Keeps
 /// going after a failure and returns all of them.
-pub fn remove(
+pub(crate) fn remove(
     t: &dyn Tables,
     r: &dyn Routes,
     table_name: &str,
@@ -220,7 +220,7 @@ pub fn verify(
 /// `routing`): this configuration's rules and routes and the previous release's untagged
 /// default rule, for both families, and `lo_addresses` (what the plan adds to lo).
 /// Independent of the policy, which a DEL may not receive.
-pub fn owned_routing(cfg: &PlanConfig, lo_addresses: &[Cidr]) -> Routing {
+pub(crate) fn owned_routing(cfg: &PlanConfig, lo_addresses: &[Cidr]) -> Routing {
     let mut r = Routing::default();
     for family in [Family::V4, Family::V6] {
         r.rules.push(FwmarkRule {
@@ -251,7 +251,7 @@ pub fn owned_routing(cfg: &PlanConfig, lo_addresses: &[Cidr]) -> Routing {
 }
 
 /// One line for logs: what a plan programs.
-pub fn summary(plan: &Plan) -> String {
+pub(crate) fn summary(plan: &Plan) -> String {
     let rules: usize = plan
         .table
         .iter()

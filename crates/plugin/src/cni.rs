@@ -24,7 +24,7 @@ use error::{code, CniError};
 use tproxy_cni_policy::annotations::PodPolicy;
 
 /// The newest CNI version we speak, reported by VERSION and used in errors before a config is read.
-pub const LATEST_VERSION: &str = "1.1.0";
+pub(crate) const LATEST_VERSION: &str = "1.1.0";
 
 /// Runs one plugin invocation. Returns the process exit code (0 success, 1 error printed).
 pub fn run(env: &dyn Env, stdin: &[u8], stdout: &mut dyn Write) -> i32 {

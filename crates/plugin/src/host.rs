@@ -22,7 +22,7 @@ use tproxy_cni_policy::consts::ANNOTATION_PREFIX;
 use tproxy_cni_policy::flags;
 use tproxy_cni_policy::netaddr::Cidr;
 
-pub const USAGE: &str = "\
+pub(crate) const USAGE: &str = "\
 tproxy-cni-host: tproxy-cni's interception for a host or any network namespace, no Kubernetes.
 
 usage: tproxy-cni-host apply|remove|status|check [--netns PATH | --pid PID] [options]
@@ -57,15 +57,15 @@ Exit status: 0 done, 7 bad options (message names the flag's annotation), 100 ke
 failure, 101 check found drift.";
 
 /// CNI's codes, reused as exit statuses so scripts read them like CNI CHECK.
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const INVALID: i32 = 7;
-    pub const KERNEL: i32 = 100;
-    pub const DRIFT: i32 = 101;
+pub(crate) mod exit {
+    pub(crate) const OK: i32 = 0;
+    pub(crate) const INVALID: i32 = 7;
+    pub(crate) const KERNEL: i32 = 100;
+    pub(crate) const DRIFT: i32 = 101;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     Apply,
     Remove,
     Status,
@@ -74,7 +74,7 @@ pub enum Command {
 
 /// Where to act.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub(crate) enum Target {
     /// This process's network namespace.
     Current,
     Path(PathBuf),
@@ -82,7 +82,7 @@ pub enum Target {
 
 /// A checked invocation: everything is validated before the kernel is touched.
 #[derive(Debug, Clone)]
-pub struct Invocation {
+pub(crate) struct Invocation {
     pub command: Command,
     pub target: Target,
     pub config: PlanConfig,
@@ -90,13 +90,13 @@ pub struct Invocation {
 }
 
 #[derive(Debug)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     Help,
     Run(Box<Invocation>),
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum HostError {
+pub(crate) enum HostError {
     #[error("{0}\n(see --help)")]
     Usage(String),
     /// The same text the plugin reports for the pod annotation the flag stands for.
@@ -115,7 +115,7 @@ pub enum HostError {
 }
 
 impl HostError {
-    pub fn exit_code(&self) -> i32 {
+    pub(crate) fn exit_code(&self) -> i32 {
         match self {
             HostError::Usage(_) | HostError::Policy(_) | HostError::Config(_) => exit::INVALID,
             // The table named by tableName is someone else's (docs/ARCHITECTURE.md, pitfall 64).
@@ -130,7 +130,7 @@ fn usage(msg: impl Into<String>) -> HostError {
 }
 
 /// Parses the arguments after the program name. Reads `--config` if given; nothing else.
-pub fn parse(args: &[String]) -> Result<Parsed, HostError> {
+pub(crate) fn parse(args: &[String]) -> Result<Parsed, HostError> {
     let mut it = args.iter();
     let command = match it.next().map(String::as_str) {
         None => return Err(usage("missing command (apply, remove, status or check)")),
@@ -285,7 +285,7 @@ fn owned(inv: &Invocation) -> crate::plan::Routing {
 
 /// What a command found, for the caller to print and map to an exit status.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Done(String),
     Status {
         table: Option<Vec<crate::nft::RuleStatus>>,
@@ -333,7 +333,7 @@ fn act(inv: &Invocation) -> Result<Outcome, HostError> {
 }
 
 /// Runs the command in its target network namespace.
-pub fn run(inv: &Invocation) -> Result<Outcome, HostError> {
+pub(crate) fn run(inv: &Invocation) -> Result<Outcome, HostError> {
     match &inv.target {
         // The lock covers the current netns too (docs/ARCHITECTURE.md, pitfall 73).
         Target::Current => {
@@ -350,7 +350,11 @@ pub fn run(inv: &Invocation) -> Result<Outcome, HostError> {
 }
 
 /// Prints an outcome; returns the exit status.
-pub fn report(inv: &Invocation, outcome: &Outcome, out: &mut dyn Write) -> Result<i32, HostError> {
+pub(crate) fn report(
+    inv: &Invocation,
+    outcome: &Outcome,
+    out: &mut dyn Write,
+) -> Result<i32, HostError> {
     match outcome {
         Outcome::Done(what) => {
             log::info!("{what}");

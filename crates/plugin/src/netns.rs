@@ -61,7 +61,10 @@ pub fn run_in<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, N
 
 /// `run_in` holding the namespace's lock (`crate::nslock`) around `f`: what every caller that
 /// changes or verifies our objects in a netns uses, so one netns has one writer at a time.
-pub fn run_locked<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+pub(crate) fn run_locked<T: Send>(
+    path: &Path,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, NetnsError> {
     if path.as_os_str().is_empty() {
         return Err(NetnsError::Gone(path.to_path_buf()));
     }

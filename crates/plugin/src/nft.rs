@@ -46,14 +46,14 @@ use wire::Msg;
 /// Most rules one table may hold. Annotation lists are capped (256 entries each), so only
 /// conflist lists can come near; past this the plan is refused before touching the kernel
 /// rather than sent as a batch of tens of megabytes.
-pub const MAX_RULES: usize = 10_000;
+pub(crate) const MAX_RULES: usize = 10_000;
 
 /// Every table we create carries the comment `tproxy-cni layout N`: DEL removes any inet table
 /// with this owner prefix whatever its name, and CHECK reports another layout as drift.
-pub const OWNER_TAG: &str = "tproxy-cni layout ";
+pub(crate) const OWNER_TAG: &str = "tproxy-cni layout ";
 /// The layout of the table and routing objects this release programs. Bump it whenever the
 /// rules of a plan change for the same input, so CHECK on older pods reports drift.
-pub const LAYOUT: u32 = 1;
+pub(crate) const LAYOUT: u32 = 1;
 
 /// The owner comment of the tables this release creates.
 pub fn owner_comment() -> String {

@@ -24,7 +24,7 @@ pub const LOCK_DIR: &str = "/run/tproxy-cni/locks";
 
 /// Longest wait for another caller on the same netns. An ADD or DEL takes milliseconds; a
 /// runtime's own CNI timeout is minutes, so this only ends a wait for a stuck process.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 /// Why the lock could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -55,13 +55,13 @@ impl Drop for NetnsLock {
 }
 
 /// The lock file for the namespace `ns` (an open namespace file) in `dir`.
-pub fn lock_path(dir: &Path, ns: &File) -> std::io::Result<PathBuf> {
+pub(crate) fn lock_path(dir: &Path, ns: &File) -> std::io::Result<PathBuf> {
     let m = ns.metadata()?;
     Ok(dir.join(format!("{:x}-{}", m.dev(), m.ino())))
 }
 
 /// Takes the exclusive lock for the namespace `ns`, waiting up to `wait`.
-pub fn lock(dir: &Path, ns: &File, wait: Duration) -> Result<NetnsLock, LockError> {
+pub(crate) fn lock(dir: &Path, ns: &File, wait: Duration) -> Result<NetnsLock, LockError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |err| LockError::Io { path, err }

@@ -5,7 +5,7 @@
 
 mod config;
 
-pub use config::{check_table_name, TABLE_NAME_MAX};
+pub(crate) use config::check_table_name;
 
 use tproxy_cni_policy::netaddr::{Cidr, Family, PortRange};
 
@@ -109,7 +109,7 @@ impl MarkBits {
         }
     }
     /// The bits set in `bits`, and only those.
-    pub fn ours(bits: u32) -> MarkBits {
+    pub(crate) fn ours(bits: u32) -> MarkBits {
         MarkBits {
             value: bits,
             mask: bits,
@@ -172,13 +172,13 @@ pub struct LocalRoute {
 
 impl Plan {
     /// A plan that owns nothing (mode `none`).
-    pub fn empty() -> Plan {
+    pub(crate) fn empty() -> Plan {
         Plan {
             table: None,
             routing: Routing::default(),
         }
     }
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.table.is_none()
             && self.routing.rules.is_empty()
             && self.routing.local_routes.is_empty()
@@ -212,8 +212,8 @@ impl Default for PlanConfig {
 }
 
 /// nftables' named priorities, as numbers.
-pub const PRIO_MANGLE: i32 = -150;
-pub const PRIO_DSTNAT: i32 = -100;
+pub(crate) const PRIO_MANGLE: i32 = -150;
+pub(crate) const PRIO_DSTNAT: i32 = -100;
 
 fn rule(matches: Vec<Match>, actions: Vec<Action>, comment: &str) -> Rule {
     Rule {

@@ -12,7 +12,7 @@ pub mod acl;
 mod bounded_tests;
 mod defaults;
 mod downward;
-pub mod kuma;
+pub(crate) mod kuma;
 mod lists;
 mod meshes;
 mod mode;
@@ -20,12 +20,11 @@ mod north_south;
 mod pod;
 #[cfg(test)]
 mod tests;
-pub mod yaml;
+pub(crate) mod yaml;
 
 pub use downward::parse_downward_api;
-pub use lists::MAX_LIST;
 pub use meshes::{foreign_mesh, skip_reason, MeshMark, MESH_MARKS};
-pub use mode::pod_mode;
+pub(crate) use mode::pod_mode;
 
 use lists::{cidr_list, port_list, yaml_value};
 use meshes::{ISTIO_MODE, OUR_MODE};
@@ -55,7 +54,7 @@ impl Mode {
         }
     }
     /// Parses `tproxy|redirect|none`, case-insensitively (Istio writes `TPROXY`).
-    pub fn parse(s: &str) -> Option<Mode> {
+    pub(crate) fn parse(s: &str) -> Option<Mode> {
         match s.trim().to_ascii_lowercase().as_str() {
             "tproxy" => Some(Mode::Tproxy),
             "redirect" => Some(Mode::Redirect),
@@ -88,7 +87,7 @@ pub enum Selector<T> {
 }
 
 impl<T> Selector<T> {
-    pub fn is_nothing(&self) -> bool {
+    pub(crate) fn is_nothing(&self) -> bool {
         matches!(self, Selector::List(v) if v.is_empty())
     }
 }
@@ -284,12 +283,12 @@ pub const NORTH_SOUTH_KEYS: &[&str] = &[
 
 /// Istio's per-pod proxy configuration (a YAML or JSON `ProxyConfig`); we read
 /// `gatewayTopology.numTrustedProxies` and `gatewayTopology.proxyProtocol` from it.
-pub const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
+pub(crate) const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
 
 /// Most `numTrustedProxies` / `xff-num-trusted-proxies` accepted.
-pub const MAX_TRUSTED_HOPS: u32 = 64;
+pub(crate) const MAX_TRUSTED_HOPS: u32 = 64;
 
 /// Longest YAML value parsed (`proxy.istio.io/config`, Kuma's merged config): a pod should
 /// not make the plugin parse megabytes of YAML. The reader bounds nodes and depth as well
 /// (`yaml`, docs/ARCHITECTURE.md, pitfall 60).
-pub const MAX_PROXY_CONFIG: usize = 64 * 1024;
+pub(crate) const MAX_PROXY_CONFIG: usize = 64 * 1024;

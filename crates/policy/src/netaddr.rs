@@ -183,10 +183,10 @@ impl PortRange {
     pub fn single(p: u16) -> PortRange {
         PortRange { lo: p, hi: p }
     }
-    pub fn contains(&self, p: u16) -> bool {
+    pub(crate) fn contains(&self, p: u16) -> bool {
         self.lo <= p && p <= self.hi
     }
-    pub fn overlaps(&self, o: &PortRange) -> bool {
+    pub(crate) fn overlaps(&self, o: &PortRange) -> bool {
         self.lo <= o.hi && o.lo <= self.hi
     }
 }

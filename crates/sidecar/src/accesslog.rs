@@ -44,7 +44,7 @@ pub enum EndReason {
 }
 
 impl EndReason {
-    pub fn flag(self) -> &'static str {
+    pub(crate) fn flag(self) -> &'static str {
         match self {
             EndReason::Normal => "-",
             EndReason::UpstreamConnectFailure => "UF",
@@ -64,7 +64,7 @@ impl EndReason {
 
 /// One access-log record.
 #[derive(Debug, Clone, Serialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     pub start_time: String,
     /// The client as Envoy reports it: the address a trusted PROXY header or X-Forwarded-For
     /// gave (the first request's, on an XFF port), else the TCP peer.
@@ -99,12 +99,12 @@ pub struct Entry {
 }
 
 /// Where lines go; writes are serialised so lines never interleave.
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     out: Option<Mutex<Box<dyn Write + Send>>>,
 }
 
 impl AccessLog {
-    pub fn open(target: &AccessLogTarget) -> io::Result<AccessLog> {
+    pub(crate) fn open(target: &AccessLogTarget) -> io::Result<AccessLog> {
         let out: Option<Box<dyn Write + Send>> = match target {
             AccessLogTarget::Off => None,
             AccessLogTarget::Stdout => Some(Box::new(LineWriter::new(io::stdout()))),
@@ -118,7 +118,7 @@ impl AccessLog {
     }
 
     /// Writes one line. A failing log sink must not take connections down: errors are dropped.
-    pub fn write(&self, e: &Entry) {
+    pub(crate) fn write(&self, e: &Entry) {
         let Some(out) = &self.out else { return };
         let Ok(mut line) = serde_json::to_vec(e) else {
             return;
@@ -129,7 +129,7 @@ impl AccessLog {
     }
 }
 
-pub use tproxy_cni_policy::logging::rfc3339;
+pub(crate) use tproxy_cni_policy::logging::rfc3339;
 
 #[cfg(test)]
 mod tests {

@@ -9,36 +9,36 @@ use std::net::{IpAddr, SocketAddr};
 
 /// The downstream peer: the client that opened the connection (the accepted socket's peer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ClientAddr(pub SocketAddr);
+pub(crate) struct ClientAddr(pub SocketAddr);
 
 /// Where the client meant to go: in tproxy mode the accepted socket's local address, in redirect
 /// and outbound mode what `SO_ORIGINAL_DST` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct OrigDst(pub SocketAddr);
+pub(crate) struct OrigDst(pub SocketAddr);
 
 /// The local address of our upstream socket (what the app or remote server sees as its peer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct UpstreamLocal(pub SocketAddr);
+pub(crate) struct UpstreamLocal(pub SocketAddr);
 
 /// The address a listener accepted a connection on (the downstream local address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DownstreamLocal(pub SocketAddr);
+pub(crate) struct DownstreamLocal(pub SocketAddr);
 
 impl ClientAddr {
-    pub fn ip(&self) -> IpAddr {
+    pub(crate) fn ip(&self) -> IpAddr {
         self.0.ip()
     }
 }
 
 impl OrigDst {
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.0.port()
     }
 }
 
 /// Folds an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) back to IPv4, so a connection is
 /// described the same way whichever listener family accepted it.
-pub fn unmap(a: SocketAddr) -> SocketAddr {
+pub(crate) fn unmap(a: SocketAddr) -> SocketAddr {
     match a {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),

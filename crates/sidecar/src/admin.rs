@@ -16,7 +16,7 @@ use super::metrics::Metrics;
 
 /// What the probes report.
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     /// Set once every listener is bound.
     pub ready: AtomicBool,
     /// Set at SIGTERM: readiness turns 503 so nothing new is routed here while draining.
@@ -28,10 +28,10 @@ pub struct Health {
 
 /// Admin connections served at once; more wait in the accept queue. Bounded so that a flood
 /// of probes or scrapes cannot eat the descriptors kept for it (sidecar.rs, `FD_RESERVE`).
-pub const MAX_CONCURRENT: usize = 16;
+pub(crate) const MAX_CONCURRENT: usize = 16;
 
 /// Serves until `stop` turns true.
-pub async fn serve(
+pub(crate) async fn serve(
     listeners: Vec<TcpListener>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,

@@ -11,13 +11,13 @@
 //! container never asked for NET_RAW.
 
 /// Number of CAP_NET_RAW (capability.h).
-pub const CAP_NET_RAW: u32 = 13;
+pub(crate) const CAP_NET_RAW: u32 = 13;
 /// Bit of CAP_NET_RAW in the capability masks of `/proc/PID/status`.
-pub const NET_RAW: u64 = 1 << CAP_NET_RAW;
+pub(crate) const NET_RAW: u64 = 1 << CAP_NET_RAW;
 
 /// The capability sets and uids of a process, as `/proc/PID/status` shows them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CapState {
+pub(crate) struct CapState {
     pub eff: u64,
     pub prm: u64,
     pub bnd: u64,
@@ -29,7 +29,7 @@ pub struct CapState {
 
 impl CapState {
     /// Parses the text of `/proc/PID/status`; `None` when a needed line is missing or garbled.
-    pub fn parse(status: &str) -> Option<CapState> {
+    pub(crate) fn parse(status: &str) -> Option<CapState> {
         let mut st = CapState::default();
         let (mut eff, mut prm, mut bnd, mut uid) = (false, false, false, false);
         for line in status.lines() {
@@ -56,14 +56,14 @@ impl CapState {
     }
 
     /// The current process's state; `None` when `/proc` is unreadable.
-    pub fn current() -> Option<CapState> {
+    pub(crate) fn current() -> Option<CapState> {
         CapState::parse(&std::fs::read_to_string("/proc/self/status").ok()?)
     }
 }
 
 /// What to tell the user when setting a socket option that needs CAP_NET_RAW failed. `exe` is
 /// the path of the running binary (for the `setcap` command in the hint).
-pub fn diagnose(st: Option<CapState>, exe: &str) -> String {
+pub(crate) fn diagnose(st: Option<CapState>, exe: &str) -> String {
     let Some(st) = st else {
         return "tproxy mode needs CAP_NET_RAW (could not read /proc/self/status to say more). \
                 Add it to the sidecar container: securityContext.capabilities.add: [\"NET_RAW\"], \

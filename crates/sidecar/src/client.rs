@@ -23,7 +23,7 @@ pub struct PodAddrs {
 }
 
 impl PodAddrs {
-    pub fn new(own: Vec<IpAddr>, broadcasts: Vec<Ipv4Addr>) -> PodAddrs {
+    pub(crate) fn new(own: Vec<IpAddr>, broadcasts: Vec<Ipv4Addr>) -> PodAddrs {
         PodAddrs {
             own: own.into_iter().map(|a| a.to_canonical()).collect(),
             broadcasts,
@@ -33,7 +33,7 @@ impl PodAddrs {
     /// The addresses of every interface of the current netns (the pod's, when the sidecar runs
     /// in it), and for each IPv4 subnet of /30 or wider its directed broadcast. Empty if the
     /// interfaces cannot be read; the destination of each connection is checked as well.
-    pub fn from_interfaces() -> PodAddrs {
+    pub(crate) fn from_interfaces() -> PodAddrs {
         let mut own = Vec::new();
         let mut broadcasts = Vec::new();
         if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
@@ -86,7 +86,7 @@ pub enum Refused {
 
 impl Refused {
     /// A stable name for the metric label and the access log.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Refused::Loopback => "loopback",
             Refused::Unspecified => "unspecified",
@@ -100,7 +100,7 @@ impl Refused {
 
 impl ClientCheck<'_> {
     /// Whether a remote client can have `ip` (IPv4-mapped addresses are judged as IPv4).
-    pub fn check(&self, ip: IpAddr) -> Result<IpAddr, Refused> {
+    pub(crate) fn check(&self, ip: IpAddr) -> Result<IpAddr, Refused> {
         let ip = ip.to_canonical();
         match ip {
             IpAddr::V4(v4) => {
@@ -163,7 +163,7 @@ pub enum Claim {
 
 /// The one decision: `base` is the address the claim was made over (the TCP peer, or the
 /// client a PROXY header named, already decided by this function).
-pub fn decide(
+pub(crate) fn decide(
     base: IpAddr,
     base_source: &'static str,
     claim: Claim,

@@ -21,7 +21,7 @@ pub enum InboundMode {
 }
 
 impl InboundMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             InboundMode::Tproxy => "tproxy",
             InboundMode::Redirect => "redirect",
@@ -343,7 +343,9 @@ fn distinct_ports(
 }
 
 /// The annotation map the north-south flags stand for (`tproxy-cni.io/<flag>`).
-pub fn north_south_annotations(flags: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+pub(crate) fn north_south_annotations(
+    flags: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     flags
         .iter()
         .map(|(k, v)| (format!("{}{k}", consts::ANNOTATION_PREFIX), v.clone()))
@@ -372,13 +374,13 @@ fn check_north_south(
 }
 
 /// More loops than this only adds threads: the kernel spreads connections over at most the CPUs.
-pub const MAX_WORKERS: usize = 64;
+pub(crate) const MAX_WORKERS: usize = 64;
 
 const DURATION_HELP: &str = "expected a duration such as 250ms, 5s, 2m, 1h (bare number = seconds)";
 
 /// `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds. At most about 10 years, so adding it
 /// to an `Instant` can never overflow.
-pub fn parse_duration(s: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);

@@ -26,14 +26,14 @@ use tproxy_cni_policy::annotations::XffTrust;
 
 pub const XFF: &str = "x-forwarded-for";
 pub const EXTERNAL_ADDRESS: &str = "x-envoy-external-address";
-pub const INTERNAL: &str = "x-envoy-internal";
-pub const PROTO: &str = "x-forwarded-proto";
+pub(crate) const INTERNAL: &str = "x-envoy-internal";
+pub(crate) const PROTO: &str = "x-forwarded-proto";
 
 /// The names whose values the sidecar sets itself.
-pub const PROTECTED: [&str; 4] = [XFF, EXTERNAL_ADDRESS, INTERNAL, PROTO];
+pub(crate) const PROTECTED: [&str; 4] = [XFF, EXTERNAL_ADDRESS, INTERNAL, PROTO];
 
 /// Whether `name` is a protected name, or one once `_` is read as `-` (ASCII case-insensitive).
-pub fn is_protected(name: &[u8]) -> bool {
+pub(crate) fn is_protected(name: &[u8]) -> bool {
     PROTECTED.iter().any(|p| {
         p.len() == name.len()
             && name

@@ -32,11 +32,11 @@
 use std::ops::Range;
 
 /// Envoy's default `max_request_headers_kb` (60 KiB).
-pub const DEFAULT_MAX_HEAD: usize = 60 * 1024;
+pub(crate) const DEFAULT_MAX_HEAD: usize = 60 * 1024;
 /// Envoy's default `max_headers_count`.
-pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub(crate) const DEFAULT_MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (size and extensions) accepted.
-pub const MAX_CHUNK_LINE: usize = 4096;
+pub(crate) const MAX_CHUNK_LINE: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -68,7 +68,7 @@ pub enum HeadError {
 }
 
 impl HeadError {
-    pub fn status(&self) -> u16 {
+    pub(crate) fn status(&self) -> u16 {
         match self {
             HeadError::TooLarge(_) | HeadError::TooManyFields(_) => 431,
             HeadError::Version => 505,
@@ -90,7 +90,7 @@ impl HeadError {
     }
 
     /// A stable name for metrics and the access log.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             HeadError::TooLarge(_) => "head_too_large",
             HeadError::TooManyFields(_) => "too_many_fields",
@@ -148,7 +148,7 @@ pub struct RequestHead {
 }
 
 impl RequestHead {
-    pub fn method<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+    pub(crate) fn method<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         &buf[self.method.clone()]
     }
     pub fn target<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
@@ -254,7 +254,7 @@ impl HeadReader {
     }
 
     /// Ready for the next request on the connection.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.scan = Scanner::default();
         self.line = LineCheck::default();
     }
@@ -574,7 +574,9 @@ mod body;
 mod response;
 
 pub use body::{Body, BodyError, Chunked};
-pub use response::{ResponseFraming, ResponseHead, ResponseParse, ResponseReader, ResponseTo};
+#[cfg(test)]
+use response::ResponseHead;
+pub(crate) use response::{ResponseFraming, ResponseParse, ResponseReader, ResponseTo};
 
 #[cfg(test)]
 mod tests;

@@ -38,10 +38,10 @@ use tproxy_cni_policy::annotations::acl::{Acl, Denied};
 use tproxy_cni_policy::annotations::XffTrust;
 
 /// Envoy's RBAC answer.
-pub const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
+pub(crate) const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";
 
 /// What the relay needs to know about the connection.
-pub struct HttpConn<'a> {
+pub(crate) struct HttpConn<'a> {
     /// The address appended to `X-Forwarded-For`: the TCP peer, or the client a trusted
     /// PROXY header named (as Envoy does after its PROXY protocol listener filter), already
     /// checked (module `client`).
@@ -62,7 +62,7 @@ pub struct HttpConn<'a> {
 
 /// How the HTTP relay ended.
 #[derive(Debug, Clone)]
-pub struct HttpOutcome {
+pub(crate) struct HttpOutcome {
     pub from_downstream: u64,
     pub to_downstream: u64,
     pub end: EndReason,
@@ -643,7 +643,7 @@ async fn failed(s: &TcpStream) {
 }
 
 /// The answer to a CONNECT on a port that did not opt in.
-pub const CONNECT_FORBIDDEN: &[u8] =
+pub(crate) const CONNECT_FORBIDDEN: &[u8] =
     b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// The complete answer for a status the sidecar gives itself (403: the access control's

@@ -34,18 +34,18 @@ pub mod client;
 pub mod config;
 pub mod edge;
 pub mod http1;
-pub mod httprelay;
-pub mod metrics;
-pub mod netcheck;
-pub mod pipes;
-pub mod ports;
-pub mod proxy;
+pub(crate) mod httprelay;
+pub(crate) mod metrics;
+pub(crate) mod netcheck;
+pub(crate) mod pipes;
+pub(crate) mod ports;
+pub(crate) mod proxy;
 pub mod proxy_protocol;
-pub mod relay;
+pub(crate) mod relay;
 // Raw setsockopt/getsockopt, pipe2, splice and rlimit calls neither std nor nix wrap (for
 // IP_TRANSPARENT, SO_MARK, TCP_INFO, ...): each `unsafe` block has its SAFETY note.
 #[allow(unsafe_code)]
-pub mod sockopt;
+pub(crate) mod sockopt;
 #[cfg(test)]
 mod testutil;
 pub mod watchdog;
@@ -107,7 +107,7 @@ pub fn resolve_mode(
 /// The inbound mode and the north-south settings. In `auto` mode with an annotations file
 /// both come from the pod's annotations (north-south flags given explicitly override the
 /// annotation of the same name); otherwise the north-south settings come from the flags.
-pub fn resolve(
+pub(crate) fn resolve(
     cfg: &Config,
     read: impl Fn(&Path) -> io::Result<String>,
 ) -> Result<(Resolved, NorthSouth), SidecarError> {
@@ -236,15 +236,15 @@ pub fn run(cfg: Config) -> Result<(), SidecarError> {
 
 /// Descriptors each relayed connection holds: its two sockets. Splice pipes come from a
 /// pool shared by all connections, budgeted apart (docs/ARCHITECTURE.md, pitfall 81).
-pub const FDS_PER_CONNECTION: u64 = 2;
+pub(crate) const FDS_PER_CONNECTION: u64 = 2;
 /// Descriptors kept out of the connection budget: stdio, the access log, the listeners, one
 /// accepted connection per listener waiting for a slot, the admin port's connections
 /// (`admin::MAX_CONCURRENT`), a netlink socket for the readiness check, and slack.
-pub const FD_RESERVE: u64 = 64;
+pub(crate) const FD_RESERVE: u64 = 64;
 
 /// How the open-file limit is shared out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// Connection slots.
     pub slots: usize,
     /// Splice pipes at most (`pipes::PipePool`), two descriptors each.
@@ -256,7 +256,7 @@ pub struct Budget {
 /// answering probes and accepts never fail with EMFILE. The pipes get an eighth
 /// of the descriptors, at most `pipes::MAX_PIPES`, the sockets the rest. At least one slot
 /// and one pipe.
-pub fn connection_budget(max_connections: usize, nofile: u64) -> Budget {
+pub(crate) fn connection_budget(max_connections: usize, nofile: u64) -> Budget {
     let free = nofile.saturating_sub(FD_RESERVE);
     let pipes = (free / 16).clamp(1, pipes::MAX_PIPES as u64);
     let fit = free.saturating_sub(2 * pipes) / FDS_PER_CONNECTION;
@@ -278,7 +278,7 @@ fn current_exe() -> String {
 
 /// The number of workers when `--workers` is `auto`: the CPUs this process may run on, which the
 /// standard library reads from the cgroup CPU quota and the affinity mask; 1 when unknown.
-pub fn default_workers() -> usize {
+pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// Which listener a connection came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
+pub(crate) enum Direction {
     Inbound,
     Outbound,
 }
@@ -20,7 +20,7 @@ impl Direction {
             Direction::Outbound => 1,
         }
     }
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
@@ -50,7 +50,7 @@ struct PerDir {
 
 /// All counters.
 #[derive(Debug, Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     dirs: [PerDir; 2],
     /// Connection slots: `--max-connections`, lowered to what the open-file limit allows.
     limit: AtomicU64,
@@ -77,7 +77,7 @@ pub struct Metrics {
 
 /// The labelled north-south counter families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum NsCounter {
+pub(crate) enum NsCounter {
     /// PROXY protocol on the configured ports, by `result`: `proxy`, `local`, `untrusted`
     /// (source not trusted: bytes passed untouched), or why the header was refused.
     ProxyProtocol,
@@ -126,7 +126,7 @@ fn open_descriptors() -> Option<usize> {
 
 /// Slots held by one served connection; given back on drop.
 #[derive(Debug)]
-pub struct SlotGuard<'a>(&'a Metrics);
+pub(crate) struct SlotGuard<'a>(&'a Metrics);
 
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
@@ -136,7 +136,7 @@ impl Drop for SlotGuard<'_> {
 
 /// An accepted connection waiting for a slot; counted until dropped.
 #[derive(Debug)]
-pub struct WaitGuard<'a>(&'a Metrics);
+pub(crate) struct WaitGuard<'a>(&'a Metrics);
 
 impl Drop for WaitGuard<'_> {
     fn drop(&mut self) {
@@ -145,21 +145,21 @@ impl Drop for WaitGuard<'_> {
 }
 
 impl Metrics {
-    pub fn conn_opened(&self, d: Direction) {
+    pub(crate) fn conn_opened(&self, d: Direction) {
         let m = &self.dirs[d.idx()];
         m.total.fetch_add(1, Relaxed);
         m.active.fetch_add(1, Relaxed);
     }
-    pub fn conn_closed(&self, d: Direction, from_downstream: u64, to_downstream: u64) {
+    pub(crate) fn conn_closed(&self, d: Direction, from_downstream: u64, to_downstream: u64) {
         let m = &self.dirs[d.idx()];
         m.active.fetch_sub(1, Relaxed);
         m.bytes_in.fetch_add(from_downstream, Relaxed);
         m.bytes_out.fetch_add(to_downstream, Relaxed);
     }
-    pub fn connect_failed(&self, d: Direction) {
+    pub(crate) fn connect_failed(&self, d: Direction) {
         self.dirs[d.idx()].connect_failures.fetch_add(1, Relaxed);
     }
-    pub fn connect_latency(&self, d: Direction, t: Duration) {
+    pub(crate) fn connect_latency(&self, d: Direction, t: Duration) {
         let m = &self.dirs[d.idx()];
         let secs = t.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
@@ -169,38 +169,35 @@ impl Metrics {
         m.hist_sum_us
             .fetch_add(u64::try_from(t.as_micros()).unwrap_or(u64::MAX), Relaxed);
     }
-    pub fn active(&self, d: Direction) -> i64 {
-        self.dirs[d.idx()].active.load(Relaxed)
-    }
-    pub fn set_limit(&self, n: usize) {
+    pub(crate) fn set_limit(&self, n: usize) {
         self.limit.store(n as u64, Relaxed);
     }
-    pub fn set_nofile(&self, n: Option<u64>) {
+    pub(crate) fn set_nofile(&self, n: Option<u64>) {
         self.nofile.store(n.unwrap_or(0), Relaxed);
     }
-    pub fn set_pipes(&self, pool: &std::sync::Arc<super::pipes::PipePool>) {
+    pub(crate) fn set_pipes(&self, pool: &std::sync::Arc<super::pipes::PipePool>) {
         let _ = self.pipes.set(pool.clone());
     }
-    pub fn slot_taken(&self) -> SlotGuard<'_> {
+    pub(crate) fn slot_taken(&self) -> SlotGuard<'_> {
         self.in_use.fetch_add(1, Relaxed);
         SlotGuard(self)
     }
-    pub fn waiting_for_slot(&self) -> WaitGuard<'_> {
+    pub(crate) fn waiting_for_slot(&self) -> WaitGuard<'_> {
         self.waiting.fetch_add(1, Relaxed);
         WaitGuard(self)
     }
-    pub fn fd_exhausted(&self) {
+    pub(crate) fn fd_exhausted(&self) {
         self.fd_exhausted.fetch_add(1, Relaxed);
     }
-    pub fn per_source_rejected(&self) {
+    pub(crate) fn per_source_rejected(&self) {
         self.per_source_rejected.fetch_add(1, Relaxed);
     }
     /// Counts one event of a north-south family.
-    pub fn count(&self, c: NsCounter, label: &'static str) {
+    pub(crate) fn count(&self, c: NsCounter, label: &'static str) {
         self.count_n(c, label, 1);
     }
     /// Counts `n` events of a north-south family.
-    pub fn count_n(&self, c: NsCounter, label: &'static str, n: u64) {
+    pub(crate) fn count_n(&self, c: NsCounter, label: &'static str, n: u64) {
         if n == 0 {
             return;
         }
@@ -212,13 +209,17 @@ impl Metrics {
             .or_insert(0) += n;
     }
     /// Every slot is taken: a new connection would wait (readiness says 503, admin.rs).
-    pub fn saturated(&self) -> bool {
+    pub(crate) fn saturated(&self) -> bool {
         let limit = self.limit.load(Relaxed);
         limit > 0 && self.in_use.load(Relaxed) >= i64::try_from(limit).unwrap_or(i64::MAX)
     }
     /// Registers a data listener under `label` (e.g. `inbound`, `outbound`) for the accept
     /// queue gauges.
-    pub fn add_listener(&self, label: &'static str, l: &std::sync::Arc<tokio::net::TcpListener>) {
+    pub(crate) fn add_listener(
+        &self,
+        label: &'static str,
+        l: &std::sync::Arc<tokio::net::TcpListener>,
+    ) {
         self.listeners
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -251,7 +252,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut s = String::with_capacity(4096);
         self.render_per_direction(&mut s);
         self.render_gauges(&mut s);

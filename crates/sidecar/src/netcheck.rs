@@ -31,7 +31,7 @@ use tproxy_cni_policy::netaddr::Family;
 
 /// What the check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Programmed,
     /// Something the plugin puts there is missing (what, in words).
     Missing(String),
@@ -40,7 +40,7 @@ pub enum Verdict {
 }
 
 /// Reads the kernel state once.
-pub fn verify(mode: InboundMode, mark: u32) -> Verdict {
+pub(crate) fn verify(mode: InboundMode, mark: u32) -> Verdict {
     match read(mode, mark) {
         Ok(v) => v,
         Err(e) => Verdict::Unverifiable(format!("rtnetlink: {e}")),
@@ -215,7 +215,7 @@ const CACHE: Duration = Duration::from_secs(1);
 
 /// The check behind `/ready`, cached, logging each change of verdict once.
 #[derive(Debug)]
-pub struct Checker {
+pub(crate) struct Checker {
     mode: InboundMode,
     mark: u32,
     state: Mutex<State>,
@@ -228,7 +228,7 @@ struct State {
 }
 
 impl Checker {
-    pub fn new(mode: InboundMode, mark: u32) -> Checker {
+    pub(crate) fn new(mode: InboundMode, mark: u32) -> Checker {
         Checker {
             mode,
             mark,
@@ -237,7 +237,7 @@ impl Checker {
     }
 
     /// `Err(reason)` while the netns is known not to be programmed.
-    pub fn ready(&self) -> Result<(), String> {
+    pub(crate) fn ready(&self) -> Result<(), String> {
         self.ready_with(|| verify(self.mode, self.mark))
     }
 

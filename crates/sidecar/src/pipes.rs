@@ -14,10 +14,10 @@ use super::sockopt::Pipe;
 
 /// Pipes at most, whatever the open-file limit: 512 descriptors, 32 MiB of pipe buffers when
 /// every one is full (64 KiB each), far more than the bulk transfers one pod runs at once.
-pub const MAX_PIPES: usize = 256;
+pub(crate) const MAX_PIPES: usize = 256;
 
 /// The bounded pool.
-pub struct PipePool {
+pub(crate) struct PipePool {
     idle: Mutex<Vec<Pipe>>,
     /// Requested capacity of each pipe (`--pipe-size`).
     size: usize,
@@ -29,7 +29,7 @@ pub struct PipePool {
 
 /// The pool's gauges for `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub limit: usize,
     pub open: usize,
     pub in_use: usize,
@@ -45,7 +45,7 @@ impl std::fmt::Debug for PipePool {
 }
 
 impl PipePool {
-    pub fn new(size: usize, limit: usize) -> PipePool {
+    pub(crate) fn new(size: usize, limit: usize) -> PipePool {
         PipePool {
             idle: Mutex::new(Vec::new()),
             size,
@@ -57,7 +57,7 @@ impl PipePool {
 
     /// A pipe to fill: an idle one, or a new one while the pool is under its limit. `Ok(None)`
     /// when every pipe is lent; `Err` when the kernel refused a new one (EMFILE, ENFILE).
-    pub fn take(&self) -> io::Result<Option<Lease<'_>>> {
+    pub(crate) fn take(&self) -> io::Result<Option<Lease<'_>>> {
         let reused = self.lock().pop();
         let pipe = match reused {
             Some(p) => p,
@@ -86,7 +86,7 @@ impl PipePool {
         }))
     }
 
-    pub fn stats(&self) -> Stats {
+    pub(crate) fn stats(&self) -> Stats {
         Stats {
             limit: self.limit,
             open: self.open.load(Relaxed),
@@ -101,13 +101,13 @@ impl PipePool {
 
 /// A lent pipe. `drained` gives it back; dropped otherwise (error, cancellation), it is
 /// closed, since it may hold bytes of this connection.
-pub struct Lease<'a> {
+pub(crate) struct Lease<'a> {
     pool: &'a PipePool,
     pipe: Option<Pipe>,
 }
 
 impl Lease<'_> {
-    pub fn pipe(&self) -> &Pipe {
+    pub(crate) fn pipe(&self) -> &Pipe {
         // Only `drained` and `drop` take it out, and both consume the lease.
         self.pipe
             .as_ref()
@@ -116,7 +116,7 @@ impl Lease<'_> {
 
     /// Gives the pipe back to the pool. The caller moved every byte it spliced in out again:
     /// the pipe is empty.
-    pub fn drained(mut self) {
+    pub(crate) fn drained(mut self) {
         if let Some(p) = self.pipe.take() {
             self.pool.lock().push(p);
             self.pool.lent.fetch_sub(1, Relaxed);

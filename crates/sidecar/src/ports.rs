@@ -50,7 +50,7 @@ struct Inner {
 
 /// The record of recent inbound client ports and the upstream port cursor.
 #[derive(Debug)]
-pub struct PortBook {
+pub(crate) struct PortBook {
     inner: Mutex<Inner>,
     /// Odd ports of the configured range (`first[0]..=last[0]`, both odd), then even ones
     /// (`first[1]..=last[1]`; `None` when the range holds no even port).
@@ -62,7 +62,7 @@ pub struct PortBook {
 
 /// Marks an inbound connection live until dropped; then it lingers for the configured time.
 #[derive(Debug)]
-pub struct InboundGuard {
+pub(crate) struct InboundGuard {
     book: Arc<PortBook>,
     key: Key,
     port: u16,
@@ -71,7 +71,7 @@ pub struct InboundGuard {
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// How long Linux keeps a socket in TIME_WAIT (`TCP_TIMEWAIT_LEN`, not tunable).
-pub const TIME_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const TIME_WAIT: Duration = Duration::from_secs(60);
 
 /// Candidates looked at per parity and pick: bounds the work of one pick when most ports are
 /// taken (ports enter TIME_WAIT in cursor order, so the cursor meets the oldest ones first).
@@ -79,7 +79,7 @@ const SCAN: usize = 512;
 
 impl PortBook {
     /// `None` when the range holds no odd port.
-    pub fn new(range: PortRange, linger: Duration) -> Option<PortBook> {
+    pub(crate) fn new(range: PortRange, linger: Duration) -> Option<PortBook> {
         let first = if range.lo % 2 == 1 {
             range.lo
         } else {
@@ -135,7 +135,11 @@ impl PortBook {
     }
 
     /// Records an inbound connection `client -> dst` as live.
-    pub fn inbound_open(self: &Arc<Self>, client: SocketAddr, dst: SocketAddr) -> InboundGuard {
+    pub(crate) fn inbound_open(
+        self: &Arc<Self>,
+        client: SocketAddr,
+        dst: SocketAddr,
+    ) -> InboundGuard {
         let now = Instant::now();
         let key = (client.ip(), dst);
         let mut g = self.lock();
@@ -171,7 +175,7 @@ impl PortBook {
     /// connection from that client to that destination uses and that no socket of ours holds
     /// in TIME_WAIT: an odd one if one of the next candidates is free, else an even one.
     /// `None` if every candidate is taken.
-    pub fn pick(&self, client_ip: IpAddr, dst: SocketAddr) -> Option<u16> {
+    pub(crate) fn pick(&self, client_ip: IpAddr, dst: SocketAddr) -> Option<u16> {
         let now = Instant::now();
         let mut g = self.lock();
         let g = &mut *g;
@@ -204,18 +208,13 @@ impl PortBook {
     /// Records that one of our sockets holds `client_ip:port -> dst` in TIME_WAIT for the
     /// next `TIME_WAIT` (we sent the first FIN and the connection had no TCP timestamps, or a
     /// `connect()` from that port was refused with `EADDRNOTAVAIL`).
-    pub fn upstream_time_wait(&self, client_ip: IpAddr, dst: SocketAddr, port: u16) {
+    pub(crate) fn upstream_time_wait(&self, client_ip: IpAddr, dst: SocketAddr, port: u16) {
         let until = Instant::now() + TIME_WAIT;
         self.lock()
             .time_wait
             .entry((client_ip, dst))
             .or_default()
             .insert(port, until);
-    }
-
-    /// Number of (client, destination) keys held; for tests and metrics.
-    pub fn keys(&self) -> usize {
-        self.lock().keys.len()
     }
 }
 

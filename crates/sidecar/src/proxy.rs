@@ -26,7 +26,7 @@ mod serve;
 
 /// What a listener does with its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     Inbound(InboundMode),
     Outbound,
 }
@@ -47,7 +47,7 @@ impl Role {
 }
 
 /// State shared by every connection.
-pub struct Shared {
+pub(crate) struct Shared {
     pub cfg: Config,
     pub metrics: Arc<Metrics>,
     pub log: AccessLog,
@@ -76,7 +76,7 @@ pub struct Shared {
 /// included: one definition, `annotations::acl` and `annotations::XffTrust`), with the pod's
 /// own addresses the data path checks claimed clients against.
 #[derive(Debug)]
-pub struct NorthSouthRt {
+pub(crate) struct NorthSouthRt {
     pub cfg: NorthSouth,
     /// What a claimed client may not be (module `client`).
     pub pod: PodAddrs,
@@ -94,14 +94,14 @@ impl NorthSouthRt {
 /// Prints at most one line per period and counts what it held back, so a condition that
 /// repeats every few milliseconds (EMFILE under load) neither floods the log nor hides.
 #[derive(Debug)]
-pub struct RateLimit {
+pub(crate) struct RateLimit {
     period: Duration,
     last: Option<Instant>,
     held_back: u64,
 }
 
 impl RateLimit {
-    pub fn new(period: Duration) -> RateLimit {
+    pub(crate) fn new(period: Duration) -> RateLimit {
         RateLimit {
             period,
             last: None,
@@ -109,7 +109,7 @@ impl RateLimit {
         }
     }
     /// `Some(n)`: print now, mentioning the `n` occurrences held back since the last line.
-    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
         match self.last {
             Some(t) if now.duration_since(t) < self.period => {
                 self.held_back += 1;
@@ -140,14 +140,14 @@ impl Shared {
 
 /// Live connection count per client IP.
 #[derive(Debug, Default)]
-pub struct Sources(Mutex<HashMap<IpAddr, usize>>);
+pub(crate) struct Sources(Mutex<HashMap<IpAddr, usize>>);
 
 impl Sources {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
     /// Counts a connection from `ip` unless it already holds `cap`.
-    pub fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<SourceGuard> {
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<SourceGuard> {
         let mut m = self.lock();
         let n = m.entry(ip).or_insert(0);
         if *n >= cap {
@@ -163,7 +163,7 @@ impl Sources {
 
 /// One live connection of a source IP; uncounted on drop.
 #[derive(Debug)]
-pub struct SourceGuard {
+pub(crate) struct SourceGuard {
     set: Arc<Sources>,
     ip: IpAddr,
 }
@@ -181,7 +181,7 @@ impl Drop for SourceGuard {
 }
 
 /// Whether an accepted connection is served or turned away.
-pub enum Admission {
+pub(crate) enum Admission {
     Served {
         _permit: OwnedSemaphorePermit,
         _source: Option<SourceGuard>,
@@ -192,7 +192,7 @@ pub enum Admission {
 
 /// (IPv6?, port) of our live outbound upstream sockets.
 #[derive(Debug, Default)]
-pub struct OwnPorts(Mutex<HashSet<(bool, u16)>>);
+pub(crate) struct OwnPorts(Mutex<HashSet<(bool, u16)>>);
 
 impl OwnPorts {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<(bool, u16)>> {
@@ -204,7 +204,7 @@ impl OwnPorts {
 }
 
 /// Removes its port from `OwnPorts` when the upstream socket is gone.
-pub struct OwnPortGuard {
+pub(crate) struct OwnPortGuard {
     set: Arc<OwnPorts>,
     key: (bool, u16),
 }
@@ -222,7 +222,7 @@ impl Drop for OwnPortGuard {
 /// their SYNs are retried). A permit is taken only after accept, so idle listeners never hold
 /// capacity. Because slots are sized to the descriptors, the data path does not run the
 /// process out of them, and the admin port keeps answering (sidecar.rs, `connection_budget`).
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     listener: Arc<TcpListener>,
     role: Role,

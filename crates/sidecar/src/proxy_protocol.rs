@@ -35,13 +35,13 @@ use std::ops::Range;
 /// The 12 bytes every v2 header starts with.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// The longest v1 header, CRLF included (spec, section 2.1).
-pub const V1_MAX_LEN: usize = 107;
+pub(crate) const V1_MAX_LEN: usize = 107;
 /// Signature, version/command, family/transport and the 2-byte length.
-pub const V2_FIXED_LEN: usize = 16;
+pub(crate) const V2_FIXED_LEN: usize = 16;
 /// The smallest accepted v2 limit: a TCP over IPv6 header without TLVs.
-pub const V2_MIN_LIMIT: usize = V2_FIXED_LEN + 36;
+pub(crate) const V2_MIN_LIMIT: usize = V2_FIXED_LEN + 36;
 /// Default bound on a whole v2 header (address block plus TLVs); configurable per port.
-pub const DEFAULT_V2_MAX_LEN: usize = 4096;
+pub(crate) const DEFAULT_V2_MAX_LEN: usize = 4096;
 
 const V1_PREFIX: &[u8] = b"PROXY ";
 
@@ -144,7 +144,7 @@ pub enum Error {
 
 impl Error {
     /// A stable snake_case name for metrics labels and access-log fields.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Error::NotProxy => "not_proxy",
             Error::VersionNotAllowed(_) => "version_not_allowed",

@@ -40,7 +40,7 @@ use super::watchdog::{self, Clock, Cut};
 
 /// Bytes moved and how the relay ended.
 #[derive(Debug, Clone, Copy)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Downstream -> upstream.
     pub from_downstream: u64,
     /// Upstream -> downstream.
@@ -68,7 +68,7 @@ enum Side {
 /// Relays until both directions reached EOF, one side failed, the connection idled for
 /// `idle`, or `stop` was cut (drain deadline). Both sockets must already carry `SO_LINGER`
 /// 0 (`sockopt::reset_on_close`).
-pub async fn relay(
+pub(crate) async fn relay(
     down: &TcpStream,
     up: &TcpStream,
     pipes: &PipePool,

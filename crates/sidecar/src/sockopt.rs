@@ -14,7 +14,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// Sets `IP_TRANSPARENT` (IPv4) or `IPV6_TRANSPARENT` (IPv6): lets a listener accept TPROXY'd
 /// connections addressed to foreign IPs, and an upstream socket bind to the client's IP.
-pub fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
+pub(crate) fn set_transparent(sock: &Socket, v6: bool) -> io::Result<()> {
     if !v6 {
         return sock.set_ip_transparent(true);
     }
@@ -60,7 +60,7 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 /// into the effective set needs no privilege: the image ships the sidecar with the file
 /// capability `cap_net_raw+p` (permitted only), so a container without NET_RAW in its bounding
 /// set can still execute it (docs/ARCHITECTURE.md, pitfall 19) and tproxy mode turns it on here.
-pub fn raise_effective(cap: u32) -> io::Result<bool> {
+pub(crate) fn raise_effective(cap: u32) -> io::Result<bool> {
     let bit = 1u32
         .checked_shl(cap)
         .filter(|_| cap < 32)
@@ -96,14 +96,14 @@ pub fn raise_effective(cap: u32) -> io::Result<bool> {
 
 /// What the start-up probe found missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Missing {
+pub(crate) enum Missing {
     Transparent,
     Mark,
 }
 
 /// Creates a throwaway socket and sets `IP_TRANSPARENT` (when `transparent`) and `SO_MARK`.
 /// `Err((what, error))` names the first option the kernel refused (EPERM without CAP_NET_RAW).
-pub fn probe(mark: u32, transparent: bool) -> Result<(), (Missing, io::Error)> {
+pub(crate) fn probe(mark: u32, transparent: bool) -> Result<(), (Missing, io::Error)> {
     let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| (Missing::Transparent, e))?;
     if transparent {
@@ -118,7 +118,7 @@ pub fn probe(mark: u32, transparent: bool) -> Result<(), (Missing, io::Error)> {
 /// destination comes back in its own family), optional transparency for TPROXY, and
 /// `SO_REUSEPORT` when several workers each listen on the same port (the kernel spreads new
 /// connections over them by flow hash; the TPROXY listener lookup honours the group too).
-pub fn listener(
+pub(crate) fn listener(
     addr: SocketAddr,
     transparent: bool,
     reuse_port: bool,
@@ -144,7 +144,7 @@ pub fn listener(
 
 /// How an upstream socket is prepared before `bind`/`connect`.
 #[derive(Debug, Clone, Copy)]
-pub struct UpstreamOpts {
+pub(crate) struct UpstreamOpts {
     pub v6: bool,
     /// `SO_MARK`: routes the app's replies back to us (tproxy) and exempts us from outbound
     /// capture. `None` when the probe found we may not set it (redirect mode without NET_RAW).
@@ -159,7 +159,7 @@ pub struct UpstreamOpts {
 /// A fresh non-blocking TCP socket for an upstream connection (`SOCK_NONBLOCK` at creation:
 /// no fcntl calls), armed with `SO_LINGER` 0 from the start: until the relay ends in order,
 /// closing it (or dying) resets the app (relay.rs).
-pub fn upstream_socket(o: UpstreamOpts) -> io::Result<Socket> {
+pub(crate) fn upstream_socket(o: UpstreamOpts) -> io::Result<Socket> {
     let domain = if o.v6 { Domain::IPV6 } else { Domain::IPV4 };
     let sock = Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     if o.transparent {
@@ -178,7 +178,7 @@ pub fn upstream_socket(o: UpstreamOpts) -> io::Result<Socket> {
 
 /// The pre-NAT destination of a REDIRECTed connection (`SO_ORIGINAL_DST` for IPv4,
 /// `IP6T_SO_ORIGINAL_DST` for IPv6, chosen by the accepted socket's family).
-pub fn original_dst<S: AsFd>(stream: &S, v6: bool) -> io::Result<SocketAddr> {
+pub(crate) fn original_dst<S: AsFd>(stream: &S, v6: bool) -> io::Result<SocketAddr> {
     let s = SockRef::from(stream);
     let sa = if v6 {
         s.original_dst_ipv6()?
@@ -191,17 +191,17 @@ pub fn original_dst<S: AsFd>(stream: &S, v6: bool) -> io::Result<SocketAddr> {
 
 /// Makes the next close send a RST instead of a FIN (`SO_LINGER` 0): how a refused upstream or
 /// a reset peer is passed on promptly.
-pub fn reset_on_close<S: AsFd>(stream: &S) {
+pub(crate) fn reset_on_close<S: AsFd>(stream: &S) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
 /// Undoes `reset_on_close`: the next close sends a FIN after the queued bytes, as usual.
-pub fn linger_normally<S: AsFd>(stream: &S) {
+pub(crate) fn linger_normally<S: AsFd>(stream: &S) {
     let _ = SockRef::from(stream).set_linger(None);
 }
 
 /// Half-closes our sending side: the peer reads EOF but may still send.
-pub fn shutdown_write<S: AsFd>(stream: &S) -> io::Result<()> {
+pub(crate) fn shutdown_write<S: AsFd>(stream: &S) -> io::Result<()> {
     match SockRef::from(stream).shutdown(Shutdown::Write) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
         r => r,
@@ -210,12 +210,12 @@ pub fn shutdown_write<S: AsFd>(stream: &S) -> io::Result<()> {
 
 /// `TCP_NODELAY` on an accepted socket: splice hands over whatever arrived, and Nagle would add
 /// latency to small request/response exchanges.
-pub fn set_nodelay<S: AsFd>(stream: &S) {
+pub(crate) fn set_nodelay<S: AsFd>(stream: &S) {
     let _ = SockRef::from(stream).set_nodelay(true);
 }
 
 /// One pipe used as the in-kernel buffer of one relay direction.
-pub struct Pipe {
+pub(crate) struct Pipe {
     pub r: OwnedFd,
     pub w: OwnedFd,
     pub cap: usize,
@@ -225,7 +225,7 @@ pub struct Pipe {
 const DEFAULT_PIPE: usize = 65536;
 
 impl Pipe {
-    pub fn new(size: usize) -> io::Result<Pipe> {
+    pub(crate) fn new(size: usize) -> io::Result<Pipe> {
         let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let mut cap = DEFAULT_PIPE;
         if size != DEFAULT_PIPE {
@@ -243,7 +243,7 @@ impl Pipe {
 /// Moves up to `len` bytes between a socket and a pipe without copying them to user space.
 /// `Ok(0)` from a socket is EOF. EAGAIN comes back as `WouldBlock`, which is what tokio's
 /// readiness API expects.
-pub fn splice<A: AsFd, B: AsFd>(from: A, to: B, len: usize) -> io::Result<usize> {
+pub(crate) fn splice<A: AsFd, B: AsFd>(from: A, to: B, len: usize) -> io::Result<usize> {
     nix::fcntl::splice(
         from,
         None,
@@ -258,7 +258,7 @@ pub fn splice<A: AsFd, B: AsFd>(from: A, to: B, len: usize) -> io::Result<usize>
 /// (connections in the accept queue, queue capacity) of a listening TCP socket: for a
 /// listener, `TCP_INFO` reports the queue length in `tcpi_unacked` and the backlog in
 /// `tcpi_sacked` (what `ss -lnt` shows as Recv-Q / Send-Q).
-pub fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
+pub(crate) fn accept_queue<S: AsFd>(l: &S) -> io::Result<(u32, u32)> {
     let info = tcp_info(l)?;
     Ok((info.tcpi_unacked, info.tcpi_sacked))
 }
@@ -290,20 +290,20 @@ const TCPI_OPT_TIMESTAMPS: u8 = 1;
 
 /// Whether the connection negotiated TCP timestamps (`None`: the kernel would not say). Without
 /// them a tuple in TIME_WAIT cannot be connected from again for 60 s (ports.rs).
-pub fn has_timestamps<S: AsFd>(s: &S) -> Option<bool> {
+pub(crate) fn has_timestamps<S: AsFd>(s: &S) -> Option<bool> {
     tcp_info(s)
         .ok()
         .map(|i| i.tcpi_options & TCPI_OPT_TIMESTAMPS != 0)
 }
 
 /// True for "out of file descriptors" (per process or system-wide).
-pub fn is_fd_exhaustion(e: &io::Error) -> bool {
+pub(crate) fn is_fd_exhaustion(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (each relayed connection holds two sockets;
 /// the splice pipes come from a pool). Returns the new soft limit.
-pub fn raise_nofile() -> io::Result<u64> {
+pub(crate) fn raise_nofile() -> io::Result<u64> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -75,7 +75,7 @@ pub struct Effective {
 }
 
 /// One element of an XFF list, parsed.
-pub fn parse_element(raw: &[u8]) -> Option<IpAddr> {
+pub(crate) fn parse_element(raw: &[u8]) -> Option<IpAddr> {
     let s = std::str::from_utf8(trim(raw)).ok()?;
     let ip = if let Some(rest) = s.strip_prefix('[') {
         // [v6] or [v6]:port
@@ -172,7 +172,7 @@ pub fn effective_client(xff: &[&[u8]], peer: IpAddr, trust: &XffTrust) -> Effect
 
 /// The `X-Forwarded-For` value to forward: the incoming field lines joined with `, `, then the
 /// peer (IPv4-mapped peers written as IPv4, IPv6 without brackets).
-pub fn appended_xff(xff: &[&[u8]], peer: IpAddr) -> Vec<u8> {
+pub(crate) fn appended_xff(xff: &[&[u8]], peer: IpAddr) -> Vec<u8> {
     let mut out = Vec::new();
     for v in xff {
         let v = trim(v);
@@ -186,7 +186,7 @@ pub fn appended_xff(xff: &[&[u8]], peer: IpAddr) -> Vec<u8> {
 }
 
 /// Convenience for callers holding a socket address.
-pub fn peer_ip(peer: SocketAddr) -> IpAddr {
+pub(crate) fn peer_ip(peer: SocketAddr) -> IpAddr {
     peer.ip().to_canonical()
 }
 

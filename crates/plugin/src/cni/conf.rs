@@ -41,7 +41,7 @@ fn invalid(msg: impl Into<String>) -> CniError {
 }
 
 /// True for versions that know CHECK (0.4.0 and later).
-pub fn version_has_check(v: &str) -> bool {
+pub(crate) fn version_has_check(v: &str) -> bool {
     !matches!(v, "0.3.0" | "0.3.1")
 }
 

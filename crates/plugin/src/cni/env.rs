@@ -86,7 +86,7 @@ pub struct CniEnv {
 
 impl CniEnv {
     /// Reads the variables the command needs; missing ones are a code-4 error naming them.
-    pub fn read(env: &dyn Env) -> Result<CniEnv, CniError> {
+    pub(crate) fn read(env: &dyn Env) -> Result<CniEnv, CniError> {
         let command = env
             .var("CNI_COMMAND")
             .filter(|s| !s.is_empty())
@@ -128,7 +128,7 @@ impl CniEnv {
         Ok(e)
     }
 
-    pub fn arg(&self, key: &str) -> Option<&str> {
+    pub(crate) fn arg(&self, key: &str) -> Option<&str> {
         self.args
             .iter()
             .find(|(k, _)| k == key)
@@ -137,7 +137,7 @@ impl CniEnv {
 
     /// `namespace/name (container ID)` of the pod, or the container alone when the runtime did
     /// not pass the pod's name, for logs.
-    pub fn pod(&self) -> String {
+    pub(crate) fn pod(&self) -> String {
         match (self.arg("K8S_POD_NAMESPACE"), self.arg("K8S_POD_NAME")) {
             (Some(ns), Some(n)) => format!("{ns}/{n} (container {})", self.container_id),
             _ => format!("container {}", self.container_id),

@@ -3,24 +3,24 @@
 use serde_json::{json, Value};
 
 /// Codes from the CNI spec (1-99 reserved) and ours (100+), all listed in the README.
-pub mod code {
+pub(crate) mod code {
     /// Incompatible CNI version.
-    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub(crate) const INCOMPATIBLE_VERSION: u32 = 1;
     /// Invalid necessary environment variables.
-    pub const INVALID_ENV: u32 = 4;
+    pub(crate) const INVALID_ENV: u32 = 4;
     /// Failed to decode content (stdin is not JSON).
-    pub const DECODE: u32 = 6;
+    pub(crate) const DECODE: u32 = 6;
     /// Invalid network config (also: invalid pod annotations, missing prevResult).
-    pub const INVALID_CONFIG: u32 = 7;
+    pub(crate) const INVALID_CONFIG: u32 = 7;
     /// Try again later (another caller holds the pod netns's lock too long).
-    pub const TRY_AGAIN: u32 = 11;
+    pub(crate) const TRY_AGAIN: u32 = 11;
     /// Ours: programming the kernel (nftables / rtnetlink / netns) failed; nothing was left.
-    pub const KERNEL: u32 = 100;
+    pub(crate) const KERNEL: u32 = 100;
     /// Ours: CHECK found the pod's kernel state differs from the plan.
-    pub const CHECK_MISMATCH: u32 = 101;
+    pub(crate) const CHECK_MISMATCH: u32 = 101;
 }
 
-pub use tproxy_cni_policy::echo_json;
+pub(crate) use tproxy_cni_policy::echo_json;
 use tproxy_cni_policy::json::ConfigError;
 
 /// A CNI error: printed as the spec's JSON error object on stdout, exit code 1.
@@ -39,7 +39,7 @@ impl From<ConfigError> for CniError {
 }
 
 impl CniError {
-    pub fn new(code: u32, msg: impl Into<String>) -> CniError {
+    pub(crate) fn new(code: u32, msg: impl Into<String>) -> CniError {
         CniError {
             code,
             msg: msg.into(),
@@ -61,7 +61,7 @@ impl CniError {
         })
     }
     /// The spec's error object (`cniVersion`, `code`, `msg`, `details`).
-    pub fn to_json(&self, cni_version: &str) -> Value {
+    pub(crate) fn to_json(&self, cni_version: &str) -> Value {
         let mut v = json!({ "cniVersion": cni_version, "code": self.code, "msg": self.msg });
         if !self.details.is_empty() {
             v["details"] = Value::String(self.details.clone());
@@ -119,7 +119,7 @@ impl From<crate::apply::Error> for CniError {
 
 impl CniError {
     /// CHECK's answer when the kernel differs from the plan: every difference, code 101.
-    pub fn drift(pod: &str, drift: &[crate::apply::Drift]) -> CniError {
+    pub(crate) fn drift(pod: &str, drift: &[crate::apply::Drift]) -> CniError {
         let lines: Vec<String> = drift.iter().map(ToString::to_string).collect();
         CniError::new(
             code::CHECK_MISMATCH,

@@ -12,10 +12,10 @@ use serde_json::{json, Value};
 const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/testdata/plan");
 
 /// The node's addresses in every case; the root test gives its node netns exactly these.
-pub const NODE_IPS: [&str; 2] = ["10.88.0.1", "fd00:88::1"];
+pub(crate) const NODE_IPS: [&str; 2] = ["10.88.0.1", "fd00:88::1"];
 
 /// The stdin the runtime would send our plugin for one case.
-pub fn case_stdin(case: &Value) -> Value {
+pub(crate) fn case_stdin(case: &Value) -> Value {
     let mut conf = json!({
         "cniVersion": "1.0.0",
         "name": "golden",
@@ -36,7 +36,7 @@ pub fn case_stdin(case: &Value) -> Value {
 }
 
 /// Routing objects, one line each, as `tests/plugin_netns.rs` reads them back from `ip -j`.
-pub fn routing_lines(plan: &Plan) -> Vec<String> {
+pub(crate) fn routing_lines(plan: &Plan) -> Vec<String> {
     let r = &plan.routing;
     let mut out = Vec::new();
     for x in &r.rules {
@@ -57,7 +57,7 @@ pub fn routing_lines(plan: &Plan) -> Vec<String> {
     out
 }
 
-pub fn golden_text(name: &str, plan: &Plan) -> String {
+pub(crate) fn golden_text(name: &str, plan: &Plan) -> String {
     let mut s = format!(
         "# Plan of case {name:?} in cases.json (UPDATE_GOLDEN=1 cargo test --lib golden rewrites it).\n"
     );

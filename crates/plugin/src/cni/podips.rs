@@ -57,7 +57,7 @@ fn in_sandbox(prev: &Value, i: usize, index: &Value) -> Result<bool, CniError> {
 }
 
 /// The pod's own addresses in `prev` (see the module rules), in order.
-pub fn pod_addresses(prev: &Value) -> Result<Vec<IpAddr>, CniError> {
+pub(crate) fn pod_addresses(prev: &Value) -> Result<Vec<IpAddr>, CniError> {
     let ips = match prev.get("ips") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a,

@@ -13,10 +13,10 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Largest `--config` accepted: a conflist entry is a few hundred bytes.
-pub const MAX_CONFIG: u64 = 1024 * 1024;
+pub(crate) const MAX_CONFIG: u64 = 1024 * 1024;
 
 /// The file's bytes, or a message naming what is wrong with it (the caller adds the path).
-pub fn read(path: &Path) -> Result<Vec<u8>, String> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)

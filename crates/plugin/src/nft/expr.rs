@@ -12,16 +12,16 @@ use tproxy_cni_policy::netaddr::{Cidr, Family, PortRange};
 const REG1: u32 = 1;
 const REG_VERDICT: u32 = 0;
 
-pub const META_MARK: u32 = 3;
-pub const META_IIFNAME: u32 = 6;
-pub const META_OIFNAME: u32 = 7;
-pub const META_SKUID: u32 = 10;
-pub const META_SKGID: u32 = 11;
-pub const META_NFPROTO: u32 = 15;
-pub const META_L4PROTO: u32 = 16;
-pub const CT_STATE: u32 = 0;
-pub const CT_DIRECTION: u32 = 1;
-pub const CT_MARK: u32 = 3;
+pub(crate) const META_MARK: u32 = 3;
+pub(crate) const META_IIFNAME: u32 = 6;
+pub(crate) const META_OIFNAME: u32 = 7;
+pub(crate) const META_SKUID: u32 = 10;
+pub(crate) const META_SKGID: u32 = 11;
+pub(crate) const META_NFPROTO: u32 = 15;
+pub(crate) const META_L4PROTO: u32 = 16;
+pub(crate) const CT_STATE: u32 = 0;
+pub(crate) const CT_DIRECTION: u32 = 1;
+pub(crate) const CT_MARK: u32 = 3;
 const CMP_EQ: u32 = 0;
 const CMP_NEQ: u32 = 1;
 const CMP_LTE: u32 = 3;
@@ -75,7 +75,7 @@ const NFTA_REJECT_ICMP_CODE: u16 = 2;
 
 /// One expression. `Other` stands for anything we never emit (seen only when reading back).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expr {
+pub(crate) enum Expr {
     MetaLoad {
         key: u32,
         dreg: u32,
@@ -140,7 +140,7 @@ pub enum Expr {
 /// What a `counter` has seen. Any two compare equal: counters are state, not configuration,
 /// so a rule with a counter matches its plan whatever traffic it counted.
 #[derive(Debug, Clone, Copy, Default, Eq)]
-pub struct Counts {
+pub(crate) struct Counts {
     pub packets: u64,
     pub bytes: u64,
 }
@@ -170,7 +170,7 @@ fn imm(data: Vec<u8>) -> Expr {
 
 /// Interface names compare as the full IFNAMSIZ (16) zero-padded buffer: an exact match, as nft
 /// does for a name without a trailing `*`. The caller has validated the length (<= 15).
-pub fn ifname_bytes(name: &str) -> Vec<u8> {
+pub(crate) fn ifname_bytes(name: &str) -> Vec<u8> {
     let mut v = name.as_bytes().to_vec();
     v.resize(16, 0);
     v
@@ -289,7 +289,7 @@ fn mark_set(load: Expr, b: &MarkBits, set: Expr) -> Vec<Expr> {
 }
 
 /// Lowers one match. Marks and ids compare in host order, ports and addresses in network order.
-pub fn lower_match(m: &Match) -> Vec<Expr> {
+pub(crate) fn lower_match(m: &Match) -> Vec<Expr> {
     match m {
         Match::IifName(n) => vec![meta(META_IIFNAME), cmp_eq(ifname_bytes(n))],
         Match::OifName(n) => vec![meta(META_OIFNAME), cmp_eq(ifname_bytes(n))],
@@ -321,7 +321,7 @@ pub fn lower_match(m: &Match) -> Vec<Expr> {
     }
 }
 
-pub fn lower_action(a: &Action) -> Vec<Expr> {
+pub(crate) fn lower_action(a: &Action) -> Vec<Expr> {
     match a {
         Action::SetMark(b) => mark_set(
             meta(META_MARK),
@@ -367,7 +367,7 @@ pub fn lower_action(a: &Action) -> Vec<Expr> {
     }
 }
 
-pub fn lower_rule(r: &crate::plan::Rule) -> Vec<Expr> {
+pub(crate) fn lower_rule(r: &crate::plan::Rule) -> Vec<Expr> {
     let mut v: Vec<Expr> = r.matches.iter().flat_map(lower_match).collect();
     v.extend(r.actions.iter().flat_map(lower_action));
     v
@@ -398,7 +398,7 @@ impl Expr {
 
     /// The content of one NFTA_LIST_ELEM: NFTA_EXPR_NAME + nested NFTA_EXPR_DATA, with the
     /// attributes in the order libnftnl sends them (so bytes equal `nft --debug=mnl`).
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut d = Vec::new();
         let be = |d: &mut Vec<u8>, t: u16, v: u32| put_attr(d, t, &v.to_be_bytes());
         match self {
@@ -497,7 +497,7 @@ impl Expr {
     /// Decodes one NFTA_LIST_ELEM content as the kernel dumps it. Anything we would not emit
     /// (unknown expression, unexpected attribute values) becomes `Other`, which never equals
     /// an expression we planned, so CHECK reports it.
-    pub fn decode(elem: &[u8]) -> Expr {
+    pub(crate) fn decode(elem: &[u8]) -> Expr {
         let name = find(elem, wire::NFTA_EXPR_NAME)
             .map(wire::cstr)
             .unwrap_or_default();
@@ -651,7 +651,7 @@ fn decode_counter(d: &[u8]) -> Option<Expr> {
 }
 
 /// Decodes NFTA_RULE_EXPRESSIONS.
-pub fn decode_list(list: &[u8]) -> Vec<Expr> {
+pub(crate) fn decode_list(list: &[u8]) -> Vec<Expr> {
     attrs(list)
         .filter(|(t, _)| *t == wire::NFTA_LIST_ELEM)
         .map(|(_, e)| Expr::decode(e))

@@ -14,7 +14,7 @@ fn kind(k: ChainKind) -> &'static str {
     }
 }
 
-pub fn hook(h: Hook) -> &'static str {
+pub(crate) fn hook(h: Hook) -> &'static str {
     match h {
         Hook::Prerouting => "prerouting",
         Hook::Input => "input",
@@ -25,7 +25,7 @@ pub fn hook(h: Hook) -> &'static str {
 
 /// nft's standard priority names for inet, in nft's lookup order; `dstnat` and `srcnat` only
 /// name a priority at the hook they belong to. nft prints `name +/- n` for |n| <= 10.
-pub fn priority(h: Hook, p: i32) -> String {
+pub(crate) fn priority(h: Hook, p: i32) -> String {
     let table: [(&str, i32, Option<Hook>); 6] = [
         ("raw", -300, None),
         ("mangle", -150, None),
@@ -155,7 +155,7 @@ fn chain(out: &mut String, c: &Chain) {
     out.push_str("\t}\n");
 }
 
-pub fn render(t: &Table) -> String {
+pub(crate) fn render(t: &Table) -> String {
     let mut out = format!(
         "table inet {} {{\n\tcomment \"{}\"\n",
         t.name,

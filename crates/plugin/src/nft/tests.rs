@@ -123,7 +123,7 @@ fn oracle_rules() -> Vec<Rule> {
 
 thread_local! {
     /// Set by a test: the next batch's replies are "lost" after the kernel applied it.
-    pub static LOSE_REPLIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(crate) static LOSE_REPLIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// docs/ARCHITECTURE.md, pitfall 14: when the replies of a committed batch cannot be read,

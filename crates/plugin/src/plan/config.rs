@@ -10,13 +10,13 @@ use tproxy_cni_policy::json::{opt_port, opt_str, opt_u32, ConfigError};
 use super::PlanConfig;
 
 /// Longest nftables table name: the kernel's `NFT_TABLE_MAXNAMELEN` (256) less the NUL.
-pub const TABLE_NAME_MAX: usize = 255;
+pub(crate) const TABLE_NAME_MAX: usize = 255;
 
 impl PlanConfig {
     /// The numbers of the plan (table, ports, mark, route table, rule priority) and the admin
     /// port, each checked.
     /// Returns the admin port with them: the defaults exclude it from capture.
-    pub fn from_json(obj: &Map<String, Value>) -> Result<(PlanConfig, u16), ConfigError> {
+    pub(crate) fn from_json(obj: &Map<String, Value>) -> Result<(PlanConfig, u16), ConfigError> {
         let d = PlanConfig::default();
         let table_name = opt_str(obj, "tableName")?.unwrap_or(d.table_name);
         if let Err(why) = check_table_name(&table_name) {
@@ -70,7 +70,7 @@ impl PlanConfig {
 /// digits, `_`, `-` and `.`, at most 255 bytes. nft's scanner also allows `/` and a leading
 /// `.`, the kernel checks only the length; this is the part all three agree on, and what the
 /// nftables encoder accepts, so a name passing here never fails later with code 100.
-pub fn check_table_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn check_table_name(name: &str) -> Result<(), &'static str> {
     let first_ok = name
         .bytes()
         .next()

@@ -14,16 +14,16 @@ use super::yaml::Node;
 use super::{cidr_list, err, port_list, yaml_value, PolicyError};
 
 /// The annotation's key.
-pub const KEY: &str = "traffic.kuma.io/transparent-proxy-config";
+pub(crate) const KEY: &str = "traffic.kuma.io/transparent-proxy-config";
 
 /// Kuma's fields we read, with the annotation keys of ours they stand for.
-pub const INBOUND_PORTS: &str = "redirect.inbound.excludePorts";
-pub const OUTBOUND_PORTS: &str = "redirect.outbound.excludePorts";
-pub const OUTBOUND_IPS: &str = "redirect.outbound.excludePortsForIPs";
+pub(crate) const INBOUND_PORTS: &str = "redirect.inbound.excludePorts";
+pub(crate) const OUTBOUND_PORTS: &str = "redirect.outbound.excludePorts";
+pub(crate) const OUTBOUND_IPS: &str = "redirect.outbound.excludePortsForIPs";
 
 /// The exclusions, each as the comma-separated list our list parsers read (checked already).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Exclusions {
+pub(crate) struct Exclusions {
     pub inbound_ports: Option<String>,
     pub outbound_ports: Option<String>,
     pub outbound_ips: Option<String>,
@@ -31,7 +31,7 @@ pub struct Exclusions {
 
 impl Exclusions {
     /// The list for one of the field paths above.
-    pub fn get(&self, field: &str) -> Option<&str> {
+    pub(crate) fn get(&self, field: &str) -> Option<&str> {
         match field {
             INBOUND_PORTS => self.inbound_ports.as_deref(),
             OUTBOUND_PORTS => self.outbound_ports.as_deref(),
@@ -42,7 +42,7 @@ impl Exclusions {
 }
 
 /// Reads the exclusions from the annotation's value.
-pub fn exclusions(value: &str) -> Result<Exclusions, PolicyError> {
+pub(crate) fn exclusions(value: &str) -> Result<Exclusions, PolicyError> {
     let doc = yaml_value(KEY, value)?;
     if doc.is_null() {
         return Ok(Exclusions::default());

@@ -10,7 +10,7 @@ use crate::netaddr::{Cidr, ParseError, PortRange};
 
 /// Most entries one list may hold: each becomes a rule, and a pod should not be able to make
 /// the plugin build an unbounded ruleset.
-pub const MAX_LIST: usize = 256;
+pub(crate) const MAX_LIST: usize = 256;
 
 /// Parses a YAML or JSON annotation value within [`MAX_PROXY_CONFIG`] and the reader's
 /// bounds; errors name `key`.

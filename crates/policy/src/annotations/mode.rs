@@ -12,7 +12,10 @@ use crate::consts::ANNOTATION_PREFIX;
 /// The pod's mode, reading only the mode keys (and checking that our prefix holds no unknown
 /// key, which could be a misspelt mode): a pod in mode `none` needs nothing else parsed.
 /// Another mesh's pod without our mode key is `none`.
-pub fn pod_mode(ann: &BTreeMap<String, String>, defaults: &Defaults) -> Result<Mode, PolicyError> {
+pub(crate) fn pod_mode(
+    ann: &BTreeMap<String, String>,
+    defaults: &Defaults,
+) -> Result<Mode, PolicyError> {
     for (k, v) in ann {
         if let Some(rest) = k.strip_prefix(ANNOTATION_PREFIX) {
             if !OUR_KEYS.contains(&rest) {

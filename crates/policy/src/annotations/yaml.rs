@@ -20,13 +20,13 @@ use std::collections::BTreeMap;
 use saphyr_parser::{Event, Parser, ScalarStyle};
 
 /// Most nested sequences and mappings: the configs we read are three levels deep.
-pub const MAX_DEPTH: usize = 32;
+pub(crate) const MAX_DEPTH: usize = 32;
 /// Most nodes (scalars, sequences, mappings) in one value.
-pub const MAX_NODES: usize = 10_000;
+pub(crate) const MAX_NODES: usize = 10_000;
 
 /// One node of the value.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Node {
+pub(crate) enum Node {
     /// A scalar's text; `plain` when it was written without quotes (only plain scalars can be
     /// numbers or null).
     Scalar {
@@ -39,13 +39,13 @@ pub enum Node {
 
 impl Node {
     /// YAML's null: an empty plain scalar, `~` or `null`.
-    pub fn is_null(&self) -> bool {
+    pub(crate) fn is_null(&self) -> bool {
         matches!(self, Node::Scalar { text, plain: true }
             if matches!(text.as_str(), "" | "~" | "null" | "Null" | "NULL"))
     }
 
     /// A plain decimal integer.
-    pub fn as_u64(&self) -> Option<u64> {
+    pub(crate) fn as_u64(&self) -> Option<u64> {
         match self {
             Node::Scalar { text, plain: true }
                 if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) =>
@@ -57,7 +57,7 @@ impl Node {
     }
 
     /// The text of any scalar.
-    pub fn as_scalar(&self) -> Option<&str> {
+    pub(crate) fn as_scalar(&self) -> Option<&str> {
         match self {
             Node::Scalar { text, .. } => Some(text),
             _ => None,
@@ -65,7 +65,7 @@ impl Node {
     }
 
     /// A mapping's entry, if this is a mapping holding `key`.
-    pub fn get(&self, key: &str) -> Option<&Node> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Node> {
         match self {
             Node::Map(m) => m.get(key),
             _ => None,
@@ -82,7 +82,7 @@ enum Frame {
 
 /// Parses `text` as one YAML document (JSON is YAML) within the bounds above. An empty
 /// document is a null scalar. The error says why, without echoing the value.
-pub fn parse(text: &str) -> Result<Node, String> {
+pub(crate) fn parse(text: &str) -> Result<Node, String> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut root: Option<Node> = None;
     let mut nodes = 0usize;

@@ -39,7 +39,7 @@ impl Body {
     }
 
     /// The body of a response; `None` for a tunnel (no more HTTP on this connection).
-    pub fn from_response(framing: ResponseFraming, max_trailers: usize) -> Option<Body> {
+    pub(crate) fn from_response(framing: ResponseFraming, max_trailers: usize) -> Option<Body> {
         Some(match framing {
             ResponseFraming::None | ResponseFraming::Length(0) => Body::Done,
             ResponseFraming::Length(n) => Body::Length { remaining: n },
@@ -76,7 +76,7 @@ impl Body {
     /// [`Body::feed`] for a request to the app: chunked trailer fields are consumed but not
     /// forwarded, as Envoy's HTTP/1 codec drops proxied trailers unless `enable_trailers` is
     /// set (pitfall 67). Returns the bytes consumed and the range of them to leave out.
-    pub fn feed_dropping_trailers(
+    pub(crate) fn feed_dropping_trailers(
         &mut self,
         data: &[u8],
     ) -> Result<(usize, Range<usize>), BodyError> {
@@ -139,7 +139,7 @@ pub struct Chunked {
 }
 
 impl Chunked {
-    pub fn new(max_trailers: usize) -> Chunked {
+    pub(crate) fn new(max_trailers: usize) -> Chunked {
         Chunked {
             state: ChunkState::Size { digits: 0 },
             size: 0,
@@ -151,12 +151,12 @@ impl Chunked {
         }
     }
 
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.state == ChunkState::Done
     }
 
     /// Consumes bytes of the chunked body; stops right after the final CRLF.
-    pub fn feed(&mut self, data: &[u8]) -> Result<usize, BodyError> {
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Result<usize, BodyError> {
         use ChunkState::*;
         let mut i = 0;
         self.dropped = 0..0;

@@ -8,13 +8,13 @@ use super::{
 
 /// What the response answers, as far as its framing depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResponseTo {
+pub(crate) struct ResponseTo {
     pub head_method: bool,
     pub connect: bool,
 }
 
 impl RequestHead {
-    pub fn response_to(&self, buf: &[u8]) -> ResponseTo {
+    pub(crate) fn response_to(&self, buf: &[u8]) -> ResponseTo {
         ResponseTo {
             head_method: self.method(buf) == b"HEAD",
             connect: self.connect,
@@ -24,7 +24,7 @@ impl RequestHead {
 
 /// How a response body is delimited (RFC 9112 6.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponseFraming {
+pub(crate) enum ResponseFraming {
     None,
     Length(u64),
     Chunked,
@@ -35,7 +35,7 @@ pub enum ResponseFraming {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResponseHead {
+pub(crate) struct ResponseHead {
     pub status: u16,
     pub version: Version,
     pub fields: Vec<Field>,
@@ -49,7 +49,7 @@ pub struct ResponseHead {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ResponseParse {
+pub(crate) enum ResponseParse {
     NeedMore,
     Head(ResponseHead),
     /// The app's response cannot be framed: answer 502 if nothing was sent yet, and close.
@@ -58,24 +58,24 @@ pub enum ResponseParse {
 
 /// Finds and validates one response head (same contract as [`HeadReader`]).
 #[derive(Debug, Clone)]
-pub struct ResponseReader {
+pub(crate) struct ResponseReader {
     limits: Limits,
     scan: Scanner,
 }
 
 impl ResponseReader {
-    pub fn new(limits: Limits) -> ResponseReader {
+    pub(crate) fn new(limits: Limits) -> ResponseReader {
         ResponseReader {
             limits,
             scan: Scanner::default(),
         }
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.scan = Scanner::default();
     }
 
-    pub fn feed(&mut self, buf: &[u8], to: ResponseTo) -> ResponseParse {
+    pub(crate) fn feed(&mut self, buf: &[u8], to: ResponseTo) -> ResponseParse {
         let (start, head_len) = match self.scan.scan(buf, self.limits.max_head) {
             Err(e) => return ResponseParse::Error(e),
             Ok(Scan::Empty | Scan::Partial { .. }) => return ResponseParse::NeedMore,
