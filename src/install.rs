@@ -32,8 +32,8 @@
 //! - SIGTERM leaves entry and binaries (upgrades have no window); `--remove-on-exit` or
 //!   `--uninstall` remove the entry first, then the binaries.
 
-pub mod chained;
 pub mod cache;
+pub mod chained;
 pub mod cli;
 pub mod compat;
 pub mod conflist;
