@@ -583,6 +583,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bulk_with_every_pipe_lent_is_copied_intact_and_the_pool_stays_empty() {
+        // A pool with no pipe to lend: the bulk phase must copy through the buffer instead.
+        let (client, down) = pair().await;
+        let (up, mut app) = pair().await;
+        sockopt::reset_on_close(&down);
+        sockopt::reset_on_close(&up);
+        let pool = std::sync::Arc::new(PipePool::new(4096, 0));
+        let p = pool.clone();
+        let h = tokio::spawn(async move {
+            relay(&down, &up, &p, Duration::from_secs(5), &Cut::default()).await
+        });
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+        let w = {
+            let big = big.clone();
+            let mut client = client;
+            tokio::spawn(async move {
+                client.write_all(&big).await.unwrap();
+                client.shutdown().await.unwrap();
+                client
+            })
+        };
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.unwrap();
+        assert!(got == big, "bytes differ when copied instead of spliced");
+        app.write_all(b"done").await.unwrap();
+        app.shutdown().await.unwrap();
+        let mut client = w.await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"done");
+        let o = ended(h).await;
+        assert_eq!((o.from_downstream, o.end), (3_000_000, EndReason::Normal));
+        assert_eq!(
+            o.pipes_refused, 0,
+            "at the limit is not refused by the kernel"
+        );
+        assert_eq!(pool.stats().open, 0);
+    }
+
+    #[tokio::test]
     async fn upstream_reset_reaches_the_client_as_a_reset() {
         let (mut client, app, h) = setup(Duration::from_secs(5)).await;
         sockopt::reset_on_close(&app);
