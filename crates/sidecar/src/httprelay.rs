@@ -508,7 +508,7 @@ async fn responses(sh: &Shared<'_>, down: &TcpStream, up: &TcpStream) -> RespEnd
 /// Relays one connection of an XFF port. `early` holds client bytes already read (after a
 /// PROXY header). Ends like `relay::relay`: both closed, a failure (reset passed on), or by
 /// the watchdog (idle, or `stop` cut at the drain deadline).
-pub async fn relay_http(
+pub(crate) async fn relay_http(
     down: &TcpStream,
     up: &TcpStream,
     early: Vec<u8>,

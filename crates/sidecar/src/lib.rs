@@ -26,10 +26,10 @@
 // Only the modules that allow it below may use `unsafe`.
 #![deny(unsafe_code)]
 
-pub mod accesslog;
-pub mod addr;
-pub mod admin;
-pub mod caps;
+pub(crate) mod accesslog;
+pub(crate) mod addr;
+pub(crate) mod admin;
+pub(crate) mod caps;
 pub mod client;
 pub mod config;
 pub mod edge;
@@ -48,8 +48,8 @@ pub(crate) mod relay;
 pub(crate) mod sockopt;
 #[cfg(test)]
 mod testutil;
-pub mod watchdog;
-pub mod xff;
+pub(crate) mod watchdog;
+pub(crate) mod xff;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

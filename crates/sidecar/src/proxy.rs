@@ -83,7 +83,7 @@ pub(crate) struct NorthSouthRt {
 }
 
 impl NorthSouthRt {
-    pub fn new(cfg: NorthSouth) -> NorthSouthRt {
+    pub(crate) fn new(cfg: NorthSouth) -> NorthSouthRt {
         NorthSouthRt {
             cfg,
             pod: PodAddrs::from_interfaces(),

@@ -14,13 +14,13 @@ use super::sockopt;
 /// When bytes last moved, as milliseconds since the relay started: one atomic the directions
 /// touch, rather than a timer each resets.
 #[derive(Debug)]
-pub struct Clock {
+pub(crate) struct Clock {
     t0: Instant,
     ms: AtomicU64,
 }
 
 impl Clock {
-    pub fn new() -> Clock {
+    pub(crate) fn new() -> Clock {
         Clock {
             t0: Instant::now(),
             ms: AtomicU64::new(0),
@@ -28,13 +28,13 @@ impl Clock {
     }
 
     /// Bytes moved now.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.ms.store(ms, Ordering::Relaxed);
     }
 
     /// When bytes last moved (the start, if none did).
-    pub fn last(&self) -> Instant {
+    pub(crate) fn last(&self) -> Instant {
         self.t0 + Duration::from_millis(self.ms.load(Ordering::Relaxed))
     }
 }
@@ -49,14 +49,14 @@ impl Default for Clock {
 /// `watch` receiver per connection, whose clone and wait took about 170 bytes of every
 /// connection's task (docs/ARCHITECTURE.md, pitfall 80).
 #[derive(Debug, Default)]
-pub struct Cut {
+pub(crate) struct Cut {
     on: AtomicBool,
     notify: Notify,
 }
 
 impl Cut {
     /// Ends every relay, running or yet to start, with `EndReason::Drained`.
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.on.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
@@ -77,7 +77,7 @@ impl Cut {
 
 /// Resolves when the connection idled for `idle` (by `clock`) or `stop` was cut, after
 /// setting both legs to reset on close; returns the end reason for the access log.
-pub async fn watch(
+pub(crate) async fn watch(
     clock: &Clock,
     idle: Duration,
     stop: &Cut,

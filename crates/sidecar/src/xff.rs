@@ -125,7 +125,7 @@ fn elements_from_right<'a>(values: &'a [&'a [u8]]) -> impl Iterator<Item = &'a [
 }
 
 /// The effective client of a request from `peer` carrying the XFF field lines `xff` (in order).
-pub fn effective_client(xff: &[&[u8]], peer: IpAddr, trust: &XffTrust) -> Effective {
+pub(crate) fn effective_client(xff: &[&[u8]], peer: IpAddr, trust: &XffTrust) -> Effective {
     let peer = peer.to_canonical();
     let from_peer = |source| Effective {
         client: peer,

@@ -25,7 +25,7 @@ impl Env for HashMap<String, String> {
 
 /// `CNI_COMMAND`, parsed once: the dispatcher matches on this, never on the string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     Add,
     Del,
     Check,
@@ -36,7 +36,7 @@ pub enum Command {
 
 impl Command {
     /// The spelling of the CNI specification; anything else is a code-4 error naming it.
-    pub fn parse(s: &str) -> Result<Command, CniError> {
+    pub(crate) fn parse(s: &str) -> Result<Command, CniError> {
         Ok(match s {
             "ADD" => Command::Add,
             "DEL" => Command::Del,
@@ -56,7 +56,7 @@ impl Command {
         })
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Command::Add => "ADD",
             Command::Del => "DEL",
@@ -76,7 +76,7 @@ impl std::fmt::Display for Command {
 
 /// The `CNI_*` variables of one invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CniEnv {
+pub(crate) struct CniEnv {
     pub command: Command,
     pub container_id: String,
     pub netns: String,
