@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tproxy_cni_plugin::plan::{self, PlanConfig};
-use tproxy_cni_policy::annotations::{Defaults, PodPolicy};
+use tproxy_cni_policy::{Defaults, PodPolicy};
 
 const PARALLEL: usize = 20;
 

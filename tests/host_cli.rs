@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::Netns;
 use sidecar_support::*;
-use tproxy_cni_policy::annotations::{Defaults, PodPolicy};
+use tproxy_cni_policy::{Defaults, PodPolicy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tproxy-cni-host");
 

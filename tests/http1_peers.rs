@@ -17,7 +17,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::tools::{free_port, have_tool, Haproxy};
-use tproxy_cni_policy::annotations::XffTrust;
+use tproxy_cni_policy::XffTrust;
 use tproxy_cni_sidecar::client::{ClientCheck, PodAddrs};
 use tproxy_cni_sidecar::edge::{self, EXTERNAL_ADDRESS, XFF};
 use tproxy_cni_sidecar::http1::{Body, HeadParse, HeadReader, Limits};

@@ -5,7 +5,7 @@ mod common;
 use common::Netns;
 use tproxy_cni_plugin::nft;
 use tproxy_cni_plugin::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Rule, Table};
-use tproxy_cni_policy::netaddr::{Family, PortRange};
+use tproxy_cni_policy::{Family, PortRange};
 
 /// Runs `f` on a fresh thread inside `ns` (the test thread never changes netns).
 fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {

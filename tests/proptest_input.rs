@@ -14,10 +14,10 @@ use serde_json::{json, Value};
 
 use tproxy_cni_plugin::cni::conf::NetConf;
 use tproxy_cni_plugin::plan::{self, Action, Match, Plan, PlanConfig};
-use tproxy_cni_policy::annotations::{
+use tproxy_cni_policy::{
     parse_downward_api, Defaults, FailMode, Mode, PodPolicy, Selector, MESH_MARKS,
 };
-use tproxy_cni_policy::netaddr::{Cidr, PortRange};
+use tproxy_cni_policy::{Cidr, PortRange};
 
 /// Enough cases to find edge cases, few enough that the file runs in seconds.
 const CASES: u32 = 256;
@@ -425,7 +425,7 @@ proptest! {
         ),
     ) {
         let _ = PodPolicy::from_annotations(&ann, &Defaults::default());
-        let _ = tproxy_cni_policy::annotations::skip_reason(&ann);
+        let _ = tproxy_cni_policy::skip_reason(&ann);
     }
 
     #[test]
@@ -434,7 +434,7 @@ proptest! {
             return Ok(());
         };
         // Another mesh's pod without our mode is skipped: nothing to round-trip.
-        prop_assume!(tproxy_cni_policy::annotations::skip_reason(&ann).is_none());
+        prop_assume!(tproxy_cni_policy::skip_reason(&ann).is_none());
         let back = PodPolicy::from_annotations(&to_annotations(&p), &Defaults::default())
             .map_err(|e| TestCaseError::fail(format!("re-parse: {e}")))?;
         prop_assert_eq!(back, p);

@@ -5,7 +5,7 @@ mod common;
 use common::Netns;
 use tproxy_cni_plugin::plan::{FwmarkRule, LocalRoute, Routing};
 use tproxy_cni_plugin::{netns, routing};
-use tproxy_cni_policy::netaddr::Family;
+use tproxy_cni_policy::Family;
 
 fn plan(families: &[Family]) -> Routing {
     let mut r = Routing::default();

@@ -8,7 +8,7 @@ use tproxy_cni_sidecar::{self as sidecar, config};
 
 fn main() -> ExitCode {
     // One log format for every binary (crates/policy/src/logging.rs): stderr, which kubectl logs shows.
-    tproxy_cni_policy::logging::init("tproxy-sidecar", log::LevelFilter::Info, None);
+    tproxy_cni_policy::init_logging("tproxy-sidecar", log::LevelFilter::Info, None);
     let args: Vec<String> = std::env::args_os()
         .skip(1)
         .map(|a| a.to_string_lossy().into_owned())

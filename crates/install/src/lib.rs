@@ -220,7 +220,7 @@ pub fn main_with(args: Vec<String>) -> Result<(), InstallError> {
             mode,
             level,
         } => {
-            tproxy_cni_policy::logging::init("tproxy-cni-install", level, None);
+            tproxy_cni_policy::init_logging("tproxy-cni-install", level, None);
             if matches!(mode, cli::Mode::Once | cli::Mode::Status { .. }) {
                 // Nothing probes a one-shot run, and its health dir may not exist on a host.
                 opts.health_dir = None;

@@ -219,19 +219,17 @@ fn assess(net: &Network, att: &Attachment, netns_dir: &Path) -> (PodStatus, Opti
         Ok(c) => c,
         Err(e) => return (PodStatus::new(att, State::Invalid, e.msg), None),
     };
-    if let Some(why) = tproxy_cni_policy::annotations::skip_reason(&conf.annotations) {
+    if let Some(why) = tproxy_cni_policy::skip_reason(&conf.annotations) {
         return (PodStatus::new(att, State::OtherMesh, why), None);
     }
-    let policy = match tproxy_cni_policy::annotations::PodPolicy::from_annotations(
-        &conf.annotations,
-        &conf.defaults,
-    ) {
-        Ok(p) => p,
-        Err(e) => return (PodStatus::new(att, State::Invalid, e.to_string()), None),
-    };
+    let policy =
+        match tproxy_cni_policy::PodPolicy::from_annotations(&conf.annotations, &conf.defaults) {
+            Ok(p) => p,
+            Err(e) => return (PodStatus::new(att, State::Invalid, e.to_string()), None),
+        };
     let mut st = PodStatus::new(att, State::Programmed, "");
     st.policy = policy.mode.as_str().to_string();
-    if policy.mode == tproxy_cni_policy::annotations::Mode::None {
+    if policy.mode == tproxy_cni_policy::Mode::None {
         st.state = State::PolicyNone;
         return (st, None);
     }

@@ -13,7 +13,7 @@ use std::fmt;
 use crate::nft::NftError;
 use crate::plan::{FwmarkRule, LocalRoute, Plan, PlanConfig, Routing, Table};
 use crate::routing::RoutingError;
-use tproxy_cni_policy::netaddr::{Cidr, Family};
+use tproxy_cni_policy::{Cidr, Family};
 
 /// The nftables operations the apply layer needs.
 pub trait Tables {
@@ -271,7 +271,7 @@ pub(crate) fn summary(plan: &Plan) -> String {
 mod tests {
     use super::*;
     use std::cell::RefCell;
-    use tproxy_cni_policy::annotations::{Defaults, Mode, PodPolicy};
+    use tproxy_cni_policy::{Defaults, Mode, PodPolicy};
 
     /// Records every call, in order, across both sides; fails the operations named in `fail`.
     #[derive(Default)]

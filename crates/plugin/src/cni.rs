@@ -21,7 +21,7 @@ use crate::routing;
 use conf::{NetConf, SUPPORTED_VERSIONS};
 use env::{CniEnv, Command, Env};
 use error::{code, CniError};
-use tproxy_cni_policy::annotations::PodPolicy;
+use tproxy_cni_policy::PodPolicy;
 
 /// The newest CNI version we speak, reported by VERSION and used in errors before a config is read.
 pub(crate) const LATEST_VERSION: &str = "1.1.0";
@@ -77,7 +77,7 @@ fn dispatch(env: &dyn Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
         }
         Err(e) => return Err(e),
     };
-    tproxy_cni_policy::logging::init("tproxy-cni", conf.log_level, conf.log_file.as_deref());
+    tproxy_cni_policy::init_logging("tproxy-cni", conf.log_level, conf.log_file.as_deref());
     let res = match cni.command {
         Command::Add => add(&cni, &conf).map(Some),
         Command::Del => del(&cni, &conf).map(|()| {
@@ -139,7 +139,7 @@ fn require_prev(conf: &NetConf) -> Result<&Value, CniError> {
 fn add(cni: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let prev = require_prev(conf)?;
     let plan = plan_for(conf)?;
-    if let Some(why) = tproxy_cni_policy::annotations::skip_reason(&conf.annotations) {
+    if let Some(why) = tproxy_cni_policy::skip_reason(&conf.annotations) {
         log::info!("{}: {why}", cni.pod());
     } else if plan.is_empty() {
         log::debug!("{}: mode none, nothing to program", cni.pod());
@@ -171,8 +171,8 @@ fn del(cni: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
 }
 
 /// What redirect mode may have added to lo (`::6/128`).
-fn redirect_lo() -> Vec<tproxy_cni_policy::netaddr::Cidr> {
-    tproxy_cni_policy::netaddr::Cidr::new(tproxy_cni_policy::consts::REDIRECT_SOURCE_V6.into(), 128)
+fn redirect_lo() -> Vec<tproxy_cni_policy::Cidr> {
+    tproxy_cni_policy::Cidr::new(tproxy_cni_policy::consts::REDIRECT_SOURCE_V6.into(), 128)
         .into_iter()
         .collect()
 }

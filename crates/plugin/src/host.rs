@@ -17,10 +17,10 @@ use serde_json::Value;
 
 use crate::apply::{self, Drift, Kernel};
 use crate::plan::{Action, Plan, PlanConfig};
-use tproxy_cni_policy::annotations::{Defaults, Mode, PodPolicy, OUR_KEYS};
 use tproxy_cni_policy::consts::ANNOTATION_PREFIX;
 use tproxy_cni_policy::flags;
-use tproxy_cni_policy::netaddr::Cidr;
+use tproxy_cni_policy::Cidr;
+use tproxy_cni_policy::{Defaults, Mode, PodPolicy, OUR_KEYS};
 
 pub(crate) const USAGE: &str = "\
 tproxy-cni-host: tproxy-cni's interception for a host or any network namespace, no Kubernetes.
@@ -101,7 +101,7 @@ pub(crate) enum HostError {
     Usage(String),
     /// The same text the plugin reports for the pod annotation the flag stands for.
     #[error("{0}")]
-    Policy(#[from] tproxy_cni_policy::annotations::PolicyError),
+    Policy(#[from] tproxy_cni_policy::PolicyError),
     #[error("--config: {0}")]
     Config(String),
     #[error("{0}")]
@@ -408,7 +408,7 @@ pub(crate) fn report(
 
 /// The whole binary: parse, act, print; returns the exit status.
 pub fn main_with(args: &[String], out: &mut dyn Write) -> i32 {
-    tproxy_cni_policy::logging::init("tproxy-cni-host", log::LevelFilter::Info, None);
+    tproxy_cni_policy::init_logging("tproxy-cni-host", log::LevelFilter::Info, None);
     let res = parse(args).and_then(|p| match p {
         Parsed::Help => {
             writeln!(out, "{USAGE}")?;
@@ -431,7 +431,7 @@ pub fn main_with(args: &[String], out: &mut dyn Write) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tproxy_cni_policy::annotations::FailMode;
+    use tproxy_cni_policy::FailMode;
 
     fn p(args: &[&str]) -> Result<Parsed, HostError> {
         parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())

@@ -7,7 +7,7 @@ mod config;
 
 pub(crate) use config::check_table_name;
 
-use tproxy_cni_policy::netaddr::{Cidr, Family, PortRange};
+use tproxy_cni_policy::{Cidr, Family, PortRange};
 
 /// Everything tproxy-cni owns in one pod netns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,8 +235,8 @@ fn families(pod_ips: &[std::net::IpAddr]) -> Vec<Family> {
 }
 
 /// Matches selecting the captured inbound ports: one entry per rule to emit.
-fn capture_selectors(policy: &tproxy_cni_policy::annotations::PodPolicy) -> Vec<Vec<Match>> {
-    use tproxy_cni_policy::annotations::Selector;
+fn capture_selectors(policy: &tproxy_cni_policy::PodPolicy) -> Vec<Vec<Match>> {
+    use tproxy_cni_policy::Selector;
     match &policy.inbound_ports {
         Selector::All => vec![vec![Match::L4ProtoTcp]],
         Selector::List(ports) => ports
@@ -269,11 +269,11 @@ fn node_rules(node_ips: &[std::net::IpAddr], fams: &[Family]) -> Vec<Rule> {
 /// `node_ips` are the node's own addresses, whose connections are never intercepted.
 pub fn build(
     cfg: &PlanConfig,
-    policy: &tproxy_cni_policy::annotations::PodPolicy,
+    policy: &tproxy_cni_policy::PodPolicy,
     pod_ips: &[std::net::IpAddr],
     node_ips: &[std::net::IpAddr],
 ) -> Plan {
-    use tproxy_cni_policy::annotations::Mode;
+    use tproxy_cni_policy::Mode;
     let fams = families(pod_ips);
     let (mut chains, routing) = match policy.mode {
         Mode::None => return Plan::empty(),
@@ -304,8 +304,8 @@ pub fn build(
 /// The annotation code guarantees these ports are captured and not excluded. With every port
 /// a PROXY-protocol port (Istio's `gatewayTopology.proxyProtocol`), the general capture rules
 /// do it, and [`node_bypass`] emits nothing.
-fn proxy_protocol_selectors(policy: &tproxy_cni_policy::annotations::PodPolicy) -> Vec<Vec<Match>> {
-    use tproxy_cni_policy::annotations::Selector;
+fn proxy_protocol_selectors(policy: &tproxy_cni_policy::PodPolicy) -> Vec<Vec<Match>> {
+    use tproxy_cni_policy::Selector;
     match &policy.north_south.proxy_protocol_ports {
         Selector::All => Vec::new(),
         Selector::List(ports) => ports
@@ -318,7 +318,7 @@ fn proxy_protocol_selectors(policy: &tproxy_cni_policy::annotations::PodPolicy) 
 /// The rules that capture the PROXY-protocol ports with the mode's `actions`, placed before
 /// the node bypass.
 fn proxy_protocol_captures(
-    policy: &tproxy_cni_policy::annotations::PodPolicy,
+    policy: &tproxy_cni_policy::PodPolicy,
     actions: Vec<Action>,
 ) -> Vec<Rule> {
     proxy_protocol_selectors(policy)
@@ -335,20 +335,20 @@ fn proxy_protocol_captures(
 
 /// The node-address bypass, unless every inbound port expects PROXY protocol.
 fn node_bypass(
-    policy: &tproxy_cni_policy::annotations::PodPolicy,
+    policy: &tproxy_cni_policy::PodPolicy,
     node_ips: &[std::net::IpAddr],
     fams: &[Family],
 ) -> Vec<Rule> {
     match policy.north_south.proxy_protocol_ports {
-        tproxy_cni_policy::annotations::Selector::All => Vec::new(),
-        tproxy_cni_policy::annotations::Selector::List(_) => node_rules(node_ips, fams),
+        tproxy_cni_policy::Selector::All => Vec::new(),
+        tproxy_cni_policy::Selector::List(_) => node_rules(node_ips, fams),
     }
 }
 
 /// Inbound rules common to both modes, after the mode's own head rules: the node's addresses
 /// and the excluded ports are accepted before any capture.
 fn bypass_rules(
-    policy: &tproxy_cni_policy::annotations::PodPolicy,
+    policy: &tproxy_cni_policy::PodPolicy,
     fams: &[Family],
     node_ips: &[std::net::IpAddr],
 ) -> Vec<Rule> {
@@ -367,11 +367,11 @@ fn bypass_rules(
 /// route output chain that sends the app's replies on the proxy leg back to it.
 fn tproxy_chains(
     cfg: &PlanConfig,
-    policy: &tproxy_cni_policy::annotations::PodPolicy,
+    policy: &tproxy_cni_policy::PodPolicy,
     fams: &[Family],
     node_ips: &[std::net::IpAddr],
 ) -> Vec<Chain> {
-    use tproxy_cni_policy::annotations::FailMode;
+    use tproxy_cni_policy::FailMode;
     // The bits set in the configured mark are ours: we match and set only them, so marks
     // others put on the same packets (Istio, kube-proxy, Calico, Cilium) survive.
     let m = MarkBits::ours(cfg.mark);
@@ -492,7 +492,7 @@ fn tproxy_routing(cfg: &PlanConfig, fams: &[Family]) -> Routing {
 /// Redirect mode: the NAT prerouting chain redirecting inbound TCP to the sidecar.
 fn redirect_chain(
     cfg: &PlanConfig,
-    policy: &tproxy_cni_policy::annotations::PodPolicy,
+    policy: &tproxy_cni_policy::PodPolicy,
     fams: &[Family],
     node_ips: &[std::net::IpAddr],
 ) -> Chain {
@@ -539,8 +539,8 @@ fn redirect_routing(fams: &[Family]) -> Routing {
 }
 
 /// NAT output chain sending the pod's egress to the sidecar's outbound port.
-fn outbound_chain(cfg: &PlanConfig, policy: &tproxy_cni_policy::annotations::PodPolicy) -> Chain {
-    use tproxy_cni_policy::annotations::Selector;
+fn outbound_chain(cfg: &PlanConfig, policy: &tproxy_cni_policy::PodPolicy) -> Chain {
+    use tproxy_cni_policy::Selector;
     let o = &policy.outbound;
     let mut rules = vec![rule(
         vec![Match::SkUid(policy.proxy_uid)],
@@ -622,7 +622,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::net::IpAddr;
-    use tproxy_cni_policy::annotations::{Defaults, PodPolicy};
+    use tproxy_cni_policy::{Defaults, PodPolicy};
 
     fn plan(pairs: &[(&str, &str)], ips: &[&str]) -> Plan {
         let ann: BTreeMap<String, String> = pairs

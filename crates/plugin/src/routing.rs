@@ -41,7 +41,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::plan::{FwmarkRule, LocalRoute, Routing};
 use tproxy_cni_policy::consts::RT_PROTOCOL;
-use tproxy_cni_policy::netaddr::Family;
+use tproxy_cni_policy::Family;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {

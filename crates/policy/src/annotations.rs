@@ -23,7 +23,7 @@ mod tests;
 pub(crate) mod yaml;
 
 pub use downward::parse_downward_api;
-pub use meshes::{foreign_mesh, skip_reason, MeshMark, MESH_MARKS};
+pub use meshes::{foreign_mesh, skip_reason, MESH_MARKS};
 pub(crate) use mode::pod_mode;
 
 use lists::{cidr_list, port_list, yaml_value};

@@ -129,7 +129,7 @@ impl AccessLog {
     }
 }
 
-pub(crate) use tproxy_cni_policy::logging::rfc3339;
+pub(crate) use tproxy_cni_policy::rfc3339;
 
 #[cfg(test)]
 mod tests {

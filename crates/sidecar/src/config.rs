@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tproxy_cni_policy::consts;
-use tproxy_cni_policy::netaddr::PortRange;
+use tproxy_cni_policy::PortRange;
 
 /// Which inbound interception the sidecar serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,7 +277,7 @@ pub fn parse(args: &[String], env: &BTreeMap<String, String>) -> Result<Parsed, 
     };
     // North-south flags: checked by the plugin's own annotation code, under the same names.
     let mut north_south = BTreeMap::new();
-    for key in tproxy_cni_policy::annotations::NORTH_SOUTH_KEYS {
+    for key in tproxy_cni_policy::NORTH_SOUTH_KEYS {
         if let Some((v, src)) = vals.get(key) {
             if !src.ends_with(" default") {
                 north_south.insert(key.to_string(), v.clone());
@@ -357,7 +357,7 @@ fn check_north_south(
     flags: &BTreeMap<String, String>,
     source_of: impl Fn(&str) -> String,
 ) -> Result<(), ConfigError> {
-    tproxy_cni_policy::annotations::NorthSouth::from_annotations(&north_south_annotations(flags))
+    tproxy_cni_policy::NorthSouth::from_annotations(&north_south_annotations(flags))
         .map(|_| ())
         .map_err(|e| {
             let flag = e
@@ -506,15 +506,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.north_south.len(), 3);
-        let ns = tproxy_cni_policy::annotations::NorthSouth::from_annotations(
-            &north_south_annotations(&c.north_south),
-        )
+        let ns = tproxy_cni_policy::NorthSouth::from_annotations(&north_south_annotations(
+            &c.north_south,
+        ))
         .unwrap();
         assert!(ns.xff_on(8080));
-        assert_eq!(
-            ns.xff_trust,
-            tproxy_cni_policy::annotations::XffTrust::Hops(2)
-        );
+        assert_eq!(ns.xff_trust, tproxy_cni_policy::XffTrust::Hops(2));
         assert_eq!(ns.acl.deny_client.len(), 1);
         assert_eq!(c.max_request_head, 60 * 1024);
         assert_eq!(c.proxy_protocol_timeout, Duration::from_secs(3));

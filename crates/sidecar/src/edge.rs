@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use super::client::{self, Claim, ClientCheck, Decided};
 use super::http1::{list_elements, RequestHead, Version};
 use super::xff::{self, Effective};
-use tproxy_cni_policy::annotations::XffTrust;
+use tproxy_cni_policy::XffTrust;
 
 pub const XFF: &str = "x-forwarded-for";
 pub const EXTERNAL_ADDRESS: &str = "x-envoy-external-address";

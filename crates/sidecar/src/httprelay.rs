@@ -34,8 +34,8 @@ use super::edge;
 use super::http1::{self, Body, HeadParse, HeadReader, ResponseParse, ResponseReader, ResponseTo};
 use super::sockopt;
 use super::watchdog::{self, Clock, Cut};
-use tproxy_cni_policy::annotations::acl::{Acl, Denied};
-use tproxy_cni_policy::annotations::XffTrust;
+use tproxy_cni_policy::XffTrust;
+use tproxy_cni_policy::{Acl, Denied};
 
 /// Envoy's RBAC answer.
 pub(crate) const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nRBAC: access denied";

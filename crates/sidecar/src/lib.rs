@@ -63,7 +63,7 @@ use tokio::sync::{watch, Semaphore};
 
 use config::{Config, InboundMode, ModeFlag};
 use proxy::{Role, Shared};
-use tproxy_cni_policy::annotations::{self, Defaults, Mode, NorthSouth, PodPolicy};
+use tproxy_cni_policy::{Defaults, Mode, NorthSouth, PodPolicy};
 
 /// Why the sidecar could not start (or stopped abnormally).
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +132,8 @@ pub(crate) fn resolve(
             reason,
         };
         let text = read(path).map_err(|e| bad(e.to_string()))?;
-        let mut ann = annotations::parse_downward_api(&text).map_err(|e| bad(e.to_string()))?;
+        let mut ann =
+            tproxy_cni_policy::parse_downward_api(&text).map_err(|e| bad(e.to_string()))?;
         ann.extend(config::north_south_annotations(&cfg.north_south));
         let defaults = Defaults {
             mode: Mode::Tproxy,
@@ -561,7 +562,7 @@ mod tests {
 
     #[test]
     fn north_south_from_annotations_and_flags() {
-        use tproxy_cni_policy::annotations::XffTrust;
+        use tproxy_cni_policy::XffTrust;
         // auto: the pod's annotations, a flag given overrides its own key only.
         let c = cfg(&["--annotations-file", "/x", "--xff-num-trusted-proxies", "2"]);
         let text =

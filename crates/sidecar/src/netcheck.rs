@@ -27,7 +27,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use super::config::InboundMode;
 use tproxy_cni_plugin::routing::{RoutingError, Rtnl};
 use tproxy_cni_policy::consts::REDIRECT_SOURCE_V6;
-use tproxy_cni_policy::netaddr::Family;
+use tproxy_cni_policy::Family;
 
 /// What the check found.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -28,7 +28,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tproxy_cni_policy::netaddr::PortRange;
+use tproxy_cni_policy::PortRange;
 
 type Key = (IpAddr, SocketAddr);
 

@@ -19,8 +19,8 @@ use super::pipes::PipePool;
 use super::ports::PortBook;
 use super::sockopt::{self, UpstreamOpts};
 use super::watchdog::Cut;
-use tproxy_cni_policy::annotations::NorthSouth;
 use tproxy_cni_policy::consts::{REDIRECT_SOURCE_V4, REDIRECT_SOURCE_V6};
+use tproxy_cni_policy::NorthSouth;
 
 mod serve;
 

@@ -44,7 +44,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tproxy_cni_policy::annotations::XffTrust;
+use tproxy_cni_policy::XffTrust;
 
 /// Where the effective client came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

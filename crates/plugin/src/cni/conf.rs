@@ -10,10 +10,10 @@ use serde_json::{Map, Value};
 
 use super::error::{code, echo_json, CniError};
 use crate::plan::{check_table_name, PlanConfig};
-use tproxy_cni_policy::annotations::Defaults;
 use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
 use tproxy_cni_policy::echo;
-use tproxy_cni_policy::json::{opt_bool, opt_str};
+use tproxy_cni_policy::Defaults;
+use tproxy_cni_policy::{opt_bool, opt_str};
 
 /// CNI versions whose configs we accept; the newest first is what VERSION reports.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -222,8 +222,8 @@ fn parse_annotations(obj: &Map<String, Value>) -> Result<BTreeMap<String, String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tproxy_cni_policy::annotations::{FailMode, Mode};
-    use tproxy_cni_policy::netaddr::PortRange;
+    use tproxy_cni_policy::PortRange;
+    use tproxy_cni_policy::{FailMode, Mode};
 
     fn conf(extra: &str) -> Result<NetConf, CniError> {
         let s = format!(r#"{{"cniVersion":"1.0.0","name":"k8s","type":"tproxy-cni"{extra}}}"#);

@@ -21,7 +21,7 @@ pub(crate) mod code {
 }
 
 pub(crate) use tproxy_cni_policy::echo_json;
-use tproxy_cni_policy::json::ConfigError;
+use tproxy_cni_policy::ConfigError;
 
 /// A CNI error: printed as the spec's JSON error object on stdout, exit code 1.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,8 +80,8 @@ impl std::fmt::Display for CniError {
     }
 }
 
-impl From<tproxy_cni_policy::annotations::PolicyError> for CniError {
-    fn from(e: tproxy_cni_policy::annotations::PolicyError) -> Self {
+impl From<tproxy_cni_policy::PolicyError> for CniError {
+    fn from(e: tproxy_cni_policy::PolicyError) -> Self {
         CniError::new(code::INVALID_CONFIG, format!("invalid pod {e}"))
     }
 }

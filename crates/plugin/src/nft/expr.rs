@@ -5,7 +5,7 @@
 use super::wire::{self, attrs, be32, find, put_attr, put_nested};
 use crate::plan::{Action, MarkBits, Match};
 use std::fmt;
-use tproxy_cni_policy::netaddr::{Cidr, Family, PortRange};
+use tproxy_cni_policy::{Cidr, Family, PortRange};
 
 /// `NFT_REG_1`: nft addresses 32-bit registers through the 128-bit names when aligned, and the
 /// kernel dumps them the same way, so everything we emit uses register 1.

@@ -4,7 +4,7 @@
 
 use crate::plan::{Action, Chain, ChainKind, Hook, MarkBits, Match, Table};
 use std::fmt::Write;
-use tproxy_cni_policy::netaddr::Family;
+use tproxy_cni_policy::Family;
 
 fn kind(k: ChainKind) -> &'static str {
     match k {
@@ -57,7 +57,7 @@ fn fam(f: Family) -> &'static str {
     }
 }
 
-fn cidr(c: &tproxy_cni_policy::netaddr::Cidr) -> String {
+fn cidr(c: &tproxy_cni_policy::Cidr) -> String {
     if c.prefix() == c.family().max_prefix() {
         c.addr().to_string()
     } else {

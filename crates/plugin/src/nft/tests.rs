@@ -4,7 +4,7 @@ use super::batch::{comment_udata, parse_comment};
 use super::*;
 use crate::plan::{Action as A, Chain, MarkBits, Match as Mt, Rule};
 use crate::plan::{ChainKind, Hook};
-use tproxy_cni_policy::netaddr::{Family, PortRange};
+use tproxy_cni_policy::{Family, PortRange};
 
 /// The oracle's marks are exact (all-ones mask); the masked forms are checked against nft
 /// by the root tests (tests/nft_kernel.rs), and their lowering below.
@@ -25,7 +25,7 @@ fn r(matches: Vec<Mt>, actions: Vec<A>, comment: &str) -> Rule {
         comment: comment.into(),
     }
 }
-fn cidr(s: &str) -> tproxy_cni_policy::netaddr::Cidr {
+fn cidr(s: &str) -> tproxy_cni_policy::Cidr {
     s.parse().expect("test cidr")
 }
 

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 use tproxy_cni_policy::consts::ADMIN_PORT;
 use tproxy_cni_policy::echo;
-use tproxy_cni_policy::json::{opt_port, opt_str, opt_u32, ConfigError};
+use tproxy_cni_policy::{opt_port, opt_str, opt_u32, ConfigError};
 
 use super::PlanConfig;
 

@@ -10,7 +10,7 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::plan::{FwmarkRule, LocalRoute, Routing};
-use tproxy_cni_policy::netaddr::Family;
+use tproxy_cni_policy::Family;
 
 /// Compares the kernel's rules, routes and lo addresses with the plan: one line per missing,
 /// duplicated or extra object (empty when they agree); `Err` when they could not be read.

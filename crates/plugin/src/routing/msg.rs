@@ -15,7 +15,7 @@ use netlink_packet_route::AddressFamily;
 
 use crate::plan::{FwmarkRule, LocalRoute};
 use tproxy_cni_policy::consts::RT_PROTOCOL;
-use tproxy_cni_policy::netaddr::{Cidr, Family};
+use tproxy_cni_policy::{Cidr, Family};
 
 pub(super) fn family(f: Family) -> AddressFamily {
     match f {

@@ -11,7 +11,7 @@ use netlink_packet_route::address::{
 };
 use netlink_packet_route::RouteNetlinkMessage;
 
-use tproxy_cni_policy::netaddr::Family;
+use tproxy_cni_policy::Family;
 
 /// Interface that kube-proxy in IPVS mode fills with every Service IP: not the node's own
 /// addresses in the sense of where its connections come from, and possibly thousands.

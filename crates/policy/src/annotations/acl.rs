@@ -49,9 +49,6 @@ impl Denied {
     }
 }
 
-/// Envoy's access-log response flag for a request denied by RBAC.
-pub const RESPONSE_FLAG: &str = "RBAC";
-
 fn any(list: &[Cidr], ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
     list.iter().any(|c| c.contains(&ip))

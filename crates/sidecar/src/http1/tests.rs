@@ -422,7 +422,7 @@ fn fuzz_mutated_requests_never_panic() {
                     &h,
                     "192.0.2.1".parse().unwrap(),
                     "peer",
-                    &tproxy_cni_policy::annotations::XffTrust::Hops(1),
+                    &tproxy_cni_policy::XffTrust::Hops(1),
                     &ck,
                 );
                 let again = match HeadReader::new(Limits::default()).feed(&r.head) {

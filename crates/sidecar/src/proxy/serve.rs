@@ -19,8 +19,8 @@ use crate::proxy_protocol as pp;
 use crate::relay;
 use crate::sockopt;
 use crate::xff;
-use tproxy_cni_policy::annotations::acl::Denied;
-use tproxy_cni_policy::annotations::PpVersion;
+use tproxy_cni_policy::Denied;
+use tproxy_cni_policy::PpVersion;
 
 /// (bytes from downstream, bytes to downstream) and why the connection ended.
 pub(super) type Done = ((u64, u64), EndReason);
