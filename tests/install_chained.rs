@@ -76,7 +76,7 @@ fn installed_conflist_runs_and_pod_gets_rules() {
     // in the host's root netns (deleting the netns removes them, also when an assertion fails).
     let node = common::Netns::new("tpnode");
     let in_node = |f: &(dyn Fn() -> Result<Value, String> + Sync)| {
-        tproxy_cni_plugin::netns::run_in(&node.path(), f).expect("enter the node netns")
+        tproxy_cni_plugin::run_in(&node.path(), f).expect("enter the node netns")
     };
 
     let out = Command::new(env!("CARGO_BIN_EXE_tproxy-cni-install"))

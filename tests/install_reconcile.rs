@@ -242,7 +242,7 @@ fn states(v: &Value) -> Vec<(String, String)> {
 }
 
 fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    tproxy_cni_plugin::netns::run_in(&ns.path(), f).expect("enter netns")
+    tproxy_cni_plugin::run_in(&ns.path(), f).expect("enter netns")
 }
 
 /// Echoes every connection it accepts; the count of accepted connections is the app's view.

@@ -373,7 +373,7 @@ fn configmap_settings_are_accepted_by_the_installer() {
         serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}]}),
     );
     let bytes = serde_json::to_vec(&stdin).unwrap();
-    if let Err(e) = tproxy_cni_plugin::cni::conf::NetConf::parse(&bytes) {
+    if let Err(e) = tproxy_cni_plugin::NetConf::parse(&bytes) {
         panic!("the plugin rejects the ConfigMap's settings: {e:?}");
     }
 }

@@ -9,7 +9,7 @@ use tproxy_cni_policy::{Family, PortRange};
 
 /// Runs `f` on a fresh thread inside `ns` (the test thread never changes netns).
 fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    tproxy_cni_plugin::netns::run_in(&ns.path(), f).expect("enter the test netns")
+    tproxy_cni_plugin::run_in(&ns.path(), f).expect("enter the test netns")
 }
 
 fn rule(matches: Vec<Match>, actions: Vec<Action>, comment: &str) -> Rule {

@@ -70,7 +70,7 @@ fn racing_tproxy_and_redirect_adds_end_in_one_policy() {
     eprintln!("winners: tproxy {} redirect {}", winners[0], winners[1]);
     // No lock file is left for this netns.
     let m = std::fs::metadata(ns.path()).unwrap();
-    let file = std::path::Path::new(tproxy_cni_plugin::nslock::LOCK_DIR).join(format!(
+    let file = std::path::Path::new(tproxy_cni_plugin::LOCK_DIR).join(format!(
         "{:x}-{}",
         m.dev(),
         m.ino()
@@ -87,7 +87,7 @@ fn a_held_lock_makes_add_wait_and_del_follow() {
     let prev = prev(&ns);
     // Someone (here: the test, through the library's own lock) holds the netns for 300 ms.
     let file = std::fs::File::open(ns.path()).unwrap();
-    let held = tproxy_cni_plugin::netns::lock_namespace(&ns.path(), &file).unwrap();
+    let held = tproxy_cni_plugin::lock_namespace(&ns.path(), &file).unwrap();
     let start = std::time::Instant::now();
     std::thread::scope(|s| {
         let add = s.spawn(|| {

@@ -12,8 +12,8 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Value};
 
-use tproxy_cni_plugin::cni::conf::NetConf;
 use tproxy_cni_plugin::plan::{self, Action, Match, Plan, PlanConfig};
+use tproxy_cni_plugin::NetConf;
 use tproxy_cni_policy::{
     parse_downward_api, Defaults, FailMode, Mode, PodPolicy, Selector, MESH_MARKS,
 };
@@ -485,8 +485,8 @@ proptest! {
     #[test]
     fn arbitrary_bytes_as_config_never_panic(b in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = NetConf::parse(&b);
-        let _ = tproxy_cni_plugin::cni::conf::peek_version(&b);
-        let _ = tproxy_cni_plugin::cni::conf::peek_bad_table_name(&b);
+        let _ = tproxy_cni_plugin::peek_version(&b);
+        let _ = tproxy_cni_plugin::peek_bad_table_name(&b);
     }
 }
 

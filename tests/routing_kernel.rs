@@ -4,7 +4,7 @@ mod common;
 
 use common::Netns;
 use tproxy_cni_plugin::plan::{FwmarkRule, LocalRoute, Routing};
-use tproxy_cni_plugin::{netns, routing};
+use tproxy_cni_plugin::{routing, run_in, NetnsError};
 use tproxy_cni_policy::Family;
 
 fn plan(families: &[Family]) -> Routing {
@@ -36,13 +36,9 @@ fn apply_check_delete_dual_stack() {
     require_root!();
     let ns = Netns::new("rt");
     let r = plan(&[Family::V4, Family::V6]);
-    netns::run_in(&ns.path(), || routing::apply(&r))
-        .unwrap()
-        .unwrap();
+    run_in(&ns.path(), || routing::apply(&r)).unwrap().unwrap();
     // Twice is the same (idempotent ADD).
-    netns::run_in(&ns.path(), || routing::apply(&r))
-        .unwrap()
-        .unwrap();
+    run_in(&ns.path(), || routing::apply(&r)).unwrap().unwrap();
 
     for fam in ["-4", "-6"] {
         let rules = ip_json(&ns, &format!("{fam} rule show"));
@@ -63,27 +59,19 @@ fn apply_check_delete_dual_stack() {
         assert_eq!(routes[0]["dev"], "lo");
     }
     assert_eq!(
-        netns::run_in(&ns.path(), || routing::check(&r))
-            .unwrap()
-            .unwrap(),
+        run_in(&ns.path(), || routing::check(&r)).unwrap().unwrap(),
         Vec::<String>::new()
     );
 
     // CHECK notices a rule deleted behind our back.
     ns.sh("ip -6 rule del priority 29808");
-    let diffs = netns::run_in(&ns.path(), || routing::check(&r))
-        .unwrap()
-        .unwrap();
+    let diffs = run_in(&ns.path(), || routing::check(&r)).unwrap().unwrap();
     assert_eq!(diffs.len(), 1, "{diffs:?}");
     assert!(diffs[0].contains("ipv6 rule fwmark 0x7470"), "{diffs:?}");
 
     // DEL removes the rest, and again succeeds on nothing.
-    netns::run_in(&ns.path(), || routing::delete(&r))
-        .unwrap()
-        .unwrap();
-    netns::run_in(&ns.path(), || routing::delete(&r))
-        .unwrap()
-        .unwrap();
+    run_in(&ns.path(), || routing::delete(&r)).unwrap().unwrap();
+    run_in(&ns.path(), || routing::delete(&r)).unwrap().unwrap();
     for fam in ["-4", "-6"] {
         let rules = ip_json(&ns, &format!("{fam} rule show"));
         assert!(
@@ -100,7 +88,7 @@ fn apply_check_delete_dual_stack() {
             .is_empty());
     }
     assert_eq!(
-        netns::run_in(&ns.path(), || routing::check(&r))
+        run_in(&ns.path(), || routing::check(&r))
             .unwrap()
             .unwrap()
             .len(),
@@ -115,12 +103,8 @@ fn delete_keeps_foreign_rules_and_routes() {
     ns.sh("ip rule add fwmark 0x539 lookup 133 priority 32000");
     ns.sh("ip route add local default dev lo table 133");
     let r = plan(&[Family::V4]);
-    netns::run_in(&ns.path(), || routing::apply(&r))
-        .unwrap()
-        .unwrap();
-    netns::run_in(&ns.path(), || routing::delete(&r))
-        .unwrap()
-        .unwrap();
+    run_in(&ns.path(), || routing::apply(&r)).unwrap().unwrap();
+    run_in(&ns.path(), || routing::delete(&r)).unwrap().unwrap();
     let rules = ns.sh("ip rule show");
     assert!(rules.contains("fwmark 0x539 lookup 133"), "{rules}");
     assert!(!rules.contains("0x7470"), "{rules}");
@@ -135,30 +119,26 @@ fn lo_address_for_redirect_v6() {
     let ns = Netns::new("rt");
     let mut r = Routing::default();
     r.lo_addresses.push("::6/128".parse().unwrap());
-    netns::run_in(&ns.path(), || routing::apply(&r))
-        .unwrap()
-        .unwrap();
+    run_in(&ns.path(), || routing::apply(&r)).unwrap().unwrap();
     assert!(ns.sh("ip -6 addr show dev lo").contains("::6/128"));
-    assert!(netns::run_in(&ns.path(), || routing::check(&r))
+    assert!(run_in(&ns.path(), || routing::check(&r))
         .unwrap()
         .unwrap()
         .is_empty());
-    netns::run_in(&ns.path(), || routing::delete(&r))
-        .unwrap()
-        .unwrap();
+    run_in(&ns.path(), || routing::delete(&r)).unwrap().unwrap();
     assert!(!ns.sh("ip -6 addr show dev lo").contains("::6/128"));
 }
 
 #[test]
 fn gone_netns_is_reported_as_gone() {
-    let e = netns::run_in(
+    let e = run_in(
         std::path::Path::new("/var/run/netns/definitely-not-here"),
         || (),
     )
     .unwrap_err();
-    assert!(matches!(e, netns::NetnsError::Gone(_)), "{e}");
-    let e = netns::run_in(std::path::Path::new(""), || ()).unwrap_err();
-    assert!(matches!(e, netns::NetnsError::Gone(_)), "{e}");
+    assert!(matches!(e, NetnsError::Gone(_)), "{e}");
+    let e = run_in(std::path::Path::new(""), || ()).unwrap_err();
+    assert!(matches!(e, NetnsError::Gone(_)), "{e}");
 }
 
 #[test]
@@ -168,10 +148,8 @@ fn works_while_lo_is_still_down() {
     let ns = Netns::new("rt");
     ns.sh("ip link set lo down");
     let r = plan(&[Family::V4, Family::V6]);
-    netns::run_in(&ns.path(), || routing::apply(&r))
-        .unwrap()
-        .unwrap();
-    assert!(netns::run_in(&ns.path(), || routing::check(&r))
+    run_in(&ns.path(), || routing::apply(&r)).unwrap().unwrap();
+    assert!(run_in(&ns.path(), || routing::check(&r))
         .unwrap()
         .unwrap()
         .is_empty());
@@ -195,12 +173,10 @@ fn check_reports_duplicates_and_unwanted_objects() {
     require_root!();
     let ns = Netns::new("rt");
     let r = plan(&[Family::V4]);
-    netns::run_in(&ns.path(), || routing::apply(&r))
-        .unwrap()
-        .unwrap();
+    run_in(&ns.path(), || routing::apply(&r)).unwrap().unwrap();
     let chk = |r: &Routing| {
         let r = r.clone();
-        netns::run_in(&ns.path(), move || routing::check(&r))
+        run_in(&ns.path(), move || routing::check(&r))
             .unwrap()
             .unwrap()
     };
@@ -237,14 +213,14 @@ fn apply_and_delete_find_ours_by_tag() {
     for x in &mut old.local_routes {
         x.table = 4242;
     }
-    netns::run_in(&ns.path(), || routing::apply(&old))
+    run_in(&ns.path(), || routing::apply(&old))
         .unwrap()
         .unwrap();
     let new = plan(&[Family::V4, Family::V6]);
-    netns::run_in(&ns.path(), || routing::apply(&new))
+    run_in(&ns.path(), || routing::apply(&new))
         .unwrap()
         .unwrap();
-    let chk = netns::run_in(&ns.path(), || routing::check(&new))
+    let chk = run_in(&ns.path(), || routing::check(&new))
         .unwrap()
         .unwrap();
     assert_eq!(chk, Vec::<String>::new());
@@ -256,10 +232,10 @@ fn apply_and_delete_find_ours_by_tag() {
         assert_eq!(ours_of(&ns, fam).len(), 1);
     }
     // Back to the old numbers, then a DEL that only knows the new ones removes them.
-    netns::run_in(&ns.path(), || routing::apply(&old))
+    run_in(&ns.path(), || routing::apply(&old))
         .unwrap()
         .unwrap();
-    netns::run_in(&ns.path(), || routing::delete(&new))
+    run_in(&ns.path(), || routing::delete(&new))
         .unwrap()
         .unwrap();
     for fam in ["-4", "-6"] {
@@ -294,7 +270,7 @@ fn node_addresses_are_the_stable_global_ones() {
     ns.sh("ip addr add fd00:1::2/64 dev n0 nodad preferred_lft 0");
     ns.sh("ip link add kube-ipvs0 type veth peer name k1");
     ns.sh("ip addr add 10.96.0.1/32 dev kube-ipvs0");
-    let got = netns::run_in(&ns.path(), routing::node_addresses)
+    let got = run_in(&ns.path(), routing::node_addresses)
         .unwrap()
         .unwrap();
     let want: Vec<std::net::IpAddr> = ["10.1.0.1", "10.1.0.2", "fd00:1::1"]

@@ -8,10 +8,6 @@ fn main() {
         eprintln!("tproxy-cni: reading stdin: {e}");
     }
     let mut stdout = std::io::stdout().lock();
-    let code = tproxy_cni_plugin::cni::run(
-        &tproxy_cni_plugin::cni::env::ProcessEnv,
-        &stdin,
-        &mut stdout,
-    );
+    let code = tproxy_cni_plugin::run(&tproxy_cni_plugin::ProcessEnv, &stdin, &mut stdout);
     std::process::exit(code);
 }

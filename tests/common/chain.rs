@@ -9,7 +9,7 @@ pub use tproxy_cni_run as cnirun;
 use std::path::PathBuf;
 
 use serde_json::{json, Map, Value};
-use tproxy_cni_plugin::cni::error::CniError;
+use tproxy_cni_plugin::CniError;
 use tproxy_cni_policy::consts::POD_ANNOTATIONS_CAPABILITY;
 
 use super::{unique, Netns};
@@ -134,7 +134,7 @@ impl Node {
     /// Runs `f` in the node's netns, where the runtime runs plugins: the plugin processes
     /// inherit the netns of the thread that spawns them.
     fn on_node<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        tproxy_cni_plugin::netns::run_in(&self.ns.path(), f).expect("enter the node's netns")
+        tproxy_cni_plugin::run_in(&self.ns.path(), f).expect("enter the node's netns")
     }
 
     /// Runs one plugin by itself as libcni would, with `prev` as its `prevResult`.

@@ -34,7 +34,7 @@ pub fn sa(ip: &str, port: u16) -> SocketAddr {
 /// be used anywhere.
 pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = format!("/var/run/netns/{ns}");
-    tproxy_cni_plugin::netns::run_in(std::path::Path::new(&path), f).expect("enter the test netns")
+    tproxy_cni_plugin::run_in(std::path::Path::new(&path), f).expect("enter the test netns")
 }
 
 /// Like `in_ns` but returns the join handle (for concurrent clients).

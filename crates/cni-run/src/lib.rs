@@ -24,7 +24,7 @@ use serde_json::{Map, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use tproxy_cni_plugin::cni::error::CniError;
+use tproxy_cni_plugin::CniError;
 
 /// Everything a runtime knows about one attachment besides the conflist itself.
 #[derive(Debug, Clone, Default)]

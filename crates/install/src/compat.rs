@@ -1,10 +1,10 @@
 //! Can the plugin serve a config? The installer chains only into configs whose `cniVersion` the
-//! plugin accepts (`tproxy_cni_plugin::cni::conf::SUPPORTED_VERSIONS`): chaining into any other makes every
+//! plugin accepts (`tproxy_cni_plugin::SUPPORTED_VERSIONS`): chaining into any other makes every
 //! pod ADD on the node fail, annotated or not (docs/ARCHITECTURE.md, pitfall 70).
 
 use serde_json::Value;
 
-use tproxy_cni_plugin::cni::conf::SUPPORTED_VERSIONS;
+use tproxy_cni_plugin::SUPPORTED_VERSIONS;
 
 /// `a.b.c` as numbers; `None` for anything else.
 fn parse(v: &str) -> Option<(u64, u64, u64)> {

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use super::cache::{self, Annotations, Attachment, Sandbox};
-use tproxy_cni_plugin::apply::{self, Drift, Kernel};
-use tproxy_cni_plugin::cni::conf::NetConf;
 use tproxy_cni_plugin::nft::RuleStatus;
+use tproxy_cni_plugin::NetConf;
+use tproxy_cni_plugin::{Drift, Kernel};
 
 /// What the loop does with what it finds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +253,7 @@ fn assess(net: &Network, att: &Attachment, netns_dir: &Path) -> (PodStatus, Opti
             return (st, None);
         }
     };
-    let plan = match tproxy_cni_plugin::cni::plan_for(&conf) {
+    let plan = match tproxy_cni_plugin::plan_for(&conf) {
         Ok(p) => p,
         Err(e) => {
             st.state = State::Invalid;
@@ -263,7 +263,7 @@ fn assess(net: &Network, att: &Attachment, netns_dir: &Path) -> (PodStatus, Opti
     };
     let ips = att.ips();
     let table = conf.plan.table_name.clone();
-    let seen = tproxy_cni_plugin::netns::run_in(&netns, || -> Result<_, String> {
+    let seen = tproxy_cni_plugin::run_in(&netns, || -> Result<_, String> {
         // The netns must hold the pod's addresses: a name reused by another pod, or a stale
         // cache entry, is never written to (pitfall 85).
         let have = tproxy_cni_plugin::routing::node_addresses().map_err(|e| e.to_string())?;
@@ -271,7 +271,8 @@ fn assess(net: &Network, att: &Attachment, netns_dir: &Path) -> (PodStatus, Opti
             return Ok(None);
         }
         let comment = tproxy_cni_plugin::nft::table_comment(&table).map_err(|e| e.to_string())?;
-        let drift = apply::verify(&Kernel, &Kernel, &plan, &table).map_err(|e| e.to_string())?;
+        let drift = tproxy_cni_plugin::verify(&Kernel, &Kernel, &plan, &table)
+            .map_err(|e| e.to_string())?;
         let rules = tproxy_cni_plugin::nft::rule_status(&table).map_err(|e| e.to_string())?;
         Ok(Some((comment, drift, rules)))
     });
@@ -339,13 +340,13 @@ fn run_add(att: &Attachment, r: &Repair) -> Result<(), String> {
     // The plugin sets the log level from its config; the installer keeps its own.
     let level = log::max_level();
     let mut out = Vec::new();
-    let code = tproxy_cni_plugin::cni::run(&env, &r.stdin, &mut out);
+    let code = tproxy_cni_plugin::run(&env, &r.stdin, &mut out);
     log::set_max_level(level);
     if code == 0 {
         return Ok(());
     }
     let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
-    Err(tproxy_cni_plugin::cni::error::CniError::from_json(&v)
+    Err(tproxy_cni_plugin::CniError::from_json(&v)
         .map(|e| e.to_string())
         .unwrap_or_else(|| String::from_utf8_lossy(&out).trim().to_string()))
 }

@@ -12,11 +12,32 @@
 
 #![deny(unsafe_code)]
 
-pub mod apply;
-pub mod cni;
-pub mod host;
-pub mod netns;
+mod apply;
+mod cni;
+mod host;
+mod netns;
+mod nslock;
+
+// Three whole modules stay public, each already a facade (private submodules behind a short
+// `pub use` list) of one group its callers use together: `plan` is the Plan's data types and
+// `plan::build`; `nft` the nf_tables table's apply, read-back (`check`, `rule_status`,
+// `table_comment`, ...) and render; `routing` the rules and routes' apply, check and delete and
+// the `Rtnl` socket. Their names read best qualified (`nft::apply`, `routing::apply`).
 pub mod nft;
-pub mod nslock;
 pub mod plan;
 pub mod routing;
+
+/// Drift between a plan and the kernel, as CHECK and the installer's repairs see it.
+pub use apply::{verify, Drift, Kernel};
+/// The CNI protocol frame: `run` is the whole plugin (env, stdin, stdout in, exit code out).
+pub use cni::{
+    conf::{peek_bad_table_name, peek_version, NetConf, SUPPORTED_VERSIONS},
+    env::ProcessEnv,
+    error::CniError,
+    plan_for, run,
+};
+/// The `tproxy-cni-host` command.
+pub use host::main_with as host_main_with;
+/// The only door into a pod's netns, and the per-netns lock shared with the installer.
+pub use netns::{lock_namespace, run_in, NetnsError};
+pub use nslock::LOCK_DIR;
