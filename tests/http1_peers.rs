@@ -18,9 +18,10 @@ use std::time::Duration;
 
 use common::tools::{free_port, have_tool, Haproxy};
 use tproxy_cni_policy::XffTrust;
-use tproxy_cni_sidecar::client::{ClientCheck, PodAddrs};
-use tproxy_cni_sidecar::edge::{self, EXTERNAL_ADDRESS, XFF};
-use tproxy_cni_sidecar::http1::{Body, HeadParse, HeadReader, Limits};
+use tproxy_cni_sidecar::{
+    edge_rewrite, Body, ClientCheck, HeadParse, HeadReader, HttpLimits as Limits, PodAddrs,
+    EXTERNAL_ADDRESS, XFF,
+};
 
 /// Serves every request of one connection; the response body describes what was parsed.
 fn serve(mut s: TcpStream, peer: IpAddr, trust: XffTrust) -> Result<(), String> {
@@ -62,7 +63,7 @@ fn serve(mut s: TcpStream, peer: IpAddr, trust: XffTrust) -> Result<(), String> 
             pod: &pod,
             local: None,
         };
-        let rw = edge::rewrite(&buf, &head, peer, "peer", &trust, &ck);
+        let rw = edge_rewrite(&buf, &head, peer, "peer", &trust, &ck);
         if head.expect_continue {
             s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .map_err(|e| e.to_string())?;

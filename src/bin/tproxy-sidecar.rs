@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use tproxy_cni_sidecar::{self as sidecar, config};
+use tproxy_cni_sidecar as sidecar;
 
 fn main() -> ExitCode {
     // One log format for every binary (crates/policy/src/logging.rs): stderr, which kubectl logs shows.
@@ -18,16 +18,16 @@ fn main() -> ExitCode {
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .filter(|(k, _)| k.starts_with("TPROXY_SIDECAR_"))
         .collect();
-    match config::parse(&args, &env) {
-        Ok(config::Parsed::Help) => {
-            print!("{}", config::help());
+    match sidecar::parse_config(&args, &env) {
+        Ok(sidecar::Parsed::Help) => {
+            print!("{}", sidecar::help());
             ExitCode::SUCCESS
         }
         Err(e) => {
             log::error!("{e} (see --help)");
             ExitCode::from(2)
         }
-        Ok(config::Parsed::Run(cfg)) => match sidecar::run(*cfg) {
+        Ok(sidecar::Parsed::Run(cfg)) => match sidecar::run(*cfg) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 log::error!("{e}");

@@ -153,8 +153,6 @@ pub struct Decided {
 /// Where the claim came from.
 #[derive(Debug, Clone, Copy)]
 pub enum Claim {
-    /// Nothing claimed: the TCP peer.
-    None,
     /// The source address of a trusted PROXY header.
     ProxyProtocol(IpAddr),
     /// What [`super::xff::effective_client`] found for one request.
@@ -176,7 +174,6 @@ pub(crate) fn decide(
         refused,
     };
     match claim {
-        Claim::None => keep(base_source, None),
         Claim::ProxyProtocol(ip) => match ck.check(ip) {
             Ok(client) => Decided {
                 client,

@@ -573,7 +573,9 @@ fn semantics(buf: &[u8], h: &mut RequestHead) -> Result<(), HeadError> {
 mod body;
 mod response;
 
-pub use body::{Body, BodyError, Chunked};
+pub use body::Body;
+#[cfg(test)]
+pub(crate) use body::BodyError;
 #[cfg(test)]
 use response::ResponseHead;
 pub(crate) use response::{ResponseFraming, ResponseParse, ResponseReader, ResponseTo};

@@ -30,16 +30,19 @@ pub(crate) mod accesslog;
 pub(crate) mod addr;
 pub(crate) mod admin;
 pub(crate) mod caps;
-pub mod client;
-pub mod config;
-pub mod edge;
-pub mod http1;
+pub(crate) mod client;
+pub(crate) mod config;
+pub(crate) mod edge;
+pub(crate) mod http1;
 pub(crate) mod httprelay;
 pub(crate) mod metrics;
 pub(crate) mod netcheck;
 pub(crate) mod pipes;
 pub(crate) mod ports;
 pub(crate) mod proxy;
+// One whole module stays public: `proxy_protocol`, the pure PROXY v1/v2 codec, is a facade of one
+// group (parse, encode, the header's types) that its callers use together, and its names
+// (`parse`, `Header`, `Limits`, `Version`) read best qualified.
 pub mod proxy_protocol;
 pub(crate) mod relay;
 // Raw setsockopt/getsockopt, pipe2, splice and rlimit calls neither std nor nix wrap (for
@@ -51,6 +54,14 @@ mod testutil;
 pub(crate) mod watchdog;
 pub(crate) mod xff;
 
+/// The one effective-client decision, and the XFF edge rewrite built on it.
+pub use client::{ClientCheck, PodAddrs};
+/// Flags + `TPROXY_SIDECAR_*` env -> `Config`, and `--help`, for the binary.
+pub use config::{help, parse as parse_config, Config, ConfigError, Parsed};
+pub use edge::{rewrite as edge_rewrite, EdgeRewrite, EXTERNAL_ADDRESS, XFF};
+/// The pure HTTP/1.1 head reader and body framing of the XFF ports.
+pub use http1::{Body, HeadParse, HeadReader, Limits as HttpLimits};
+
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -61,7 +72,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use config::{Config, InboundMode, ModeFlag};
+use config::{InboundMode, ModeFlag};
 use proxy::{Role, Shared};
 use tproxy_cni_policy::{Defaults, Mode, NorthSouth, PodPolicy};
 
