@@ -94,7 +94,7 @@ fn inject_matches_golden_and_is_idempotent() {
 
         // Output name: lists keep theirs; a lone .conf gets a chained copy that sorts first.
         if before.get("plugins").is_none() {
-            let copy = tproxy_cni_install::chained::name_for(std::ffi::OsStr::new(&file))
+            let copy = tproxy_cni_install::chained_name_for(std::ffi::OsStr::new(&file))
                 .unwrap_or_else(|| panic!("{name}: no chained name for {file}"));
             assert!(
                 copy.as_encoded_bytes() < file.as_bytes(),
@@ -315,7 +315,7 @@ fn truncated_and_mangled_fixtures_never_panic() {
                     let _ = conflist::unpatch(&v, &c);
                     let _ = conflist::remove(&c);
                     let _ = conflist::to_list(&c);
-                    let _ = tproxy_cni_install::chained::render(&v, &c, &entry, &name);
+                    let _ = tproxy_cni_install::chained_render(&v, &c, &entry, &name);
                 }
             }
         }

@@ -38,9 +38,12 @@
 #![deny(unsafe_code)]
 
 pub(crate) mod cache;
-pub mod chained;
+pub(crate) mod chained;
 pub(crate) mod cli;
 pub(crate) mod compat;
+// One whole module stays public: `conflist`, the pure patcher, is a facade of one group (parse,
+// entry, inject, remove, patch, unpatch, render, ...) that the tests drive together, and its
+// names read best qualified (`conflist::parse`, `conflist::render`).
 pub mod conflist;
 pub(crate) mod reconcile;
 pub(crate) mod status;
@@ -54,6 +57,9 @@ mod config;
 mod daemon;
 #[cfg(test)]
 mod tests;
+
+/// Our chained copy in front of a single-config primary: its file name and its bytes.
+pub use chained::{name_for as chained_name_for, render as chained_render};
 
 use config::{Config, Pass};
 pub(crate) use files::{replace_checked, Swap};
