@@ -54,10 +54,11 @@ mod testutil;
 pub(crate) mod watchdog;
 pub(crate) mod xff;
 
-/// The one effective-client decision, and the XFF edge rewrite built on it.
+/// The one effective-client decision.
 pub use client::{ClientCheck, PodAddrs};
 /// Flags + `TPROXY_SIDECAR_*` env -> `Config`, and `--help`, for the binary.
 pub use config::{help, parse as parse_config, Config, ConfigError, Parsed};
+/// The XFF edge rewrite built on that decision, and the header names it writes.
 pub use edge::{rewrite as edge_rewrite, EdgeRewrite, EXTERNAL_ADDRESS, XFF};
 /// The pure HTTP/1.1 head reader and body framing of the XFF ports.
 pub use http1::{Body, HeadParse, HeadReader, Limits as HttpLimits};
