@@ -163,6 +163,62 @@ fn container<'a>(tmpl: &'a Yaml, name: &str) -> Result<&'a Yaml> {
         .ok_or_else(|| anyhow!("no container {name:?}"))
 }
 
+/// The sidecar container of `manifests/examples/native/httpbin.yaml`, as the manifest gives it.
+struct ExampleSidecar {
+    cmd: Vec<String>,
+    args: Vec<String>,
+    sc: LinuxContainerSecurityContext,
+    /// Where the downward-API volume (the pod's annotations) is mounted.
+    podinfo_mount: String,
+}
+
+impl ExampleSidecar {
+    fn read(repo: &Path) -> Result<ExampleSidecar> {
+        let example = pod_template(&repo.join("manifests/examples/native/httpbin.yaml"))?;
+        let c = container(&example, "tproxy-sidecar")?;
+        Ok(ExampleSidecar {
+            cmd: strs(c.get("command")),
+            args: strs(c.get("args")),
+            sc: security_context(&example, c)?,
+            podinfo_mount: c
+                .get("volumeMounts")
+                .and_then(Yaml::as_sequence)
+                .into_iter()
+                .flatten()
+                .find_map(|m| m.get("mountPath").and_then(Yaml::as_str))
+                .unwrap_or("/etc/podinfo")
+                .to_string(),
+        })
+    }
+
+    /// Its CRI config: the image, the manifest's command and args, the pod's downward-API
+    /// dir `info` mounted read-only, and the security context `sec`.
+    fn config(
+        &self,
+        node: &Node,
+        info: &Path,
+        sec: LinuxContainerSecurityContext,
+    ) -> ContainerConfig {
+        let mut c = node.container(
+            "tproxy-sidecar",
+            &node.a.image,
+            &self.cmd.iter().map(String::as_str).collect::<Vec<_>>(),
+            self.args.clone(),
+        );
+        c.mounts = vec![Mount {
+            container_path: self.podinfo_mount.clone(),
+            host_path: info.display().to_string(),
+            readonly: true,
+            ..Default::default()
+        }];
+        c.linux = Some(LinuxContainerConfig {
+            security_context: Some(sec),
+            ..Default::default()
+        });
+        c
+    }
+}
+
 fn strs(v: Option<&Yaml>) -> Vec<String> {
     v.and_then(Yaml::as_sequence)
         .map(|s| {
@@ -863,19 +919,7 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
     late::after_installer(node, t, late, &inst_pod.logs.join("install/0.log")).await;
 
     // ---- 2. pods through CRI, as kubelet creates them
-    let example = pod_template(&repo.join("manifests/examples/native/httpbin.yaml"))?;
-    let sidecar = container(&example, "tproxy-sidecar")?;
-    let sidecar_sc = security_context(&example, sidecar)?;
-    let sidecar_cmd = strs(sidecar.get("command"));
-    let sidecar_args = strs(sidecar.get("args"));
-    let podinfo_mount = sidecar
-        .get("volumeMounts")
-        .and_then(Yaml::as_sequence)
-        .into_iter()
-        .flatten()
-        .find_map(|m| m.get("mountPath").and_then(Yaml::as_str))
-        .unwrap_or("/etc/podinfo")
-        .to_string();
+    let sidecar = ExampleSidecar::read(&repo)?;
     let tb = node.a.testbox.clone();
 
     let client = node
@@ -904,30 +948,15 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
                 vec![],
             );
             node.start(pod, app).await?;
-            let mut sc = node.container(
-                "tproxy-sidecar",
-                &node.a.image,
-                &sidecar_cmd.iter().map(String::as_str).collect::<Vec<_>>(),
-                sidecar_args.clone(),
-            );
-            sc.mounts = vec![Mount {
-                container_path: podinfo_mount.clone(),
-                host_path: info.display().to_string(),
-                readonly: true,
-                ..Default::default()
-            }];
             // Redirect mode needs no capability: its pod drops ALL and adds nothing, which the
             // image's permitted-only file capability allows (docs/ARCHITECTURE.md, pitfall 19).
-            let mut sec = sidecar_sc.clone();
+            let mut sec = sidecar.sc.clone();
             if mode == "redirect" {
                 if let Some(c) = sec.capabilities.as_mut() {
                     c.add_capabilities.clear();
                 }
             }
-            sc.linux = Some(LinuxContainerConfig {
-                security_context: Some(sec),
-                ..Default::default()
-            });
+            let sc = sidecar.config(node, &info, sec);
             let sc_id = node.start(pod, sc).await?;
             let sc_log = pod.logs.join("tproxy-sidecar/0.log");
             // The app's view, asked from the client pod (retried while the sidecar starts).

@@ -42,17 +42,7 @@ fn ready_code(ip: &str) -> u16 {
 /// Before the installer: the pods, through the primary-only conflist.
 pub async fn before_installer(node: &mut Node, t: &mut Tally) -> Result<Late> {
     let repo = node.a.repo.clone();
-    let example = pod_template(&repo.join("manifests/examples/native/httpbin.yaml"))?;
-    let sidecar = container(&example, "tproxy-sidecar")?;
-    let sc_sec = security_context(&example, sidecar)?;
-    let podinfo_mount = sidecar
-        .get("volumeMounts")
-        .and_then(Yaml::as_sequence)
-        .into_iter()
-        .flatten()
-        .find_map(|m| m.get("mountPath").and_then(Yaml::as_str))
-        .unwrap_or("/etc/podinfo")
-        .to_string();
+    let example = ExampleSidecar::read(&repo)?;
     let tb = node.a.testbox.clone();
 
     let client = node
@@ -75,25 +65,7 @@ pub async fn before_installer(node: &mut Node, t: &mut Tally) -> Result<Late> {
         vec![],
     );
     node.start(&pod, app).await?;
-    let mut sc = node.container(
-        "tproxy-sidecar",
-        &node.a.image,
-        &strs(sidecar.get("command"))
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        strs(sidecar.get("args")),
-    );
-    sc.mounts = vec![Mount {
-        container_path: podinfo_mount,
-        host_path: info.display().to_string(),
-        readonly: true,
-        ..Default::default()
-    }];
-    sc.linux = Some(LinuxContainerConfig {
-        security_context: Some(sc_sec),
-        ..Default::default()
-    });
+    let sc = example.config(node, &info, example.sc.clone());
     let sidecar = node.start(&pod, sc).await?;
 
     // What containerd's libcni cached for it: the reconcile loop's only source.
