@@ -28,7 +28,10 @@
 
 pub(crate) mod accesslog;
 pub(crate) mod addr;
+// The global allocator's free lists are raw memory: each `unsafe` block has its SAFETY note.
 pub(crate) mod admin;
+#[allow(unsafe_code)]
+pub(crate) mod alloc;
 pub(crate) mod caps;
 pub(crate) mod client;
 pub(crate) mod config;
@@ -54,6 +57,8 @@ mod testutil;
 pub(crate) mod watchdog;
 pub(crate) mod xff;
 
+/// The binary's global allocator (tokio's over-aligned blocks without malloc's waste).
+pub use alloc::Allocator;
 /// The one effective-client decision.
 pub use client::{ClientCheck, PodAddrs};
 /// Flags + `TPROXY_SIDECAR_*` env -> `Config`, and `--help`, for the binary.
