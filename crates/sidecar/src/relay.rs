@@ -27,11 +27,16 @@
 //! kill), the kernel then closes both legs with a reset instead of a FIN, and neither peer can
 //! mistake a cut-off transfer for a complete one (docs/ARCHITECTURE.md, pitfall 16).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
+use tokio::time::Sleep;
 
 use super::accesslog::EndReason;
 use super::pipes::PipePool;
@@ -60,6 +65,7 @@ const EOF_DOWNSTREAM: u8 = 1;
 const EOF_UPSTREAM: u8 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum Side {
     Downstream,
     Upstream,
@@ -68,109 +74,181 @@ enum Side {
 /// Relays until both directions reached EOF, one side failed, the connection idled for
 /// `idle`, or `stop` was cut (drain deadline). Both sockets must already carry `SO_LINGER`
 /// 0 (`sockopt::reset_on_close`).
-pub(crate) async fn relay(
-    down: &TcpStream,
-    up: &TcpStream,
-    pipes: &PipePool,
+///
+/// Not an `async fn`: one would keep its five arguments twice for its whole life (as
+/// arguments and as the locals they move into); the block below captures them once, in `Ctx`
+/// (docs/ARCHITECTURE.md, pitfall 80).
+pub(crate) fn relay<'a>(
+    down: &'a TcpStream,
+    up: &'a TcpStream,
+    pipes: &'a PipePool,
     idle: Duration,
-    stop: &Cut,
-) -> Outcome {
-    // Atomics rather than Cells only so the future stays `Send` for `tokio::spawn`; everything
-    // runs on one task, so the orderings are moot.
-    let sent_up = AtomicU64::new(0);
-    let sent_down = AtomicU64::new(0);
-    let refused = AtomicU64::new(0);
-    let last = Activity {
-        clock: Clock::new(),
-        first_eof: AtomicU8::new(EOF_NONE),
-    };
-
-    // Each direction's parameters in one place the pump borrows: passed one by one they were
-    // copied into every state of the pump's future (docs/ARCHITECTURE.md, pitfall 80).
-    let to_up = Dir {
-        src: down,
-        dst: up,
-        src_side: Side::Downstream,
-        dst_side: Side::Upstream,
-        moved: &sent_up,
+    stop: &'a Cut,
+) -> impl Future<Output = Outcome> + Send + 'a {
+    let cx = Ctx {
+        down,
+        up,
         pipes,
-        last: &last,
-        refused: &refused,
-        unwatched: AtomicBool::new(false),
+        idle,
+        stop,
+        moved: [AtomicU64::new(0), AtomicU64::new(0)],
+        refused: AtomicU64::new(0),
+        last: Activity {
+            clock: Clock::new(),
+            first_eof: AtomicU8::new(EOF_NONE),
+        },
     };
-    let to_down = Dir {
-        src: up,
-        dst: down,
-        src_side: Side::Upstream,
-        dst_side: Side::Downstream,
-        moved: &sent_down,
-        pipes,
-        last: &last,
-        refused: &refused,
-        unwatched: AtomicBool::new(false),
-    };
-    let both = async { tokio::try_join!(pump(&to_up), pump(&to_down)) };
-    let dog = watchdog::watch(&last.clock, idle, stop, down, up);
-    // A reset (or any error) on a socket its reading direction does not wait on: that
-    // direction saw EOF (pitfalls 16 and 24) or waits to write. Watched only then, from a
-    // boxed future: an idle connection, both directions waiting to read, carries no watcher
-    // (docs/ARCHITECTURE.md, pitfall 80). Polled after `both` (`biased`), so a direction that
-    // just stopped reading is watched before the task sleeps; an error that came earlier is
-    // still reported (tokio keeps the readiness bit).
-    let mut watchers: [Option<Failed<'_>>; 2] = [None, None];
-    let watch = std::future::poll_fn(|cx| {
-        for (d, w) in [&to_up, &to_down].into_iter().zip(watchers.iter_mut()) {
-            if !d.unwatched.load(Relaxed) {
-                *w = None;
-                continue;
-            }
-            let f = w.get_or_insert_with(|| Box::pin(failed(d.src)));
-            if f.as_mut().poll(cx).is_ready() {
-                return std::task::Poll::Ready(d.src_side);
-            }
-        }
-        std::task::Poll::Pending
-    });
-
-    let end = tokio::select! {
-        biased;
-        r = both => match r {
-            Ok(_) => {
+    async move {
+        let dirs = [
+            Dir::new(&cx, Side::Downstream),
+            Dir::new(&cx, Side::Upstream),
+        ];
+        let race = Race {
+            // Made before the flag is first read (watchdog::poll_watch).
+            cut: cx.stop.notified(),
+            timer: watchdog::idle_timer(&cx.last.clock, cx.idle),
+            to_up: pump(&dirs[0]),
+            to_down: pump(&dirs[1]),
+            dirs: &dirs,
+            done: [false, false],
+            watchers: [None, None],
+        };
+        let ended = race.await;
+        // Through `cx`: each name the block used directly would be captured a second time.
+        let (down, up) = (cx.down, cx.up);
+        let end = match ended {
+            Ended::Both => {
                 // Both FINs passed on: an orderly close from here on.
                 sockopt::linger_normally(down);
                 sockopt::linger_normally(up);
                 EndReason::Normal
             }
-            Err(side) => {
-                // Pass the failure on: the healthy peer gets a RST, not a clean FIN that would
-                // make a truncated transfer look complete.
+            Ended::Failed(side) => {
+                // Pass the failure on: the healthy peer gets a RST, not a clean FIN that
+                // would make a truncated transfer look complete.
                 sockopt::reset_on_close(down);
                 sockopt::reset_on_close(up);
-                match side {
-                    Side::Downstream => EndReason::DownstreamTermination,
-                    Side::Upstream => EndReason::UpstreamTermination,
-                }
+                side.end_reason()
             }
-        },
-        side = watch => match side {
-            Side::Downstream => {
-                sockopt::reset_on_close(up);
-                EndReason::DownstreamTermination
+            Ended::Watched(side) => {
+                sockopt::reset_on_close(match side {
+                    Side::Downstream => up,
+                    Side::Upstream => down,
+                });
+                side.end_reason()
             }
-            Side::Upstream => {
+            Ended::Dog(end) => {
                 sockopt::reset_on_close(down);
-                EndReason::UpstreamTermination
+                sockopt::reset_on_close(up);
+                end
             }
-        },
-        end = dog => end,
-    };
-    Outcome {
-        from_downstream: sent_up.load(Relaxed),
-        to_downstream: sent_down.load(Relaxed),
-        end,
-        upstream_fin_first: last.first_eof.load(Relaxed) == EOF_DOWNSTREAM,
-        pipes_refused: refused.load(Relaxed),
+        };
+        Outcome {
+            from_downstream: cx.moved[0].load(Relaxed),
+            to_downstream: cx.moved[1].load(Relaxed),
+            end,
+            upstream_fin_first: cx.last.first_eof.load(Relaxed) == EOF_DOWNSTREAM,
+            pipes_refused: cx.refused.load(Relaxed),
+        }
     }
+}
+
+pin_project_lite::pin_project! {
+    /// Everything the relay waits on, polled in one place: the two directions, the error
+    /// watchers, the idle timer and the drain wait. Joined with `try_join!` and `select!`
+    /// over async blocks, each was kept with copies and wrappers in every idle connection's
+    /// task (docs/ARCHITECTURE.md, pitfall 80).
+    struct Race<'a, P> {
+        #[pin]
+        to_up: P,
+        #[pin]
+        to_down: P,
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        cut: Notified<'a>,
+        dirs: &'a [Dir<'a>; 2],
+        done: [bool; 2],
+        // A reset (or any error) on a socket its reading direction does not wait on: that
+        // direction saw EOF (pitfalls 16 and 24) or waits to write. Watched only then, from
+        // a boxed future: an idle connection, both directions waiting to read, carries no
+        // watcher (docs/ARCHITECTURE.md, pitfall 80).
+        watchers: [Option<Failed<'a>>; 2],
+    }
+}
+
+impl<'a, P: Future<Output = Result<(), Side>>> Future for Race<'a, P> {
+    type Output = Ended;
+
+    fn poll(self: Pin<&mut Self>, task: &mut Context<'_>) -> Poll<Ended> {
+        let me = self.project();
+        for (i, p) in [me.to_up, me.to_down].into_iter().enumerate() {
+            if me.done[i] {
+                continue;
+            }
+            match p.poll(task) {
+                Poll::Ready(Ok(())) => me.done[i] = true,
+                Poll::Ready(Err(side)) => return Poll::Ready(Ended::Failed(side)),
+                Poll::Pending => {}
+            }
+        }
+        if *me.done == [true, true] {
+            return Poll::Ready(Ended::Both);
+        }
+        // After the directions, so a direction that just stopped reading is watched before
+        // the task sleeps; an error that came earlier is still reported (tokio keeps the
+        // readiness bit).
+        for (d, w) in me.dirs.iter().zip(me.watchers.iter_mut()) {
+            if !d.unwatched.load(Relaxed) {
+                *w = None;
+                continue;
+            }
+            let f = w.get_or_insert_with(|| Box::pin(failed(d.src())));
+            if f.as_mut().poll(task).is_ready() {
+                return Poll::Ready(Ended::Watched(d.src_side));
+            }
+        }
+        let cx = me.dirs[0].cx;
+        watchdog::poll_watch(task, &cx.last.clock, cx.idle, cx.stop, me.timer, me.cut)
+            .map(Ended::Dog)
+    }
+}
+
+/// Why the relay's poll loop ended.
+enum Ended {
+    /// Both directions passed their EOF on.
+    Both,
+    /// A direction failed on this side's socket.
+    Failed(Side),
+    /// An error on the source of a direction that was not reading it.
+    Watched(Side),
+    /// The idle timeout or the drain cut.
+    Dog(EndReason),
+}
+
+impl Side {
+    fn end_reason(self) -> EndReason {
+        match self {
+            Side::Downstream => EndReason::DownstreamTermination,
+            Side::Upstream => EndReason::UpstreamTermination,
+        }
+    }
+}
+
+/// What both directions share, in one place each borrows: passed one by one, the sockets,
+/// counters and pool were copied into every state of each direction's future
+/// (docs/ARCHITECTURE.md, pitfall 80).
+struct Ctx<'a> {
+    down: &'a TcpStream,
+    up: &'a TcpStream,
+    pipes: &'a PipePool,
+    idle: Duration,
+    stop: &'a Cut,
+    /// Bytes written: `[0]` downstream -> upstream, `[1]` upstream -> downstream.
+    moved: [AtomicU64; 2],
+    /// Pipes the kernel refused (EMFILE/ENFILE), both directions.
+    refused: AtomicU64,
+    last: Activity,
 }
 
 /// A boxed `failed`.
@@ -251,22 +329,20 @@ fn clear_readable(src: &TcpStream) {
 /// Waits until `s` is readable (or closed). `poll_read_ready` keeps the waker in the socket's
 /// own read slot, so the wait costs the connection's task no waiter node (docs/ARCHITECTURE.md,
 /// pitfall 80); that slot holds one waker, which is enough: only this relay's task reads `s`.
-async fn read_ready(s: &TcpStream) -> std::io::Result<()> {
-    std::future::poll_fn(|cx| s.poll_read_ready(cx)).await
+/// A plain function returning the poll: an `async fn` would keep `s` twice.
+fn read_ready(s: &TcpStream) -> impl Future<Output = std::io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| s.poll_read_ready(cx))
 }
 
-/// The write-side twin of `read_ready`: only this relay's task writes `s`.
-async fn write_ready(s: &TcpStream) -> std::io::Result<()> {
-    std::future::poll_fn(|cx| s.poll_write_ready(cx)).await
-}
-
-/// `write_ready` on the direction's destination, with its source watched for errors
-/// meanwhile.
-async fn write_ready_watched(d: &Dir<'_>) -> std::io::Result<()> {
+/// `poll_write_ready` on the direction's destination (only this relay's task writes it), with
+/// its source watched for errors meanwhile: marked now, unmarked once writable.
+fn write_ready_watched<'a>(d: &'a Dir<'a>) -> impl Future<Output = std::io::Result<()>> + 'a {
     d.unwatched.store(true, Relaxed);
-    let r = write_ready(d.dst).await;
-    d.unwatched.store(false, Relaxed);
-    r
+    std::future::poll_fn(move |cx| {
+        let r = std::task::ready!(d.dst().poll_write_ready(cx));
+        d.unwatched.store(false, Relaxed);
+        Poll::Ready(r)
+    })
 }
 
 /// What one direction does next after a copy step.
@@ -280,53 +356,80 @@ enum Step {
     Full,
 }
 
-/// One relay direction.
+/// One relay direction: from `src_side`'s socket to the other's.
 struct Dir<'a> {
-    src: &'a TcpStream,
-    dst: &'a TcpStream,
+    cx: &'a Ctx<'a>,
     src_side: Side,
-    dst_side: Side,
-    /// Bytes written to `dst`.
-    moved: &'a AtomicU64,
-    pipes: &'a PipePool,
-    last: &'a Activity,
-    /// Pipes the kernel refused (EMFILE/ENFILE), both directions.
-    refused: &'a AtomicU64,
     /// The direction does not wait for `src` to be readable (it saw EOF, or waits to write),
     /// so it would miss a reset there: the relay watches `src` for errors meanwhile.
     unwatched: AtomicBool,
 }
 
+impl<'a> Dir<'a> {
+    fn new(cx: &'a Ctx<'a>, src_side: Side) -> Dir<'a> {
+        Dir {
+            cx,
+            src_side,
+            unwatched: AtomicBool::new(false),
+        }
+    }
+    fn src(&self) -> &'a TcpStream {
+        match self.src_side {
+            Side::Downstream => self.cx.down,
+            Side::Upstream => self.cx.up,
+        }
+    }
+    fn dst(&self) -> &'a TcpStream {
+        match self.src_side {
+            Side::Downstream => self.cx.up,
+            Side::Upstream => self.cx.down,
+        }
+    }
+    fn dst_side(&self) -> Side {
+        match self.src_side {
+            Side::Downstream => Side::Upstream,
+            Side::Upstream => Side::Downstream,
+        }
+    }
+    /// Bytes written to `dst`.
+    fn moved(&self) -> &'a AtomicU64 {
+        &self.cx.moved[self.src_side as usize]
+    }
+    fn last(&self) -> &'a Activity {
+        &self.cx.last
+    }
+}
+
 /// One `recv` into the per-thread buffer and its `send`. Returns what the direction does next
-/// and what the destination could not take at once, for `send_rest`. Not `async`: its state
+/// and, when the destination could not take everything at once, the send of the rest. Not `async`: its state
 /// would sit in every connection's task (docs/ARCHITECTURE.md, pitfall 80).
-fn copy_once(d: &Dir<'_>) -> Result<(Step, Vec<u8>), Side> {
-    let step = copy_step(d.src, d.dst).map_err(|s| match s {
+fn copy_once<'a>(d: &'a Dir<'a>) -> Result<(Step, Option<Rest<'a>>), Side> {
+    let step = copy_step(d.src(), d.dst()).map_err(|s| match s {
         Side2::Src => d.src_side,
-        Side2::Dst => d.dst_side,
+        Side2::Dst => d.dst_side(),
     })?;
     match step {
-        Copied::Again => Ok((Step::Drained, Vec::new())),
-        Copied::Eof => Ok((Step::Eof, Vec::new())),
+        Copied::Again => Ok((Step::Drained, None)),
+        Copied::Eof => Ok((Step::Eof, None)),
         Copied::Data { n, unsent, full } => {
-            d.last.touch();
-            d.moved.fetch_add((n - unsent.len()) as u64, Relaxed);
-            Ok((if full { Step::Full } else { Step::Short }, unsent))
+            d.last().touch();
+            d.moved().fetch_add((n - unsent.len()) as u64, Relaxed);
+            let rest = (!unsent.is_empty()).then(|| send_rest(d, unsent));
+            Ok((if full { Step::Full } else { Step::Short }, rest))
         }
     }
 }
 
-/// `copy_once`, then the rest sent, then a short read's readiness cleared (after the send, as
-/// the copy loop always did).
+/// `copy_once`, then the rest sent (awaited by the caller, boxed), then a short read's
+/// readiness cleared (after the send, as the copy loop always did).
 macro_rules! copy_and_send {
-    ($d:expr) => {{
-        let d = $d;
-        let (step, unsent) = copy_once(d)?;
-        if !unsent.is_empty() {
-            send_rest(d, unsent).await?;
+    ($d:ident) => {{
+        let (step, rest) = copy_once($d)?;
+        if let Some(rest) = rest {
+            rest.await?;
         }
         if let Step::Short = step {
-            clear_readable(d.src);
+            clear_readable($d.src());
             Step::Drained
         } else {
             step
@@ -334,57 +437,72 @@ macro_rules! copy_and_send {
     }};
 }
 
+/// `send_rest`, boxed.
+type Rest<'a> = Pin<Box<dyn Future<Output = Result<(), Side>> + Send + 'a>>;
+
 /// Sends what the destination could not take at once, waiting for it to drain (rare: its
 /// own future, boxed, so it does not size every idle connection's task).
-fn send_rest<'a>(
-    d: &'a Dir<'a>,
-    unsent: Vec<u8>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Side>> + Send + 'a>> {
+fn send_rest<'a>(d: &'a Dir<'a>, unsent: Vec<u8>) -> Rest<'a> {
     Box::pin(async move {
         let mut rest = &unsent[..];
         while !rest.is_empty() {
-            write_ready_watched(d).await.map_err(|_| d.dst_side)?;
-            match d.dst.try_write(rest) {
+            write_ready_watched(d).await.map_err(|_| d.dst_side())?;
+            match d.dst().try_write(rest) {
                 Ok(w) => {
                     rest = &rest[w..];
-                    d.moved.fetch_add(w as u64, Relaxed);
-                    d.last.touch();
+                    d.moved().fetch_add(w as u64, Relaxed);
+                    d.last().touch();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Err(d.dst_side),
+                Err(_) => return Err(d.dst_side()),
             }
         }
         Ok(())
     })
 }
 
+/// A direction's EOF from its source. The first EOF passes a half-close on. At the second,
+/// both directions are over: the relay ends and closing the socket (normal linger) sends the
+/// FIN, so the shutdown call is saved. The source is no longer read: watched for a reset from
+/// now on.
+fn eof(d: &Dir<'_>) -> Result<(), Side> {
+    let me = if d.src_side == Side::Downstream {
+        EOF_DOWNSTREAM
+    } else {
+        EOF_UPSTREAM
+    };
+    d.unwatched.store(true, Relaxed);
+    if d.last()
+        .first_eof
+        .compare_exchange(EOF_NONE, me, Relaxed, Relaxed)
+        .is_ok()
+    {
+        sockopt::shutdown_write(d.dst()).map_err(|_| d.dst_side())?;
+    }
+    Ok(())
+}
+
+/// A pipe from the pool; `None` when every pipe is lent or the kernel refused one (counted
+/// when for lack of descriptors): the burst is copied instead.
+fn take_pipe<'a>(d: &Dir<'a>) -> Option<crate::pipes::Lease<'a>> {
+    match d.cx.pipes.take() {
+        Ok(l) => l,
+        Err(e) => {
+            if sockopt::is_fd_exhaustion(&e) {
+                d.cx.refused.fetch_add(1, Relaxed);
+            }
+            None
+        }
+    }
+}
+
 /// One direction. `Err` names the side whose socket failed.
 async fn pump(d: &Dir<'_>) -> Result<(), Side> {
-    let eof = || {
-        let me = if d.src_side == Side::Downstream {
-            EOF_DOWNSTREAM
-        } else {
-            EOF_UPSTREAM
-        };
-        // The first EOF passes a half-close on. At the second, both directions are over: the
-        // relay ends and closing the socket (normal linger) sends the FIN, so the shutdown
-        // call is saved.
-        // Its source is no longer read: watched for a reset from now on.
-        d.unwatched.store(true, Relaxed);
-        if d.last
-            .first_eof
-            .compare_exchange(EOF_NONE, me, Relaxed, Relaxed)
-            .is_ok()
-        {
-            sockopt::shutdown_write(d.dst).map_err(|_| d.dst_side)?;
-        }
-        Ok(())
-    };
     // Copy phase.
     loop {
-        read_ready(d.src).await.map_err(|_| d.src_side)?;
+        read_ready(d.src()).await.map_err(|_| d.src_side)?;
         match copy_and_send!(d) {
-            Step::Eof => return eof(),
+            Step::Eof => return eof(d),
             Step::Drained | Step::Short => {}
             Step::Full => break,
         }
@@ -393,34 +511,23 @@ async fn pump(d: &Dir<'_>) -> Result<(), Side> {
     // Splice phase (bulk): a pipe from the pool for as long as the source has bytes, given
     // back drained when it has none for now.
     loop {
-        let lease = match d.pipes.take() {
-            Ok(Some(l)) => Some(l),
-            // Every pipe is lent, or the kernel refused one: copy this burst instead.
-            Ok(None) => None,
-            Err(e) => {
-                if sockopt::is_fd_exhaustion(&e) {
-                    d.refused.fetch_add(1, Relaxed);
-                }
-                None
-            }
-        };
-        let Some(lease) = lease else {
+        let Some(lease) = take_pipe(d) else {
             loop {
                 match copy_and_send!(d) {
-                    Step::Eof => return eof(),
+                    Step::Eof => return eof(d),
                     Step::Drained | Step::Short => break,
                     Step::Full => {}
                 }
             }
-            read_ready(d.src).await.map_err(|_| d.src_side)?;
+            read_ready(d.src()).await.map_err(|_| d.src_side)?;
             continue;
         };
         let pipe = lease.pipe();
         loop {
             // The pipe is always empty here, so a full-capacity splice cannot block on the
             // pipe: EAGAIN can only mean "socket has no data", and clears its readiness.
-            let n = match d.src.try_io(Interest::READABLE, || {
-                sockopt::splice(d.src, &pipe.w, pipe.cap)
+            let n = match d.src().try_io(Interest::READABLE, || {
+                sockopt::splice(d.src(), &pipe.w, pipe.cap)
             }) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -432,30 +539,29 @@ async fn pump(d: &Dir<'_>) -> Result<(), Side> {
             };
             if n == 0 {
                 lease.drained();
-                return eof();
+                return eof(d);
             }
-            d.last.touch();
+            d.last().touch();
             let mut left = n;
             while left > 0 {
                 // Symmetrically, the pipe holds `left` bytes, so EAGAIN means "socket buffer
                 // full". A failure here leaves bytes in the pipe: the lease, dropped, closes it.
-                write_ready_watched(d).await.map_err(|_| d.dst_side)?;
-                match d
-                    .dst
-                    .try_io(Interest::WRITABLE, || sockopt::splice(&pipe.r, d.dst, left))
-                {
+                write_ready_watched(d).await.map_err(|_| d.dst_side())?;
+                match d.dst().try_io(Interest::WRITABLE, || {
+                    sockopt::splice(&pipe.r, d.dst(), left)
+                }) {
                     Ok(w) => {
                         left -= w;
-                        d.moved.fetch_add(w as u64, Relaxed);
-                        d.last.touch();
+                        d.moved().fetch_add(w as u64, Relaxed);
+                        d.last().touch();
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Err(d.dst_side),
+                    Err(_) => return Err(d.dst_side()),
                 }
             }
         }
         lease.drained();
-        read_ready(d.src).await.map_err(|_| d.src_side)?;
+        read_ready(d.src()).await.map_err(|_| d.src_side)?;
     }
 }
 

@@ -2,11 +2,16 @@
 //! with no bytes either way for the idle timeout, or still running at the drain deadline, is
 //! ended with a reset on both legs (docs/ARCHITECTURE.md, pitfall 16), flagged `SI` or `DR`.
 
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 
 use super::accesslog::EndReason;
 use super::sockopt;
@@ -61,17 +66,61 @@ impl Cut {
         self.notify.notify_waiters();
     }
 
-    /// Resolves once `cut` was called. The `Notified` exists before the flag is read, and
-    /// `notify_waiters` reaches every `Notified` already created, polled or not: no cut is
+    /// A wait for `cut`, to be created before `poll_watch` first reads the flag:
+    /// `notify_waiters` reaches every `Notified` already created, polled or not, so no cut is
     /// missed between the two.
-    async fn wait(&self) {
-        loop {
-            let n = self.notify.notified();
-            if self.on.load(Ordering::SeqCst) {
-                return;
-            }
-            n.await;
+    pub(crate) fn notified(&self) -> Notified<'_> {
+        self.notify.notified()
+    }
+
+    fn is_cut(&self) -> bool {
+        self.on.load(Ordering::SeqCst)
+    }
+}
+
+/// The idle timer's first deadline, for `poll_watch`.
+pub(crate) fn idle_timer(clock: &Clock, idle: Duration) -> Sleep {
+    tokio::time::sleep_until(deadline(clock, idle))
+}
+
+/// An idle timeout too large for the clock never fires.
+fn deadline(clock: &Clock, idle: Duration) -> tokio::time::Instant {
+    let last = clock.last();
+    last.checked_add(idle)
+        .unwrap_or_else(|| last + Duration::from_secs(86_400 * 365 * 30))
+        .into()
+}
+
+/// The watchdog as a poll function over a timer and a drain wait that the caller keeps pinned
+/// in its own state: an async block around them, joined with `select!`, took twice their size
+/// in every connection's task (docs/ARCHITECTURE.md, pitfall 80). `Ready` when the connection
+/// idled for `idle` by `clock` (checked first), or `stop` was cut.
+pub(crate) fn poll_watch<'c>(
+    cx: &mut Context<'_>,
+    clock: &Clock,
+    idle: Duration,
+    stop: &'c Cut,
+    mut timer: Pin<&mut Sleep>,
+    mut cut: Pin<&mut Notified<'c>>,
+) -> Poll<EndReason> {
+    // The timer fires at the deadline it was set for; bytes moved since push it further.
+    while timer.as_mut().poll(cx).is_ready() {
+        let at = deadline(clock, idle);
+        if tokio::time::Instant::now() >= at {
+            return Poll::Ready(EndReason::IdleTimeout);
         }
+        timer.as_mut().reset(at);
+    }
+    loop {
+        if stop.is_cut() {
+            return Poll::Ready(EndReason::Drained);
+        }
+        if cut.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // Only `cut` notifies, after setting the flag; a new wait is made before the flag is
+        // read again, whatever woke this one.
+        cut.set(stop.notified());
     }
 }
 
@@ -84,20 +133,9 @@ pub(crate) async fn watch(
     down: &TcpStream,
     up: &TcpStream,
 ) -> EndReason {
-    let idle_for = async {
-        loop {
-            let deadline = clock.last() + idle;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline.into()).await;
-        }
-    };
-    let end = tokio::select! {
-        biased;
-        _ = idle_for => EndReason::IdleTimeout,
-        _ = stop.wait() => EndReason::Drained,
-    };
+    let mut cut = pin!(stop.notified());
+    let mut timer = pin!(idle_timer(clock, idle));
+    let end = poll_fn(|cx| poll_watch(cx, clock, idle, stop, timer.as_mut(), cut.as_mut())).await;
     sockopt::reset_on_close(down);
     sockopt::reset_on_close(up);
     end
