@@ -294,21 +294,23 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Per-connection bookkeeping that ends in exactly one access-log line.
+/// Per-connection bookkeeping that ends in exactly one access-log line. It lives in every
+/// connection's task, so it is kept small (docs/ARCHITECTURE.md, pitfall 80): one clock
+/// reading, the connect time in microseconds, the details boxed.
 struct Conn {
-    start: SystemTime,
     t0: Instant,
     client: ClientAddr,
     local: DownstreamLocal,
     orig: Option<OrigDst>,
     upstream_local: Option<UpstreamLocal>,
-    connect_ms: Option<f64>,
+    /// Microseconds the dial took.
+    connect_us: Option<u32>,
     /// The client a trusted PROXY header or X-Forwarded-For named (`None`: the TCP peer).
     effective: Option<SocketAddr>,
     /// How the effective client was found (access log `client_address_source`).
     source: &'static str,
     response_code: Option<u16>,
-    details: Option<String>,
+    details: Option<Box<str>>,
     http_requests: Option<u64>,
 }
 
@@ -346,13 +348,12 @@ async fn handle(a: Box<Accepted>) {
     // so the access-log line below is written first.
     shared.metrics.conn_opened(dir);
     let mut c = Conn {
-        start: SystemTime::now(),
         t0: Instant::now(),
         client: ClientAddr(unmap(peer)),
         local: DownstreamLocal(down.local_addr().map(unmap).unwrap_or(peer)),
         orig: None,
         upstream_local: None,
-        connect_ms: None,
+        connect_us: None,
         effective: None,
         source: "peer",
         response_code: None,
@@ -367,7 +368,13 @@ async fn handle(a: Box<Accepted>) {
         .metrics
         .conn_closed(dir, outcome_bytes.0, outcome_bytes.1);
     shared.log.write(&Entry {
-        start_time: rfc3339(c.start),
+        // The wall clock at the start, from the monotonic one: what a clock step during the
+        // connection moves is its start, never its duration.
+        start_time: rfc3339(
+            SystemTime::now()
+                .checked_sub(c.t0.elapsed())
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        ),
         downstream_remote_address: c
             .effective
             .map(|a| a.to_string())
@@ -386,10 +393,10 @@ async fn handle(a: Box<Accepted>) {
         bytes_sent: outcome_bytes.1,
         duration: u64::try_from(c.t0.elapsed().as_millis()).unwrap_or(u64::MAX),
         // Microsecond resolution: more digits are float noise, not information.
-        upstream_connect_ms: c.connect_ms.map(|ms| (ms * 1000.0).round() / 1000.0),
+        upstream_connect_ms: c.connect_us.map(|us| f64::from(us) / 1000.0),
         response_flags: end.flag(),
         response_code: c.response_code,
-        response_code_details: c.details.take(),
+        response_code_details: c.details.take().map(String::from),
         http_requests: c.http_requests,
         mode: role.log_mode(),
     });

@@ -15,6 +15,7 @@ use crate::client::{self, Claim, ClientCheck};
 use crate::config::InboundMode;
 use crate::httprelay::{self, HttpConn};
 use crate::metrics::NsCounter;
+use crate::ports::InboundGuard;
 use crate::proxy_protocol as pp;
 use crate::relay;
 use crate::sockopt;
@@ -50,33 +51,90 @@ impl Stop {
     }
 }
 
-/// Serves one admitted connection to its end.
-pub(super) async fn serve(shared: &Shared, down: &TcpStream, role: Role, c: &mut Conn) -> Done {
+/// Serves one admitted connection to its end. Not an `async fn`, which would keep its
+/// arguments twice (docs/ARCHITECTURE.md, pitfall 80).
+pub(super) fn serve<'a>(
+    shared: &'a Shared,
+    down: &'a TcpStream,
+    role: Role,
+    c: &'a mut Conn,
+) -> impl std::future::Future<Output = Done> + Send + 'a {
     sockopt::set_nodelay(down);
     // Dying before the relay ends must reset the client, not close it cleanly (relay.rs).
     sockopt::reset_on_close(down);
-    match steps(shared, down, role, c).await {
-        Ok(done) => done,
-        Err(stop) => stop.reset(down),
+    async move {
+        // Boxed, and freed before the relay: admission, the dial and the PROXY header towards
+        // the app are over by then, and the largest of their states would otherwise size
+        // every idle connection's task (docs/ARCHITECTURE.md, pitfall 80).
+        let e = match Box::pin(establish(shared, down, role, c)).await {
+            Ok(Next::Relay(e)) => e,
+            Ok(Next::Done(done)) => return done,
+            Err(stop) => return stop.reset(down),
+        };
+        let o = relay::relay(
+            down,
+            &e.up,
+            &shared.pipes,
+            shared.cfg.idle_timeout,
+            &shared.cut,
+        )
+        .await;
+        if o.pipes_refused > 0 {
+            shared.metrics.fd_exhausted();
+            shared.log_error(format_args!(
+                "relay pipe: out of file descriptors; copied through user space instead"
+            ));
+        }
+        book_time_wait(shared, &e.up, role, &o, c);
+        ((e.pre + o.from_downstream, o.to_downstream), o.end)
     }
 }
 
-async fn steps(shared: &Shared, down: &TcpStream, role: Role, c: &mut Conn) -> Result<Done, Stop> {
+/// A duration in whole microseconds, saturated (the access log's resolution).
+fn micros(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+}
+
+/// What comes after `establish`: the plain relay, or the end of an HTTP relay that ran within.
+enum Next {
+    Relay(Established),
+    Done(Done),
+}
+
+/// A connection ready for the plain relay: the upstream, dialled and greeted, and what must
+/// live as long as the relay.
+struct Established {
+    up: TcpStream,
+    /// In tproxy mode the client's port is recorded for as long as the connection lives (and
+    /// the linger time after), so no upstream of ours reuses its tuple (ports.rs).
+    _guard: Option<InboundGuard>,
+    /// Keeps an outbound upstream's port registered for loop detection until the relay is
+    /// over.
+    _own_port: Option<OwnPortGuard>,
+    /// Bytes the client sent before the relay (after a PROXY header), passed on already.
+    pre: u64,
+}
+
+/// The steps before the relay: the original destination, admission, the dial, the PROXY
+/// header towards the app and the bytes read after the client's. An X-Forwarded-For port's
+/// HTTP relay runs here to its end (its state is boxed apart, and so is this one).
+async fn establish(
+    shared: &Shared,
+    down: &TcpStream,
+    role: Role,
+    c: &mut Conn,
+) -> Result<Next, Stop> {
     let orig = original_destination(shared, down, role, c)?;
     c.orig = Some(orig);
     let adm = match role {
         Role::Inbound(_) => admission(shared, down, orig, c).await?,
         Role::Outbound => Admitted::default(),
     };
-    // In tproxy mode the client's port is recorded for as long as the connection lives (and
-    // the linger time after), so no upstream of ours reuses its tuple (ports.rs).
-    let _guard = match role {
+    let guard = match role {
         Role::Inbound(InboundMode::Tproxy) => Some(shared.ports.inbound_open(c.client.0, orig.0)),
         _ => None,
     };
-    // `_own_port` keeps an outbound upstream's port registered for loop detection until the
-    // relay is over.
-    let (up, _own_port) = dial_upstream(shared, role, orig, c).await?;
+    let (up, own_port) = dial_upstream(shared, role, orig, c).await?;
     let pre = adm.early.len() as u64;
     if let Role::Inbound(_) = role {
         proxy_out(shared, &up, orig, adm.pp_dst, c)
@@ -84,27 +142,19 @@ async fn steps(shared: &Shared, down: &TcpStream, role: Role, c: &mut Conn) -> R
             .map_err(|end| Stop::after(pre, end))?;
     }
     if adm.xff_port {
-        return Ok(relay_http(shared, down, &up, orig, adm.early, c).await);
+        let done = relay_http(shared, down, &up, orig, adm.early, c).await;
+        drop((guard, own_port));
+        return Ok(Next::Done(done));
     }
     if !adm.early.is_empty() && httprelay::write_all(&up, &adm.early).await.is_err() {
         return Err(Stop::after(pre, EndReason::UpstreamTermination));
     }
-    let o = relay::relay(
-        down,
-        &up,
-        &shared.pipes,
-        shared.cfg.idle_timeout,
-        &shared.cut,
-    )
-    .await;
-    if o.pipes_refused > 0 {
-        shared.metrics.fd_exhausted();
-        shared.log_error(format_args!(
-            "relay pipe: out of file descriptors; copied through user space instead"
-        ));
-    }
-    book_time_wait(shared, &up, role, orig, &o, c);
-    Ok(((pre + o.from_downstream, o.to_downstream), o.end))
+    Ok(Next::Relay(Established {
+        up,
+        _guard: guard,
+        _own_port: own_port,
+        pre,
+    }))
 }
 
 /// Where the client meant to connect: the accepted socket's own address under TPROXY, the NAT
@@ -207,7 +257,7 @@ async fn proxy_header(
         Ok(ok) => ok,
         Err((why, got)) => {
             shared.metrics.count(NsCounter::ProxyProtocol, why);
-            c.details = Some(format!("proxy_protocol_{why}"));
+            c.details = Some(format!("proxy_protocol_{why}").into());
             shared.log_error(format_args!(
                 "PROXY protocol from {}: {why}; connection reset",
                 c.client
@@ -242,7 +292,7 @@ async fn proxy_header(
 /// Refuses a connection by the access control: counted, logged with `RBAC`.
 fn deny(shared: &Shared, c: &mut Conn, d: Denied, received: u64) -> Stop {
     shared.metrics.count(NsCounter::RbacDenied, d.label());
-    c.details = Some(format!("rbac_{}", d.label()));
+    c.details = Some(format!("rbac_{}", d.label()).into());
     Stop::after(received, EndReason::Rbac)
 }
 
@@ -298,7 +348,7 @@ async fn dial_upstream(
     match dialed {
         Ok(Ok((up, local, own))) => {
             shared.metrics.connect_latency(dir, t.elapsed());
-            c.connect_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+            c.connect_us = Some(micros(t.elapsed()));
             c.upstream_local = Some(local);
             Ok((up, own))
         }
@@ -310,7 +360,7 @@ async fn dial_upstream(
         }
         Ok(Err(_)) | Err(_) => {
             shared.metrics.connect_failed(dir);
-            c.connect_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+            c.connect_us = Some(micros(t.elapsed()));
             // The client sees what it would have seen without us: a reset.
             Err(Stop::new(if dialed.is_err() {
                 EndReason::UpstreamConnectTimeout
@@ -401,11 +451,14 @@ async fn relay_http(
             shared.metrics.count(NsCounter::HttpRequests, result);
         }
         // The relay's own failure reasons already read `http_...`; head errors do not.
-        c.details = Some(match (o.denied, status) {
-            (Some(d), _) => format!("rbac_{}", d.label()),
-            (None, 0) => why.to_string(),
-            (None, _) => format!("http_{why}"),
-        });
+        c.details = Some(
+            match (o.denied, status) {
+                (Some(d), _) => format!("rbac_{}", d.label()),
+                (None, 0) => why.to_string(),
+                (None, _) => format!("http_{why}"),
+            }
+            .into(),
+        );
     }
     if let Some(d) = o.denied {
         shared.metrics.count(NsCounter::RbacDenied, d.label());
@@ -417,20 +470,13 @@ async fn relay_http(
 /// TIME_WAIT. Without TCP timestamps no connect() may take it over for 60 s: the port book
 /// must not offer it (ports.rs, docs/ARCHITECTURE.md, pitfall 54). The book is keyed by the
 /// address the upstream was bound to: the client's, or the one its PROXY header carried.
-fn book_time_wait(
-    shared: &Shared,
-    up: &TcpStream,
-    role: Role,
-    orig: OrigDst,
-    o: &relay::Outcome,
-    c: &Conn,
-) {
+fn book_time_wait(shared: &Shared, up: &TcpStream, role: Role, o: &relay::Outcome, c: &Conn) {
     if role == Role::Inbound(InboundMode::Tproxy)
         && o.end == EndReason::Normal
         && o.upstream_fin_first
         && sockopt::has_timestamps(up) != Some(true)
     {
-        if let Some(local) = c.upstream_local {
+        if let (Some(local), Some(orig)) = (c.upstream_local, c.orig) {
             shared
                 .ports
                 .upstream_time_wait(local.0.ip(), orig.0, local.0.port());
