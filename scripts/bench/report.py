@@ -12,7 +12,7 @@ import statistics
 import sys
 from collections import defaultdict
 
-ROWS = ["direct", "sidecar-tproxy", "sidecar-redirect", "sidecar-w2", "sidecar-1cpu",
+ROWS = ["direct", "sidecar-tproxy", "sidecar-old", "sidecar-redirect", "sidecar-w2", "sidecar-1cpu",
         "sidecar-fastpath", "haproxy", "haproxy-istio", "nginx"]
 PEERS = ["haproxy", "haproxy-istio", "nginx"]
 
@@ -61,6 +61,67 @@ def ratio(v, base):
     if v is None or not base:
         return ""
     return f" ({v / base:.2f}×)"
+
+
+def hold_key(n, kind):
+    """bench.sh's metric for N held connections: the 1,000 row keeps its historical names."""
+    sfx = "1k" if n == 1000 else str(n)
+    return {"rss": f"rss_{sfx}_kib", "fds": f"fds_{sfx}",
+            "failed": "hold_failed" if n == 1000 else f"hold_{sfx}_failed"}[kind]
+
+
+def hold_sizes(data, rows):
+    sizes = set()
+    for r in rows:
+        for m in data[r]:
+            if m == "rss_1k_kib":
+                sizes.add(1000)
+            elif m.startswith("rss_") and m.endswith("_kib") and m[4:-4].isdigit():
+                sizes.add(int(m[4:-4]))
+    return sorted(sizes)
+
+
+def per_connection(data, row, sizes):
+    """KiB per idle connection between the smallest and the largest N every repetition held."""
+    held = [n for n in sizes if med(data, row, hold_key(n, "rss")) is not None
+            and not total(data, row, hold_key(n, "failed"))]
+    if len(held) < 2:
+        return None, held
+    a, b = held[0], held[-1]
+    return (med(data, row, hold_key(b, "rss")) - med(data, row, hold_key(a, "rss"))) / (b - a), held
+
+
+def idle_section(data, rows):
+    """RSS and descriptors with N idle connections, per row; the cost of one idle connection."""
+    sizes = hold_sizes(data, rows)
+    if not sizes:
+        return
+    print("\n### Idle connections (each after one request), medians\n")
+    print("| row | RSS idle MiB | " + " | ".join(f"RSS {n:,} MiB" for n in sizes)
+          + " | KiB per idle connection | descriptors idle / " + " / ".join(f"{n:,}" for n in sizes)
+          + " | not held (of " + " / ".join(f"{n:,}" for n in sizes) + ") |")
+    print("|---" * (4 + len(sizes)) + "|---|")
+    for r in rows:
+        if r == "direct" or med(data, r, "rss_idle_kib") is None:
+            continue
+        kib, held = per_connection(data, r, sizes)
+        rss = [med(data, r, hold_key(n, "rss")) for n in sizes]
+        cells = [r, fmt(med(data, r, "rss_idle_kib") / 1024, 1)]
+        cells += ["-" if v is None else f"{v / 1024:.1f}" for v in rss]
+        cells.append("-" if kib is None else f"{kib:.2f} ({held[0]:,} → {held[-1]:,})")
+        cells.append(" / ".join(fmt(med(data, r, m), 0) for m in
+                                ["fds_idle"] + [hold_key(n, "fds") for n in sizes]))
+        cells.append(" / ".join(fmt(total(data, r, hold_key(n, "failed")) or 0, 0) for n in sizes))
+        print("| " + " | ".join(cells) + " |")
+    if "sidecar-old" in data and "sidecar-tproxy" in data:
+        parts = []
+        for m, name in (("ka_rps", "keep-alive"), ("close_rps", "new connections")):
+            new, old = num(data["sidecar-tproxy"][m]), num(data["sidecar-old"][m])
+            rs = [a / b for a, b in zip(new, old) if b]
+            if rs:
+                parts.append(f"{name} " + ", ".join(f"{x:.2f}" for x in rs)
+                             + f" (median {statistics.median(rs):.2f})")
+        print("\nsidecar-tproxy / sidecar-old in the same repetition: " + "; ".join(parts))
 
 
 def main():
@@ -124,6 +185,8 @@ def main():
           "proxy's upstream leg: "
           + ", ".join(f"{r} {fmt(syn[r], 0)} / {fmt(leg[r], 0)} / {fmt(clash[r], 0)}" for r in rows))
 
+    idle_section(data, rows)
+
     churn = sorted({r for r in data if r.startswith("churn|")},
                    key=lambda c: (c.split("|")[2] != "ts1", c.split("|")[3], c.split("|")[1]))
     if churn:
@@ -164,7 +227,7 @@ def main():
         if plugin.get("leaks") != "0":
             failures.append(f"plugin: {plugin.get('leaks')} leaked objects ({plugin.get('leak_detail', '')})")
 
-    print("\n### Goals (issues 5 and 12)\n")
+    print("\n### Goals (issues 5, 12 and 23)\n")
     goals = []
 
     def goal(text, ok, measured):
@@ -215,6 +278,20 @@ def main():
         r0, r1 = med(data, s, "rss_idle_kib"), med(data, s, "rss_1k_kib")
         goal("RSS ≤ 8 MiB idle", r0 / 1024 <= 8, f"{r0 / 1024:.1f} MiB")
         goal("RSS ≤ 32 MiB with 1,000 connections", r1 / 1024 <= 32, f"{r1 / 1024:.1f} MiB")
+        goal("RSS ≤ 3 MiB idle", r0 / 1024 <= 3, f"{r0 / 1024:.2f} MiB")
+        sizes = hold_sizes(data, rows)
+        kib, held = per_connection(data, s, sizes)
+        goal("≤ 2 KiB per idle connection", None if kib is None else kib <= 2,
+             "-" if kib is None else f"{kib:.2f} KiB ({held[0]:,} → {held[-1]:,})")
+        if held and held[-1] >= 10000:
+            top = med(data, s, hold_key(held[-1], "rss")) / 1024
+            goal("RSS ≤ 24 MiB with 10,000 idle connections", top <= 24,
+                 f"{top:.1f} MiB at {held[-1]:,}")
+        elif held and kib is not None:
+            top = med(data, s, hold_key(held[-1], "rss"))
+            goal("RSS ≤ 24 MiB with 10,000 idle connections", None,
+                 f"{top / 1024:.1f} MiB at {held[-1]:,}, the most held here; "
+                 f"{(top + (10000 - held[-1]) * kib) / 1024:.1f} MiB projected at 10,000")
     for c in churn:
         _, r, ts, close = c.split("|")
         if r != "sidecar-tproxy":
