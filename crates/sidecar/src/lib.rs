@@ -17,7 +17,7 @@
 //!
 //! Runtime: one current-thread tokio runtime per worker (`--workers`, by default as many as the
 //! CPUs the process may use), each accepting on its own `SO_REUSEPORT` listeners; the admin
-//! port, signals and the drain live on the first. Every connection is a task of about 1.7 KiB
+//! port, signals and the drain live on the first. Every connection is a task of about 1.1 KiB
 //! and its two sockets, served by the worker that accepted it; a direction moving bulk bytes
 //! borrows a splice pipe from the process's pool (`pipes`), so bulk bytes never enter user
 //! space. State that must be per process (the port book, the connection slots, the pipe pool,
