@@ -306,7 +306,9 @@ fn local_default_table(r: &Route, lo: u32) -> Option<u32> {
 struct Dumper {
     fd: OwnedFd,
     seq: u32,
-    /// Replies are read into this; the kernel sizes a dump's messages to at most 32 KiB.
+    /// Replies are read into this. The kernel sizes each batch of a dump to the reader's
+    /// buffer (at least one page's worth, `NLMSG_GOODSIZE`), so 8 KiB, as libmnl reads, holds
+    /// any batch; a larger buffer only stays in the heap after the check.
     rx: Vec<u8>,
 }
 
@@ -331,7 +333,7 @@ impl Dumper {
         Ok(Dumper {
             fd,
             seq: 0,
-            rx: vec![0; 32 * 1024],
+            rx: vec![0; 8 * 1024],
         })
     }
 
