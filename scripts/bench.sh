@@ -425,6 +425,9 @@ run_wrk() {
 
 measure_row() {
   local row=$1 seen
+  # 0. RSS as started, before any connection: the proxy's own idle cost (`rss_start_kib`; for
+  # the sidecar mostly its code and libc's, mapped in, docs/ARCHITECTURE.md, pitfall 91).
+  [[ $row == direct ]] || { sleep 1; rec "$row" rss_start_kib "$(rss_kib)"; }
   # 1. Correctness: the address the app sees as its caller.
   seen=$(in_c curl -s -m 5 "http://$POD_IP:$APP_PORT/ip" || echo "curl-failed")
   rec "$row" ip_seen "$seen"
