@@ -681,6 +681,19 @@ fn layer_file_cap(archive: &Path, path: &str) -> Result<Option<Vec<u8>>> {
 
 // ------------------------------------------------------------------------------- the run
 
+/// The idle sidecar's resident memory may be at most 3 MiB (docs/ARCHITECTURE.md, pitfall 91).
+const MAX_SIDECAR_RSS_KIB: u64 = 3 * 1024;
+
+/// `VmRSS` of a `/proc/PID/status` text, in KiB.
+fn vm_rss_kib(status: &str) -> Result<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/PID/status:\n{status}"))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut t = Tally::default();
@@ -1037,6 +1050,19 @@ async fn scenario(node: &mut Node, t: &mut Tally) -> Result<()> {
                         None => Ok(()),
                         Some(w) => Err(anyhow!("want {w:?} in /proc/PID/status:\n{status}")),
                     },
+                );
+                // What a sidecar costs every pod: the image's build, as the runtime started it,
+                // after the connection above (docs/ARCHITECTURE.md, pitfall 91).
+                t.check(
+                    &format!("{mode} pod: sidecar RSS at most {MAX_SIDECAR_RSS_KIB} KiB"),
+                    vm_rss_kib(&status).and_then(|kib| {
+                        println!("  {mode} pod: sidecar VmRSS {kib} KiB");
+                        if kib <= MAX_SIDECAR_RSS_KIB {
+                            Ok(())
+                        } else {
+                            Err(anyhow!("VmRSS {kib} KiB"))
+                        }
+                    }),
                 );
             }
             Err(e) => {
