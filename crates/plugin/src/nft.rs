@@ -30,7 +30,7 @@ mod render;
 #[cfg(test)]
 mod tests;
 mod validate;
-mod wire;
+pub(crate) mod wire;
 
 pub use check::check;
 pub use read::{rule_status, RuleStatus};

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{recv, send, MsgFlags};
 
 use super::config::InboundMode;
+use tproxy_cni_plugin::netlink_attrs as attrs;
 use tproxy_cni_plugin::routing::RoutingError;
 use tproxy_cni_policy::consts::REDIRECT_SOURCE_V6;
 use tproxy_cni_policy::Family;
@@ -252,18 +253,6 @@ impl Route {
         }
         Some(r)
     }
-}
-
-/// The attributes after a message's fixed header: (type without the nested and byte-order
-/// flags, value). Stops at the first malformed one.
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16::from_ne_bytes(b.get(..2)?.try_into().ok()?));
-        let kind = u16::from_ne_bytes(b.get(2..4)?.try_into().ok()?) & 0x3fff;
-        let v = b.get(4..len)?;
-        b = b.get(align4(len)..).unwrap_or_default();
-        Some((kind, v))
-    })
 }
 
 fn align4(n: usize) -> usize {

@@ -165,7 +165,7 @@ pub(crate) fn put_nested(buf: &mut Vec<u8>, ty: u16, inner: &[u8]) {
 
 /// Iterates the TLVs of `data`; stops silently at a truncated tail (kernel data is trusted
 /// to be well formed, but a short read must not panic).
-pub(crate) fn attrs(data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub fn attrs(data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut off = 0usize;
     std::iter::from_fn(move || {
         let hdr = data.get(off..off + 4)?;
