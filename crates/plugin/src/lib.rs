@@ -38,8 +38,8 @@ pub use cni::{
 };
 /// The `tproxy-cni-host` command.
 pub use host::main_with as host_main_with;
-/// The netlink attribute (TLV) reader, for the sidecar's own rtnetlink dumps.
-pub use nft::wire::attrs as netlink_attrs;
 /// The only door into a pod's netns, and the per-netns lock shared with the installer.
 pub use netns::{lock_namespace, run_in, NetnsError};
+/// The netlink attribute (TLV) reader, for the sidecar's own rtnetlink dumps.
+pub use nft::wire::attrs as netlink_attrs;
 pub use nslock::LOCK_DIR;

@@ -187,7 +187,7 @@ mod tests {
     }
 
     #[test]
-    fn blocks_are_aligned_distinct_reused_and_hold_their_bytes() {
+    fn blocks_are_aligned_distinct_and_hold_their_bytes() {
         let a = Allocator;
         let l = layout(1792, 128);
         let blocks: Vec<*mut u8> = (0..100)

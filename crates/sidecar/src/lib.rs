@@ -14,6 +14,9 @@
 //!   and the XFF trust are the policy layer's `annotations::acl` and `annotations::XffTrust`);
 //!   `httprelay`: the HTTP/1.1 relay of the XFF ports that uses them.
 //! - `accesslog`: Envoy-named JSON lines. `metrics`: Prometheus counters. `admin`: probes.
+//! - `alloc`: the binary's global allocator, so tokio's 128-byte-aligned blocks (a connection's
+//!   task and socket registrations) cost their size and no more (docs/ARCHITECTURE.md,
+//!   pitfall 82).
 //!
 //! Runtime: one current-thread tokio runtime per worker (`--workers`, by default as many as the
 //! CPUs the process may use), each accepting on its own `SO_REUSEPORT` listeners; the admin
