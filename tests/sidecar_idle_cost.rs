@@ -16,6 +16,10 @@ const IDLE: usize = 1000;
 /// What they may add to the sidecar's RSS: 2 KiB each (docs/ARCHITECTURE.md, pitfalls 80 and
 /// 82; 4.6 KiB each at first, 2.75 KiB after the first cuts, about 1.8 KiB now).
 const MAX_GROWTH_KIB: u64 = 2 * IDLE as u64;
+/// The same on an X-Forwarded-For port, where each connection also holds the HTTP relay's
+/// state, boxed (docs/ARCHITECTURE.md, pitfall 80): about 5 KiB each, 13.9 KiB when every
+/// idle connection kept two 16 KiB read buffers.
+const MAX_XFF_GROWTH_KIB: u64 = 6 * IDLE as u64;
 /// Bytes each "bulk" connection sends and gets back: more than the relay's copy buffer
 /// (16 KiB), so that direction moves them with `splice` through a pipe.
 const BULK: usize = 64 * 1024;
@@ -58,31 +62,40 @@ fn one_bulk(s: &mut TcpStream, seed: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// 1,000 idle connections through the sidecar in tproxy mode, as a pod runs it (uid 1337, only
-/// NET_RAW, from the file capability): half did one HTTP request, half one 64 KiB echo (a
-/// direction that spliced). Together they may add at most 2 KiB each to the RSS, and each holds its two
-/// sockets only: no splice pipe stays with an idle connection.
-#[test]
-fn thousand_idle_connections_cost_little_memory_and_two_descriptors_each() {
-    require_root!();
+/// What `IDLE` idle connections added to the sidecar: RSS in KiB, and descriptors.
+struct Cost {
+    growth_kib: u64,
+    fds0: usize,
+    fds1: usize,
+}
+
+/// Holds `IDLE` idle connections through the sidecar in tproxy mode, as a pod runs it (uid
+/// 1337, only NET_RAW, from the file capability), started with `args`; `bulk` makes every
+/// other connection a 64 KiB echo (a direction that spliced) instead of one HTTP request.
+fn idle_cost(args: &[&str], bulk: bool) -> Cost {
     let t = Topo::with_rules(&Rules::default());
     let _app = App::start(&t.pod.name, &[HTTP_PORT], &[ECHO_PORT]);
     let capped = capped_copy();
     // `prlimit` stands in for the container runtime's open-file limit (containerd's default
     // is far higher); `AS_PROXY` is the pod's security context.
+    let mut all = vec!["--mode", "tproxy"];
+    all.extend_from_slice(args);
     let mut sc = Sidecar::spawn_bin(
         &t.pod.name,
         &format!("prlimit --nofile=8192:8192 {AS_PROXY}"),
         &capped.path().join("tproxy-sidecar").display().to_string(),
-        &["--mode", "tproxy"],
+        &all,
     );
     sc.capped = Some(capped);
     sc.wait_ready();
     // A first connection, so what only the first one allocates (the per-thread copy buffer,
     // the runtime's lazily made structures) is in the baseline, not in the growth.
-    let warm = in_ns(&t.client.name, || {
+    let warm = in_ns(&t.client.name, move || {
         let mut s = TcpStream::connect_timeout(&sa(POD_V4, HTTP_PORT), Duration::from_secs(5))?;
         one_request(&mut s)?;
+        if !bulk {
+            return Ok(());
+        }
         let mut e = TcpStream::connect_timeout(&sa(POD_V4, ECHO_PORT), Duration::from_secs(5))?;
         one_bulk(&mut e, 0)
     });
@@ -90,21 +103,22 @@ fn thousand_idle_connections_cost_little_memory_and_two_descriptors_each() {
     std::thread::sleep(Duration::from_millis(300));
     let (rss0, fds0) = (sc.rss_kib(), sc.fds());
 
-    let conns: Vec<TcpStream> = in_ns(&t.client.name, || {
+    let conns: Vec<TcpStream> = in_ns(&t.client.name, move || {
         (0..IDLE)
             .map(|i| {
-                let dst = if i % 2 == 0 {
-                    sa(POD_V4, HTTP_PORT)
-                } else {
+                let echo = bulk && i % 2 == 1;
+                let dst = if echo {
                     sa(POD_V4, ECHO_PORT)
+                } else {
+                    sa(POD_V4, HTTP_PORT)
                 };
                 let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
                     .unwrap_or_else(|e| panic!("connection {i}: {e}"));
                 s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                let r = if i % 2 == 0 {
-                    one_request(&mut s)
-                } else {
+                let r = if echo {
                     one_bulk(&mut s, i as u64)
+                } else {
+                    one_request(&mut s)
                 };
                 r.unwrap_or_else(|e| panic!("connection {i}: {e}"));
                 s
@@ -134,13 +148,31 @@ fn thousand_idle_connections_cost_little_memory_and_two_descriptors_each() {
         "{m}"
     );
     let (rss1, fds1) = (sc.rss_kib(), sc.fds());
-    let growth = rss1.saturating_sub(rss0);
+    let growth_kib = rss1.saturating_sub(rss0);
     eprintln!(
-        "sidecar with {IDLE} idle connections: RSS {rss0} -> {rss1} KiB (+{growth} KiB, {:.2} KiB each), \
-         descriptors {fds0} -> {fds1}",
-        growth as f64 / IDLE as f64
+        "sidecar {args:?} with {IDLE} idle connections: RSS {rss0} -> {rss1} KiB (+{growth_kib} KiB, \
+         {:.2} KiB each), descriptors {fds0} -> {fds1}",
+        growth_kib as f64 / IDLE as f64
     );
     drop(conns);
+    Cost {
+        growth_kib,
+        fds0,
+        fds1,
+    }
+}
+
+/// 1,000 idle connections, half after one HTTP request, half after one 64 KiB echo: together
+/// they may add at most 2 KiB each to the RSS, and each holds its two sockets only: no splice
+/// pipe stays with an idle connection.
+#[test]
+fn thousand_idle_connections_cost_little_memory_and_two_descriptors_each() {
+    require_root!();
+    let Cost {
+        growth_kib: growth,
+        fds0,
+        fds1,
+    } = idle_cost(&[], true);
     assert!(
         growth <= MAX_GROWTH_KIB,
         "{IDLE} idle connections grew the RSS by {growth} KiB (at most {MAX_GROWTH_KIB})"
@@ -151,5 +183,18 @@ fn thousand_idle_connections_cost_little_memory_and_two_descriptors_each() {
         extra <= 8,
         "{IDLE} idle connections hold {} descriptors ({fds0} -> {fds1}): {extra} beyond two each",
         fds1 - fds0
+    );
+}
+
+/// The same on an X-Forwarded-For port, each connection idle after one keep-alive request:
+/// the HTTP relay's state (boxed apart from the plain connections') is the difference.
+#[test]
+fn thousand_idle_xff_connections_cost_bounded_memory() {
+    require_root!();
+    let c = idle_cost(&["--xff-ports", &HTTP_PORT.to_string()], false);
+    assert!(
+        c.growth_kib <= MAX_XFF_GROWTH_KIB,
+        "{IDLE} idle XFF connections grew the RSS by {} KiB (at most {MAX_XFF_GROWTH_KIB})",
+        c.growth_kib
     );
 }

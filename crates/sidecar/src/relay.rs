@@ -277,6 +277,12 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; COPY_BUF]);
 }
 
+/// `f` on this thread's copy buffer (`COPY_BUF` bytes), for a read that must not hold a
+/// buffer of its own while it waits (httprelay.rs). Never call it from within `f`.
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    SCRATCH.with(|cell| f(&mut cell.borrow_mut()[..]))
+}
+
 /// Outcome of one synchronous copy step.
 enum Copied {
     /// `recv` would block: wait for readability.
