@@ -63,13 +63,9 @@ pub(super) fn serve<'a>(
     // Dying before the relay ends must reset the client, not close it cleanly (relay.rs).
     sockopt::reset_on_close(down);
     async move {
-        // Boxed, and freed before the relay: admission, the dial and the PROXY header towards
-        // the app are over by then, and the largest of their states would otherwise size
-        // every idle connection's task (docs/ARCHITECTURE.md, pitfall 80).
-        let e = match Box::pin(establish(shared, down, role, c)).await {
-            Ok(Next::Relay(e)) => e,
-            Ok(Next::Done(done)) => return done,
-            Err(stop) => return stop.reset(down),
+        let e = match established(shared, down, role, c).await {
+            Ok(e) => e,
+            Err(done) => return done,
         };
         let o = relay::relay(
             down,
@@ -95,10 +91,32 @@ fn micros(d: std::time::Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
-/// What comes after `establish`: the plain relay, or the end of an HTTP relay that ran within.
+/// `establish`, boxed and freed before the relay: admission, the dial and the PROXY header
+/// towards the app are over by then, and the largest of their states would otherwise size
+/// every idle connection's task (docs/ARCHITECTURE.md, pitfall 80). An X-Forwarded-For port's
+/// HTTP relay runs here to its end, boxed too, so the plain connections' task stays sized by
+/// the plain relay; `Err` is how a connection ended that needs no plain relay.
+async fn established(
+    shared: &Shared,
+    down: &TcpStream,
+    role: Role,
+    c: &mut Conn,
+) -> Result<Established, Done> {
+    match Box::pin(establish(shared, down, role, c)).await {
+        Ok(Next::Relay(e)) => Ok(e),
+        // The guards in `e` live to the end of the HTTP relay, as for the plain one.
+        Ok(Next::Http(e, orig, early)) => {
+            Err(Box::pin(relay_http(shared, down, &e.up, orig, early, c)).await)
+        }
+        Err(stop) => Err(stop.reset(down)),
+    }
+}
+
+/// What comes after `establish`: the plain relay, or the HTTP relay of an X-Forwarded-For
+/// port with the original destination and the bytes read after a PROXY header.
 enum Next {
     Relay(Established),
-    Done(Done),
+    Http(Established, OrigDst, Vec<u8>),
 }
 
 /// A connection ready for the plain relay: the upstream, dialled and greeted, and what must
@@ -116,8 +134,7 @@ struct Established {
 }
 
 /// The steps before the relay: the original destination, admission, the dial, the PROXY
-/// header towards the app and the bytes read after the client's. An X-Forwarded-For port's
-/// HTTP relay runs here to its end (its state is boxed apart, and so is this one).
+/// header towards the app and, for the plain relay, the bytes read after the client's.
 async fn establish(
     shared: &Shared,
     down: &TcpStream,
@@ -141,20 +158,19 @@ async fn establish(
             .await
             .map_err(|end| Stop::after(pre, end))?;
     }
-    if adm.xff_port {
-        let done = relay_http(shared, down, &up, orig, adm.early, c).await;
-        drop((guard, own_port));
-        return Ok(Next::Done(done));
-    }
-    if !adm.early.is_empty() && httprelay::write_all(&up, &adm.early).await.is_err() {
-        return Err(Stop::after(pre, EndReason::UpstreamTermination));
-    }
-    Ok(Next::Relay(Established {
+    let e = Established {
         up,
         _guard: guard,
         _own_port: own_port,
         pre,
-    }))
+    };
+    if adm.xff_port {
+        return Ok(Next::Http(e, orig, adm.early));
+    }
+    if !adm.early.is_empty() && httprelay::write_all(&e.up, &adm.early).await.is_err() {
+        return Err(Stop::after(pre, EndReason::UpstreamTermination));
+    }
+    Ok(Next::Relay(e))
 }
 
 /// Where the client meant to connect: the accepted socket's own address under TPROXY, the NAT
