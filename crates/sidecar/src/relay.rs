@@ -237,7 +237,8 @@ impl Side {
 
 /// What both directions share, in one place each borrows: passed one by one, the sockets,
 /// counters and pool were copied into every state of each direction's future
-/// (docs/ARCHITECTURE.md, pitfall 80).
+/// (docs/ARCHITECTURE.md, pitfall 80). Atomics rather than Cells only so the future stays
+/// `Send` for `tokio::spawn`; everything runs on one task, so the orderings are moot.
 struct Ctx<'a> {
     down: &'a TcpStream,
     up: &'a TcpStream,
